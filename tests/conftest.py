@@ -1,0 +1,47 @@
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# The embedded world must work with no model or dataset hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+NANO = ROOT / "data" / "nano"
+CORPUS = ROOT / "data" / "corpus.jsonl.gz"
+LABELS = ROOT / "data" / "labels" / "sentiment_offline_5k.json"
+
+# A tiny GPT-2 for fast SFT runs; the real nano tokenizer.
+TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "32", "--eval_every", "2", "--num_samples", "2",
+        "--sample_length", "4", "--mixed_precision", "no"]
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """The first 300 passages of the embedded corpus, in the same format."""
+    path = tmp_path_factory.mktemp("corpus") / "small.jsonl.gz"
+    with gzip.open(CORPUS, "rt") as src, gzip.open(path, "wt") as dst:
+        for i, line in enumerate(src):
+            if i == 300:
+                break
+            dst.write(line)
+    return path
+
+
+def run_script(args: list, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def read_metrics(run_root: Path) -> list:
+    (run_dir,) = [p for p in run_root.iterdir() if p.is_dir()]
+    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]

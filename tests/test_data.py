@@ -1,0 +1,118 @@
+"""The embedded offline world: corpus, tokenizer, nano base model and offline labels."""
+import gzip
+import json
+import random
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+from conftest import CORPUS, LABELS, NANO, ROOT
+
+sys.path.insert(0, str(ROOT / "data"))
+import build  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(NANO)
+
+
+@pytest.fixture(scope="module")
+def labels():
+    return json.loads(LABELS.read_text())
+
+
+def test_committed_data_is_small():
+    sizes = [p.stat().st_size for p in (ROOT / "data").rglob("*") if p.is_file() and "cache" not in p.parts]
+    assert sum(sizes) < 40e6
+
+
+def test_corpus_has_enough_distinct_passages(tokenizer):
+    with gzip.open(CORPUS, "rt") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    assert len(texts) >= 5000
+    assert len({t.lower() for t in texts}) == len(texts)
+    lengths = [len(ids) for ids in tokenizer(texts[:500])["input_ids"]]
+    assert 60 <= sum(lengths) / len(lengths) <= 200
+    # neither all cheerful nor all grim: the labeler must have something to choose between
+    vader = SentimentIntensityAnalyzer()
+    compound = [vader.polarity_scores(t)["compound"] for t in texts[:500]]
+    assert 0.2 < sum(c > 0.05 for c in compound) / len(compound) < 0.8
+
+
+def test_tokenizer_round_trip_and_dedicated_pad(tokenizer):
+    with gzip.open(CORPUS, "rt") as f:
+        texts = [json.loads(next(f))["text"] for _ in range(50)]
+    texts += ["Café, naïve — 'quoted' \"text\"\n\ttabs   and  spaces!", "emoji 🙂 and 中文"]
+    for text in texts:
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert len(tokenizer) <= 8192
+    assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.pad_token_id not in tokenizer.encode(" ".join(texts))
+
+
+def test_nano_base_loads_offline_and_generates(tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(NANO)
+    assert model.config.model_type == "gpt2" and model.config.vocab_size == len(tokenizer)
+    ids = torch.tensor([tokenizer.encode("The old fisherman looked at the sea.")])
+    torch.manual_seed(0)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=20, min_new_tokens=20,
+                         pad_token_id=tokenizer.pad_token_id)
+    text = tokenizer.decode(out[0, ids.shape[1]:])
+    assert len(text.split()) >= 5
+
+
+def test_labels_follow_oai_schema(labels, tokenizer):
+    meta = json.loads(LABELS.with_suffix(".meta.json").read_text())
+    assert meta["tokenizer"] == "data/nano" and meta["vocab_size"] == len(tokenizer)
+    assert len(labels) >= 6000 and meta["n_items"] == len(labels)
+    for item in labels:
+        assert set(item) == {"query", "sample0", "sample1", "sample2", "sample3", "best"}
+        assert len(item["query"]) == meta["query_length"]
+        assert item["best"] in (0, 1, 2, 3)
+        for i in range(4):
+            assert len(item[f"sample{i}"]) == meta["response_length"]
+        assert all(0 <= t < len(tokenizer) for k in item if k != "best" for t in item[k])
+    # queries are left-padded: no pad after the first real token
+    for item in labels[:200]:
+        q = item["query"]
+        first = next(i for i, t in enumerate(q) if t != tokenizer.pad_token_id)
+        assert tokenizer.pad_token_id not in q[first:]
+    assert 0.5 < sum(item["best"] != 0 for item in labels) / len(labels) < 0.95
+
+
+def test_best_agrees_with_vader_recomputed(labels, tokenizer):
+    vader = SentimentIntensityAnalyzer()
+    for item in random.Random(0).sample(labels, 300):
+        scores = [vader.polarity_scores(tokenizer.decode(item[f"sample{i}"]))["compound"] for i in range(4)]
+        assert scores[item["best"]] == max(scores)
+        assert min(scores) < max(scores)  # all-equal queries are skipped
+
+
+def test_vader_best_breaks_ties_at_random_and_skips_all_equal():
+    rng = random.Random(0)
+    assert build.vader_best([0.1, 0.1, 0.1, 0.1], rng) is None
+    picks = {build.vader_best([0.5, -0.2, 0.5, 0.0], rng) for _ in range(50)}
+    assert picks == {0, 2}
+
+
+def test_query_windows_start_and_end_at_sentences(tokenizer):
+    texts = ["One two three. Four five six seven. Eight nine ten eleven twelve. Thirteen."] * 3
+    queries = build.query_windows(texts, tokenizer, 20, 16, seed=0)
+    dot = tokenizer.convert_tokens_to_ids(".")
+    for q in queries:
+        assert len(q) == 16
+        real = [t for t in q if t != tokenizer.pad_token_id]
+        assert real[-1] == dot
+        assert tokenizer.decode(real)[0].strip()[0].isupper()
+
+
+def test_clean_passage():
+    assert build.clean_passage("Too short. Really.") is None
+    long = " ".join(["The rain fell on the quiet town and nobody went outside that day."] * 3) + " And then the"
+    out = build.clean_passage(long)
+    assert out.endswith("day.") and "And then" not in out
+    assert build.clean_passage(" ".join(["a smile that has"] * 20) + ".") is None

@@ -1,0 +1,472 @@
+"""Supervised fine-tuning (SFT) of a causal language model, in one readable file.
+
+Two jobs, one loop:
+  * `--task corpus` (the default): pretrain the embedded nano GPT-2 from scratch on the embedded corpus of
+    English passages (data/corpus.jsonl.gz) with the byte-level BPE tokenizer in data/nano. Passages are
+    joined with <|endoftext|> and cut into blocks of `block_size` tokens; the loss covers every token.
+  * `--task tldr`: fine-tune any `--base_model` (hub id, local folder or .gguf file) on the TL;DR data
+    published with OpenAI's summarize-from-feedback (jsonl with subreddit, title, post, summary). Queries
+    follow OAI's format and are left-padded to `query_length`; the loss covers the summary tokens only.
+
+    python train_sft.py                                  # nano pretraining on the embedded corpus (CPU, minutes)
+    python train_sft.py --task tldr --base_model gpt2 --dataset tldr_3_filtered/train.jsonl
+    accelerate launch --num_processes 8 train_sft.py ...  # the global batch stays `batch_size`
+"""
+
+import gzip
+import json
+import math
+import os
+import sys
+import time
+import zlib
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from accelerate import Accelerator
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+
+@dataclass
+class Args:
+    # ---- experiment ----
+    exp_name: str = "sft"
+    """name of the experiment; the run folder is runs/<exp_name>__<seed>__<unix time>"""
+    seed: int = 1
+    """seed of model initialisation and data order (identical on every process)"""
+    track: bool = False
+    """log to Weights & Biases (set WANDB_MODE=offline to log without a network)"""
+    wandb_project_name: str = "lm-human-preferences-torch"
+    """wandb project"""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team); None uses your default"""
+    run_root: str = "runs"
+    """folder that holds the run folders"""
+    output_dir: Optional[str] = None
+    """also save the final model and tokenizer here (replaced only once training has succeeded)"""
+
+    # ---- data ----
+    task: Literal["corpus", "tldr"] = "corpus"
+    """corpus: language modelling on passages; tldr: summaries of Reddit posts, loss on the summary only"""
+    dataset: str = "data/corpus.jsonl.gz"
+    """corpus: a .jsonl(.gz) of {"text": ...}; tldr: a .jsonl(.gz) in the upstream TL;DR format or a hub dataset id"""
+    dataset_split: str = "train"
+    """split to train on when `dataset` is a hub dataset"""
+    eval_split: Optional[str] = None
+    """held-out split of a hub dataset (e.g. validation); None holds out every (1/eval_fraction)-th example"""
+    eval_fraction: float = 0.02
+    """fraction of examples held out for the held-out loss when no eval_split is given"""
+    block_size: int = 128
+    """corpus: tokens per training sequence"""
+    query_length: int = 512
+    """tldr: query tokens (OAI: 512); the post is cut at its last newline until the query fits, then left-padded"""
+    response_length: int = 53
+    """tldr: summary tokens including <|endoftext|> (summarize_from_feedback_details: 53)"""
+
+    # ---- model ----
+    base_model: Optional[str] = None
+    """hub id, local folder or .gguf file to start from; None builds a fresh nano GPT-2 on `tokenizer`"""
+    tokenizer: str = "data/nano"
+    """tokenizer of a fresh nano GPT-2 (used when base_model is None)"""
+    n_layer: int = 4
+    """fresh nano GPT-2: transformer layers"""
+    n_embd: int = 256
+    """fresh nano GPT-2: width"""
+    n_head: int = 4
+    """fresh nano GPT-2: attention heads"""
+    n_positions: int = 256
+    """fresh nano GPT-2: longest sequence (query + response of the RL stages must fit)"""
+    dropout: float = 0.0
+    """probability of every dropout layer of the model (OAI trains its policies without dropout)"""
+
+    # ---- optimisation ----
+    total_steps: int = 700
+    """optimizer updates"""
+    batch_size: int = 32
+    """sequences per update, summed over all processes (the same whatever --num_processes is)"""
+    local_micro_batch_size: int = 16
+    """sequences per forward pass on one process; gradient accumulation makes up the rest"""
+    lr: float = 2e-3
+    """peak learning rate of AdamW"""
+    warmup_steps: int = 50
+    """updates of linear warm-up from 0 to lr"""
+    lr_schedule: Literal["cosine", "linear"] = "cosine"
+    """decay from lr to 0 after the warm-up"""
+    weight_decay: float = 0.1
+    """AdamW weight decay (on matrices only, not on biases and norms)"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this"""
+    mixed_precision: Literal["no", "bf16"] = "no"
+    """bf16 autocast for GPUs (the weights stay fp32); on a CPU without bf16 units (AVX2 only) it is much slower"""
+
+    # ---- evaluation and samples ----
+    eval_every: int = 100
+    """compute the held-out loss and perplexity every this many updates (and at the end)"""
+    num_samples: int = 4
+    """samples printed (and saved) at the end, continuing held-out prompts"""
+    sample_prompt_tokens: int = 16
+    """corpus: prompt tokens taken from a held-out passage for each sample"""
+    sample_length: int = 48
+    """tokens generated per sample"""
+    temperature: float = 0.7
+    """sampling temperature for the samples (top_k 0, top_p 1, as OAI samples)"""
+
+
+def fail(message: str):
+    """Bad input ends the run with one line and exit status 2, before anything is written."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: str, required_keys: tuple) -> list:
+    """Rows of a .jsonl or .jsonl.gz file; any problem is reported with the file name and line."""
+    if not os.path.isfile(path):
+        fail(f"{path}: file not found")
+    rows = []
+    try:
+        with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    fail(f"{path}: line {n} is not valid JSON ({e.msg})")
+                missing = [k for k in required_keys if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+                if missing:
+                    fail(f"{path}: line {n} lacks the string field(s) {', '.join(missing)}")
+                rows.append(row)
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        fail(f"{path}: cannot be read ({e})")
+    if not rows:
+        fail(f"{path}: no examples in the file")
+    return rows
+
+
+TLDR_KEYS = ("subreddit", "title", "post", "summary")
+
+
+def load_rows(args: Args, required_keys: tuple) -> tuple:
+    """(train rows, held-out rows) from a local file or, for TL;DR, a hub dataset."""
+    if os.path.exists(args.dataset) or args.dataset.endswith((".json", ".jsonl", ".gz")) or args.task == "corpus":
+        rows = read_jsonl(args.dataset, required_keys)
+        every = max(2, round(1 / args.eval_fraction))
+        return [r for i, r in enumerate(rows) if i % every], [r for i, r in enumerate(rows) if i % every == 0]
+    import datasets
+
+    try:
+        train = list(datasets.load_dataset(args.dataset, split=args.dataset_split))
+        if args.eval_split is not None:
+            return train, list(datasets.load_dataset(args.dataset, split=args.eval_split))
+    except Exception as e:  # offline, unknown id or split: one line, exit 2
+        fail(f"--dataset {args.dataset}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    every = max(2, round(1 / args.eval_fraction))
+    return [r for i, r in enumerate(train) if i % every], [r for i, r in enumerate(train) if i % every == 0]
+
+
+def pack_corpus(texts: list, tokenizer, block_size: int) -> torch.Tensor:
+    """Join passages with <|endoftext|> and cut the stream into (n_blocks, block_size) token ids."""
+    ids = []
+    for ids_ in tokenizer(texts)["input_ids"]:
+        ids.extend(ids_ + [tokenizer.eos_token_id])
+    n = len(ids) // block_size
+    return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+def format_tldr_query(row: dict, tokenizer, query_length: int) -> list:
+    """OAI's TL;DR query: SUBREDDIT/TITLE/POST/TL;DR, the post cut at its last newline (else its last
+    character) until the query fits, then left-padded with the pad token to `query_length` tokens.
+    https://github.com/openai/summarize-from-feedback/blob/700967448d10004279f138666442bf1497d0e705/summarize_from_feedback/tasks.py#L98-L165"""
+    fmt = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
+    post = row["post"]
+    tokens = tokenizer.encode(fmt.format(subreddit=row["subreddit"], title=row["title"], post=post))
+    while len(tokens) > query_length:
+        if not post:
+            fail(f"--query_length {query_length} is too short for the title of post {row.get('id', '?')}")
+        cut = post.rfind("\n")
+        post = post[:cut] if cut >= 0 else post[:-1]
+        tokens = tokenizer.encode(fmt.format(subreddit=row["subreddit"], title=row["title"], post=post))
+    return [tokenizer.pad_token_id] * (query_length - len(tokens)) + tokens
+
+
+def tldr_examples(rows: list, tokenizer, query_length: int, response_length: int) -> torch.Tensor:
+    """(n, query_length + response_length) token ids: left-padded query, then ' {summary}<|endoftext|>'
+    right-padded (the upstream summary has no leading space)."""
+    out = []
+    for row in rows:
+        response = tokenizer.encode(" " + row["summary"])[: response_length - 1] + [tokenizer.eos_token_id]
+        response = response + [tokenizer.pad_token_id] * (response_length - len(response))
+        out.append(format_tldr_query(row, tokenizer, query_length) + response)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def inputs_and_labels(batch: torch.Tensor, pad_token_id: int, query_length: int) -> dict:
+    """Model inputs for a batch of token ids (b, t). Pads are masked out and positions count only real tokens
+    (left padding with explicit position ids, as OAI). Labels are -100 on pads and, if query_length > 0, on
+    the query, so that the loss covers only the response."""
+    mask = batch != pad_token_id
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    labels = batch.masked_fill(~mask, -100)
+    labels[:, :query_length] = -100
+    return dict(input_ids=batch, attention_mask=mask.long(), position_ids=position_ids, labels=labels)
+
+
+def lm_loss(model, batch: dict) -> tuple:
+    """(mean next-token cross-entropy over labelled tokens, number of labelled tokens): the logits at position
+    t predict the token at t + 1."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]).logits
+    targets = batch["labels"][:, 1:]  # (b, t-1)
+    loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    return loss, (targets != -100).sum()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_base_model(path: str):
+    """(model, tokenizer) from a hub id, a local folder or a .gguf file (loaded by transformers' GGUF reader)."""
+    try:
+        if path.endswith(".gguf"):
+            if not os.path.isfile(path):
+                fail(f"--base_model {path}: file not found")
+            folder, name = os.path.split(os.path.abspath(path))
+            return (AutoModelForCausalLM.from_pretrained(folder, gguf_file=name), AutoTokenizer.from_pretrained(folder, gguf_file=name))
+        if not os.path.isdir(path) and (path.startswith((".", "/")) or path.count("/") > 1):
+            fail(f"--base_model {path}: folder not found")
+        return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    except OSError as e:  # hub id with no network, or a folder without a model
+        fail(f"--base_model {path}: cannot be loaded ({str(e).splitlines()[0][:200]})")
+
+
+def new_nano_model(args: Args, tokenizer) -> GPT2LMHeadModel:
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=args.n_positions, n_embd=args.n_embd, n_layer=args.n_layer, n_head=args.n_head,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def set_dropout(model: nn.Module, p: float):
+    """Set every dropout layer's probability (works for any architecture; the config would not be enough
+    for a model that has already been built)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+
+
+def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate: linear warm-up, then linear or cosine decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def heldout_loss(model, blocks: torch.Tensor, args: Args, pad_token_id: int, query_length: int, accelerator) -> float:
+    """Mean token loss over the held-out blocks; each process takes a shard and the sums are reduced."""
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device)  # [sum of token losses, number of tokens]
+    shard = blocks[accelerator.process_index :: accelerator.num_processes]
+    for i in range(0, len(shard), args.local_micro_batch_size):
+        batch = inputs_and_labels(shard[i : i + args.local_micro_batch_size].to(accelerator.device), pad_token_id, query_length)
+        loss, n_tokens = lm_loss(model, batch)
+        total += torch.stack([loss * n_tokens, n_tokens.float()])
+    total = accelerator.reduce(total, reduction="sum")
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def save_model(model, tokenizer, folder: Path):
+    """save_pretrained into a temporary folder, then swap it in: a failure never leaves a half-written model."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        folder.rename(old)
+        tmp.rename(folder)
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    else:
+        tmp.rename(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------
+
+
+def train(args: Args):
+    # cpu=True on a machine without a GPU: only then does accelerate join torchrun's processes with gloo
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
+    world = accelerator.num_processes
+    if args.batch_size % (world * args.local_micro_batch_size):
+        fail(f"--batch_size {args.batch_size} is not divisible by --local_micro_batch_size {args.local_micro_batch_size} x {world} processes")
+    grad_accum = args.batch_size // (world * args.local_micro_batch_size)
+    local_batch_size = args.batch_size // world
+
+    # 1. Model and tokenizer. The seed is the same on every process so that every copy starts identical.
+    torch.manual_seed(args.seed)
+    if args.base_model is None:
+        if not os.path.isfile(os.path.join(args.tokenizer, "tokenizer.json")):
+            fail(f"--tokenizer {args.tokenizer}: no tokenizer.json there (build it with: python data/build.py tokenizer)")
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        model = new_nano_model(args, tokenizer)
+    else:
+        model, tokenizer = load_base_model(args.base_model)
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # a dedicated pad token (not EOS), so that an <|endoftext|> inside a response is never masked out
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    set_dropout(model, args.dropout)
+
+    # 2. Data: (n, T) token ids; `query_length` tokens at the front of each row carry no loss.
+    if args.task == "corpus":
+        train_rows, eval_rows = load_rows(args, ("text",))
+        train_data = pack_corpus([r["text"] for r in train_rows], tokenizer, args.block_size)
+        eval_data = pack_corpus([r["text"] for r in eval_rows], tokenizer, args.block_size)
+        query_length = 0
+    else:
+        train_rows, eval_rows = load_rows(args, TLDR_KEYS)
+        train_data = tldr_examples(train_rows, tokenizer, args.query_length, args.response_length)
+        eval_data = tldr_examples(eval_rows, tokenizer, args.query_length, args.response_length)
+        query_length = args.query_length
+    if len(train_data) < args.batch_size:
+        fail(f"--dataset {args.dataset}: {len(train_data)} training sequences, fewer than --batch_size {args.batch_size}")
+    if train_data.max() >= model.get_input_embeddings().num_embeddings:
+        fail(f"--dataset {args.dataset}: token ids beyond the model's vocabulary (tokenizer and model do not match)")
+
+    # 3. Optimizer: AdamW with weight decay on matrices only; warm-up then decay to 0.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.total_steps, args.lr_schedule))
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    # 4. Run folder, metrics file and (optionally) wandb. Nothing is written before the inputs were checked.
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.run_root) / run_name
+    metrics_file = None
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps({**asdict(args), "world_size": world, "grad_accum": grad_accum}, indent=2))
+        metrics_file = open(run_dir / "metrics.jsonl", "w")
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, config=asdict(args), dir=str(run_dir))
+        print(f"run folder {run_dir}; {sum(p.numel() for p in model.parameters()):,} parameters; "
+              f"{len(train_data):,} training and {len(eval_data):,} held-out sequences of {train_data.shape[1]} tokens; "
+              f"{world} process(es) x {grad_accum} micro-batch(es) of {args.local_micro_batch_size}")
+
+    def log(metrics: dict):
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(metrics) + "\n")
+            metrics_file.flush()
+            if args.track:
+                wandb.log(metrics, step=metrics["step"])
+
+    # 5. The loop. Every process draws the same permutation of the data (same generator seed) and takes its
+    #    own slice of each global batch; gradients are averaged across processes by DDP at the last micro-batch.
+    data_gen = torch.Generator().manual_seed(args.seed)
+    order, cursor, epoch = torch.randperm(len(train_data), generator=data_gen), 0, 0
+    model.train()
+    progress = tqdm(range(args.total_steps), disable=not accelerator.is_main_process, desc="sft")
+    for step in progress:
+        t0 = time.time()
+        if cursor + args.batch_size > len(order):  # new epoch, new shuffle
+            order, cursor, epoch = torch.randperm(len(train_data), generator=data_gen), 0, epoch + 1
+        global_idx = order[cursor : cursor + args.batch_size]
+        cursor += args.batch_size
+        local_idx = global_idx[accelerator.process_index * local_batch_size : (accelerator.process_index + 1) * local_batch_size]
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for micro in range(grad_accum):
+            idx = local_idx[micro * args.local_micro_batch_size : (micro + 1) * args.local_micro_batch_size]
+            batch = inputs_and_labels(train_data[idx].to(accelerator.device), tokenizer.pad_token_id, query_length)
+            with accelerator.no_sync(model) if micro < grad_accum - 1 else nullcontext():
+                loss, _ = lm_loss(model, batch)  # mean over the micro-batch's labelled tokens
+                accelerator.backward(loss / grad_accum)
+            loss_sum += loss.detach().float()
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        train_loss = accelerator.reduce(loss_sum / grad_accum, reduction="mean").item()
+        step_s = time.time() - t0
+        metrics = {
+            "step": step + 1, "epoch": epoch, "train/loss": train_loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
+            "timing/step_s": step_s, "throughput/tokens_per_s": args.batch_size * train_data.shape[1] / step_s,
+        }
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.total_steps:
+            metrics["eval/loss"] = heldout_loss(model, eval_data, args, tokenizer.pad_token_id, query_length, accelerator)
+            metrics["eval/perplexity"] = math.exp(metrics["eval/loss"])
+            progress.set_postfix(loss=f"{train_loss:.3f}", eval_ppl=f"{metrics['eval/perplexity']:.1f}")
+        else:
+            progress.set_postfix(loss=f"{train_loss:.3f}")
+        log(metrics)
+
+    # 6. Samples continuing held-out prompts, then the checkpoint.
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        samples = sample(unwrapped, tokenizer, eval_data, query_length, args, accelerator.device)
+        table = Table(title=f"samples (temperature {args.temperature})", show_lines=True)
+        table.add_column("prompt", max_width=60)
+        table.add_column("continuation", max_width=80)
+        for s in samples:
+            table.add_row(s["prompt"], s["continuation"])
+        Console().print(table)
+        (run_dir / "samples.json").write_text(json.dumps(samples, indent=2))
+        save_model(unwrapped, tokenizer, run_dir / "model")
+        if args.output_dir is not None:
+            save_model(unwrapped, tokenizer, Path(args.output_dir))
+        metrics_file.close()
+        print(f"held-out perplexity {metrics['eval/perplexity']:.2f}; model saved to {run_dir / 'model'}"
+              + (f" and {args.output_dir}" if args.output_dir else ""))
+        if args.track:
+            wandb.finish()
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+@torch.no_grad()
+def sample(model, tokenizer, eval_data: torch.Tensor, query_length: int, args: Args, device) -> list:
+    """Continue the first `num_samples` held-out prompts for exactly `sample_length` tokens with pure
+    temperature sampling (top_k 0, top_p 1, no stop at EOS), as OAI samples."""
+    model.eval()
+    n_prompt = query_length if query_length else args.sample_prompt_tokens
+    prompts = eval_data[: args.num_samples, :n_prompt].to(device)
+    ids = prompts
+    for _ in range(args.sample_length):  # no KV cache: a few short samples, kept simple
+        mask = ids != tokenizer.pad_token_id
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids).logits[:, -1].float()
+        ids = torch.cat([ids, torch.multinomial(torch.softmax(logits / args.temperature, -1), 1)], 1)
+    return [
+        {"prompt": tokenizer.decode(p[p != tokenizer.pad_token_id]), "continuation": tokenizer.decode(o[n_prompt:])}
+        for p, o in zip(prompts, ids)
+    ]
+
+
+if __name__ == "__main__":
+    train(tyro.cli(Args, use_underscores=True))
