@@ -89,7 +89,7 @@ class Args:
     """probability of every dropout layer of the model (OAI trains its policies without dropout)"""
 
     # ---- optimisation ----
-    total_steps: int = 700
+    total_steps: int = 320
     """optimizer updates"""
     batch_size: int = 32
     """sequences per update, summed over all processes (the same whatever --num_processes is)"""
@@ -97,7 +97,7 @@ class Args:
     """sequences per forward pass on one process; gradient accumulation makes up the rest"""
     lr: float = 2e-3
     """peak learning rate of AdamW"""
-    warmup_steps: int = 50
+    warmup_steps: int = 40
     """updates of linear warm-up from 0 to lr"""
     lr_schedule: Literal["cosine", "linear"] = "cosine"
     """decay from lr to 0 after the warm-up"""
@@ -161,21 +161,27 @@ TLDR_KEYS = ("subreddit", "title", "post", "summary")
 
 
 def load_rows(args: Args, required_keys: tuple) -> tuple:
-    """(train rows, held-out rows) from a local file or, for TL;DR, a hub dataset."""
-    if os.path.exists(args.dataset) or args.dataset.endswith((".json", ".jsonl", ".gz")) or args.task == "corpus":
+    """(train rows, held-out rows) from a local file or, for TL;DR, a hub dataset. Without a held-out split,
+    every (1/eval_fraction)-th row is held out: the same rows whatever the seed."""
+    heldout = None
+    if args.task == "corpus" or os.path.exists(args.dataset) or args.dataset.endswith((".json", ".jsonl", ".gz")):
         rows = read_jsonl(args.dataset, required_keys)
-        every = max(2, round(1 / args.eval_fraction))
-        return [r for i, r in enumerate(rows) if i % every], [r for i, r in enumerate(rows) if i % every == 0]
-    import datasets
+    else:
+        import datasets
 
-    try:
-        train = list(datasets.load_dataset(args.dataset, split=args.dataset_split))
-        if args.eval_split is not None:
-            return train, list(datasets.load_dataset(args.dataset, split=args.eval_split))
-    except Exception as e:  # offline, unknown id or split: one line, exit 2
-        fail(f"--dataset {args.dataset}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-    every = max(2, round(1 / args.eval_fraction))
-    return [r for i, r in enumerate(train) if i % every], [r for i, r in enumerate(train) if i % every == 0]
+        try:
+            rows = list(datasets.load_dataset(args.dataset, split=args.dataset_split))
+            if args.eval_split is not None:
+                heldout = list(datasets.load_dataset(args.dataset, split=args.eval_split))
+        except Exception as e:  # offline, unknown id or split: one line, exit 2
+            fail(f"--dataset {args.dataset}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        missing = [k for k in required_keys if rows and k not in rows[0]]
+        if not rows or missing:
+            fail(f"--dataset {args.dataset}: split {args.dataset_split} is empty or lacks the column(s) {', '.join(missing)}")
+    if heldout is None:
+        every = max(2, round(1 / args.eval_fraction))
+        rows, heldout = [r for i, r in enumerate(rows) if i % every], [r for i, r in enumerate(rows) if i % every == 0]
+    return rows, heldout
 
 
 def pack_corpus(texts: list, tokenizer, block_size: int) -> torch.Tensor:
@@ -258,6 +264,7 @@ def new_nano_model(args: Args, tokenizer) -> GPT2LMHeadModel:
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=args.n_positions, n_embd=args.n_embd, n_layer=args.n_layer, n_head=args.n_head,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout, summary_first_dropout=args.dropout,
     )
     return GPT2LMHeadModel(config)
 
