@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import tyro
@@ -456,22 +455,34 @@ def train(args: Args):
     return run_dir
 
 
+def sample_responses(model, queries: torch.Tensor, pad_token_id: int, response_length: int, temperature: float) -> torch.Tensor:
+    """(b, response_length) tokens sampled one by one at `temperature` with a KV cache. Left padding is
+    masked out and positions are explicit (the first real token is position 0); no top-k/top-p, and no stop
+    at EOS: every response has exactly `response_length` tokens, as OAI samples."""
+    mask = (queries != pad_token_id).long()
+    position = (mask.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=queries, attention_mask=mask, position_ids=position, use_cache=True)
+    position = position[:, -1:]
+    tokens = []
+    for t in range(response_length):
+        token = torch.multinomial(torch.softmax(out.logits[:, -1].float() / temperature, -1), 1)
+        tokens.append(token)
+        if t + 1 < response_length:
+            mask, position = torch.cat([mask, torch.ones_like(token)], 1), position + 1
+            out = model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=out.past_key_values, use_cache=True)
+    return torch.cat(tokens, 1)
+
+
 @torch.no_grad()
 def sample(model, tokenizer, eval_data: torch.Tensor, query_length: int, args: Args, device) -> list:
-    """Continue the first `num_samples` held-out prompts for exactly `sample_length` tokens with pure
-    temperature sampling (top_k 0, top_p 1, no stop at EOS), as OAI samples."""
+    """Continue the first `num_samples` held-out prompts for `sample_length` tokens."""
     model.eval()
     n_prompt = query_length if query_length else args.sample_prompt_tokens
     prompts = eval_data[: args.num_samples, :n_prompt].to(device)
-    ids = prompts
-    for _ in range(args.sample_length):  # no KV cache: a few short samples, kept simple
-        mask = ids != tokenizer.pad_token_id
-        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids).logits[:, -1].float()
-        ids = torch.cat([ids, torch.multinomial(torch.softmax(logits / args.temperature, -1), 1)], 1)
+    continuations = sample_responses(model, prompts, tokenizer.pad_token_id, args.sample_length, args.temperature)
     return [
-        {"prompt": tokenizer.decode(p[p != tokenizer.pad_token_id]), "continuation": tokenizer.decode(o[n_prompt:])}
-        for p, o in zip(prompts, ids)
+        {"prompt": tokenizer.decode(p[p != tokenizer.pad_token_id]), "continuation": tokenizer.decode(c)}
+        for p, c in zip(prompts, continuations)
     ]
 
 

@@ -270,26 +270,6 @@ def query_windows(texts: list, tokenizer, n: int, query_length: int, seed: int) 
     return queries
 
 
-def sample_responses(model, queries, pad_token_id: int, response_length: int, temperature: float) -> "torch.Tensor":
-    """(b, response_length) tokens sampled one by one at `temperature` with a KV cache. Left padding is
-    masked out and positions are explicit (the first real token is position 0); no top-k/top-p, and no stop
-    at EOS: every response has exactly `response_length` tokens."""
-    import torch
-
-    mask = (queries != pad_token_id).long()
-    position = (mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=queries, attention_mask=mask, position_ids=position, use_cache=True)
-    position = position[:, -1:]
-    tokens = []
-    for t in range(response_length):
-        token = torch.multinomial(torch.softmax(out.logits[:, -1].float() / temperature, -1), 1)
-        tokens.append(token)
-        if t + 1 < response_length:
-            mask, position = torch.cat([mask, torch.ones_like(token)], 1), position + 1
-            out = model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=out.past_key_values, use_cache=True)
-    return torch.cat(tokens, 1)
-
-
 def vader_best(scores: list, rng: random.Random):
     """Index of the highest score, ties broken at random; None when all four score the same."""
     top = max(scores)
@@ -302,6 +282,9 @@ def stage_labels(n_labels: int, seed: int = 0, force: bool = False, batch_size: 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    sys.path.insert(0, str(ROOT))
+    from train_sft import sample_responses  # the same fixed-length temperature sampler as the scripts
 
     if LABELS.exists() and not force:
         print(f"[labels] {LABELS} exists")

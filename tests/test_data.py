@@ -13,6 +13,7 @@ from conftest import CORPUS, LABELS, NANO, ROOT
 
 sys.path.insert(0, str(ROOT / "data"))
 import build  # noqa: E402
+import train_sft  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,8 @@ def test_clean_passage():
 
 
 def test_cached_sampling_draws_what_plain_sampling_draws(tokenizer):
-    """The KV-cached sampler of the label stage gives the same tokens as recomputing the whole sequence."""
+    """The KV-cached sampler (train_sft.py, used by the label stage) gives the same tokens as recomputing the
+    whole sequence at every step."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -131,7 +133,7 @@ def test_cached_sampling_draws_what_plain_sampling_draws(tokenizer):
     queries = torch.tensor([[pad] * (12 - len(short)) + short, long[:12]])
     torch.manual_seed(1)
     with torch.no_grad():
-        cached = build.sample_responses(model, queries, pad, 10, 0.7)
+        cached = train_sft.sample_responses(model, queries, pad, 10, 0.7)
     torch.manual_seed(1)
     ids = queries
     with torch.no_grad():
