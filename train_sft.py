@@ -11,6 +11,8 @@ Two jobs, one loop:
     python train_sft.py                                  # nano pretraining on the embedded corpus (CPU, minutes)
     python train_sft.py --task tldr --base_model gpt2 --dataset tldr_3_filtered/train.jsonl
     accelerate launch --num_processes 8 train_sft.py ...  # the global batch stays `batch_size`
+
+Links write {OAI} for https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66.
 """
 
 import gzip
@@ -120,6 +122,7 @@ class Args:
     """sampling temperature for the samples (top_k 0, top_p 1, as OAI samples)"""
 
 
+# Copied from train_policy.py
 def fail(message: str):
     """Bad input ends the run with one line and exit status 2, before anything is written."""
     print(f"error: {message}", file=sys.stderr, flush=True)
@@ -244,6 +247,7 @@ def lm_loss(model, batch: dict) -> tuple:
 # ---------------------------------------------------------------------------------------------------------
 
 
+# Copied from train_policy.py
 def load_base_model(path: str):
     """(model, tokenizer) from a hub id, a local folder or a .gguf file (loaded by transformers' GGUF reader)."""
     try:
@@ -455,17 +459,32 @@ def train(args: Args):
     return run_dir
 
 
+# Copied from train_policy.py
+def model_inputs(tokens: torch.Tensor, pad_token_id: int) -> dict:
+    """Pads are masked out and each real token's position counts only the real tokens before it, so that
+    padding (left or right) never changes a real token's output. {OAI}/lm_human_preferences/language/model.py#L265-L269"""
+    mask = tokens != pad_token_id
+    return dict(input_ids=tokens, attention_mask=mask.long(), position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+
+
+# Copied from train_policy.py
+def sampling_logits(logits: torch.Tensor, temperature: float, pad_token_id: int) -> torch.Tensor:
+    """Logits divided by the temperature, in sampling and in every later log-prob, and the pad token made
+    impossible (OAI slices its special tokens off the logits). {OAI}/lm_human_preferences/policy.py#L58-L59"""
+    logits = logits.float() / temperature
+    return logits.index_fill(-1, torch.tensor([pad_token_id], device=logits.device), -1e9)
+
+
+# Copied from train_policy.py
 def sample_responses(model, queries: torch.Tensor, pad_token_id: int, response_length: int, temperature: float) -> torch.Tensor:
-    """(b, response_length) tokens sampled one by one at `temperature` with a KV cache. Left padding is
-    masked out and positions are explicit (the first real token is position 0); no top-k/top-p, and no stop
-    at EOS: every response has exactly `response_length` tokens, as OAI samples."""
-    mask = (queries != pad_token_id).long()
-    position = (mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=queries, attention_mask=mask, position_ids=position, use_cache=True)
-    position = position[:, -1:]
+    """(b, response_length) tokens sampled one by one at `temperature` with a KV cache: top_k 0, top_p 1 and no
+    stop at EOS, so every response has exactly response_length tokens. {OAI}/lm_human_preferences/language/sample.py#L24-L43"""
+    inputs = model_inputs(queries, pad_token_id)
+    mask, position = inputs["attention_mask"], inputs["position_ids"][:, -1:]
+    out = model(**inputs, use_cache=True)
     tokens = []
     for t in range(response_length):
-        token = torch.multinomial(torch.softmax(out.logits[:, -1].float() / temperature, -1), 1)
+        token = torch.multinomial(torch.softmax(sampling_logits(out.logits[:, -1], temperature, pad_token_id), -1), 1)
         tokens.append(token)
         if t + 1 < response_length:
             mask, position = torch.cat([mask, torch.ones_like(token)], 1), position + 1

@@ -1,0 +1,183 @@
+"""train_both.py end to end on tiny settings, two processes vs one, wandb offline, presets, copies, every flag."""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURES, ROOT, run_script
+
+import train_both
+import train_policy
+import train_reward
+
+TINY_BOTH = [
+    "--reward.num_train", "16", "--reward.num_test", "8", "--reward.batch_size", "8", "--reward.local_micro_batch_size", "4",
+    "--reward.normalize_samples", "16", "--reward.rollout_batch_size", "16", "--reward.eval_every", "1",
+    "--policy.total_episodes", "32", "--policy.batch_size", "16", "--policy.nminibatches", "1",
+    "--policy.local_micro_batch_size", "8", "--policy.noptepochs", "2", "--policy.print_sample_every", "1",
+]
+POLICY_METRICS = [
+    "objective/scores", "objective/gold_score", "objective/kl", "objective/entropy", "objective/score_total", "objective/kl_coef",
+    "ppo/loss/policy", "ppo/loss/value", "ppo/loss/total", "ppo/policy/approxkl", "ppo/policy/clipfrac", "ppo/policy/entropy",
+    "ppo/val/vpred", "ppo/val/error", "ppo/val/clipfrac", "ppo/val/mean", "ppo/val/var", "ppo/returns/mean", "ppo/returns/var",
+    "timing/generation_s", "timing/scoring_s", "timing/update_s", "throughput/episodes_per_s", "episode", "update",
+]
+
+
+def read(run_dir: Path, stage: str) -> list:
+    return [json.loads(line) for line in open(run_dir / stage / "metrics.jsonl")]
+
+
+def only_run(root: Path) -> Path:
+    (run_dir,) = [p for p in root.iterdir() if p.is_dir()]
+    return run_dir
+
+
+def test_train_both_end_to_end_with_wandb_offline(tmp_path):
+    r = run_script([sys.executable, "train_both.py", *TINY_BOTH, "--run_root", str(tmp_path), "--track"], {"WANDB_MODE": "offline"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = only_run(tmp_path)
+    reward, policy = read(run_dir, "reward"), read(run_dir, "policy")
+    # reward stage: normalization before/after, accuracies, lr annealed linearly to 0 over the epoch
+    assert "normalize/before_training/std" in reward[0] and "test/accuracy" in reward[0]
+    assert "normalize/after_training/mean" in reward[-1] and "reward/gain" in reward[-1]
+    lrs = [m["train/lr"] for m in reward if "train/lr" in m]
+    assert lrs == pytest.approx([train_reward.Args().lr * (1 - i * 8 / 16) for i in range(2)])
+    assert all("train/accuracy" in m and "train/loss" in m for m in reward if "train/lr" in m)
+    # policy stage: every metric DESIGN.md names, once per update; lr annealed; the reward model it used
+    assert [m["update"] for m in policy] == [1, 2] and [m["episode"] for m in policy] == [16, 32]
+    for name in POLICY_METRICS:
+        assert all(name in m for m in policy), name
+    assert [m["lr"] for m in policy] == pytest.approx([train_policy.Args().lr, train_policy.Args().lr / 2])
+    assert policy[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # the policy starts as the reference
+    args = json.loads((run_dir / "policy" / "args.json").read_text())
+    assert args["reward_model"] == str(run_dir / "reward" / "reward_model")
+    assert (run_dir / "reward" / "reward_model" / "reward_head.safetensors").is_file()
+    assert (run_dir / "policy" / "policy" / "value_head.safetensors").is_file()
+    samples = json.loads((run_dir / "policy" / "samples.json").read_text())
+    assert {"query", "response", "score", "gold_score", "kl"} <= set(samples[0])
+    assert "samples at update 1" in r.stdout and "gold" in r.stdout
+    # wandb offline: each stage's run lies in its folder
+    for stage in ("reward", "policy"):
+        assert list((run_dir / stage / "wandb").glob("offline-run-*")), stage
+
+
+def test_two_processes_match_one_process_first_update(tmp_path):
+    # near-greedy sampling (temperature 0.001) so that both layouts draw the same responses: per-process seeds differ
+    common = [*TINY_BOTH, "--reward.temperature", "0.001", "--policy.temperature", "0.001"]
+    one = run_script([sys.executable, "train_both.py", *common, "--run_root", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+                      "train_both.py", *common, "--run_root", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    d1, d2 = only_run(tmp_path / "one"), only_run(tmp_path / "two")
+    r1, r2 = read(d1, "reward"), read(d2, "reward")
+    for key in ("normalize/before_training/mean", "normalize/before_training/std", "test/accuracy", "test/loss"):
+        assert r1[0][key] == pytest.approx(r2[0][key], abs=1e-4), key
+    assert r1[1]["train/loss"] == pytest.approx(r2[1]["train/loss"], abs=1e-4)  # the same 8 labels, split differently
+    assert r1[2]["train/loss"] == pytest.approx(r2[2]["train/loss"], abs=1e-4)  # after one identical update
+    p1, p2 = read(d1, "policy"), read(d2, "policy")
+    for key in ("objective/scores", "objective/gold_score", "objective/kl", "objective/entropy", "objective/kl_coef"):
+        assert p1[0][key] == pytest.approx(p2[0][key], abs=1e-4), key
+
+
+def test_train_both_checks_that_the_stages_share_the_task(tmp_path):
+    r = run_script([sys.executable, "train_both.py", "--reward.query_length", "16", "--run_root", str(tmp_path)])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--reward.query_length 16 and --policy.query_length 32 differ" in r.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_policy_needs_a_reward_model_folder(tmp_path):
+    r = run_script([sys.executable, "train_policy.py", "--reward_model", str(tmp_path / "nope"), "--run_root", str(tmp_path)])
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "--reward_model" in r.stderr.splitlines()[-1]
+    r = run_script([sys.executable, "train_policy.py", "--reward_model", str(tmp_path), "--batch_size", "12", "--run_root", str(tmp_path)])
+    assert r.returncode == 2 and "--batch_size 12" in r.stderr.splitlines()[-1]
+
+
+def test_query_dataset_in_oai_book_passages_format():
+    from transformers import AutoTokenizer
+
+    texts = train_policy.load_texts(str(FIXTURES / "book_passages.jsonl"), "train")
+    assert texts[0].startswith("The bus was late again.")
+    tok = AutoTokenizer.from_pretrained(ROOT / "data" / "nano")
+    batch = next(train_policy.query_batches(texts, tok, 24, 4, seed=1))
+    assert batch.shape == (4, 24) and (batch[:, -1] == tok.convert_tokens_to_ids(".")).all()
+
+
+# presets: OAI's launch.py, as transcribed in DESIGN.md's table ------------------------------------------------------
+
+DESIGN_TABLE = {  # DESIGN.md, "Presets", column "sentiment / descriptiveness"
+    "query_length": 64, "response_length": 24, "truncate_token": ".", "truncate_after": 16, "temperature": 0.7,
+    "reward_lr": 5e-5, "reward_batch_size": 32, "num_train": 4992, "policy_lr": 1e-5, "policy_batch_size": 512,
+    "total_episodes": 1_000_000, "kl_coef": 0.15, "adaptive_kl": True, "kl_target": 6.0, "kl_horizon": 10000,
+    "noptepochs": 4, "nminibatches": 1, "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1, "gamma": 1.0, "lam": 0.95,
+}
+
+
+@pytest.mark.parametrize("name", ["sentiment", "descriptiveness"])
+def test_presets_equal_oai_launch_values(name):
+    both = train_both.PRESETS[name]
+    r, p = both.reward, both.policy
+    t = DESIGN_TABLE
+    assert (p.query_length, p.response_length, p.truncate_token, p.truncate_after, p.temperature) == (
+        t["query_length"], t["response_length"], t["truncate_token"], t["truncate_after"], t["temperature"])
+    assert (r.query_length, r.response_length, r.temperature) == (t["query_length"], t["response_length"], t["temperature"])
+    assert (r.lr, r.batch_size, r.num_train) == (t["reward_lr"], t["reward_batch_size"], t["num_train"])
+    assert (p.lr, p.batch_size, p.total_episodes) == (t["policy_lr"], t["policy_batch_size"], t["total_episodes"])
+    assert (p.kl_coef, p.adaptive_kl, p.kl_target, p.kl_horizon) == (t["kl_coef"], t["adaptive_kl"], t["kl_target"], t["kl_horizon"])
+    for k in ("noptepochs", "nminibatches", "cliprange", "cliprange_value", "vf_coef", "gamma", "lam"):
+        assert getattr(p, k) == t[k], k
+    assert p.base_model == r.base_model == "gpt2" and p.query_dataset == r.query_dataset == "bookcorpus"
+    assert r.label_dataset == f"vwxyzjn/lm-human-preferences/{name}/offline_5k.json"
+    assert (r.normalize_before, r.normalize_after, r.normalize_samples, r.rollout_batch_size) == (True, True, 256, 512)
+    assert p.batch_size // 8 % (p.nminibatches * p.local_micro_batch_size) == 0  # the 8-process layout divides
+    assert r.batch_size % (8 * r.local_micro_batch_size) == 0
+
+
+def test_preset_word_picks_values_and_flags_still_override(tmp_path):
+    out = subprocess.run([sys.executable, "train_policy.py", "sentiment", "--seed", "7", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and "gpt2" in out.stdout and "1000000" in out.stdout
+    bad = subprocess.run([sys.executable, "train_policy.py", "sentimint"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown preset 'sentimint'" in bad.stderr
+
+
+# copies and flags ---------------------------------------------------------------------------------------------------
+
+
+def top_level_sources(path: Path) -> dict:
+    source = path.read_text()
+    tree = ast.parse(source)
+    lines = source.splitlines()
+    out = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            start = (node.decorator_list[0].lineno if node.decorator_list else node.lineno) - 1
+            out[node.name] = ("\n".join(lines[start : node.end_lineno]), lines[start - 1].strip() == "# Copied from train_policy.py")
+    return out
+
+
+def test_copies_of_helpers_are_identical_to_train_policy():
+    original = top_level_sources(ROOT / "train_policy.py")
+    n = 0
+    for script in ("train_reward.py", "train_sft.py"):
+        for name, (source, copied) in top_level_sources(ROOT / script).items():
+            if copied:
+                assert source == original[name][0], f"{script}: {name} differs from train_policy.py"
+                n += 1
+            else:
+                assert name not in original or name in ("train", "Args"), f"{script}: {name} is a copy without its marker"
+    assert n >= 18
+
+
+@pytest.mark.parametrize("module", [train_reward, train_policy, train_both])
+def test_every_argument_is_documented_and_read(module):
+    script = Path(module.__file__).name
+    help_text = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    source = (ROOT / script).read_text()
+    for name in module.Args.__dataclass_fields__:
+        assert f"--{name}" in help_text or f"--{name}." in help_text, name
+        assert f"args.{name}" in source, f"{script}: --{name} is never read"

@@ -1,0 +1,741 @@
+"""PPO against a learned reward model, as OpenAI's lm-human-preferences trained GPT-2 (Ziegler et al. 2019).
+
+    python train_policy.py --reward_model runs/<reward run>/reward_model     # the embedded world (CPU, minutes)
+    python train_both.py                                                     # reward model, then this, in one go
+    accelerate launch --num_processes 8 train_policy.py sentiment --reward_model ...   # OAI's sentiment run
+
+A first positional word picks a preset (`sentiment` or `descriptiveness`): OAI's launch.py values, overridable
+by any flag after it. Every implementation detail that matters is written out below, with a link to the OAI
+line it reproduces ({OAI} stands for
+https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66); DETAILS.md lists
+them with their tests. Tensor shapes: b = episodes on this process, Q = query_length, R = response_length.
+"""
+
+import copy
+import gzip
+import json
+import math
+import os
+import sys
+import time
+import zlib
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import tyro
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from rich.console import Console
+from rich.table import Table
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+@dataclass
+class Args:
+    # ---- experiment ----
+    exp_name: str = "policy"
+    """name of the experiment; the run folder is runs/<exp_name>__<seed>__<unix time>"""
+    seed: int = 1
+    """seed; process r samples and shuffles with seed + r * 100003, as OAI's set_mpi_seed"""
+    track: bool = False
+    """log to Weights & Biases (set WANDB_MODE=offline to log without a network)"""
+    wandb_project_name: str = "lm-human-preferences-torch"
+    """wandb project"""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team); None uses your default"""
+    run_root: str = "runs"
+    """folder that holds the run folders"""
+
+    # ---- models ----
+    base_model: str = "data/nano"
+    """initial policy and reference model: hub id, local folder or .gguf file"""
+    reward_model: Optional[str] = None
+    """folder written by train_reward.py (its run folder's reward_model/); train_both.py fills it in"""
+
+    # ---- task (OAI's TaskHParams) ----
+    query_dataset: str = "data/corpus.jsonl.gz"
+    """query texts: a .jsonl(.gz) of JSON strings (OAI's book_passages) or of {"text": ...}, or a hub dataset with a text column"""
+    query_split: str = "train"
+    """split of a hub query dataset"""
+    query_length: int = 32
+    """query tokens: the text after its first '.', cut to this length, then after its last '.', left-padded"""
+    response_length: int = 24
+    """tokens sampled per response (always all of them: no stop at EOS)"""
+    truncate_token: Optional[str] = None
+    """cut each response after the first occurrence of this token at or after truncate_after before scoring (OAI: '.'); None keeps it whole"""
+    truncate_after: int = 16
+    """responses are cut no earlier than this index; one with no truncate_token from here on scores penalty_reward_value"""
+    penalty_reward_value: float = -1.0
+    """score of a response that has no truncate_token at or after truncate_after"""
+    temperature: float = 0.7
+    """sampling temperature; every log-probability is computed from logits divided by it"""
+
+    # ---- PPO (OAI's PpoHParams) ----
+    total_episodes: int = 2560
+    """episodes (query, response pairs) in all; updates = total_episodes / batch_size"""
+    batch_size: int = 64
+    """episodes per update, summed over all processes"""
+    nminibatches: int = 2
+    """minibatches per PPO epoch (each one optimizer step)"""
+    noptepochs: int = 4
+    """PPO epochs over each batch, reshuffled every epoch"""
+    local_micro_batch_size: int = 32
+    """episodes per forward/backward on one process; gradient accumulation makes up a minibatch"""
+    lr: float = 5e-5
+    """Adam learning rate at the first update, annealed linearly to 0 at the last"""
+    eps: float = 1e-5
+    """Adam epsilon (OAI: 1e-5)"""
+    optimizer: Literal["adam_tf", "adam_pytorch"] = "adam_tf"
+    """adam_tf: TF1's Adam (epsilon-hat, as OAI ran); adam_pytorch: torch.optim.Adam"""
+    vf_coef: float = 0.1
+    """weight of the value loss"""
+    cliprange: float = 0.2
+    """PPO ratio clip"""
+    cliprange_value: float = 0.2
+    """value prediction clip around the rollout's values"""
+    gamma: float = 1.0
+    """discount"""
+    lam: float = 0.95
+    """GAE lambda"""
+    whiten_rewards: bool = True
+    """whiten rewards (without shifting their mean) per minibatch before GAE"""
+
+    # ---- KL penalty (OAI's RewardHParams) ----
+    kl_coef: float = 0.15
+    """initial coefficient of the per-token KL penalty"""
+    adaptive_kl: bool = True
+    """adapt kl_coef towards kl_target (OAI's AdaptiveKLController); False keeps it fixed"""
+    kl_target: float = 4.0
+    """target of the mean summed KL per response (nats)"""
+    kl_horizon: int = 256
+    """adaptive KL horizon in episodes (OAI: 10000 for 1M episodes)"""
+
+    # ---- logging ----
+    gold_labeler: Literal["vader", "none"] = "vader"
+    """programmatic labeler whose score of every sample is logged as objective/gold_score"""
+    print_sample_every: int = 10
+    """print a table of samples every this many updates"""
+    num_print_samples: int = 3
+    """rows of that table"""
+    mixed_precision: Literal["no", "bf16"] = "no"
+    """bf16 autocast for GPUs; on an AVX2-only CPU it is much slower"""
+
+
+PRESETS = {
+    # OAI's launch.py: books_task + get_experiments()['sentiment'|'descriptiveness']
+    # https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66/launch.py#L8-L19
+    # https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66/launch.py#L116-L152
+    "sentiment": dict(
+        exp_name="sentiment", base_model="gpt2", query_dataset="bookcorpus", query_length=64, response_length=24,
+        truncate_token=".", truncate_after=16, penalty_reward_value=-1.0, temperature=0.7,
+        total_episodes=1_000_000, batch_size=512, nminibatches=1, noptepochs=4, local_micro_batch_size=16, lr=1e-5,
+        vf_coef=0.1, cliprange=0.2, cliprange_value=0.2, gamma=1.0, lam=0.95, whiten_rewards=True,
+        kl_coef=0.15, adaptive_kl=True, kl_target=6.0, kl_horizon=10000, gold_labeler="vader",
+    ),
+}
+# the same task and hyperparameters; only the labels (hence the reward model) differ. VADER is no judge of it.
+PRESETS["descriptiveness"] = {**PRESETS["sentiment"], "exp_name": "descriptiveness", "gold_labeler": "none"}
+
+
+def fail(message: str):
+    """Bad input ends the run with one line and exit status 2, before anything is written."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def cli(args_class, presets: dict, description: str):
+    """tyro CLI with an optional first positional preset name: `script.py sentiment --seed 2`."""
+    argv = sys.argv[1:]
+    default = args_class()
+    if argv and not argv[0].startswith("-"):
+        if argv[0] not in presets:
+            fail(f"unknown preset {argv[0]!r}; presets: {', '.join(presets)}")
+        default, argv = replace(default, **presets[argv[0]]), argv[1:]
+    return tyro.cli(args_class, default=default, args=argv, description=description, use_underscores=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: queries
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_texts(path: str, split: str):
+    """Query texts: a local .jsonl(.gz) (lines are JSON strings, as OAI's book_passages/{mode}.jsonl, or objects
+    with "text", as data/corpus.jsonl.gz), or a hub dataset with a "text" column (e.g. bookcorpus)."""
+    if os.path.exists(path) or path.endswith((".jsonl", ".gz", ".json")):
+        if not os.path.isfile(path):
+            fail(f"--query_dataset {path}: file not found")
+        texts = []
+        try:
+            with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        row = json.loads(line)
+                        text = row.get("text") if isinstance(row, dict) else row
+                        if not isinstance(text, str):
+                            fail(f"--query_dataset {path}: line {n} is neither a JSON string nor an object with a string \"text\"")
+                        texts.append(text)
+        except json.JSONDecodeError as e:
+            fail(f"--query_dataset {path}: line {n} is not valid JSON ({e.msg})")
+        except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
+            fail(f"--query_dataset {path}: cannot be read ({e})")
+    else:
+        import datasets
+
+        try:
+            texts = datasets.load_dataset(path, split=split)
+        except Exception as e:  # offline, unknown id or split: one line, exit 2
+            fail(f"--query_dataset {path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        if "text" not in texts.column_names:
+            fail(f"--query_dataset {path}: split {split} has no \"text\" column")
+        texts = texts["text"] if len(texts) < 1_000_000 else texts.select_columns("text")  # huge: stay memory-mapped
+    if len(texts) == 0:
+        fail(f"--query_dataset {path}: no texts")
+    return texts
+
+
+def format_query(tokens: list, dot: int, query_length: int, pad_token_id: int) -> Optional[list]:
+    """OAI's books query: start after the first '.', keep query_length tokens, end after the last '.';
+    None when there is no '.' to end at. Left-padded with the pad token (OAI right-pads and gives explicit
+    positions; left padding with explicit positions is the same function and lets sampling append on the right).
+    {OAI}/lm_human_preferences/language/datasets.py#L48-L67"""
+    if dot in tokens:
+        first = tokens.index(dot) + 1
+        if first < len(tokens):
+            tokens = tokens[first:]
+    tokens = tokens[:query_length]
+    if dot not in tokens:
+        return None
+    tokens = tokens[: len(tokens) - tokens[::-1].index(dot)]
+    return [pad_token_id] * (query_length - len(tokens)) + tokens
+
+
+def query_batches(texts, tokenizer, query_length: int, batch_size: int, seed: int):
+    """Endless global batches (batch_size, Q) of queries in a shuffled order that is the same on every process
+    (each process then takes its own slice, as OAI shards the dataset over ranks)."""
+    dot = tokenizer.convert_tokens_to_ids(".")
+    gen, batch = torch.Generator().manual_seed(seed), []
+    while True:
+        found = False
+        for i in torch.randperm(len(texts), generator=gen).tolist():
+            text = texts[i] if isinstance(texts, list) else texts[i]["text"]
+            query = format_query(tokenizer.encode(text), dot, query_length, tokenizer.pad_token_id)
+            if query is None:
+                continue
+            found = True
+            batch.append(query)
+            if len(batch) == batch_size:
+                yield torch.tensor(batch)
+                batch = []
+        if not found:
+            fail(f"no text of the query dataset has a '.' in its first {query_length} tokens after the first '.'")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_base_model(path: str):
+    """(model, tokenizer) from a hub id, a local folder or a .gguf file (loaded by transformers' GGUF reader)."""
+    try:
+        if path.endswith(".gguf"):
+            if not os.path.isfile(path):
+                fail(f"--base_model {path}: file not found")
+            folder, name = os.path.split(os.path.abspath(path))
+            return (AutoModelForCausalLM.from_pretrained(folder, gguf_file=name), AutoTokenizer.from_pretrained(folder, gguf_file=name))
+        if not os.path.isdir(path) and (path.startswith((".", "/")) or path.count("/") > 1):
+            fail(f"--base_model {path}: folder not found")
+        return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    except OSError as e:  # hub id with no network, or a folder without a model
+        fail(f"--base_model {path}: cannot be loaded ({str(e).splitlines()[0][:200]})")
+
+
+def prepare_lm(model, tokenizer):
+    """A dedicated pad token (never EOS: an <|endoftext|> inside a response must stay visible) and every dropout
+    layer off, as OAI runs policy, reference, value and reward models without dropout.
+    {OAI}/lm_human_preferences/language/model.py#L40-L59"""
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model, tokenizer
+
+
+def model_inputs(tokens: torch.Tensor, pad_token_id: int) -> dict:
+    """Pads are masked out and each real token's position counts only the real tokens before it, so that
+    padding (left or right) never changes a real token's output. {OAI}/lm_human_preferences/language/model.py#L265-L269"""
+    mask = tokens != pad_token_id
+    return dict(input_ids=tokens, attention_mask=mask.long(), position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+
+
+def sampling_logits(logits: torch.Tensor, temperature: float, pad_token_id: int) -> torch.Tensor:
+    """Logits divided by the temperature, in sampling and in every later log-prob, and the pad token made
+    impossible (OAI slices its special tokens off the logits). {OAI}/lm_human_preferences/policy.py#L58-L59"""
+    logits = logits.float() / temperature
+    return logits.index_fill(-1, torch.tensor([pad_token_id], device=logits.device), -1e9)
+
+
+def sample_responses(model, queries: torch.Tensor, pad_token_id: int, response_length: int, temperature: float) -> torch.Tensor:
+    """(b, response_length) tokens sampled one by one at `temperature` with a KV cache: top_k 0, top_p 1 and no
+    stop at EOS, so every response has exactly response_length tokens. {OAI}/lm_human_preferences/language/sample.py#L24-L43"""
+    inputs = model_inputs(queries, pad_token_id)
+    mask, position = inputs["attention_mask"], inputs["position_ids"][:, -1:]
+    out = model(**inputs, use_cache=True)
+    tokens = []
+    for t in range(response_length):
+        token = torch.multinomial(torch.softmax(sampling_logits(out.logits[:, -1], temperature, pad_token_id), -1), 1)
+        tokens.append(token)
+        if t + 1 < response_length:
+            mask, position = torch.cat([mask, torch.ones_like(token)], 1), position + 1
+            out = model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=out.past_key_values, use_cache=True)
+    return torch.cat(tokens, 1)
+
+
+class RewardModel(nn.Module):
+    """The language model's transformer with a scalar head read at the last real token, then gain and bias.
+    Head init N(0, 1/sqrt(d_model + 1)), bias 0 ({OAI}/lm_human_preferences/language/model.py#L248-L258);
+    gain and bias are parameters as in OAI (trained with the rest; set by normalization before and after
+    training, {OAI}/lm_human_preferences/rewards.py#L47-L57)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        d = lm.config.hidden_size
+        self.head = nn.Linear(d, 1)
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(d + 1))
+        nn.init.zeros_(self.head.bias)
+        self.gain = nn.Parameter(torch.ones(()))
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, tokens: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+        """(b,) rewards of (b, T) query+response tokens. OAI reads the last position; with a masked pad token the
+        last real token is that position made independent of right padding. {OAI}/lm_human_preferences/rewards.py#L47"""
+        inputs = model_inputs(tokens, pad_token_id)
+        hidden = self.lm.base_model(**inputs).last_hidden_state  # (b, T, d)
+        last = (inputs["attention_mask"] * torch.arange(tokens.shape[1], device=tokens.device)).argmax(1)  # (b,)
+        reward = self.head(hidden[torch.arange(len(tokens), device=tokens.device), last]).squeeze(-1)
+        return self.gain * reward + self.bias
+
+
+def save_reward_model(model: RewardModel, tokenizer, folder: Path):
+    """A Hugging Face folder of the language model (backbone) plus reward_head.safetensors (head, gain, bias);
+    written beside the target and swapped in, so a failure never leaves a half-written checkpoint."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.lm.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    head = {"head.weight": model.head.weight, "head.bias": model.head.bias, "gain": model.gain, "bias": model.bias}
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, tmp / "reward_head.safetensors")
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        folder.rename(old)
+        tmp.rename(folder)
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    else:
+        tmp.rename(folder)
+
+
+def load_reward_model(folder: str):
+    """(RewardModel, tokenizer) from a folder written by save_reward_model."""
+    if not os.path.isfile(os.path.join(folder, "reward_head.safetensors")):
+        fail(f"--reward_model {folder}: not a reward model folder (no reward_head.safetensors; train one with train_reward.py)")
+    lm, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    model = RewardModel(prepare_lm(lm, tokenizer)[0])
+    head = load_file(os.path.join(folder, "reward_head.safetensors"))
+    with torch.no_grad():
+        model.head.weight.copy_(head["head.weight"])
+        model.head.bias.copy_(head["head.bias"])
+        model.gain.copy_(head["gain"])
+        model.bias.copy_(head["bias"])
+    return model, tokenizer
+
+
+class PolicyAndValue(nn.Module):
+    """The policy's language model with a value head on its last hidden state (one shared transformer, as
+    OAI's Policy with scalar head 'value'). Value head init 0. {OAI}/lm_human_preferences/language/model.py#L368"""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        self.value_head = nn.Linear(lm.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, tokens: torch.Tensor, pad_token_id: int) -> tuple:
+        """(logits (b, T, V), values (b, T)) of query+response tokens."""
+        out = self.lm(**model_inputs(tokens, pad_token_id), output_hidden_states=True)
+        return out.logits, self.value_head(out.hidden_states[-1]).squeeze(-1)
+
+
+def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float, pad_token_id: int) -> tuple:
+    """(log-probs (b, R) of the response tokens, entropies (b, R)) from the logits of query+response: the logits
+    at position Q-1+t predict response token t. {OAI}/lm_human_preferences/policy.py#L114-L126"""
+    R = responses.shape[1]
+    logp = torch.log_softmax(sampling_logits(logits[:, -R - 1 : -1], temperature, pad_token_id), -1)  # (b, R, V)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return logp.gather(-1, responses.unsqueeze(-1)).squeeze(-1), entropy
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The algorithm's pieces (pure functions)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def truncate_responses(responses: torch.Tensor, truncate_token: int, truncate_after: int, pad_token_id: int) -> torch.Tensor:
+    """Replace every token after the first truncate_token at or after index truncate_after with the pad token.
+    {OAI}/lm_human_preferences/lm_tasks.py#L39-L50"""
+    hit = responses == truncate_token
+    hit[:, :truncate_after] = False
+    after = (hit.long().cumsum(1) - hit.long()).bool()  # strictly after the first hit
+    return responses.masked_fill(after, pad_token_id)
+
+
+def penalize(scores: torch.Tensor, responses: torch.Tensor, truncate_token: int, truncate_after: int, penalty: float) -> torch.Tensor:
+    """A response with no truncate_token at or after truncate_after gets `penalty` instead of its score.
+    {OAI}/lm_human_preferences/lm_tasks.py#L58-L65 and {OAI}/lm_human_preferences/train_policy.py#L384-L390"""
+    valid = (responses[:, truncate_after:] == truncate_token).any(1)
+    return torch.where(valid, scores, torch.full_like(scores, penalty))
+
+
+def compute_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_coef: float) -> tuple:
+    """Per-token rewards (b, R): -kl_coef * (logp - logp_ref) at every token, plus the score at the last one.
+    {OAI}/lm_human_preferences/train_policy.py#L149-L154"""
+    non_score_reward = -kl_coef * (logprobs - ref_logprobs)
+    rewards = non_score_reward.clone()
+    rewards[:, -1] += scores
+    return rewards, non_score_reward
+
+
+class AdaptiveKLController:
+    """kl_coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon. {OAI}/lm_human_preferences/train_policy.py#L115-L124"""
+
+    def __init__(self, init_kl_coef: float, hparams):
+        self.value = init_kl_coef
+        self.hparams = hparams  # has .target and .horizon (episodes)
+
+    def update(self, current: float, n_steps: int):
+        proportional_error = min(max(current / self.hparams.target - 1, -0.2), 0.2)
+        self.value *= 1 + proportional_error * n_steps / self.hparams.horizon
+
+
+class FixedKLController:
+    """{OAI}/lm_human_preferences/train_policy.py#L107-L112"""
+
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current: float, n_steps: int):
+        pass
+
+
+@dataclass
+class AdaptiveKLParams:
+    target: float
+    """KL target (nats per response)"""
+    horizon: int
+    """episodes over which a full proportional error is corrected"""
+
+
+def whiten(values: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / sqrt(var + 1e-8) over all elements with the biased variance (tf.nn.moments); with
+    shift_mean=False the mean is added back (rewards keep their mean). {OAI}/lm_human_preferences/utils/core.py#L336-L341"""
+    mean, var = values.mean(), values.var(unbiased=False)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def compute_gae(values: torch.Tensor, rewards: torch.Tensor, gamma: float, lam: float) -> tuple:
+    """(advantages, returns), each (b, R): generalized advantage estimation backwards over the response tokens,
+    the value after the last token being 0. {OAI}/lm_human_preferences/train_policy.py#L327-L336"""
+    lastgaelam, reversed_advantages = 0.0, []
+    R = rewards.shape[1]
+    for t in reversed(range(R)):
+        nextvalues = values[:, t + 1] if t < R - 1 else 0.0
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        reversed_advantages.append(lastgaelam)
+    advantages = torch.stack(reversed_advantages[::-1], 1)
+    return advantages, advantages + values
+
+
+def ppo_loss(logprobs, values, old_logprobs, old_values, advantages, returns, args) -> tuple:
+    """Clipped policy loss + vf_coef * clipped value loss (the max of clipped and unclipped squared errors).
+    {OAI}/lm_human_preferences/train_policy.py#L343-L357"""
+    vpredclipped = old_values + (values - old_values).clamp(-args.cliprange_value, args.cliprange_value)
+    vf_losses1, vf_losses2 = (values - returns) ** 2, (vpredclipped - returns) ** 2
+    vf_loss = 0.5 * torch.max(vf_losses1, vf_losses2).mean()
+    ratio = torch.exp(logprobs - old_logprobs)
+    pg_losses, pg_losses2 = -advantages * ratio, -advantages * ratio.clamp(1.0 - args.cliprange, 1.0 + args.cliprange)
+    pg_loss = torch.max(pg_losses, pg_losses2).mean()
+    stats = {
+        "ppo/loss/policy": pg_loss, "ppo/loss/value": vf_loss,
+        "ppo/policy/approxkl": 0.5 * ((logprobs - old_logprobs) ** 2).mean(),
+        "ppo/policy/clipfrac": (pg_losses2 > pg_losses).float().mean(),
+        "ppo/val/vpred": values.mean(), "ppo/val/error": ((values - returns) ** 2).mean(),
+        "ppo/val/clipfrac": (vf_losses2 > vf_losses1).float().mean(),
+    }
+    return pg_loss + args.vf_coef * vf_loss, stats
+
+
+class AdamTensorFlowStyle(torch.optim.Optimizer):
+    """Adam as TF1's AdamOptimizer computes it, which OAI used (lr 1e-5-ish, epsilon 1e-5): the bias corrections
+    go into the step size and epsilon is added to sqrt(v) uncorrected ("epsilon hat"):
+        lr_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t);  p -= lr_t * m / (sqrt(v) + eps)
+    torch.optim.Adam instead adds eps to sqrt(v / (1 - beta2^t)): early in training, where 1 - beta2^t is small,
+    TF's epsilon is effectively larger by 1 / sqrt(1 - beta2^t), so TF-style takes smaller steps on
+    parameters with tiny gradients. {OAI}/lm_human_preferences/utils/core.py#L627"""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"], state["m"], state["v"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"]
+                state["m"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                state["v"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                lr_t = group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+                p.addcdiv_(state["m"], state["v"].sqrt().add_(group["eps"]), value=-lr_t)
+        return None
+
+
+def make_optimizer(params, name: str, lr: float, eps: float):
+    return AdamTensorFlowStyle(params, lr=lr, eps=eps) if name == "adam_tf" else torch.optim.Adam(params, lr=lr, eps=eps)
+
+
+def gold_scorer(name: str):
+    """The programmatic labeler behind the embedded labels (VADER's compound score), or None."""
+    if name == "none":
+        return None
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+    return lambda texts: [analyzer.polarity_scores(t)["compound"] for t in texts]
+
+
+def shared_run_dir(accelerator, run_root: str, exp_name: str, seed: int) -> Path:
+    """runs/<exp_name>__<seed>__<unix time>, the same name on every process (the main process's clock)."""
+    name = [f"{exp_name}__{seed}__{int(time.time())}"]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(name)
+    return Path(run_root) / name[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------
+
+
+def train(args: Args, run_dir: Optional[Path] = None) -> Path:
+    # cpu=True on a machine without a GPU: only then does accelerate join torchrun's processes with gloo
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    if args.batch_size % world:
+        fail(f"--batch_size {args.batch_size} is not divisible by {world} processes")
+    local_batch_size = args.batch_size // world
+    if local_batch_size % args.nminibatches:
+        fail(f"--batch_size {args.batch_size} / {world} processes is not divisible by --nminibatches {args.nminibatches}")
+    local_minibatch_size = local_batch_size // args.nminibatches
+    if local_minibatch_size % args.local_micro_batch_size:
+        fail(f"--batch_size {args.batch_size} / {world} process(es) / --nminibatches {args.nminibatches} = {local_minibatch_size} "
+             f"episodes per minibatch, not divisible by --local_micro_batch_size {args.local_micro_batch_size}")
+    if args.whiten_rewards and local_minibatch_size < 8:  # {OAI}/lm_human_preferences/train_policy.py#L459-L462
+        fail(f"--batch_size {args.batch_size} / {world} process(es) / --nminibatches {args.nminibatches} = {local_minibatch_size} "
+             "episodes per minibatch, too few to whiten rewards (at least 8)")
+    grad_accum = local_minibatch_size // args.local_micro_batch_size
+    num_updates = math.ceil(args.total_episodes / args.batch_size)
+    if args.reward_model is None:
+        fail("--reward_model is required (a folder written by train_reward.py; train_both.py trains one first)")
+    if not os.path.isdir(args.reward_model):
+        fail(f"--reward_model {args.reward_model}: folder not found")
+
+    # 1. Models: policy (+ value head), frozen reference policy, frozen reward model. Same init on every process.
+    torch.manual_seed(args.seed)
+    lm, tokenizer = prepare_lm(*load_base_model(args.base_model))
+    reward_model, reward_tokenizer = load_reward_model(args.reward_model)
+    if len(reward_tokenizer) != len(tokenizer) or reward_tokenizer.pad_token_id != tokenizer.pad_token_id:
+        # {OAI}/lm_human_preferences/rewards.py#L119
+        fail(f"--reward_model {args.reward_model}: its tokenizer ({len(reward_tokenizer)} tokens) differs from --base_model {args.base_model}'s ({len(tokenizer)})")
+    if args.query_length + args.response_length > getattr(lm.config, "n_positions", getattr(lm.config, "max_position_embeddings", 1 << 30)):
+        fail(f"--query_length + --response_length = {args.query_length + args.response_length} exceeds the model's positions")
+    truncate_token = None
+    if args.truncate_token is not None:
+        ids = tokenizer.encode(args.truncate_token)
+        truncate_token = ids[0] if len(ids) == 1 else fail(f"--truncate_token {args.truncate_token!r} is not a single token")
+    policy = PolicyAndValue(lm)
+    ref_policy = copy.deepcopy(lm).eval().requires_grad_(False)
+    reward_model.eval().requires_grad_(False)
+    optimizer = make_optimizer(policy.parameters(), args.optimizer, args.lr, args.eps)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    ref_policy, reward_model = ref_policy.to(device), reward_model.to(device)
+    unwrapped = accelerator.unwrap_model(policy)
+    pad = tokenizer.pad_token_id
+    gold_fn = gold_scorer(args.gold_labeler)
+
+    # 2. Queries, and a seed per process for sampling and minibatch shuffles. {OAI}/lm_human_preferences/utils/core.py#L108-L113
+    texts = load_texts(args.query_dataset, args.query_split)
+    batches = query_batches(texts, tokenizer, args.query_length, args.batch_size, args.seed)
+    torch.manual_seed(args.seed + rank * 100003)
+
+    # 3. Run folder, metrics file, wandb. Nothing was written before the inputs were checked.
+    run_dir = run_dir or shared_run_dir(accelerator, args.run_root, args.exp_name, args.seed)
+    metrics_file = None
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps({**asdict(args), "world_size": world, "grad_accum": grad_accum}, indent=2))
+        metrics_file = open(run_dir / "metrics.jsonl", "w")
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args), dir=str(run_dir))
+        print(f"run folder {run_dir}; {num_updates} updates of {args.batch_size} episodes ({world} process(es) x "
+              f"{args.nminibatches} minibatch(es) x {grad_accum} micro-batch(es) of {args.local_micro_batch_size}); "
+              f"{sum(p.numel() for p in policy.parameters()):,} policy parameters")
+
+    kl_ctl = (AdaptiveKLController(args.kl_coef, AdaptiveKLParams(args.kl_target, args.kl_horizon)) if args.adaptive_kl
+              else FixedKLController(args.kl_coef))
+    samples_log = []
+    progress = tqdm(range(num_updates), disable=not accelerator.is_main_process, desc="ppo")
+    for update in progress:
+        t0 = time.time()
+        # lr annealed linearly to 0, constant within an update. {OAI}/lm_human_preferences/train_policy.py#L172-L173
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * (1 - update / num_updates)
+
+        # 4. Rollouts: sample, then one forward of policy and reference over query+response.
+        queries = next(batches)[rank * local_batch_size : (rank + 1) * local_batch_size].to(device)  # (b, Q)
+        policy.eval()
+        with torch.no_grad():
+            responses = sample_responses(unwrapped.lm, queries, pad, args.response_length, args.temperature)  # (b, R)
+            query_responses = torch.cat([queries, responses], 1)  # (b, Q+R)
+            t_gen = time.time()
+            logits, values = unwrapped(query_responses, pad)
+            logprobs, _ = response_logprobs(logits, responses, args.temperature, pad)  # (b, R)
+            values = values[:, args.query_length - 1 : -1]  # value of the state before each response token
+            ref_logits = ref_policy(**model_inputs(query_responses, pad)).logits
+            ref_logprobs, _ = response_logprobs(ref_logits, responses, args.temperature, pad)
+            del logits, ref_logits
+
+            # 5. Scores of the (truncated) responses by the reward model; the -1 penalty; the gold labeler's score.
+            #    The policy trains on the full responses, only the score sees the truncated ones, as OAI.
+            scored = responses
+            if truncate_token is not None:
+                scored = truncate_responses(responses, truncate_token, args.truncate_after, pad)
+            scores = reward_model(torch.cat([queries, scored], 1), pad)  # (b,)
+            if truncate_token is not None:
+                scores = penalize(scores, scored, truncate_token, args.truncate_after, args.penalty_reward_value)
+            texts_out = tokenizer.batch_decode([r[r != pad] for r in scored])
+            gold = torch.tensor(gold_fn(texts_out), device=device) if gold_fn else None
+            rewards, non_score_reward = compute_rewards(scores, logprobs, ref_logprobs, kl_ctl.value)  # (b, R)
+        t_score = time.time()
+
+        # 6. PPO: noptepochs passes over the batch, reshuffled each time; per minibatch the rewards are whitened
+        #    (mean kept), GAE computed and advantages whitened, as inside OAI's loss; micro-batches accumulate
+        #    gradients, DDP averages them across processes at the last one.
+        policy.train()
+        train_stats = []
+        for _ in range(args.noptepochs):
+            order = torch.randperm(local_batch_size, device=device)
+            for mb_start in range(0, local_batch_size, local_minibatch_size):
+                mb = order[mb_start : mb_start + local_minibatch_size]
+                mb_rewards = whiten(rewards[mb], shift_mean=False) if args.whiten_rewards else rewards[mb]
+                advantages, returns = compute_gae(values[mb], mb_rewards, args.gamma, args.lam)
+                advantages = whiten(advantages)
+                mb_stats = {"ppo/returns/mean": returns.mean(), "ppo/returns/var": returns.var(unbiased=False),
+                            "ppo/val/mean": values[mb].mean(), "ppo/val/var": values[mb].var(unbiased=False)}
+                for micro in range(grad_accum):
+                    mi = slice(micro * args.local_micro_batch_size, (micro + 1) * args.local_micro_batch_size)
+                    with accelerator.no_sync(policy) if micro < grad_accum - 1 else nullcontext():
+                        new_logits, new_values = policy(query_responses[mb[mi]], pad)
+                        new_logprobs, entropy = response_logprobs(new_logits, responses[mb[mi]], args.temperature, pad)
+                        new_values = new_values[:, args.query_length - 1 : -1]
+                        loss, stats = ppo_loss(new_logprobs, new_values, logprobs[mb[mi]], values[mb[mi]], advantages[mi], returns[mi], args)
+                        accelerator.backward(loss / grad_accum)
+                    stats.update({"ppo/loss/total": loss, "ppo/policy/entropy": entropy.mean()})
+                    for k, v in stats.items():
+                        mb_stats[k] = mb_stats.get(k, 0) + v.detach() / grad_accum
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                train_stats.append(mb_stats)
+        t_update = time.time()
+
+        # 7. Statistics (OAI's names), averaged over minibatches and processes; then the KL controller steps.
+        #    {OAI}/lm_human_preferences/train_policy.py#L217-L261
+        kl = (logprobs - ref_logprobs).sum(1)  # (b,)
+        local = {k: torch.stack([s[k] for s in train_stats]).mean() for k in train_stats[0]}
+        local.update({
+            "objective/kl": kl.mean(), "objective/entropy": (-logprobs).sum(1).mean(), "objective/scores": scores.mean(),
+            "objective/score_total": scores.mean() + non_score_reward.sum(1).mean(),
+        })
+        if gold is not None:
+            local["objective/gold_score"] = gold.mean()
+        names = sorted(local)
+        means = accelerator.reduce(torch.stack([local[k].float() for k in names]), reduction="mean").tolist()
+        metrics = {"episode": (update + 1) * args.batch_size, "update": update + 1, **dict(zip(names, means))}
+        metrics["objective/kl_coef"] = kl_ctl.value
+        metrics["ppo/val/var_explained"] = 1 - metrics["ppo/val/error"] / max(metrics["ppo/returns/var"], 1e-8)
+        metrics["lr"] = args.lr * (1 - update / num_updates)
+        metrics.update({"timing/generation_s": t_gen - t0, "timing/scoring_s": t_score - t_gen, "timing/update_s": t_update - t_score,
+                        "throughput/episodes_per_s": args.batch_size / (time.time() - t0)})
+        kl_ctl.update(metrics["objective/kl"], args.batch_size)  # {OAI}/lm_human_preferences/train_policy.py#L305
+
+        if accelerator.is_main_process:
+            metrics_file.write(json.dumps(metrics) + "\n")
+            metrics_file.flush()
+            if args.track:
+                wandb.log(metrics, step=metrics["episode"])
+            progress.set_postfix(score=f"{metrics['objective/scores']:+.2f}", kl=f"{metrics['objective/kl']:.2f}",
+                                 **({"gold": f"{metrics['objective/gold_score']:+.2f}"} if gold is not None else {}))
+            if update % args.print_sample_every == 0 or update + 1 == num_updates:
+                rows = []
+                for i in range(min(args.num_print_samples, local_batch_size)):
+                    rows.append({"update": update + 1, "query": tokenizer.decode(queries[i][queries[i] != pad]), "response": texts_out[i],
+                                 "score": scores[i].item(), "gold_score": gold[i].item() if gold is not None else None, "kl": kl[i].item()})
+                print_samples(rows, update + 1)
+                samples_log.extend(rows)
+
+    # 8. Save the policy (language model + value head) and the sample tables.
+    if accelerator.is_main_process:
+        policy_dir = run_dir / "policy"
+        unwrapped.lm.save_pretrained(policy_dir)
+        tokenizer.save_pretrained(policy_dir)
+        save_file({k: v.detach().cpu().contiguous() for k, v in unwrapped.value_head.state_dict().items()}, policy_dir / "value_head.safetensors")
+        (run_dir / "samples.json").write_text(json.dumps(samples_log, indent=2))
+        metrics_file.close()
+        print(f"policy saved to {policy_dir}")
+        if args.track:
+            wandb.finish()
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def print_samples(rows: list, update: int):
+    table = Table(title=f"samples at update {update}", show_lines=True)
+    for column, width in [("query", 50), ("response", 50), ("score", 7), ("gold", 7), ("kl", 6)]:
+        table.add_column(column, max_width=width)
+    for r in rows:
+        gold = "" if r["gold_score"] is None else f"{r['gold_score']:+.2f}"
+        table.add_row(r["query"], r["response"], f"{r['score']:+.2f}", gold, f"{r['kl']:+.2f}")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    train(cli(Args, PRESETS, __doc__))

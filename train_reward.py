@@ -1,0 +1,673 @@
+"""A reward model learned from preference labels, as OpenAI's lm-human-preferences trained it (Ziegler et al. 2019).
+
+    python train_reward.py                              # the embedded world: best-of-4 labels by VADER (CPU, a minute or two)
+    accelerate launch --num_processes 8 train_reward.py sentiment    # OAI's sentiment reward model (gpt2, hub labels)
+
+The reward model is the base language model with a scalar head read at the last token. Two kinds of labels:
+  * OAI's best-of-n: {"query": [ids], "sample0": [ids], ..., "sample{n-1}": [ids], "best": i}, with a
+    softmax cross-entropy over the n rewards (k-way choice loss);
+  * pairwise: {"query": ..., "chosen": ..., "rejected": ...} (token ids or text), with -log sigmoid(r_chosen - r_rejected).
+Token ids belong to the tokenizer that made the labels (--label_tokenizer); when the base model's tokenizer differs,
+they are decoded and re-encoded. Before and after training, gain and bias are set so that the rewards of the base
+policy's samples have mean 0 and std 1. One epoch, learning rate annealed linearly to 0. A first positional word
+picks a preset (`sentiment`, `descriptiveness`). Links write {OAI} for
+https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66.
+"""
+
+import gzip
+import json
+import math
+import os
+import sys
+import time
+import zlib
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import tyro
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+@dataclass
+class Args:
+    # ---- experiment ----
+    exp_name: str = "reward"
+    """name of the experiment; the run folder is runs/<exp_name>__<seed>__<unix time>"""
+    seed: int = 1
+    """seed of the head's init and the label order (the same on every process); sampling uses seed + rank * 100003"""
+    track: bool = False
+    """log to Weights & Biases (set WANDB_MODE=offline to log without a network)"""
+    wandb_project_name: str = "lm-human-preferences-torch"
+    """wandb project"""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team); None uses your default"""
+    run_root: str = "runs"
+    """folder that holds the run folders"""
+
+    # ---- model ----
+    base_model: str = "data/nano"
+    """language model under the reward head (and the policy whose samples set the normalization): hub id, folder or .gguf"""
+
+    # ---- labels ----
+    label_dataset: str = "data/labels/sentiment_offline_5k.json"
+    """labels: a local .json (a list, OAI's format) or .jsonl, or <hub user>/<dataset>/<file> in a hub dataset repository"""
+    label_tokenizer: Optional[str] = None
+    """tokenizer whose ids the labels hold; None reads "tokenizer" from <labels>.meta.json, else takes the base model's"""
+    label_pad_token_id: Optional[int] = None
+    """pad id inside the labels, dropped on reading (OAI's: 50259); None reads <labels>.meta.json, else the label tokenizer's pad"""
+    num_train: int = 2048
+    """labels trained on, from the start of the file (OAI: 4992); one epoch"""
+    num_test: int = 512
+    """held-out labels, from the end of the file, for test/accuracy"""
+
+    # ---- task ----
+    query_length: int = 32
+    """query tokens (label queries are cut to their last query_length tokens, left-padded)"""
+    response_length: int = 24
+    """response tokens (label samples are cut to their first response_length tokens, right-padded)"""
+    query_dataset: str = "data/corpus.jsonl.gz"
+    """query texts for the normalization samples: .jsonl(.gz) of JSON strings or {"text": ...}, or a hub dataset"""
+    query_split: str = "train"
+    """split of a hub query dataset"""
+    temperature: float = 0.7
+    """temperature of the base policy's normalization samples"""
+
+    # ---- optimisation ----
+    batch_size: int = 16
+    """labels per update, summed over all processes (OAI: 32 for gpt2; the nano model learns more from more, smaller steps)"""
+    local_micro_batch_size: int = 16
+    """labels per forward/backward on one process (each label is n sequences); accumulation makes up the rest"""
+    lr: float = 1e-3
+    """Adam learning rate at the first update, annealed linearly to 0 over the epoch (OAI: 5e-5 for gpt2)"""
+    eps: float = 1e-5
+    """Adam epsilon (OAI: 1e-5)"""
+    optimizer: Literal["adam_tf", "adam_pytorch"] = "adam_tf"
+    """adam_tf: TF1's Adam (epsilon-hat, as OAI ran); adam_pytorch: torch.optim.Adam"""
+
+    # ---- reward normalization ----
+    normalize_before: bool = True
+    """before training, set gain and bias so that rewards of base-policy samples have mean 0 and std 1"""
+    normalize_after: bool = True
+    """the same after training, so that the KL coefficient keeps its meaning"""
+    normalize_samples: int = 256
+    """base-policy samples that estimate the rewards' mean and std"""
+    rollout_batch_size: int = 64
+    """samples drawn at once for the normalization, summed over all processes"""
+
+    # ---- evaluation ----
+    eval_every: int = 64
+    """held-out accuracy every this many updates (and before and after training)"""
+    mixed_precision: Literal["no", "bf16"] = "no"
+    """bf16 autocast for GPUs; on an AVX2-only CPU it is much slower"""
+
+
+PRESETS = {
+    # OAI's launch.py: books_task + get_train_reward_experiments()['sentiment'|'descriptiveness']
+    # https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66/launch.py#L49-L81
+    "sentiment": dict(
+        exp_name="sentiment_reward", base_model="gpt2", label_dataset="vwxyzjn/lm-human-preferences/sentiment/offline_5k.json",
+        label_tokenizer="gpt2", label_pad_token_id=50259, num_train=4992, num_test=0, query_length=64, response_length=24,
+        query_dataset="bookcorpus", temperature=0.7, batch_size=32, local_micro_batch_size=4, lr=5e-5,
+        normalize_before=True, normalize_after=True, normalize_samples=256, rollout_batch_size=512,
+    ),
+}
+PRESETS["descriptiveness"] = {**PRESETS["sentiment"], "exp_name": "descriptiveness_reward",
+                              "label_dataset": "vwxyzjn/lm-human-preferences/descriptiveness/offline_5k.json"}
+
+
+# Copied from train_policy.py
+def fail(message: str):
+    """Bad input ends the run with one line and exit status 2, before anything is written."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+# Copied from train_policy.py
+def cli(args_class, presets: dict, description: str):
+    """tyro CLI with an optional first positional preset name: `script.py sentiment --seed 2`."""
+    argv = sys.argv[1:]
+    default = args_class()
+    if argv and not argv[0].startswith("-"):
+        if argv[0] not in presets:
+            fail(f"unknown preset {argv[0]!r}; presets: {', '.join(presets)}")
+        default, argv = replace(default, **presets[argv[0]]), argv[1:]
+    return tyro.cli(args_class, default=default, args=argv, description=description, use_underscores=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: labels and queries
+# ---------------------------------------------------------------------------------------------------------
+
+
+def read_label_file(path: str) -> tuple:
+    """(items, local path): a list of JSON objects from a local .json/.jsonl file or a file of a hub dataset repo."""
+    local = path
+    if not os.path.exists(path) and path.count("/") >= 2 and not path.startswith((".", "/")):
+        from huggingface_hub import hf_hub_download
+
+        repo, filename = "/".join(path.split("/")[:2]), "/".join(path.split("/")[2:])
+        try:
+            local = hf_hub_download(repo_id=repo, filename=filename, repo_type="dataset")
+        except Exception as e:  # offline or unknown: one line, exit 2
+            fail(f"--label_dataset {path}: cannot be downloaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    if not os.path.isfile(local):
+        fail(f"--label_dataset {path}: file not found")
+    try:
+        with (gzip.open(local, "rt", encoding="utf-8") if local.endswith(".gz") else open(local, encoding="utf-8")) as f:
+            text = f.read()
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
+        fail(f"--label_dataset {path}: cannot be read ({e})")
+    if not text.strip():
+        fail(f"--label_dataset {path}: the file is empty")
+    try:
+        items = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        fail(f"--label_dataset {path}: not valid JSON ({e.msg}, line {e.lineno})")
+    if not items:
+        fail(f"--label_dataset {path}: no labels in the file")
+    return items, local
+
+
+def label_format(items: list, path: str) -> tuple:
+    """("best_of_n", n) for OAI's best-of-n labels, ("pairwise", 2) for chosen/rejected; checks every item's keys."""
+    first = items[0] if isinstance(items[0], dict) else {}
+    if "best" in first:
+        n = sum(1 for k in first if k.startswith("sample"))
+        keys = ["query", "best"] + [f"sample{i}" for i in range(n)]
+        kind = ("best_of_n", n)
+    else:
+        keys, kind = ["query", "chosen", "rejected"], ("pairwise", 2)
+    for i, item in enumerate(items):
+        missing = [k for k in keys if not isinstance(item, dict) or k not in item]
+        if missing:
+            fail(f"--label_dataset {path}: item {i} lacks the key(s) {', '.join(missing)}")
+        if kind[0] == "best_of_n" and not (isinstance(item["best"], int) and 0 <= item["best"] < kind[1]):
+            fail(f"--label_dataset {path}: item {i} has best = {item['best']!r}, outside 0..{kind[1] - 1}")
+    if kind[0] == "best_of_n" and kind[1] < 2:
+        fail(f"--label_dataset {path}: best-of-n labels need at least sample0 and sample1")
+    return kind
+
+
+def label_tensors(items: list, kind: tuple, path: str, tokenizer, label_tokenizer, label_pad: int, args: Args) -> tuple:
+    """(queries (N, Q), samples (N, n, R), best (N,)) in the base model's tokens. Label pads are dropped; ids are
+    checked against the label tokenizer's vocabulary; text is tokenized; with a different tokenizer ids are decoded
+    and re-encoded. Queries keep their last Q tokens (left-padded), samples their first R (right-padded)."""
+    same = label_tokenizer is tokenizer or label_tokenizer.get_vocab() == tokenizer.get_vocab()
+    pad, vocab = tokenizer.pad_token_id, len(label_tokenizer)
+
+    def tokens(value, i: int, key: str) -> list:
+        if isinstance(value, str):
+            return tokenizer.encode(value)
+        if not isinstance(value, list) or not all(isinstance(t, int) for t in value):
+            fail(f"--label_dataset {path}: item {i} key {key} is neither a list of token ids nor a text")
+        ids = [t for t in value if t != label_pad]
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            fail(f"--label_dataset {path}: item {i} key {key} has token id {bad[0]} outside the label tokenizer's vocabulary of {vocab}")
+        return ids if same else tokenizer.encode(label_tokenizer.decode(ids))
+
+    names = ["chosen", "rejected"] if kind[0] == "pairwise" else [f"sample{j}" for j in range(kind[1])]
+    queries, samples = [], []
+    for i, item in enumerate(items):
+        q = tokens(item["query"], i, "query")[-args.query_length :]
+        queries.append([pad] * (args.query_length - len(q)) + q)
+        rs = [tokens(item[k], i, k)[: args.response_length] for k in names]
+        samples.append([r + [pad] * (args.response_length - len(r)) for r in rs])
+    best = [0] * len(items) if kind[0] == "pairwise" else [item["best"] for item in items]
+    return torch.tensor(queries), torch.tensor(samples), torch.tensor(best)
+
+
+def load_labels(args: Args, tokenizer) -> tuple:
+    """Train and held-out label tensors, and the label kind."""
+    items, local = read_label_file(args.label_dataset)
+    kind = label_format(items, args.label_dataset)
+    if args.num_train + args.num_test > len(items):
+        fail(f"--label_dataset {args.label_dataset}: {len(items)} labels, fewer than --num_train {args.num_train} + --num_test {args.num_test}")
+    meta_path = Path(local).with_suffix(".meta.json")
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    label_tokenizer = tokenizer
+    name = args.label_tokenizer or meta.get("tokenizer")
+    if name is not None:
+        try:
+            label_tokenizer = AutoTokenizer.from_pretrained(name)
+        except OSError as e:
+            fail(f"--label_tokenizer {name}: cannot be loaded ({str(e).splitlines()[0][:200]})")
+    label_pad = args.label_pad_token_id if args.label_pad_token_id is not None else meta.get("pad_token_id", label_tokenizer.pad_token_id)
+    chosen = items[: args.num_train] + (items[len(items) - args.num_test :] if args.num_test else [])
+    q, s, b = label_tensors(chosen, kind, args.label_dataset, tokenizer, label_tokenizer, label_pad, args)
+    n = args.num_train
+    return (q[:n], s[:n], b[:n]), (q[n:], s[n:], b[n:]), kind
+
+
+# Copied from train_policy.py
+def load_texts(path: str, split: str):
+    """Query texts: a local .jsonl(.gz) (lines are JSON strings, as OAI's book_passages/{mode}.jsonl, or objects
+    with "text", as data/corpus.jsonl.gz), or a hub dataset with a "text" column (e.g. bookcorpus)."""
+    if os.path.exists(path) or path.endswith((".jsonl", ".gz", ".json")):
+        if not os.path.isfile(path):
+            fail(f"--query_dataset {path}: file not found")
+        texts = []
+        try:
+            with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        row = json.loads(line)
+                        text = row.get("text") if isinstance(row, dict) else row
+                        if not isinstance(text, str):
+                            fail(f"--query_dataset {path}: line {n} is neither a JSON string nor an object with a string \"text\"")
+                        texts.append(text)
+        except json.JSONDecodeError as e:
+            fail(f"--query_dataset {path}: line {n} is not valid JSON ({e.msg})")
+        except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
+            fail(f"--query_dataset {path}: cannot be read ({e})")
+    else:
+        import datasets
+
+        try:
+            texts = datasets.load_dataset(path, split=split)
+        except Exception as e:  # offline, unknown id or split: one line, exit 2
+            fail(f"--query_dataset {path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        if "text" not in texts.column_names:
+            fail(f"--query_dataset {path}: split {split} has no \"text\" column")
+        texts = texts["text"] if len(texts) < 1_000_000 else texts.select_columns("text")  # huge: stay memory-mapped
+    if len(texts) == 0:
+        fail(f"--query_dataset {path}: no texts")
+    return texts
+
+
+# Copied from train_policy.py
+def format_query(tokens: list, dot: int, query_length: int, pad_token_id: int) -> Optional[list]:
+    """OAI's books query: start after the first '.', keep query_length tokens, end after the last '.';
+    None when there is no '.' to end at. Left-padded with the pad token (OAI right-pads and gives explicit
+    positions; left padding with explicit positions is the same function and lets sampling append on the right).
+    {OAI}/lm_human_preferences/language/datasets.py#L48-L67"""
+    if dot in tokens:
+        first = tokens.index(dot) + 1
+        if first < len(tokens):
+            tokens = tokens[first:]
+    tokens = tokens[:query_length]
+    if dot not in tokens:
+        return None
+    tokens = tokens[: len(tokens) - tokens[::-1].index(dot)]
+    return [pad_token_id] * (query_length - len(tokens)) + tokens
+
+
+# Copied from train_policy.py
+def query_batches(texts, tokenizer, query_length: int, batch_size: int, seed: int):
+    """Endless global batches (batch_size, Q) of queries in a shuffled order that is the same on every process
+    (each process then takes its own slice, as OAI shards the dataset over ranks)."""
+    dot = tokenizer.convert_tokens_to_ids(".")
+    gen, batch = torch.Generator().manual_seed(seed), []
+    while True:
+        found = False
+        for i in torch.randperm(len(texts), generator=gen).tolist():
+            text = texts[i] if isinstance(texts, list) else texts[i]["text"]
+            query = format_query(tokenizer.encode(text), dot, query_length, tokenizer.pad_token_id)
+            if query is None:
+                continue
+            found = True
+            batch.append(query)
+            if len(batch) == batch_size:
+                yield torch.tensor(batch)
+                batch = []
+        if not found:
+            fail(f"no text of the query dataset has a '.' in its first {query_length} tokens after the first '.'")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_policy.py
+def load_base_model(path: str):
+    """(model, tokenizer) from a hub id, a local folder or a .gguf file (loaded by transformers' GGUF reader)."""
+    try:
+        if path.endswith(".gguf"):
+            if not os.path.isfile(path):
+                fail(f"--base_model {path}: file not found")
+            folder, name = os.path.split(os.path.abspath(path))
+            return (AutoModelForCausalLM.from_pretrained(folder, gguf_file=name), AutoTokenizer.from_pretrained(folder, gguf_file=name))
+        if not os.path.isdir(path) and (path.startswith((".", "/")) or path.count("/") > 1):
+            fail(f"--base_model {path}: folder not found")
+        return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    except OSError as e:  # hub id with no network, or a folder without a model
+        fail(f"--base_model {path}: cannot be loaded ({str(e).splitlines()[0][:200]})")
+
+
+# Copied from train_policy.py
+def prepare_lm(model, tokenizer):
+    """A dedicated pad token (never EOS: an <|endoftext|> inside a response must stay visible) and every dropout
+    layer off, as OAI runs policy, reference, value and reward models without dropout.
+    {OAI}/lm_human_preferences/language/model.py#L40-L59"""
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model, tokenizer
+
+
+# Copied from train_policy.py
+def model_inputs(tokens: torch.Tensor, pad_token_id: int) -> dict:
+    """Pads are masked out and each real token's position counts only the real tokens before it, so that
+    padding (left or right) never changes a real token's output. {OAI}/lm_human_preferences/language/model.py#L265-L269"""
+    mask = tokens != pad_token_id
+    return dict(input_ids=tokens, attention_mask=mask.long(), position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+
+
+# Copied from train_policy.py
+def sampling_logits(logits: torch.Tensor, temperature: float, pad_token_id: int) -> torch.Tensor:
+    """Logits divided by the temperature, in sampling and in every later log-prob, and the pad token made
+    impossible (OAI slices its special tokens off the logits). {OAI}/lm_human_preferences/policy.py#L58-L59"""
+    logits = logits.float() / temperature
+    return logits.index_fill(-1, torch.tensor([pad_token_id], device=logits.device), -1e9)
+
+
+# Copied from train_policy.py
+def sample_responses(model, queries: torch.Tensor, pad_token_id: int, response_length: int, temperature: float) -> torch.Tensor:
+    """(b, response_length) tokens sampled one by one at `temperature` with a KV cache: top_k 0, top_p 1 and no
+    stop at EOS, so every response has exactly response_length tokens. {OAI}/lm_human_preferences/language/sample.py#L24-L43"""
+    inputs = model_inputs(queries, pad_token_id)
+    mask, position = inputs["attention_mask"], inputs["position_ids"][:, -1:]
+    out = model(**inputs, use_cache=True)
+    tokens = []
+    for t in range(response_length):
+        token = torch.multinomial(torch.softmax(sampling_logits(out.logits[:, -1], temperature, pad_token_id), -1), 1)
+        tokens.append(token)
+        if t + 1 < response_length:
+            mask, position = torch.cat([mask, torch.ones_like(token)], 1), position + 1
+            out = model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=out.past_key_values, use_cache=True)
+    return torch.cat(tokens, 1)
+
+
+# Copied from train_policy.py
+class RewardModel(nn.Module):
+    """The language model's transformer with a scalar head read at the last real token, then gain and bias.
+    Head init N(0, 1/sqrt(d_model + 1)), bias 0 ({OAI}/lm_human_preferences/language/model.py#L248-L258);
+    gain and bias are parameters as in OAI (trained with the rest; set by normalization before and after
+    training, {OAI}/lm_human_preferences/rewards.py#L47-L57)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        d = lm.config.hidden_size
+        self.head = nn.Linear(d, 1)
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(d + 1))
+        nn.init.zeros_(self.head.bias)
+        self.gain = nn.Parameter(torch.ones(()))
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, tokens: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+        """(b,) rewards of (b, T) query+response tokens. OAI reads the last position; with a masked pad token the
+        last real token is that position made independent of right padding. {OAI}/lm_human_preferences/rewards.py#L47"""
+        inputs = model_inputs(tokens, pad_token_id)
+        hidden = self.lm.base_model(**inputs).last_hidden_state  # (b, T, d)
+        last = (inputs["attention_mask"] * torch.arange(tokens.shape[1], device=tokens.device)).argmax(1)  # (b,)
+        reward = self.head(hidden[torch.arange(len(tokens), device=tokens.device), last]).squeeze(-1)
+        return self.gain * reward + self.bias
+
+
+# Copied from train_policy.py
+def save_reward_model(model: RewardModel, tokenizer, folder: Path):
+    """A Hugging Face folder of the language model (backbone) plus reward_head.safetensors (head, gain, bias);
+    written beside the target and swapped in, so a failure never leaves a half-written checkpoint."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.lm.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    head = {"head.weight": model.head.weight, "head.bias": model.head.bias, "gain": model.gain, "bias": model.bias}
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, tmp / "reward_head.safetensors")
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        folder.rename(old)
+        tmp.rename(folder)
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    else:
+        tmp.rename(folder)
+
+
+# Copied from train_policy.py
+class AdamTensorFlowStyle(torch.optim.Optimizer):
+    """Adam as TF1's AdamOptimizer computes it, which OAI used (lr 1e-5-ish, epsilon 1e-5): the bias corrections
+    go into the step size and epsilon is added to sqrt(v) uncorrected ("epsilon hat"):
+        lr_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t);  p -= lr_t * m / (sqrt(v) + eps)
+    torch.optim.Adam instead adds eps to sqrt(v / (1 - beta2^t)): early in training, where 1 - beta2^t is small,
+    TF's epsilon is effectively larger by 1 / sqrt(1 - beta2^t), so TF-style takes smaller steps on
+    parameters with tiny gradients. {OAI}/lm_human_preferences/utils/core.py#L627"""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"], state["m"], state["v"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"]
+                state["m"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                state["v"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                lr_t = group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+                p.addcdiv_(state["m"], state["v"].sqrt().add_(group["eps"]), value=-lr_t)
+        return None
+
+
+# Copied from train_policy.py
+def make_optimizer(params, name: str, lr: float, eps: float):
+    return AdamTensorFlowStyle(params, lr=lr, eps=eps) if name == "adam_tf" else torch.optim.Adam(params, lr=lr, eps=eps)
+
+
+# Copied from train_policy.py
+def shared_run_dir(accelerator, run_root: str, exp_name: str, seed: int) -> Path:
+    """runs/<exp_name>__<seed>__<unix time>, the same name on every process (the main process's clock)."""
+    name = [f"{exp_name}__{seed}__{int(time.time())}"]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(name)
+    return Path(run_root) / name[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The losses and the normalization
+# ---------------------------------------------------------------------------------------------------------
+
+
+def label_rewards(reward_model, queries: torch.Tensor, samples: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """(b, n) rewards of each label's n samples, each read with its query: (b, Q) and (b, n, R) tokens."""
+    b, n, R = samples.shape
+    tokens = torch.cat([queries.unsqueeze(1).expand(b, n, -1), samples], 2).reshape(b * n, -1)  # (b*n, Q+R)
+    return reward_model(tokens, pad_token_id).view(b, n)
+
+
+def choice_loss(rewards: torch.Tensor, best: torch.Tensor, kind: str) -> tuple:
+    """(loss, accuracy). best_of_n: softmax cross-entropy of the n rewards against `best`
+    ({OAI}/lm_human_preferences/label_types.py#L44-L49); pairwise (column 0 chosen, 1 rejected):
+    -log sigmoid(r_chosen - r_rejected), the same thing for n = 2."""
+    if kind == "pairwise":
+        loss = -nn.functional.logsigmoid(rewards[:, 0] - rewards[:, 1]).mean()
+    else:
+        loss = nn.functional.cross_entropy(rewards, best)
+    return loss, (rewards.argmax(1) == best).float().mean()
+
+
+@torch.no_grad()
+def reward_stats(reward_model, policy_lm, batches, args: Args, accelerator, pad_token_id: int) -> tuple:
+    """(mean, std) of the rewards of normalize_samples base-policy responses (full length, unprocessed, as OAI),
+    summed over processes. {OAI}/lm_human_preferences/train_reward.py#L162-L168"""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    local = args.rollout_batch_size // world
+    sums = torch.zeros(3, device=accelerator.device)  # [sum r, sum r^2, count]
+    for _ in range(math.ceil(args.normalize_samples / args.rollout_batch_size)):
+        queries = next(batches)[rank * local : (rank + 1) * local].to(accelerator.device)
+        responses = sample_responses(policy_lm, queries, pad_token_id, args.response_length, args.temperature)
+        r = reward_model(torch.cat([queries, responses], 1), pad_token_id).float()
+        sums += torch.stack([r.sum(), (r**2).sum(), torch.tensor(float(len(r)), device=r.device)])
+    sums = accelerator.reduce(sums, reduction="sum")
+    mean = (sums[0] / sums[2]).item()
+    return mean, math.sqrt(max((sums[1] / sums[2]).item() - mean**2, 0.0))
+
+
+def normalize(reward_model, stats_fn, target_mean: float = 0.0, target_std: float = 1.0) -> tuple:
+    """Reset gain/bias to 1/0, measure the rewards' (mean, std), then set gain = target_std / std and
+    bias = target_mean - gain * mean. Returns the measured (mean, std). {OAI}/lm_human_preferences/rewards.py#L73-L89"""
+    with torch.no_grad():
+        reward_model.gain.fill_(1.0)
+        reward_model.bias.fill_(0.0)
+        mean, std = stats_fn()
+        gain = target_std / std
+        reward_model.gain.fill_(gain)
+        reward_model.bias.fill_(target_mean - gain * mean)
+    return mean, std
+
+
+@torch.no_grad()
+def accuracy(reward_model, data: tuple, kind: str, args: Args, accelerator, pad_token_id: int) -> tuple:
+    """(held-out accuracy, loss), each process scoring a shard; sums reduced over processes."""
+    reward_model.eval()
+    queries, samples, best = data
+    total = torch.zeros(3, device=accelerator.device)  # [correct, loss sum, count]
+    shard = range(accelerator.process_index, len(queries), accelerator.num_processes)
+    idx = torch.tensor(list(shard), dtype=torch.long)
+    for i in range(0, len(idx), args.local_micro_batch_size):
+        j = idx[i : i + args.local_micro_batch_size]
+        r = label_rewards(reward_model, queries[j].to(accelerator.device), samples[j].to(accelerator.device), pad_token_id)
+        loss, acc = choice_loss(r, best[j].to(accelerator.device), kind)
+        total += torch.stack([acc * len(j), loss * len(j), torch.tensor(float(len(j)), device=accelerator.device)])
+    total = accelerator.reduce(total, reduction="sum")
+    reward_model.train()
+    return (total[0] / total[2]).item(), (total[1] / total[2]).item()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------
+
+
+def train(args: Args, run_dir: Optional[Path] = None) -> Path:
+    # cpu=True on a machine without a GPU: only then does accelerate join torchrun's processes with gloo
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    if args.batch_size % (world * args.local_micro_batch_size):
+        fail(f"--batch_size {args.batch_size} is not divisible by --local_micro_batch_size {args.local_micro_batch_size} x {world} processes")
+    if args.num_train % args.batch_size or args.num_train == 0:  # {OAI}/lm_human_preferences/train_reward.py#L56-L58
+        fail(f"--num_train {args.num_train} is not a positive multiple of --batch_size {args.batch_size}")
+    if args.rollout_batch_size % world:
+        fail(f"--rollout_batch_size {args.rollout_batch_size} is not divisible by {world} processes")
+    grad_accum = args.batch_size // (world * args.local_micro_batch_size)
+
+    # 1. Models: the reward model (base LM + head, gain, bias) and the frozen base policy that samples for the
+    #    normalization. The seed is the same on every process, so every copy of the head starts identical.
+    torch.manual_seed(args.seed)
+    lm, tokenizer = prepare_lm(*load_base_model(args.base_model))
+    policy_lm = prepare_lm(*load_base_model(args.base_model))[0].eval().requires_grad_(False).to(device)
+    reward_model = RewardModel(lm)
+    pad = tokenizer.pad_token_id
+
+    # 2. Labels (checked before anything is written) and queries for the normalization samples.
+    train_data, test_data, kind = load_labels(args, tokenizer)
+    batches = query_batches(load_texts(args.query_dataset, args.query_split), tokenizer, args.query_length, args.rollout_batch_size, args.seed)
+    optimizer = make_optimizer(reward_model.parameters(), args.optimizer, args.lr, args.eps)
+    reward_model, optimizer = accelerator.prepare(reward_model, optimizer)
+    unwrapped = accelerator.unwrap_model(reward_model)
+    torch.manual_seed(args.seed + rank * 100003)  # {OAI}/lm_human_preferences/utils/core.py#L108-L113
+
+    # 3. Run folder, metrics file, wandb.
+    run_dir = run_dir or shared_run_dir(accelerator, args.run_root, args.exp_name, args.seed)
+    metrics_file = None
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps({**asdict(args), "world_size": world, "grad_accum": grad_accum, "label_kind": kind[0]}, indent=2))
+        metrics_file = open(run_dir / "metrics.jsonl", "w")
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args), dir=str(run_dir))
+        print(f"run folder {run_dir}; {len(train_data[0]):,} training and {len(test_data[0]):,} held-out {kind[0]} labels "
+              f"(n = {kind[1]}); {world} process(es) x {grad_accum} micro-batch(es) of {args.local_micro_batch_size}")
+
+    def log(metrics: dict):
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(metrics) + "\n")
+            metrics_file.flush()
+            if args.track:
+                wandb.log(metrics, step=metrics["update"])
+
+    def stats_fn():
+        return reward_stats(unwrapped, policy_lm, batches, args, accelerator, pad)
+
+    # 4. Normalize before training: base-policy rewards to mean 0, std 1 (best-of-n labels carry no scale of their
+    #    own). {OAI}/lm_human_preferences/train_reward.py#L232-L234
+    summary = {"update": 0, "label": 0}
+    if args.normalize_before:
+        summary["normalize/before_training/mean"], summary["normalize/before_training/std"] = normalize(unwrapped, stats_fn)
+    if len(test_data[0]):
+        summary["test/accuracy"], summary["test/loss"] = accuracy(reward_model, test_data, kind[0], args, accelerator, pad)
+    log(summary)
+
+    # 5. One epoch over the labels in an order shared by all processes; each process takes every world-th label
+    #    of a batch; lr annealed linearly to 0. {OAI}/lm_human_preferences/train_reward.py#L236-L250
+    order = torch.randperm(args.num_train, generator=torch.Generator().manual_seed(args.seed))
+    num_updates = args.num_train // args.batch_size
+    reward_model.train()
+    progress = tqdm(range(num_updates), disable=not accelerator.is_main_process, desc="reward")
+    for update in progress:
+        start = update * args.batch_size
+        lr = args.lr * (1 - start / args.num_train)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        ours = order[start : start + args.batch_size][rank::world]
+        sums = torch.zeros(2, device=device)
+        for micro in range(grad_accum):
+            idx = ours[micro * args.local_micro_batch_size : (micro + 1) * args.local_micro_batch_size]
+            q, s, b = (t[idx].to(device) for t in train_data)
+            with accelerator.no_sync(reward_model) if micro < grad_accum - 1 else nullcontext():
+                loss, acc = choice_loss(label_rewards(reward_model, q, s, pad), b, kind[0])
+                accelerator.backward(loss / grad_accum)
+            sums += torch.stack([loss.detach(), acc]) / grad_accum
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_loss, train_acc = accelerator.reduce(sums, reduction="mean").tolist()
+        metrics = {"update": update + 1, "label": start + args.batch_size, "train/loss": train_loss, "train/accuracy": train_acc, "train/lr": lr}
+        if len(test_data[0]) and ((update + 1) % args.eval_every == 0 or update + 1 == num_updates):
+            metrics["test/accuracy"], metrics["test/loss"] = accuracy(reward_model, test_data, kind[0], args, accelerator, pad)
+            progress.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{metrics['test/accuracy']:.3f}")
+        else:
+            progress.set_postfix(loss=f"{train_loss:.3f}")
+        log(metrics)
+
+    # 6. Normalize after training (so that the policy's KL coefficient keeps its meaning), then save.
+    #    {OAI}/lm_human_preferences/train_reward.py#L252-L254
+    final = {"update": num_updates, "label": args.num_train}
+    if args.normalize_after:
+        final["normalize/after_training/mean"], final["normalize/after_training/std"] = normalize(unwrapped, stats_fn)
+    final["reward/gain"], final["reward/bias"] = unwrapped.gain.item(), unwrapped.bias.item()
+    log(final)
+    if accelerator.is_main_process:
+        save_reward_model(unwrapped, tokenizer, run_dir / "reward_model")
+        metrics_file.close()
+        test = f"held-out accuracy {metrics['test/accuracy']:.3f}; " if "test/accuracy" in metrics else ""
+        print(f"{test}reward model saved to {run_dir / 'reward_model'}")
+        if args.track:
+            wandb.finish()
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+if __name__ == "__main__":
+    train(cli(Args, PRESETS, __doc__))
