@@ -37,7 +37,9 @@ def only_run(root: Path) -> Path:
 
 
 def test_train_both_end_to_end_with_wandb_offline(tmp_path):
-    r = run_script([sys.executable, "train_both.py", *TINY_BOTH, "--run_root", str(tmp_path), "--track"], {"WANDB_MODE": "offline"})
+    # truncation at '.' after 4 tokens and the -1 penalty are on here (the embedded default keeps responses whole)
+    r = run_script([sys.executable, "train_both.py", *TINY_BOTH, "--policy.truncate_token", ".", "--policy.truncate_after", "4",
+                    "--run_root", str(tmp_path), "--track"], {"WANDB_MODE": "offline"})
     assert r.returncode == 0, r.stderr[-3000:]
     run_dir = only_run(tmp_path)
     reward, policy = read(run_dir, "reward"), read(run_dir, "policy")
@@ -106,6 +108,11 @@ def test_query_dataset_in_oai_book_passages_format():
     tok = AutoTokenizer.from_pretrained(ROOT / "data" / "nano")
     batch = next(train_policy.query_batches(texts, tok, 24, 4, seed=1))
     assert batch.shape == (4, 24) and (batch[:, -1] == tok.convert_tokens_to_ids(".")).all()
+    # a hub dataset with a "text" column (bookcorpus's layout) gives the same queries
+    import datasets
+
+    hub_like = datasets.Dataset.from_dict({"text": texts, "other": list(range(len(texts)))}).select_columns("text")
+    assert next(train_policy.query_batches(hub_like, tok, 24, 4, seed=1)).tolist() == batch.tolist()
 
 
 # presets: OAI's launch.py, as transcribed in DESIGN.md's table ------------------------------------------------------
