@@ -1,0 +1,151 @@
+"""Learning curves (mean and spread over seeds) and a table of final values per group of runs.
+
+    python benchmark/plot.py runs/benchmark/default__1e8dbb8 --out benchmark/default.png
+    python benchmark/plot.py runs/benchmark/adam_tf__* runs/benchmark/adam_pytorch__* --out benchmark/adam.png
+
+Each positional folder is one group (its name is the label) holding run folders; a run is any folder with a
+metrics.jsonl (train_both.py runs have policy/ and reward/ stages, read together). A .csv exported from wandb
+(columns: a run name column `run` or `Name`, `episode`, metric names) is a group of its own. Curves are drawn
+against episodes; the table gives, per group, the mean and std over seeds of each run's last tenth of updates,
+and a verdict for every pair of groups whose means differ by more than the sum of their stds.
+"""
+
+import csv
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import tyro  # noqa: E402
+
+POLICY_METRICS = [
+    "objective/scores", "objective/gold_score", "objective/kl", "objective/kl_coef", "objective/entropy",
+    "ppo/loss/policy", "ppo/loss/value", "ppo/policy/approxkl", "ppo/policy/clipfrac", "ppo/val/error",
+]
+FINAL_METRICS = ["reward/test_accuracy", "objective/gold_score", "objective/scores", "objective/kl", "throughput/episodes_per_s"]
+
+
+@dataclass
+class Args:
+    groups: tyro.conf.Positional[List[str]]
+    """folders of run folders (one group each), or wandb .csv exports"""
+    out: str = "benchmark/curves.png"
+    """PNG to write"""
+    metrics: List[str] = field(default_factory=lambda: list(POLICY_METRICS))
+    """policy metrics to draw against episodes"""
+
+
+def read_jsonl(path: Path) -> list:
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def load_run(run_dir: Path) -> dict:
+    """{'curve': [policy metrics per update], 'final': {...}} of one run folder."""
+    policy = run_dir / "metrics.jsonl" if (run_dir / "metrics.jsonl").is_file() else run_dir / "policy" / "metrics.jsonl"
+    curve = [m for m in read_jsonl(policy) if "episode" in m] if policy.is_file() else []
+    final = {}
+    reward = run_dir / "reward" / "metrics.jsonl"
+    if reward.is_file():
+        accs = [m["test/accuracy"] for m in read_jsonl(reward) if "test/accuracy" in m]
+        if accs:
+            final["reward/test_accuracy"] = accs[-1]
+    if curve:
+        tail = curve[-max(1, len(curve) // 10) :]
+        for k in FINAL_METRICS[1:]:
+            if k in tail[0]:
+                final[k] = statistics.mean(m[k] for m in tail)
+    return {"curve": curve, "final": final}
+
+
+def load_group(path: str) -> tuple:
+    p = Path(path)
+    if p.suffix == ".csv":
+        runs = {}
+        with open(p) as f:
+            for row in csv.DictReader(f):
+                name = row.get("run") or row.get("Name") or "run"
+                runs.setdefault(name, []).append({k: float(v) for k, v in row.items() if v not in ("", None) and k not in ("run", "Name")})
+        return p.stem, [{"curve": c, "final": {}} for c in runs.values()]
+    runs = sorted(d for d in p.iterdir() if d.is_dir() and ((d / "metrics.jsonl").is_file() or (d / "policy" / "metrics.jsonl").is_file()))
+    if not runs:
+        print(f"error: {path}: no run folders with a metrics.jsonl", file=sys.stderr)
+        sys.exit(2)
+    return p.name, [load_run(d) for d in runs]
+
+
+def mean_std(values: list) -> tuple:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def plot(groups: list, metrics: list, out: str):
+    cols = 4
+    rows = math.ceil(len(metrics) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        for name, runs in groups:
+            curves = [r["curve"] for r in runs if r["curve"] and metric in r["curve"][0]]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)  # runs of one group share their episode grid
+            x = [curves[0][i]["episode"] for i in range(n)]
+            stats = [mean_std([c[i][metric] for c in curves]) for i in range(n)]
+            mean = [m for m, _ in stats]
+            ax.plot(x, mean, label=f"{name} ({len(curves)} seeds)")
+            ax.fill_between(x, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.25)
+        ax.set_title(metric, fontsize=10)
+        ax.set_xlabel("episodes", fontsize=8)
+        ax.tick_params(labelsize=8)
+    for ax in list(axes.flat)[len(metrics) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
+def table(groups: list) -> list:
+    """Rows of (group, metric, mean, std, n) and the verdict lines."""
+    finals = {}
+    for name, runs in groups:
+        for metric in FINAL_METRICS:
+            values = [r["final"][metric] for r in runs if metric in r["final"]]
+            if values:
+                finals[(name, metric)] = (*mean_std(values), len(values))
+    print(f"{'group':32s} {'metric (last tenth of updates)':32s} {'mean':>9s} {'std':>8s} {'seeds':>5s}")
+    for (name, metric), (m, s, n) in finals.items():
+        print(f"{name:32s} {metric:32s} {m:9.4f} {s:8.4f} {n:5d}")
+    verdicts = []
+    names = [name for name, _ in groups]
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            for metric in FINAL_METRICS:
+                if (a, metric) in finals and (b, metric) in finals:
+                    (ma, sa, na), (mb, sb, nb) = finals[(a, metric)], finals[(b, metric)]
+                    if min(na, nb) < 2:
+                        verdict = "too few seeds to judge"
+                    elif abs(ma - mb) > sa + sb:
+                        verdict = "DIFFERENT (gap larger than the summed seed stds)"
+                    else:
+                        verdict = "same within the seed spread"
+                    verdicts.append(f"{metric}: {a} {ma:.4f} vs {b} {mb:.4f}: {verdict}")
+    for v in verdicts:
+        print(v)
+    return verdicts
+
+
+def main(args: Args):
+    groups = [load_group(g) for g in args.groups]
+    plot(groups, args.metrics, args.out)
+    table(groups)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, description=__doc__, use_underscores=True))

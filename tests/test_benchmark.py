@@ -1,0 +1,64 @@
+"""benchmark/: the seed runner's slurm script and the plotter's curves, table and verdicts, on synthetic runs."""
+
+import json
+import sys
+
+from conftest import ROOT, run_script
+
+sys.path.insert(0, str(ROOT / "benchmark"))
+import plot  # noqa: E402
+
+
+def fake_group(root, name, gold_end, seeds):
+    group = root / name
+    for seed in seeds:
+        run = group / f"both__{seed}__0"
+        (run / "policy").mkdir(parents=True)
+        (run / "reward").mkdir()
+        with open(run / "policy" / "metrics.jsonl", "w") as f:
+            for u in range(1, 21):
+                m = {k: 0.1 * u for k in plot.POLICY_METRICS}
+                m.update({"episode": 64 * u, "update": u, "objective/gold_score": gold_end * u / 20 + 0.01 * seed,
+                          "throughput/episodes_per_s": 10.0})
+                f.write(json.dumps(m) + "\n")
+        (run / "reward" / "metrics.jsonl").write_text(json.dumps({"update": 1, "test/accuracy": 0.6 + 0.01 * seed}) + "\n")
+    return group
+
+
+def test_plot_draws_curves_and_judges_groups_against_the_seed_spread(tmp_path):
+    a = fake_group(tmp_path, "a", 0.6, [1, 2, 3])
+    b = fake_group(tmp_path, "b", 0.2, [1, 2, 3])
+    c = fake_group(tmp_path, "c", 0.6, [4])
+    groups = [plot.load_group(str(g)) for g in (a, b, c)]
+    assert [len(runs) for _, runs in groups] == [3, 3, 1]
+    plot.plot(groups, plot.POLICY_METRICS, str(tmp_path / "out.png"))
+    assert (tmp_path / "out.png").stat().st_size > 10_000
+    verdicts = plot.table(groups)
+    gold_ab = next(v for v in verdicts if v.startswith("objective/gold_score: a") and " vs b" in v)
+    assert "DIFFERENT" in gold_ab
+    assert any(v.startswith("throughput/episodes_per_s: a") and " vs b" in v and "same within" in v for v in verdicts)
+    assert all("too few seeds" in v for v in verdicts if " vs c" in v)
+    # the last tenth of updates (2 of 20) is what the table averages
+    final = groups[0][1][0]["final"]["objective/gold_score"]
+    assert abs(final - (0.6 * (19 + 20) / 40 + 0.01)) < 1e-9
+
+
+def test_benchmark_writes_a_slurm_array_with_one_seed_per_task(tmp_path):
+    r = run_script([sys.executable, "benchmark/benchmark.py", "--slurm", "--seeds", "1", "2", "3", "--tag", "sent",
+                    "--command", "accelerate launch --num_processes 8 train_both.py sentiment", "--run_root", str(tmp_path)])
+    assert r.returncode == 0, r.stderr
+    (script,) = tmp_path.glob("sent__*/sent.slurm")
+    text = script.read_text()
+    assert "#SBATCH --array=0-2" in text and "SEEDS=(1 2 3)" in text
+    assert "train_both.py sentiment --seed $SEED --run_root" in text
+
+
+def test_benchmark_runs_each_seed_locally_and_records_it(tmp_path):
+    command = f"{sys.executable} -c \"import sys; print(sys.argv[1:])\""
+    r = run_script([sys.executable, "benchmark/benchmark.py", "--seeds", "4", "5", "--tag", "t", "--workers", "2",
+                    "--command", command, "--run_root", str(tmp_path)])
+    assert r.returncode == 0, r.stderr
+    (group,) = tmp_path.glob("t__*")
+    rows = [json.loads(line) for line in open(group / "benchmark.jsonl")]
+    assert [row["seed"] for row in rows] == [4, 5] and all(row["returncode"] == 0 for row in rows)
+    assert "'--seed', '5', '--run_root'" in (group / "seed5.log").read_text()
