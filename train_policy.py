@@ -124,6 +124,8 @@ class Args:
     """rows of that table"""
     mixed_precision: Literal["no", "bf16"] = "no"
     """bf16 autocast for GPUs; on an AVX2-only CPU it is much slower"""
+    peak_flops: Optional[float] = None
+    """this machine's matmul peak in FLOP/s per process (benchmark/matmul_peak.py measures it); logs the update phase's share of it"""
 
 
 PRESETS = {
@@ -521,6 +523,19 @@ def make_optimizer(params, name: str, lr: float, eps: float):
     return AdamTensorFlowStyle(params, lr=lr, eps=eps) if name == "adam_tf" else torch.optim.Adam(params, lr=lr, eps=eps)
 
 
+def forward_flops(lm, seq_len: int) -> float:
+    """Matmul FLOPs of one forward pass over a sequence: 2 per weight per token for every weight that multiplies
+    (embedding lookups do not; a tied output projection does), plus attention's two (T x T x d) products per layer.
+    The backward pass costs twice the forward, so a training step costs 3x this."""
+    weights = sum(p.numel() for p in lm.parameters())
+    lookups = sum(m.weight.numel() for m in lm.modules() if isinstance(m, nn.Embedding))
+    output = lm.get_output_embeddings()
+    tied = output is not None and output.weight is lm.get_input_embeddings().weight
+    matmul_weights = weights - lookups + (output.weight.numel() if tied else 0)
+    attention = 2 * 2 * lm.config.num_hidden_layers * seq_len * seq_len * lm.config.hidden_size
+    return 2.0 * matmul_weights * seq_len + attention
+
+
 def gold_scorer(name: str):
     """The programmatic labeler behind the embedded labels (VADER's compound score), or None."""
     if name == "none":
@@ -589,6 +604,8 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
     unwrapped = accelerator.unwrap_model(policy)
     pad = tokenizer.pad_token_id
     gold_fn = gold_scorer(args.gold_labeler)
+    # FLOPs of one PPO update on this process: noptepochs passes of forward + backward (3x a forward) over the batch
+    update_flops = args.noptepochs * local_batch_size * 3 * forward_flops(lm, args.query_length + args.response_length)
 
     # 2. Queries, and a seed per process for sampling and minibatch shuffles. {OAI}/lm_human_preferences/utils/core.py#L108-L113
     texts = load_texts(args.query_dataset, args.query_split)
@@ -694,7 +711,10 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
         metrics["ppo/val/var_explained"] = 1 - metrics["ppo/val/error"] / max(metrics["ppo/returns/var"], 1e-8)
         metrics["lr"] = args.lr * (1 - update / num_updates)
         metrics.update({"timing/generation_s": t_gen - t0, "timing/scoring_s": t_score - t_gen, "timing/update_s": t_update - t_score,
-                        "throughput/episodes_per_s": args.batch_size / (time.time() - t0)})
+                        "throughput/episodes_per_s": args.batch_size / (time.time() - t0),
+                        "throughput/update_flops_per_s": update_flops / (t_update - t_score)})  # per process
+        if args.peak_flops:
+            metrics["throughput/update_peak_fraction"] = metrics["throughput/update_flops_per_s"] / args.peak_flops
         kl_ctl.update(metrics["objective/kl"], args.batch_size)  # {OAI}/lm_human_preferences/train_policy.py#L305
 
         if accelerator.is_main_process:

@@ -24,6 +24,7 @@ POLICY_METRICS = [
     "ppo/loss/policy", "ppo/loss/value", "ppo/loss/total", "ppo/policy/approxkl", "ppo/policy/clipfrac", "ppo/policy/entropy",
     "ppo/val/vpred", "ppo/val/error", "ppo/val/clipfrac", "ppo/val/mean", "ppo/val/var", "ppo/returns/mean", "ppo/returns/var",
     "timing/generation_s", "timing/scoring_s", "timing/update_s", "throughput/episodes_per_s", "episode", "update",
+    "throughput/update_flops_per_s", "throughput/update_peak_fraction",
 ]
 
 
@@ -39,7 +40,7 @@ def only_run(root: Path) -> Path:
 def test_train_both_end_to_end_with_wandb_offline(tmp_path):
     # truncation at '.' after 4 tokens and the -1 penalty are on here (the embedded default keeps responses whole)
     r = run_script([sys.executable, "train_both.py", *TINY_BOTH, "--policy.truncate_token", ".", "--policy.truncate_after", "4",
-                    "--run_root", str(tmp_path), "--track"], {"WANDB_MODE": "offline"})
+                    "--policy.peak_flops", "1e11", "--run_root", str(tmp_path), "--track"], {"WANDB_MODE": "offline"})
     assert r.returncode == 0, r.stderr[-3000:]
     run_dir = only_run(tmp_path)
     reward, policy = read(run_dir, "reward"), read(run_dir, "policy")
@@ -55,6 +56,7 @@ def test_train_both_end_to_end_with_wandb_offline(tmp_path):
         assert all(name in m for m in policy), name
     assert [m["lr"] for m in policy] == pytest.approx([train_policy.Args().lr, train_policy.Args().lr / 2])
     assert policy[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # the policy starts as the reference
+    assert policy[0]["throughput/update_peak_fraction"] == pytest.approx(policy[0]["throughput/update_flops_per_s"] / 1e11)
     args = json.loads((run_dir / "policy" / "args.json").read_text())
     assert args["reward_model"] == str(run_dir / "reward" / "reward_model")
     assert (run_dir / "reward" / "reward_model" / "reward_head.safetensors").is_file()

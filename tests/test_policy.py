@@ -273,3 +273,18 @@ def test_query_batches_are_identical_whatever_the_process():
     b = next(tp.query_batches(texts, tok, 12, 8, seed=3))
     assert torch.equal(a, b) and a.shape == (8, 12)
     assert (a[:, -1] == tok.convert_tokens_to_ids(".")).all()
+
+
+# cost accounting -------------------------------------------------------------------------------------------------
+
+
+def test_forward_flops_matches_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = GPT2Config(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=4, attn_implementation="eager")
+    lm = GPT2LMHeadModel(config).eval()
+    tokens = torch.randint(0, 512, (1, 48))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        lm(input_ids=tokens)
+    counted = counter.get_total_flops()  # every matmul, attention's included; biases and norms are not counted
+    assert tp.forward_flops(lm, 48) == pytest.approx(counted, rel=0.02)
