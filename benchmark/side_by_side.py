@@ -1,0 +1,103 @@
+"""Our train_policy.py and TRL's PPOTrainer, side by side on one setup, alternating runs so that both see the
+same machine state. Reports episodes/s, peak memory and the gold score (VADER) reached at equal episodes.
+
+    python3 -m venv benchmark/.trl-venv && benchmark/.trl-venv/bin/pip install -r benchmark/trl-requirements.txt
+    python benchmark/side_by_side.py --reward_model runs/<both run>/reward/reward_model --episodes 640 --rounds 2
+
+Same for both: the nano base, that reward model, the same 1,024 queries, batch 64 as --nminibatches minibatches,
+4 epochs, response 24, temperature 0.7, lr 5e-5 annealed linearly, a fixed KL coefficient 0.15 (TRL has no adaptive
+controller), no truncation. Episodes/s counts training time only (model loading excluded) for both. The gold score
+of each final policy is measured the same way: 256 held-out queries, one sample each at temperature 0.7.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import tyro
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import train_policy as tp  # noqa: E402
+
+
+@dataclass
+class Args:
+    reward_model: str
+    """our reward model folder (train_reward.py's reward_model/)"""
+    episodes: int = 640
+    """episodes per run"""
+    rounds: int = 2
+    """ours, then TRL, this many times"""
+    nminibatches: int = 2
+    """minibatches of the batch of 64"""
+    trl_python: str = "benchmark/.trl-venv/bin/python"
+    """python of the virtual environment with trl 1.12.0"""
+    out: str = "runs/side_by_side"
+    """folder for the runs and result.json"""
+
+
+def run(cmd: list, log: Path) -> dict:
+    """Run a child; its own peak resident memory comes from wait4's rusage."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "WANDB_MODE": "disabled"})
+        _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        sys.exit(f"error: {' '.join(cmd[:3])} failed, see {log}")
+    return {"peak_rss_gb": usage.ru_maxrss / 1e6}
+
+
+@torch.no_grad()
+def gold(policy_dir: str, queries: torch.Tensor) -> float:
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    model = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
+    torch.manual_seed(12345)
+    responses = tp.sample_responses(model, queries, tokenizer.pad_token_id, 24, 0.7)
+    return statistics.mean(tp.gold_scorer("vader")(tokenizer.batch_decode(responses)))
+
+
+def main(a: Args):
+    out = (ROOT / a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "data" / "nano")
+    texts = tp.load_texts(str(ROOT / "data" / "corpus.jsonl.gz"), "train")
+    batches = tp.query_batches(texts, tokenizer, 32, 1024, seed=1)
+    train_queries, heldout = next(batches), next(batches)[:256]
+    (out / "queries.json").write_text(json.dumps(train_queries.tolist()))
+    common = ["--total_episodes", str(a.episodes)]
+    results = []
+    for r in range(a.rounds):
+        ours_dir = out / f"ours_{r}"
+        res = run([sys.executable, "train_policy.py", "--reward_model", a.reward_model, *common, "--no_adaptive_kl",
+                   "--kl_coef", "0.15", "--nminibatches", str(a.nminibatches), "--local_micro_batch_size", str(64 // a.nminibatches),
+                   "--run_root", str(ours_dir), "--print_sample_every", "100000"], out / f"ours_{r}.log")
+        (run_dir,) = [p for p in ours_dir.iterdir() if p.is_dir()]
+        metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+        train_s = sum(m["timing/generation_s"] + m["timing/scoring_s"] + m["timing/update_s"] for m in metrics)
+        results.append({"system": "ours", "round": r, "episodes_per_s": a.episodes / train_s, **res,
+                        "gold": gold(str(run_dir / "policy"), heldout)})
+        print(json.dumps(results[-1]), flush=True)
+        trl_dir = out / f"trl_{r}"
+        res = run([a.trl_python, "benchmark/trl_ppo.py", "--reward_model", a.reward_model, "--queries", str(out / "queries.json"),
+                   "--output_dir", str(trl_dir), *common, "--nminibatches", str(a.nminibatches)], out / f"trl_{r}.log")
+        trl = json.loads((trl_dir / "result.json").read_text())
+        results.append({"system": "trl", "round": r, "episodes_per_s": trl["episodes_per_s"], **res,
+                        "gold": gold(str(trl_dir / "policy"), heldout)})
+        print(json.dumps(results[-1]), flush=True)
+    summary = {}
+    for system in ("ours", "trl"):
+        rows = [x for x in results if x["system"] == system]
+        summary[system] = {k: statistics.mean(x[k] for x in rows) for k in ("episodes_per_s", "peak_rss_gb", "gold")}
+    summary["ratio_ours_over_trl"] = {k: summary["ours"][k] / summary["trl"][k] for k in ("episodes_per_s", "peak_rss_gb")}
+    (out / "result.json").write_text(json.dumps({"runs": results, "summary": summary}, indent=2))
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, description=__doc__, use_underscores=True))
