@@ -10,13 +10,11 @@ both stages must share the task: base model, query and response lengths, query d
 A first positional word picks a preset (`sentiment`, `descriptiveness`) for both stages.
 """
 
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
 import torch
-import tyro
 from accelerate import PartialState
 
 import train_policy
@@ -40,7 +38,7 @@ class Args:
 
 
 PRESETS = {
-    name: Args(exp_name=name, reward=replace(train_reward.Args(), **train_reward.PRESETS[name]),
+    name: dict(exp_name=name, reward=replace(train_reward.Args(), **train_reward.PRESETS[name]),
                policy=replace(train_policy.Args(), **train_policy.PRESETS[name]))
     for name in ("sentiment", "descriptiveness")
 }
@@ -68,10 +66,4 @@ def train(args: Args) -> Path:
 
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    default = Args()
-    if argv and not argv[0].startswith("-"):
-        if argv[0] not in PRESETS:
-            train_policy.fail(f"unknown preset {argv[0]!r}; presets: {', '.join(PRESETS)}")
-        default, argv = PRESETS[argv[0]], argv[1:]
-    train(tyro.cli(Args, default=default, args=argv, description=__doc__, use_underscores=True))
+    train(train_policy.cli(Args, PRESETS, __doc__))

@@ -195,7 +195,7 @@ def load_texts(path: str, split: str):
             fail(f"--query_dataset {path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
         if "text" not in texts.column_names:
             fail(f"--query_dataset {path}: split {split} has no \"text\" column")
-        texts = texts.select_columns("text")  # stays memory-mapped: BookCorpus has 74M rows
+        texts = texts["text"]  # a lazy column: BookCorpus's 74M rows stay memory-mapped
     if len(texts) == 0:
         fail(f"--query_dataset {path}: no texts")
     return texts
@@ -225,8 +225,7 @@ def query_batches(texts, tokenizer, query_length: int, batch_size: int, seed: in
     while True:
         found = False
         for i in torch.randperm(len(texts), generator=gen).tolist():
-            text = texts[i] if isinstance(texts, list) else texts[i]["text"]
-            query = format_query(tokenizer.encode(text), dot, query_length, tokenizer.pad_token_id)
+            query = format_query(tokenizer.encode(texts[i]), dot, query_length, tokenizer.pad_token_id)
             if query is None:
                 continue
             found = True
@@ -329,13 +328,17 @@ class RewardModel(nn.Module):
 
 
 def save_reward_model(model: RewardModel, tokenizer, folder: Path):
-    """A Hugging Face folder of the language model (backbone) plus reward_head.safetensors (head, gain, bias);
-    written beside the target and swapped in, so a failure never leaves a half-written checkpoint."""
+    """A Hugging Face folder of the language model (backbone) plus reward_head.safetensors (head, gain, bias)."""
     tmp = folder.with_name(folder.name + ".tmp")
     model.lm.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     head = {"head.weight": model.head.weight, "head.bias": model.head.bias, "gain": model.gain, "bias": model.bias}
     save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, tmp / "reward_head.safetensors")
+    swap_in(tmp, folder)
+
+
+def swap_in(tmp: Path, folder: Path):
+    """Replace `folder` by the fully written `tmp`, so a failure never leaves a half-written checkpoint."""
     if folder.exists():
         old = folder.with_name(folder.name + ".old")
         folder.rename(old)
@@ -594,7 +597,9 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
     truncate_token = None
     if args.truncate_token is not None:
         ids = tokenizer.encode(args.truncate_token)
-        truncate_token = ids[0] if len(ids) == 1 else fail(f"--truncate_token {args.truncate_token!r} is not a single token")
+        if len(ids) != 1:
+            fail(f"--truncate_token {args.truncate_token!r} is not a single token")
+        truncate_token = ids[0]
     policy = PolicyAndValue(lm)
     ref_policy = copy.deepcopy(lm).eval().requires_grad_(False)
     reward_model.eval().requires_grad_(False)

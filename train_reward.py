@@ -14,6 +14,7 @@ picks a preset (`sentiment`, `descriptiveness`). Links write {OAI} for
 https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66.
 """
 
+import copy
 import gzip
 import json
 import math
@@ -277,7 +278,7 @@ def load_texts(path: str, split: str):
             fail(f"--query_dataset {path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
         if "text" not in texts.column_names:
             fail(f"--query_dataset {path}: split {split} has no \"text\" column")
-        texts = texts.select_columns("text")  # stays memory-mapped: BookCorpus has 74M rows
+        texts = texts["text"]  # a lazy column: BookCorpus's 74M rows stay memory-mapped
     if len(texts) == 0:
         fail(f"--query_dataset {path}: no texts")
     return texts
@@ -309,8 +310,7 @@ def query_batches(texts, tokenizer, query_length: int, batch_size: int, seed: in
     while True:
         found = False
         for i in torch.randperm(len(texts), generator=gen).tolist():
-            text = texts[i] if isinstance(texts, list) else texts[i]["text"]
-            query = format_query(tokenizer.encode(text), dot, query_length, tokenizer.pad_token_id)
+            query = format_query(tokenizer.encode(texts[i]), dot, query_length, tokenizer.pad_token_id)
             if query is None:
                 continue
             found = True
@@ -420,13 +420,18 @@ class RewardModel(nn.Module):
 
 # Copied from train_policy.py
 def save_reward_model(model: RewardModel, tokenizer, folder: Path):
-    """A Hugging Face folder of the language model (backbone) plus reward_head.safetensors (head, gain, bias);
-    written beside the target and swapped in, so a failure never leaves a half-written checkpoint."""
+    """A Hugging Face folder of the language model (backbone) plus reward_head.safetensors (head, gain, bias)."""
     tmp = folder.with_name(folder.name + ".tmp")
     model.lm.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     head = {"head.weight": model.head.weight, "head.bias": model.head.bias, "gain": model.gain, "bias": model.bias}
     save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, tmp / "reward_head.safetensors")
+    swap_in(tmp, folder)
+
+
+# Copied from train_policy.py
+def swap_in(tmp: Path, folder: Path):
+    """Replace `folder` by the fully written `tmp`, so a failure never leaves a half-written checkpoint."""
     if folder.exists():
         old = folder.with_name(folder.name + ".old")
         folder.rename(old)
@@ -575,7 +580,7 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
     #    normalization. The seed is the same on every process, so every copy of the head starts identical.
     torch.manual_seed(args.seed)
     lm, tokenizer = prepare_lm(*load_base_model(args.base_model))
-    policy_lm = prepare_lm(*load_base_model(args.base_model))[0].eval().requires_grad_(False).to(device)
+    policy_lm = copy.deepcopy(lm).eval().requires_grad_(False).to(device)
     reward_model = RewardModel(lm)
     pad = tokenizer.pad_token_id
 

@@ -226,11 +226,10 @@ def inputs_and_labels(batch: torch.Tensor, pad_token_id: int, query_length: int)
     """Model inputs for a batch of token ids (b, t). Pads are masked out and positions count only real tokens
     (left padding with explicit position ids, as OAI). Labels are -100 on pads and, if query_length > 0, on
     the query, so that the loss covers only the response."""
-    mask = batch != pad_token_id
-    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-    labels = batch.masked_fill(~mask, -100)
+    inputs = model_inputs(batch, pad_token_id)
+    labels = batch.masked_fill(inputs["attention_mask"] == 0, -100)
     labels[:, :query_length] = -100
-    return dict(input_ids=batch, attention_mask=mask.long(), position_ids=position_ids, labels=labels)
+    return dict(**inputs, labels=labels)
 
 
 def lm_loss(model, batch: dict) -> tuple:
@@ -261,6 +260,21 @@ def load_base_model(path: str):
         return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     except OSError as e:  # hub id with no network, or a folder without a model
         fail(f"--base_model {path}: cannot be loaded ({str(e).splitlines()[0][:200]})")
+
+
+# Copied from train_policy.py
+def prepare_lm(model, tokenizer):
+    """A dedicated pad token (never EOS: an <|endoftext|> inside a response must stay visible) and every dropout
+    layer off, as OAI runs policy, reference, value and reward models without dropout.
+    {OAI}/lm_human_preferences/language/model.py#L40-L59"""
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model, tokenizer
 
 
 def new_nano_model(args: Args, tokenizer) -> GPT2LMHeadModel:
@@ -304,10 +318,16 @@ def heldout_loss(model, blocks: torch.Tensor, args: Args, pad_token_id: int, que
 
 
 def save_model(model, tokenizer, folder: Path):
-    """save_pretrained into a temporary folder, then swap it in: a failure never leaves a half-written model."""
+    """save_pretrained into a temporary folder, then swap it in."""
     tmp = folder.with_name(folder.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    swap_in(tmp, folder)
+
+
+# Copied from train_policy.py
+def swap_in(tmp: Path, folder: Path):
+    """Replace `folder` by the fully written `tmp`, so a failure never leaves a half-written checkpoint."""
     if folder.exists():
         old = folder.with_name(folder.name + ".old")
         folder.rename(old)
@@ -342,11 +362,7 @@ def train(args: Args):
         model = new_nano_model(args, tokenizer)
     else:
         model, tokenizer = load_base_model(args.base_model)
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        # a dedicated pad token (not EOS), so that an <|endoftext|> inside a response is never masked out
-        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
-        model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
+    model, tokenizer = prepare_lm(model, tokenizer)  # a dedicated pad token (not EOS), dropout off
     set_dropout(model, args.dropout)
 
     # 2. Data: (n, T) token ids; `query_length` tokens at the front of each row carry no loss.

@@ -42,6 +42,11 @@ def run_script(args: list, env_extra: dict | None = None, timeout: int = 300) ->
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def run_torchrun(script_args: list, port: int) -> subprocess.CompletedProcess:
+    """The script in two CPU processes (gloo), as `torchrun --nproc_per_node 2` launches it."""
+    return run_script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *script_args])
+
+
 def read_metrics(run_root: Path) -> list:
     (run_dir,) = [p for p in run_root.iterdir() if p.is_dir()]
     return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, ROOT, run_script
+from conftest import FIXTURES, ROOT, run_script, run_torchrun
 
 import train_both
 import train_policy
@@ -74,8 +74,7 @@ def test_two_processes_match_one_process_first_update(tmp_path):
     common = [*TINY_BOTH, "--reward.temperature", "0.001", "--policy.temperature", "0.001"]
     one = run_script([sys.executable, "train_both.py", *common, "--run_root", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run_script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
-                      "train_both.py", *common, "--run_root", str(tmp_path / "two")])
+    two = run_torchrun(["train_both.py", *common, "--run_root", str(tmp_path / "two")], port=29519)
     assert two.returncode == 0, two.stderr[-3000:]
     d1, d2 = only_run(tmp_path / "one"), only_run(tmp_path / "two")
     r1, r2 = read(d1, "reward"), read(d2, "reward")
@@ -113,7 +112,7 @@ def test_query_dataset_in_oai_book_passages_format():
     # a hub dataset with a "text" column (bookcorpus's layout) gives the same queries
     import datasets
 
-    hub_like = datasets.Dataset.from_dict({"text": texts, "other": list(range(len(texts)))}).select_columns("text")
+    hub_like = datasets.Dataset.from_dict({"text": texts, "other": list(range(len(texts)))})["text"]  # what load_texts returns
     assert next(train_policy.query_batches(hub_like, tok, 24, 4, seed=1)).tolist() == batch.tolist()
 
 
@@ -130,7 +129,7 @@ DESIGN_TABLE = {  # DESIGN.md, "Presets", column "sentiment / descriptiveness"
 @pytest.mark.parametrize("name", ["sentiment", "descriptiveness"])
 def test_presets_equal_oai_launch_values(name):
     both = train_both.PRESETS[name]
-    r, p = both.reward, both.policy
+    r, p = both["reward"], both["policy"]
     t = DESIGN_TABLE
     assert (p.query_length, p.response_length, p.truncate_token, p.truncate_after, p.temperature) == (
         t["query_length"], t["response_length"], t["truncate_token"], t["truncate_after"], t["temperature"])

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import FIXTURES, LABELS, NANO, ROOT, run_script
+from conftest import FIXTURES, LABELS, NANO, run_script
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 

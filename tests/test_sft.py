@@ -5,11 +5,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train_sft
-from conftest import FIXTURES, NANO, ROOT, TINY, read_metrics, run_script
+from conftest import FIXTURES, NANO, ROOT, TINY, read_metrics, run_script, run_torchrun
 
 TLDR = FIXTURES / "tldr_train.jsonl"
 
@@ -48,8 +47,7 @@ def test_two_processes_match_one_process_first_step(small_corpus, tmp_path):
     common = [*TINY, "--dataset", str(small_corpus), "--total_steps", "2", "--batch_size", "8", "--local_micro_batch_size", "4"]
     one = run_script([sys.executable, "train_sft.py", *common, "--run_root", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-2000:]
-    two = run_script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                      "train_sft.py", *common, "--run_root", str(tmp_path / "two")])
+    two = run_torchrun(["train_sft.py", *common, "--run_root", str(tmp_path / "two")], port=29517)
     assert two.returncode == 0, two.stderr[-2000:]
     m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     # one process: 2 micro-batches of 4 accumulated; two processes: 1 micro-batch of 4 each, averaged
