@@ -34,6 +34,7 @@ from rich.table import Table
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.activations import GELUTanh, NewGELUActivation
 
 @dataclass
 class Args:
@@ -268,6 +269,12 @@ def prepare_lm(model, tokenizer):
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+        # GPT-2's gelu_new (OAI's gelu, {OAI}/lm_human_preferences/language/model.py#L35-L37) is the tanh formula
+        # as six elementwise ops; torch's gelu(approximate="tanh") is the same formula in one kernel (equal to float
+        # rounding), 5% of a PPO step on CPU.
+        for name, child in module.named_children():
+            if isinstance(child, NewGELUActivation):
+                setattr(module, name, GELUTanh())
     return model, tokenizer
 
 
@@ -285,20 +292,34 @@ def sampling_logits(logits: torch.Tensor, temperature: float, pad_token_id: int)
     return logits.index_fill(-1, torch.tensor([pad_token_id], device=logits.device), -1e9)
 
 
-def sample_responses(model, queries: torch.Tensor, pad_token_id: int, response_length: int, temperature: float) -> torch.Tensor:
-    """(b, response_length) tokens sampled one by one at `temperature` with a KV cache: top_k 0, top_p 1 and no
-    stop at EOS, so every response has exactly response_length tokens. {OAI}/lm_human_preferences/language/sample.py#L24-L43"""
+def sample_token(probs: torch.Tensor) -> torch.Tensor:
+    """(b, 1) token ids drawn from (b, V) probabilities by inverting the CDF with one uniform per row. The same
+    distribution as torch.multinomial(probs, 1), which draws V exponentials per row instead (7 of the 35 ms of a
+    64 x 4096 sampling step on two CPU cores). A zero-probability token (the pad) is never drawn."""
+    cdf = probs.cumsum(-1)  # (b, V)
+    u = torch.rand(len(probs), 1, device=probs.device) * cdf[:, -1:]  # (b, 1), uniform on [0, total mass)
+    return torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)
+
+
+def sample_responses(model, queries: torch.Tensor, pad_token_id: int, response_length: int, temperature: float) -> tuple:
+    """(tokens (b, R), logits (b, R, V), hidden (b, R, d)): R = response_length tokens sampled one by one at
+    `temperature` with a KV cache (top_k 0, top_p 1, no stop at EOS, so every response has exactly R tokens), with
+    the logits that predicted each token and the last hidden state they came from, as OAI's sampler returns the
+    log-probs and values of its samples. {OAI}/lm_human_preferences/language/sample.py#L24-L43"""
     inputs = model_inputs(queries, pad_token_id)
     mask, position = inputs["attention_mask"], inputs["position_ids"][:, -1:]
-    out = model(**inputs, use_cache=True)
-    tokens = []
+    out = model(**inputs, use_cache=True, logits_to_keep=1, output_hidden_states=True)  # logits of the last position only
+    tokens, logits, hidden = [], [], []
     for t in range(response_length):
-        token = torch.multinomial(torch.softmax(sampling_logits(out.logits[:, -1], temperature, pad_token_id), -1), 1)
+        logits.append(out.logits[:, -1])
+        hidden.append(out.hidden_states[-1][:, -1])  # after the final layer norm
+        token = sample_token(torch.softmax(sampling_logits(logits[-1], temperature, pad_token_id), -1))
         tokens.append(token)
         if t + 1 < response_length:
             mask, position = torch.cat([mask, torch.ones_like(token)], 1), position + 1
-            out = model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=out.past_key_values, use_cache=True)
-    return torch.cat(tokens, 1)
+            out = model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=out.past_key_values,
+                        use_cache=True, output_hidden_states=True)
+    return torch.cat(tokens, 1), torch.stack(logits, 1), torch.stack(hidden, 1)
 
 
 class RewardModel(nn.Module):
@@ -376,17 +397,24 @@ class PolicyAndValue(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, tokens: torch.Tensor, pad_token_id: int) -> tuple:
-        """(logits (b, T, V), values (b, T)) of query+response tokens."""
-        out = self.lm(**model_inputs(tokens, pad_token_id), output_hidden_states=True)
-        return out.logits, self.value_head(out.hidden_states[-1]).squeeze(-1)
+    def forward(self, tokens: torch.Tensor, pad_token_id: int, response_length: int) -> tuple:
+        """(logits (b, R, V), values (b, R)) at the R positions Q-1 .. Q+R-2 of (b, Q+R) query+response tokens:
+        position Q-1+t predicts response token t and holds the state before it."""
+        out = self.lm(**model_inputs(tokens, pad_token_id), output_hidden_states=True, logits_to_keep=response_length + 1)
+        hidden = out.hidden_states[-1][:, -response_length - 1 : -1]  # (b, R, d), after the final layer norm
+        return out.logits[:, :-1], self.value_head(hidden).squeeze(-1)
+
+
+def response_logits(lm, tokens: torch.Tensor, pad_token_id: int, response_length: int) -> torch.Tensor:
+    """(b, R, V) logits that predict the R response tokens of (b, Q+R) query+response tokens. The output projection
+    (d x V, the largest matmul of a small model) runs on these R positions only, not on the Q query positions."""
+    return lm(**model_inputs(tokens, pad_token_id), logits_to_keep=response_length + 1).logits[:, :-1]
 
 
 def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float, pad_token_id: int) -> tuple:
-    """(log-probs (b, R) of the response tokens, entropies (b, R)) from the logits of query+response: the logits
-    at position Q-1+t predict response token t. {OAI}/lm_human_preferences/policy.py#L114-L126"""
-    R = responses.shape[1]
-    logp = torch.log_softmax(sampling_logits(logits[:, -R - 1 : -1], temperature, pad_token_id), -1)  # (b, R, V)
+    """(log-probs (b, R) of the response tokens, entropies (b, R)) from the (b, R, V) logits that predict them.
+    {OAI}/lm_human_preferences/policy.py#L114-L126"""
+    logp = torch.log_softmax(sampling_logits(logits, temperature, pad_token_id), -1)  # (b, R, V)
     entropy = -(logp.exp() * logp).sum(-1)
     return logp.gather(-1, responses.unsqueeze(-1)).squeeze(-1), entropy
 
@@ -526,17 +554,15 @@ def make_optimizer(params, name: str, lr: float, eps: float):
     return AdamTensorFlowStyle(params, lr=lr, eps=eps) if name == "adam_tf" else torch.optim.Adam(params, lr=lr, eps=eps)
 
 
-def forward_flops(lm, seq_len: int) -> float:
-    """Matmul FLOPs of one forward pass over a sequence: 2 per weight per token for every weight that multiplies
-    (embedding lookups do not; a tied output projection does), plus attention's two (T x T x d) products per layer.
-    The backward pass costs twice the forward, so a training step costs 3x this."""
-    weights = sum(p.numel() for p in lm.parameters())
-    lookups = sum(m.weight.numel() for m in lm.modules() if isinstance(m, nn.Embedding))
-    output = lm.get_output_embeddings()
-    tied = output is not None and output.weight is lm.get_input_embeddings().weight
-    matmul_weights = weights - lookups + (output.weight.numel() if tied else 0)
+def forward_flops(lm, seq_len: int, logit_positions: int) -> float:
+    """Matmul FLOPs of one forward pass over a sequence whose output projection runs on its last logit_positions
+    positions: 2 per weight per token for every transformer weight that multiplies (embedding lookups do not), the
+    same for the output projection's weight per logit position, plus attention's two (T x T x d) products per
+    layer. The backward pass costs twice the forward, so a training step costs 3x this."""
+    body = lm.base_model
+    weights = sum(p.numel() for p in body.parameters()) - sum(m.weight.numel() for m in body.modules() if isinstance(m, nn.Embedding))
     attention = 2 * 2 * lm.config.num_hidden_layers * seq_len * seq_len * lm.config.hidden_size
-    return 2.0 * matmul_weights * seq_len + attention
+    return 2.0 * weights * seq_len + 2.0 * lm.get_output_embeddings().weight.numel() * logit_positions + attention
 
 
 def gold_scorer(name: str):
@@ -610,7 +636,7 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
     pad = tokenizer.pad_token_id
     gold_fn = gold_scorer(args.gold_labeler)
     # FLOPs of one PPO update on this process: noptepochs passes of forward + backward (3x a forward) over the batch
-    update_flops = args.noptepochs * local_batch_size * 3 * forward_flops(lm, args.query_length + args.response_length)
+    update_flops = args.noptepochs * local_batch_size * 3 * forward_flops(lm, args.query_length + args.response_length, args.response_length + 1)
 
     # 2. Queries, and a seed per process for sampling and minibatch shuffles. {OAI}/lm_human_preferences/utils/core.py#L108-L113
     texts = load_texts(args.query_dataset, args.query_split)
@@ -642,17 +668,18 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = args.lr * (1 - update / num_updates)
 
-        # 4. Rollouts: sample, then one forward of policy and reference over query+response.
+        # 4. Rollouts: sample with the policy (keeping its log-probs and values), then one forward of the reference.
         queries = next(batches)[rank * local_batch_size : (rank + 1) * local_batch_size].to(device)  # (b, Q)
         policy.eval()
         with torch.no_grad():
-            responses = sample_responses(unwrapped.lm, queries, pad, args.response_length, args.temperature)  # (b, R)
+            responses, logits, hidden = sample_responses(unwrapped.lm, queries, pad, args.response_length, args.temperature)
             query_responses = torch.cat([queries, responses], 1)  # (b, Q+R)
-            t_gen = time.time()
-            logits, values = unwrapped(query_responses, pad)
+            # log-probs and values of the samples from the sampling pass itself, as OAI's respond_op
+            # {OAI}/lm_human_preferences/policy.py#L97-L112
             logprobs, _ = response_logprobs(logits, responses, args.temperature, pad)  # (b, R)
-            values = values[:, args.query_length - 1 : -1]  # value of the state before each response token
-            ref_logits = ref_policy(**model_inputs(query_responses, pad)).logits
+            values = unwrapped.value_head(hidden).squeeze(-1)  # (b, R): value of the state before each response token
+            t_gen = time.time()
+            ref_logits = response_logits(ref_policy, query_responses, pad, args.response_length)
             ref_logprobs, _ = response_logprobs(ref_logits, responses, args.temperature, pad)
             del logits, ref_logits
 
@@ -686,9 +713,8 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
                 for micro in range(grad_accum):
                     mi = slice(micro * args.local_micro_batch_size, (micro + 1) * args.local_micro_batch_size)
                     with accelerator.no_sync(policy) if micro < grad_accum - 1 else nullcontext():
-                        new_logits, new_values = policy(query_responses[mb[mi]], pad)
+                        new_logits, new_values = policy(query_responses[mb[mi]], pad, args.response_length)
                         new_logprobs, entropy = response_logprobs(new_logits, responses[mb[mi]], args.temperature, pad)
-                        new_values = new_values[:, args.query_length - 1 : -1]
                         loss, stats = ppo_loss(new_logprobs, new_values, logprobs[mb[mi]], values[mb[mi]], advantages[mi], returns[mi], args)
                         accelerator.backward(loss / grad_accum)
                     stats.update({"ppo/loss/total": loss, "ppo/policy/entropy": entropy.mean()})

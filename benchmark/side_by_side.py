@@ -2,9 +2,9 @@
 same machine state. Reports episodes/s, peak memory and the gold score (VADER) reached at equal episodes.
 
     python3 -m venv benchmark/.trl-venv && benchmark/.trl-venv/bin/pip install -r benchmark/trl-requirements.txt
-    python benchmark/side_by_side.py --reward_model runs/<both run>/reward/reward_model --episodes 640 --rounds 2
+    python benchmark/side_by_side.py --reward_model runs/<both run>/reward/reward_model --episodes 2560 --rounds 3
 
-Same for both: the nano base, that reward model, the same 1,024 queries, batch 64 as --nminibatches minibatches,
+Same for both: the nano base, that reward model, the same training queries (one per episode), batch 64 as --nminibatches minibatches,
 4 epochs, response 24, temperature 0.7, lr 5e-5 annealed linearly, a fixed KL coefficient 0.15 (TRL has no adaptive
 controller), no truncation. Episodes/s counts training time only (model loading excluded) for both. The gold score
 of each final policy is measured the same way: 256 held-out queries, one sample each at temperature 0.7.
@@ -31,8 +31,8 @@ import train_policy as tp  # noqa: E402
 class Args:
     reward_model: str
     """our reward model folder (train_reward.py's reward_model/)"""
-    episodes: int = 640
-    """episodes per run"""
+    episodes: int = 2560
+    """episodes per run, each with its own query (at most 3,027: the corpus yields 3,283 queries, 256 are held out)"""
     rounds: int = 2
     """ours, then TRL, this many times"""
     nminibatches: int = 2
@@ -58,7 +58,7 @@ def gold(policy_dir: str, queries: torch.Tensor) -> float:
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     model = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
     torch.manual_seed(12345)
-    responses = tp.sample_responses(model, queries, tokenizer.pad_token_id, 24, 0.7)
+    responses = tp.sample_responses(model, queries, tokenizer.pad_token_id, 24, 0.7)[0]
     return statistics.mean(tp.gold_scorer("vader")(tokenizer.batch_decode(responses)))
 
 
@@ -67,7 +67,9 @@ def main(a: Args):
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "data" / "nano")
     texts = tp.load_texts(str(ROOT / "data" / "corpus.jsonl.gz"), "train")
-    batches = tp.query_batches(texts, tokenizer, 32, 1024, seed=1)
+    # our train_policy.py --seed 1 draws its queries in this order: the first `episodes` of them are its training
+    # queries, and TRL gets exactly these; the 256 after them (same pass over the corpus) are held out for the gold score
+    batches = tp.query_batches(texts, tokenizer, 32, a.episodes, seed=1)
     train_queries, heldout = next(batches), next(batches)[:256]
     (out / "queries.json").write_text(json.dumps(train_queries.tolist()))
     common = ["--total_episodes", str(a.episodes)]

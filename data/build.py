@@ -298,7 +298,7 @@ def stage_labels(n_labels: int, seed: int = 0, force: bool = False, batch_size: 
     with torch.no_grad():
         while len(items) < n_labels:  # queries whose samples all tie are skipped: draw until there are enough
             q = torch.tensor(query_windows(texts, tokenizer, batch_size, QUERY_LENGTH, seed=rng.randrange(2**31)))
-            samples = [sample_responses(model, q, tokenizer.pad_token_id, RESPONSE_LENGTH, TEMPERATURE) for _ in range(4)]
+            samples = [sample_responses(model, q, tokenizer.pad_token_id, RESPONSE_LENGTH, TEMPERATURE)[0] for _ in range(4)]
             for j in range(len(q)):
                 resp = [s[j].tolist() for s in samples]
                 scores = [analyzer.polarity_scores(tokenizer.decode(r))["compound"] for r in resp]

@@ -133,7 +133,7 @@ def test_cached_sampling_draws_what_plain_sampling_draws(tokenizer):
     queries = torch.tensor([[pad] * (12 - len(short)) + short, long[:12]])
     torch.manual_seed(1)
     with torch.no_grad():
-        cached = train_sft.sample_responses(model, queries, pad, 10, 0.7)
+        cached = train_sft.sample_responses(model, queries, pad, 10, 0.7)[0]
     torch.manual_seed(1)
     ids = queries
     with torch.no_grad():
@@ -141,5 +141,5 @@ def test_cached_sampling_draws_what_plain_sampling_draws(tokenizer):
             mask = ids != pad
             pos = (mask.cumsum(1) - 1).clamp(min=0)
             logits = model(input_ids=ids, attention_mask=mask.long(), position_ids=pos).logits[:, -1]
-            ids = torch.cat([ids, torch.multinomial(torch.softmax(logits / 0.7, -1), 1)], 1)
+            ids = torch.cat([ids, train_sft.sample_token(torch.softmax(train_sft.sampling_logits(logits, 0.7, pad), -1))], 1)
     assert torch.equal(cached, ids[:, queries.shape[1]:])

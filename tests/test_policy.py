@@ -44,10 +44,16 @@ def test_padded_and_unpadded_inputs_give_the_same_logits_values_and_rewards(nano
     policy = tp.PolicyAndValue(model).eval()
     torch.nn.init.normal_(policy.value_head.weight)  # nonzero so that values are compared too
     with torch.no_grad():
-        logits, values = policy(ids, pad)
-        logits_l, values_l = policy(left, pad)
-        torch.testing.assert_close(logits_l[:, 5:], logits, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(values_l[:, 5:], values, atol=1e-4, rtol=1e-4)
+        R = ids.shape[1] - 3  # the last 3 tokens stand in for a query
+        logits, values = policy(ids, pad, R)
+        logits_l, values_l = policy(left, pad, R)
+        assert logits.shape == (1, R, len(tokenizer)) and values.shape == (1, R)
+        torch.testing.assert_close(logits_l, logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(values_l, values, atol=1e-4, rtol=1e-4)
+        # the logits of the R positions that predict the response: the full forward's positions Q-1 .. Q+R-2
+        full = model(**tp.model_inputs(ids, pad)).logits[:, -R - 1 : -1]
+        torch.testing.assert_close(logits, full, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(tp.response_logits(model, left, pad, R), full, atol=1e-4, rtol=1e-4)
         reward_model = tp.RewardModel(model).eval()
         right = torch.cat([left, torch.full((1, 3), pad)], 1)  # a truncated response ends in pads
         r = reward_model(ids, pad)
@@ -64,8 +70,16 @@ def test_sampling_is_fixed_length_never_pads_and_matches_the_temperature_logprob
     queries = torch.tensor([[pad] * 4 + tokenizer.encode("It was a cold morning.")] * 64)
     torch.manual_seed(0)
     with torch.no_grad():
-        responses = tp.sample_responses(model, queries, pad, 12, 0.7)
+        responses, logits, hidden = tp.sample_responses(model, queries, pad, 12, 0.7)
     assert responses.shape == (64, 12) and not (responses == pad).any()
+    # the logits and hidden states kept from the KV-cached sampling pass are those of one forward over
+    # query+response, so the rollout's log-probs and values (taken from sampling, as OAI) are the policy's
+    policy = tp.PolicyAndValue(model).eval()
+    torch.nn.init.normal_(policy.value_head.weight)
+    with torch.no_grad():
+        full_logits, full_values = policy(torch.cat([queries, responses], 1), pad, 12)
+    torch.testing.assert_close(logits, full_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(policy.value_head(hidden).squeeze(-1), full_values, atol=1e-4, rtol=1e-4)
     # the first token's empirical distribution follows softmax(logits / T) with the pad token removed
     with torch.no_grad():
         logits = model(**tp.model_inputs(queries[:1], pad)).logits[0, -1]
@@ -75,10 +89,22 @@ def test_sampling_is_fixed_length_never_pads_and_matches_the_temperature_logprob
     assert (responses[:, 0] == top).float().mean().item() == pytest.approx(p[top].item(), abs=0.2)
 
 
+def test_inverse_cdf_sampling_follows_the_probabilities_and_never_draws_a_zero():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 0.0, 1.0]]).repeat(20000, 1)  # (40000, 4)
+    torch.manual_seed(0)
+    tokens = tp.sample_token(probs).squeeze(1)
+    first, second = tokens[0::2], tokens[1::2]
+    freq = torch.bincount(first, minlength=4).float() / len(first)
+    torch.testing.assert_close(freq, probs[0], atol=0.01, rtol=0)  # binomial std ~0.0035
+    assert (first != 1).all() and (second == 3).all()
+    unnormalized = tp.sample_token(torch.tensor([[2.0, 0.0, 6.0]]).repeat(20000, 1)).squeeze(1)  # mass 8, not 1
+    assert (unnormalized == 2).float().mean().item() == pytest.approx(0.75, abs=0.01) and (unnormalized != 1).all()
+
+
 def test_logprobs_divide_the_logits_by_the_temperature():
     logits = torch.randn(2, 7, 10)
     responses = torch.randint(2, 10, (2, 3))
-    logp, entropy = tp.response_logprobs(logits, responses, 0.5, pad_token_id=0)
+    logp, entropy = tp.response_logprobs(logits[:, 3:6], responses, 0.5, pad_token_id=0)
     expected = torch.log_softmax(tp.sampling_logits(logits[:, 3:6], 0.5, 0), -1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(logp, expected)
     manual = torch.log_softmax(torch.cat([torch.full((2, 3, 1), -1e9), logits[:, 3:6, 1:] / 0.5], -1), -1)
@@ -149,8 +175,24 @@ def test_value_head_starts_at_zero_and_dropout_is_off():
     assert all(m.p == 0 for m in lm.modules() if isinstance(m, torch.nn.Dropout))
     policy.train()
     tokens = torch.randint(2, 64, (2, 8))
-    a, b = policy(tokens, 1)[0], policy(tokens, 1)[0]
+    a, b = policy(tokens, 1, 4)[0], policy(tokens, 1, 4)[0]
     torch.testing.assert_close(a, b)  # train mode, yet deterministic: no dropout
+
+
+def test_prepare_lm_swaps_gpt2_gelu_for_the_same_formula_in_one_kernel():
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    lm = tiny_lm().eval()
+    tokens = torch.randint(2, 64, (2, 8))
+    with torch.no_grad():
+        before = lm(input_ids=tokens).logits
+        lm, _ = tp.prepare_lm(lm, SimpleNamespace(pad_token="x", pad_token_id=1, eos_token_id=0))
+        after = lm(input_ids=tokens).logits
+    assert not any(isinstance(m, NewGELUActivation) for m in lm.modules())
+    assert sum(isinstance(m, GELUTanh) for m in lm.modules()) == lm.config.n_layer
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    x = torch.linspace(-6, 6, 1001)
+    torch.testing.assert_close(GELUTanh()(x), 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))))  # OAI's gelu
 
 
 # 9. per-token KL penalty, score at the last token ----------------------------------------------------------------
@@ -284,7 +326,8 @@ def test_forward_flops_matches_torch_flop_counter():
     config = GPT2Config(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=4, attn_implementation="eager")
     lm = GPT2LMHeadModel(config).eval()
     tokens = torch.randint(0, 512, (1, 48))
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        lm(input_ids=tokens)
-    counted = counter.get_total_flops()  # every matmul, attention's included; biases and norms are not counted
-    assert tp.forward_flops(lm, 48) == pytest.approx(counted, rel=0.02)
+    for logit_positions in (48, 13):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            lm(input_ids=tokens, logits_to_keep=logit_positions)
+        counted = counter.get_total_flops()  # every matmul, attention's included; biases and norms are not counted
+        assert tp.forward_flops(lm, 48, logit_positions) == pytest.approx(counted, rel=0.02)
