@@ -1,10 +1,12 @@
 """Learning curves (mean and spread over seeds) and a table of final values per group of runs.
 
     python benchmark/plot.py runs/benchmark/default__1e8dbb8 --out benchmark/default.png
-    python benchmark/plot.py runs/benchmark/adam_tf__* runs/benchmark/adam_pytorch__* --out benchmark/adam.png
+    python benchmark/plot.py runs/benchmark/default__<c> runs/benchmark/adam_pytorch__<c> --seeds 1 2 3 --out benchmark/adam.png
 
 Each positional folder is one group (its name is the label) holding run folders; a run is any folder with a
-metrics.jsonl (train_both.py runs have policy/ and reward/ stages, read together). A .csv exported from wandb
+metrics.jsonl (train_both.py runs have policy/ and reward/ stages, read together; the reward stage's held-out
+accuracy is drawn against labels seen, in the last panel). Run folders are named <exp>__<seed>__<time>; --seeds
+keeps those seeds only. A .csv exported from wandb
 (columns: a run name column `run` or `Name`, `episode`, metric names) is a group of its own. Curves are drawn
 against episodes; the table gives, per group, the mean and std over seeds of each run's last tenth of updates,
 and a verdict for every pair of groups whose means differ by more than the sum of their stds.
@@ -17,7 +19,7 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import matplotlib
 
@@ -40,6 +42,8 @@ class Args:
     """PNG to write"""
     metrics: List[str] = field(default_factory=lambda: list(POLICY_METRICS))
     """policy metrics to draw against episodes"""
+    seeds: Optional[List[int]] = None
+    """only the runs of these seeds (default: every run of each group)"""
 
 
 def read_jsonl(path: Path) -> list:
@@ -47,24 +51,24 @@ def read_jsonl(path: Path) -> list:
 
 
 def load_run(run_dir: Path) -> dict:
-    """{'curve': [policy metrics per update], 'final': {...}} of one run folder."""
+    """{'curve': [policy metrics per update], 'reward_curve': [held-out accuracy evaluations], 'final': {...}}."""
     policy = run_dir / "metrics.jsonl" if (run_dir / "metrics.jsonl").is_file() else run_dir / "policy" / "metrics.jsonl"
     curve = [m for m in read_jsonl(policy) if "episode" in m] if policy.is_file() else []
-    final = {}
+    final, reward_curve = {}, []
     reward = run_dir / "reward" / "metrics.jsonl"
     if reward.is_file():
-        accs = [m["test/accuracy"] for m in read_jsonl(reward) if "test/accuracy" in m]
-        if accs:
-            final["reward/test_accuracy"] = accs[-1]
+        reward_curve = [m for m in read_jsonl(reward) if "test/accuracy" in m]  # before, during and after training
+        if reward_curve:
+            final["reward/test_accuracy"] = reward_curve[-1]["test/accuracy"]
     if curve:
         tail = curve[-max(1, len(curve) // 10) :]
         for k in FINAL_METRICS[1:]:
             if k in tail[0]:
                 final[k] = statistics.mean(m[k] for m in tail)
-    return {"curve": curve, "final": final}
+    return {"curve": curve, "reward_curve": reward_curve, "final": final}
 
 
-def load_group(path: str) -> tuple:
+def load_group(path: str, seeds: Optional[List[int]] = None) -> tuple:
     p = Path(path)
     if p.suffix == ".csv":
         runs = {}
@@ -72,10 +76,15 @@ def load_group(path: str) -> tuple:
             for row in csv.DictReader(f):
                 name = row.get("run") or row.get("Name") or "run"
                 runs.setdefault(name, []).append({k: float(v) for k, v in row.items() if v not in ("", None) and k not in ("run", "Name")})
-        return p.stem, [{"curve": c, "final": {}} for c in runs.values()]
+        return p.stem, [{"curve": c, "reward_curve": [], "final": {}} for c in runs.values()]
+    if not p.is_dir():
+        print(f"error: {path}: no such folder or .csv file", file=sys.stderr)
+        sys.exit(2)
     runs = sorted(d for d in p.iterdir() if d.is_dir() and ((d / "metrics.jsonl").is_file() or (d / "policy" / "metrics.jsonl").is_file()))
+    if seeds is not None:
+        runs = [d for d in runs if len(d.name.split("__")) >= 3 and d.name.split("__")[-2] in {str(x) for x in seeds}]
     if not runs:
-        print(f"error: {path}: no run folders with a metrics.jsonl", file=sys.stderr)
+        print(f"error: {path}: no run folders with a metrics.jsonl" + (f" for seeds {seeds}" if seeds else ""), file=sys.stderr)
         sys.exit(2)
     return p.name, [load_run(d) for d in runs]
 
@@ -84,25 +93,35 @@ def mean_std(values: list) -> tuple:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def draw(ax, name: str, curves: list, x_key: str, metric: str):
+    """Mean and mean +- std over seeds of `metric` against `x_key` (runs of one group share their x grid)."""
+    n = min(len(c) for c in curves)
+    x = [curves[0][i][x_key] for i in range(n)]
+    stats = [mean_std([c[i][metric] for c in curves]) for i in range(n)]
+    ax.plot(x, [m for m, _ in stats], label=f"{name} ({len(curves)} seeds)")
+    ax.fill_between(x, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.25)
+
+
 def plot(groups: list, metrics: list, out: str):
+    with_reward = any(r["reward_curve"] for _, runs in groups for r in runs)
+    panels = metrics + (["reward/test_accuracy"] if with_reward else [])
     cols = 4
-    rows = math.ceil(len(metrics) / cols)
+    rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, metric in zip(axes.flat, metrics):
+    for ax, metric in zip(axes.flat, panels):
         for name, runs in groups:
-            curves = [r["curve"] for r in runs if r["curve"] and metric in r["curve"][0]]
-            if not curves:
+            if metric == "reward/test_accuracy":
+                curves = [r["reward_curve"] for r in runs if r["reward_curve"]]
+                if curves:
+                    draw(ax, name, curves, "label", "test/accuracy")
                 continue
-            n = min(len(c) for c in curves)  # runs of one group share their episode grid
-            x = [curves[0][i]["episode"] for i in range(n)]
-            stats = [mean_std([c[i][metric] for c in curves]) for i in range(n)]
-            mean = [m for m, _ in stats]
-            ax.plot(x, mean, label=f"{name} ({len(curves)} seeds)")
-            ax.fill_between(x, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.25)
-        ax.set_title(metric, fontsize=10)
-        ax.set_xlabel("episodes", fontsize=8)
+            curves = [r["curve"] for r in runs if r["curve"] and metric in r["curve"][0]]
+            if curves:
+                draw(ax, name, curves, "episode", metric)
+        ax.set_title("reward model: held-out accuracy" if metric == "reward/test_accuracy" else metric, fontsize=10)
+        ax.set_xlabel("labels seen" if metric == "reward/test_accuracy" else "episodes", fontsize=8)
         ax.tick_params(labelsize=8)
-    for ax in list(axes.flat)[len(metrics) :]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
@@ -142,7 +161,7 @@ def table(groups: list) -> list:
 
 
 def main(args: Args):
-    groups = [load_group(g) for g in args.groups]
+    groups = [load_group(g, args.seeds) for g in args.groups]
     plot(groups, args.metrics, args.out)
     table(groups)
 

@@ -21,7 +21,8 @@ def fake_group(root, name, gold_end, seeds):
                 m.update({"episode": 64 * u, "update": u, "objective/gold_score": gold_end * u / 20 + 0.01 * seed,
                           "throughput/episodes_per_s": 10.0})
                 f.write(json.dumps(m) + "\n")
-        (run / "reward" / "metrics.jsonl").write_text(json.dumps({"update": 1, "test/accuracy": 0.6 + 0.01 * seed}) + "\n")
+        evals = [{"update": u, "label": 16 * u, "test/accuracy": 0.25 + (0.35 + 0.01 * seed) * u / 64} for u in (0, 32, 64)]
+        (run / "reward" / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
     return group
 
 
@@ -41,6 +42,18 @@ def test_plot_draws_curves_and_judges_groups_against_the_seed_spread(tmp_path):
     # the last tenth of updates (2 of 20) is what the table averages
     final = groups[0][1][0]["final"]["objective/gold_score"]
     assert abs(final - (0.6 * (19 + 20) / 40 + 0.01)) < 1e-9
+    # the reward model's held-out accuracy: its last evaluation, and a curve against labels seen
+    assert abs(groups[0][1][1]["final"]["reward/test_accuracy"] - 0.62) < 1e-9
+    assert [e["label"] for e in groups[0][1][0]["reward_curve"]] == [0, 512, 1024]
+
+
+def test_plot_keeps_only_the_seeds_asked_for(tmp_path):
+    a = fake_group(tmp_path, "a", 0.6, [1, 2, 3, 4, 5])
+    name, runs = plot.load_group(str(a), seeds=[1, 3])
+    assert name == "a" and len(runs) == 2
+    assert sorted(round(r["final"]["reward/test_accuracy"], 4) for r in runs) == [0.61, 0.63]
+    r = run_script([sys.executable, "benchmark/plot.py", str(a), "--seeds", "9", "--out", str(tmp_path / "x.png")])
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "seeds [9]" in r.stderr
 
 
 def test_benchmark_writes_a_slurm_array_with_one_seed_per_task(tmp_path):
