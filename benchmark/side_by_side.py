@@ -4,14 +4,16 @@ same machine state. Reports episodes/s, peak memory and the gold score (VADER) r
     python3 -m venv benchmark/.trl-venv && benchmark/.trl-venv/bin/pip install -r benchmark/trl-requirements.txt
     python benchmark/side_by_side.py --reward_model runs/<both run>/reward/reward_model --episodes 2560 --rounds 3
 
-Same for both: the nano base, that reward model, the same training queries (one per episode), batch 64 as --nminibatches minibatches,
-4 epochs, response 24, temperature 0.7, lr 5e-5 annealed linearly, a fixed KL coefficient 0.15 (TRL has no adaptive
-controller), no truncation. Episodes/s counts training time only (model loading excluded) for both. The gold score
-of each final policy is measured the same way: 256 held-out queries, one sample each at temperature 0.7.
+Same for both: the nano base, that reward model, the same training queries (one per episode), batch 64 as
+--nminibatches minibatches, 4 epochs, response 24, temperature 0.7, lr 5e-5 annealed linearly, a fixed KL coefficient
+0.15 (TRL has no adaptive controller), no truncation. Episodes/s counts training time only (model loading excluded)
+for both. The gold score of each final policy is measured the same way: 256 held-out queries, one sample each at
+temperature 0.7.
 """
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -75,7 +77,9 @@ def main(a: Args):
     common = ["--total_episodes", str(a.episodes)]
     results = []
     for r in range(a.rounds):
-        ours_dir = out / f"ours_{r}"
+        ours_dir, trl_dir = out / f"ours_{r}", out / f"trl_{r}"
+        for d in (ours_dir, trl_dir):  # this script's own outputs of an earlier measurement
+            shutil.rmtree(d, ignore_errors=True)
         res = run([sys.executable, "train_policy.py", "--reward_model", a.reward_model, *common, "--no_adaptive_kl",
                    "--kl_coef", "0.15", "--nminibatches", str(a.nminibatches), "--local_micro_batch_size", str(64 // a.nminibatches),
                    "--run_root", str(ours_dir), "--print_sample_every", "100000"], out / f"ours_{r}.log")
@@ -85,7 +89,6 @@ def main(a: Args):
         results.append({"system": "ours", "round": r, "episodes_per_s": a.episodes / train_s, **res,
                         "gold": gold(str(run_dir / "policy"), heldout)})
         print(json.dumps(results[-1]), flush=True)
-        trl_dir = out / f"trl_{r}"
         res = run([a.trl_python, "benchmark/trl_ppo.py", "--reward_model", a.reward_model, "--queries", str(out / "queries.json"),
                    "--output_dir", str(trl_dir), *common, "--nminibatches", str(a.nminibatches)], out / f"trl_{r}.log")
         trl = json.loads((trl_dir / "result.json").read_text())

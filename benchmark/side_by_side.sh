@@ -1,0 +1,19 @@
+#!/bin/bash
+# Our train_policy.py vs TRL 1.12.0's PPOTrainer at equal episodes (the default run's 2,560), 3 alternating rounds.
+#   bash benchmark/side_by_side.sh [reward model folder]
+# Without a folder, the reward model is trained first (python train_reward.py, seed 1). TRL runs in its own
+# virtual environment: benchmark/.trl-venv (made here if missing) or the python named by $TRL_PYTHON.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TRL_PYTHON=${TRL_PYTHON:-benchmark/.trl-venv/bin/python}
+if [ ! -x "$TRL_PYTHON" ]; then
+    python3 -m venv benchmark/.trl-venv
+    benchmark/.trl-venv/bin/pip install -r benchmark/trl-requirements.txt
+    TRL_PYTHON=benchmark/.trl-venv/bin/python
+fi
+RM=${1:-}
+if [ -z "$RM" ]; then
+    python train_reward.py --run_root runs/side_by_side --exp_name reward
+    RM=$(ls -d runs/side_by_side/reward__1__*/reward_model | tail -1)
+fi
+python benchmark/side_by_side.py --reward_model "$RM" --episodes 2560 --rounds 3 --trl_python "$TRL_PYTHON"
