@@ -6,10 +6,10 @@
 Each positional folder is one group (its name is the label) holding run folders; a run is any folder with a
 metrics.jsonl (train_both.py runs have policy/ and reward/ stages, read together; the reward stage's held-out
 accuracy is drawn against labels seen, in the last panel). Run folders are named <exp>__<seed>__<time>; --seeds
-keeps those seeds only. A .csv exported from wandb
-(columns: a run name column `run` or `Name`, `episode`, metric names) is a group of its own. Curves are drawn
-against episodes; the table gives, per group, the mean and std over seeds of each run's last tenth of updates,
-and a verdict for every pair of groups whose means differ by more than the sum of their stds.
+keeps those seeds only. A .csv exported from wandb (columns: a run name column `run` or `Name`, `episode`, metric
+names) is a group of its own. Curves are drawn against episodes. The table gives, per group, the mean and std over
+seeds of each run's last tenth of updates (and of approxkl and clipfrac at the first update, where an optimizer's
+first steps show), and a verdict for every pair of groups whose means differ by more than the sum of their stds.
 """
 
 import csv
@@ -32,6 +32,7 @@ POLICY_METRICS = [
     "ppo/loss/policy", "ppo/loss/value", "ppo/policy/approxkl", "ppo/policy/clipfrac", "ppo/val/error",
 ]
 FINAL_METRICS = ["reward/test_accuracy", "objective/gold_score", "objective/scores", "objective/kl", "throughput/episodes_per_s"]
+FIRST_METRICS = ["ppo/policy/approxkl", "ppo/policy/clipfrac"]  # the size of the first PPO steps (e.g. Adam's epsilon)
 
 
 @dataclass
@@ -65,6 +66,9 @@ def load_run(run_dir: Path) -> dict:
         for k in FINAL_METRICS[1:]:
             if k in tail[0]:
                 final[k] = statistics.mean(m[k] for m in tail)
+        for k in FIRST_METRICS:
+            if k in curve[0]:
+                final[f"{k} @update 1"] = curve[0][k]
     return {"curve": curve, "reward_curve": reward_curve, "final": final}
 
 
@@ -133,19 +137,20 @@ def plot(groups: list, metrics: list, out: str):
 def table(groups: list) -> list:
     """Rows of (group, metric, mean, std, n) and the verdict lines."""
     finals = {}
+    metrics = FINAL_METRICS + [f"{k} @update 1" for k in FIRST_METRICS]
     for name, runs in groups:
-        for metric in FINAL_METRICS:
+        for metric in metrics:
             values = [r["final"][metric] for r in runs if metric in r["final"]]
             if values:
                 finals[(name, metric)] = (*mean_std(values), len(values))
-    print(f"{'group':32s} {'metric (last tenth of updates)':32s} {'mean':>9s} {'std':>8s} {'seeds':>5s}")
+    print(f"{'group':32s} {'metric (last tenth, or @update 1)':36s} {'mean':>9s} {'std':>8s} {'seeds':>5s}")
     for (name, metric), (m, s, n) in finals.items():
-        print(f"{name:32s} {metric:32s} {m:9.4f} {s:8.4f} {n:5d}")
+        print(f"{name:32s} {metric:36s} {m:9.4f} {s:8.4f} {n:5d}")
     verdicts = []
     names = [name for name, _ in groups]
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            for metric in FINAL_METRICS:
+            for metric in metrics:
                 if (a, metric) in finals and (b, metric) in finals:
                     (ma, sa, na), (mb, sb, nb) = finals[(a, metric)], finals[(b, metric)]
                     if min(na, nb) < 2:

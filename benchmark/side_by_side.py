@@ -2,7 +2,7 @@
 same machine state. Reports episodes/s, peak memory and the gold score (VADER) reached at equal episodes.
 
     python3 -m venv benchmark/.trl-venv && benchmark/.trl-venv/bin/pip install -r benchmark/trl-requirements.txt
-    python benchmark/side_by_side.py --reward_model runs/<both run>/reward/reward_model --episodes 2560 --rounds 3
+    python benchmark/side_by_side.py --reward_model runs/<both run>/reward/reward_model --episodes 2560 --seeds 1 2 3
 
 Same for both: the nano base, that reward model, the same training queries (one per episode), batch 64 as
 --nminibatches minibatches, 4 epochs, response 24, temperature 0.7, lr 5e-5 annealed linearly, a fixed KL coefficient
@@ -17,8 +17,9 @@ import shutil
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List
 
 import torch
 import tyro
@@ -35,8 +36,8 @@ class Args:
     """our reward model folder (train_reward.py's reward_model/)"""
     episodes: int = 2560
     """episodes per run, each with its own query (at most 3,027: the corpus yields 3,283 queries, 256 are held out)"""
-    rounds: int = 2
-    """ours, then TRL, this many times"""
+    seeds: List[int] = field(default_factory=lambda: [1, 2, 3])
+    """one round per seed: ours, then TRL, both with this seed and this seed's queries"""
     nminibatches: int = 2
     """minibatches of the batch of 64"""
     trl_python: str = "benchmark/.trl-venv/bin/python"
@@ -69,36 +70,41 @@ def main(a: Args):
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "data" / "nano")
     texts = tp.load_texts(str(ROOT / "data" / "corpus.jsonl.gz"), "train")
-    # our train_policy.py --seed 1 draws its queries in this order: the first `episodes` of them are its training
-    # queries, and TRL gets exactly these; the 256 after them (same pass over the corpus) are held out for the gold score
-    batches = tp.query_batches(texts, tokenizer, 32, a.episodes, seed=1)
-    train_queries, heldout = next(batches), next(batches)[:256]
-    (out / "queries.json").write_text(json.dumps(train_queries.tolist()))
     common = ["--total_episodes", str(a.episodes)]
     results = []
-    for r in range(a.rounds):
+    for r, seed in enumerate(a.seeds):
+        # our train_policy.py --seed s draws its queries in this order: the first `episodes` of them are its training
+        # queries and TRL gets exactly these; the 256 after them (same pass over the corpus) are held out for gold
+        batches = tp.query_batches(texts, tokenizer, 32, a.episodes, seed=seed)
+        train_queries, heldout = next(batches), next(batches)[:256]
+        queries_file = out / f"queries_{seed}.json"
+        queries_file.write_text(json.dumps(train_queries.tolist()))
         ours_dir, trl_dir = out / f"ours_{r}", out / f"trl_{r}"
         for d in (ours_dir, trl_dir):  # this script's own outputs of an earlier measurement
             shutil.rmtree(d, ignore_errors=True)
-        res = run([sys.executable, "train_policy.py", "--reward_model", a.reward_model, *common, "--no_adaptive_kl",
-                   "--kl_coef", "0.15", "--nminibatches", str(a.nminibatches), "--local_micro_batch_size", str(64 // a.nminibatches),
-                   "--run_root", str(ours_dir), "--print_sample_every", "100000"], out / f"ours_{r}.log")
+        res = run([sys.executable, "train_policy.py", "--reward_model", a.reward_model, *common, "--seed", str(seed),
+                   "--no_adaptive_kl", "--kl_coef", "0.15", "--nminibatches", str(a.nminibatches),
+                   "--local_micro_batch_size", str(64 // a.nminibatches), "--run_root", str(ours_dir),
+                   "--print_sample_every", "100000"], out / f"ours_{r}.log")
         (run_dir,) = [p for p in ours_dir.iterdir() if p.is_dir()]
         metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
         train_s = sum(m["timing/generation_s"] + m["timing/scoring_s"] + m["timing/update_s"] for m in metrics)
-        results.append({"system": "ours", "round": r, "episodes_per_s": a.episodes / train_s, **res,
-                        "gold": gold(str(run_dir / "policy"), heldout)})
+        update_flops = statistics.median(m["throughput/update_flops_per_s"] for m in metrics)
+        results.append({"system": "ours", "round": r, "seed": seed, "episodes_per_s": a.episodes / train_s, **res,
+                        "gold": gold(str(run_dir / "policy"), heldout), "update_flops_per_s": update_flops})
         print(json.dumps(results[-1]), flush=True)
-        res = run([a.trl_python, "benchmark/trl_ppo.py", "--reward_model", a.reward_model, "--queries", str(out / "queries.json"),
-                   "--output_dir", str(trl_dir), *common, "--nminibatches", str(a.nminibatches)], out / f"trl_{r}.log")
+        res = run([a.trl_python, "benchmark/trl_ppo.py", "--reward_model", a.reward_model, "--queries", str(queries_file),
+                   "--output_dir", str(trl_dir), *common, "--seed", str(seed), "--nminibatches", str(a.nminibatches)],
+                  out / f"trl_{r}.log")
         trl = json.loads((trl_dir / "result.json").read_text())
-        results.append({"system": "trl", "round": r, "episodes_per_s": trl["episodes_per_s"], **res,
+        results.append({"system": "trl", "round": r, "seed": seed, "episodes_per_s": trl["episodes_per_s"], **res,
                         "gold": gold(str(trl_dir / "policy"), heldout)})
         print(json.dumps(results[-1]), flush=True)
     summary = {}
     for system in ("ours", "trl"):
         rows = [x for x in results if x["system"] == system]
         summary[system] = {k: statistics.mean(x[k] for x in rows) for k in ("episodes_per_s", "peak_rss_gb", "gold")}
+        summary[system]["gold_std"] = statistics.stdev(x["gold"] for x in rows) if len(rows) > 1 else 0.0
     summary["ratio_ours_over_trl"] = {k: summary["ours"][k] / summary["trl"][k] for k in ("episodes_per_s", "peak_rss_gb")}
     (out / "result.json").write_text(json.dumps({"runs": results, "summary": summary}, indent=2))
     print(json.dumps(summary, indent=2))

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Our train_policy.py vs TRL 1.12.0's PPOTrainer at equal episodes (the default run's 2,560), 3 alternating rounds.
+# Our train_policy.py vs TRL 1.12.0's PPOTrainer at equal episodes (the default run's 2,560), 3 alternating rounds (seeds 1, 2, 3).
 #   bash benchmark/side_by_side.sh [reward model folder]
 # Without a folder, the reward model is trained first (python train_reward.py, seed 1). TRL runs in its own
 # virtual environment: benchmark/.trl-venv (made here if missing) or the python named by $TRL_PYTHON.
@@ -16,4 +16,4 @@ if [ -z "$RM" ]; then
     python train_reward.py --run_root runs/side_by_side --exp_name reward
     RM=$(ls -d runs/side_by_side/reward__1__*/reward_model | tail -1)
 fi
-python benchmark/side_by_side.py --reward_model "$RM" --episodes 2560 --rounds 3 --trl_python "$TRL_PYTHON"
+python benchmark/side_by_side.py --reward_model "$RM" --episodes 2560 --seeds 1 2 3 --trl_python "$TRL_PYTHON"

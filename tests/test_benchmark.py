@@ -42,6 +42,8 @@ def test_plot_draws_curves_and_judges_groups_against_the_seed_spread(tmp_path):
     # the last tenth of updates (2 of 20) is what the table averages
     final = groups[0][1][0]["final"]["objective/gold_score"]
     assert abs(final - (0.6 * (19 + 20) / 40 + 0.01)) < 1e-9
+    assert abs(groups[0][1][0]["final"]["ppo/policy/approxkl @update 1"] - 0.1) < 1e-9  # the first step's size
+    assert any(v.startswith("ppo/policy/clipfrac @update 1: a") and " vs b" in v for v in verdicts)
     # the reward model's held-out accuracy: its last evaluation, and a curve against labels seen
     assert abs(groups[0][1][1]["final"]["reward/test_accuracy"] - 0.62) < 1e-9
     assert [e["label"] for e in groups[0][1][0]["reward_curve"]] == [0, 512, 1024]
