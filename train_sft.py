@@ -369,7 +369,7 @@ def train(args: Args):
         model = new_nano_model(args, tokenizer)
     else:
         model, tokenizer = load_base_model(args.base_model)
-    model, tokenizer = prepare_lm(model, tokenizer)  # a dedicated pad token (not EOS), dropout off
+    model, tokenizer = prepare_lm(model, tokenizer)  # a dedicated pad token (not EOS); dropout is set next
     set_dropout(model, args.dropout)
 
     # 2. Data: (n, T) token ids; `query_length` tokens at the front of each row carry no loss.
