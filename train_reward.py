@@ -34,7 +34,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 from transformers.activations import GELUTanh, NewGELUActivation
 
 
@@ -330,13 +330,17 @@ def query_batches(texts, tokenizer, query_length: int, batch_size: int, seed: in
 
 # Copied from train_policy.py
 def load_base_model(path: str):
-    """(model, tokenizer) from a hub id, a local folder or a .gguf file (loaded by transformers' GGUF reader)."""
+    """(model, tokenizer) from a hub id, a local folder or a .gguf file. A .gguf file is de-quantized to fp32 as it is
+    read (GgufConfig(dequantize=True)): the result is an ordinary trainable model without a quantization marker, which
+    save_pretrained writes as a plain Hugging Face folder that every script loads back. (Read without it, transformers
+    keeps the model marked as GGUF-quantized and refuses to save it.)"""
     try:
         if path.endswith(".gguf"):
             if not os.path.isfile(path):
                 fail(f"--base_model {path}: file not found")
             folder, name = os.path.split(os.path.abspath(path))
-            return (AutoModelForCausalLM.from_pretrained(folder, gguf_file=name), AutoTokenizer.from_pretrained(folder, gguf_file=name))
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, quantization_config=GgufConfig(dequantize=True))
+            return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
         if not os.path.isdir(path) and (path.startswith((".", "/")) or path.count("/") > 1):
             fail(f"--base_model {path}: folder not found")
         return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)

