@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, StaticCache
 from transformers.activations import GELUTanh, NewGELUActivation
 
 @dataclass
@@ -123,10 +123,18 @@ class Args:
     """print a table of samples every this many updates"""
     num_print_samples: int = 3
     """rows of that table"""
-    mixed_precision: Literal["no", "bf16"] = "no"
-    """bf16 autocast for GPUs; on an AVX2-only CPU it is much slower"""
     peak_flops: Optional[float] = None
     """this machine's matmul peak in FLOP/s per process (benchmark/matmul_peak.py measures it); logs the update phase's share of it"""
+
+    # ---- speed (the same function, computed faster; for GPUs) ----
+    mixed_precision: Literal["no", "bf16"] = "no"
+    """bf16: every forward (sampling, value, reference, reward, training) multiplies in bf16, the frozen reference and reward
+    models are kept in bf16; softmax, log-probs, losses and Adam's state stay fp32. On an AVX2-only CPU it is much slower"""
+    compile: bool = False
+    """torch.compile the sampler's decoding step (a CUDA graph on a GPU) and the training forward; the first update pays
+    the compilation (minutes)"""
+    local_rollout_forward_batch_size: int = 64
+    """episodes per forward pass of the reference and reward models on one process (their memory is bounded by it, not by the batch)"""
 
 
 PRESETS = {
@@ -305,25 +313,64 @@ def sample_token(probs: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)
 
 
-def sample_responses(model, queries: torch.Tensor, pad_token_id: int, response_length: int, temperature: float) -> tuple:
-    """(tokens (b, R), logits (b, R, V), hidden (b, R, d)): R = response_length tokens sampled one by one at
-    `temperature` with a KV cache (top_k 0, top_p 1, no stop at EOS, so every response has exactly R tokens), with
-    the logits that predicted each token and the last hidden state they came from, as OAI's sampler returns the
-    log-probs and values of its samples. {OAI}/lm_human_preferences/language/sample.py#L24-L43"""
-    inputs = model_inputs(queries, pad_token_id)
-    mask, position = inputs["attention_mask"], inputs["position_ids"][:, -1:]
-    out = model(**inputs, use_cache=True, logits_to_keep=1, output_hidden_states=True)  # logits of the last position only
-    tokens, logits, hidden = [], [], []
-    for t in range(response_length):
-        logits.append(out.logits[:, -1])
-        hidden.append(out.hidden_states[-1][:, -1])  # after the final layer norm
-        token = sample_token(torch.softmax(sampling_logits(logits[-1], temperature, pad_token_id), -1))
-        tokens.append(token)
-        if t + 1 < response_length:
-            mask, position = torch.cat([mask, torch.ones_like(token)], 1), position + 1
-            out = model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=out.past_key_values,
-                        use_cache=True, output_hidden_states=True)
-    return torch.cat(tokens, 1), torch.stack(logits, 1), torch.stack(hidden, 1)
+class Sampler:
+    """Fixed-length sampling as OAI's sampler: R = response_length tokens drawn one by one at `temperature` (top_k 0,
+    top_p 1, no stop at EOS, so every response has exactly R tokens). With each token it returns its log-prob, the
+    entropy of the distribution it was drawn from and, given a value head, the value of the state before it, all
+    computed at the step itself, as OAI's sampler returns log-probs and values: no (b, R, V) logits are kept.
+    {OAI}/lm_human_preferences/language/sample.py#L24-L43
+
+    The KV cache is pre-allocated (a StaticCache of Q + R positions, reused from call to call), so every decoding step
+    has the same shapes and addresses: with compile=True the step is compiled once, as a CUDA graph on a GPU, which
+    removes the per-step launch and Python overhead that dominates sampling with a small model."""
+
+    def __init__(self, lm, pad_token_id: int, temperature: float, compile: bool = False):
+        self.lm, self.pad_token_id, self.temperature = lm, pad_token_id, temperature
+        self.cache, self.cache_shape = None, None
+        self.step = torch.compile(self.forward, mode="reduce-overhead", dynamic=False) if compile else self.forward
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> tuple:
+        """(logits (b, V), hidden state after the final layer norm (b, d)) at the last of the (b, t) `tokens`, whose
+        keys and values are appended to the cache. `mask` (b, Q+R) covers every slot of the cache."""
+        out = self.lm(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                      use_cache=True, output_hidden_states=True, logits_to_keep=1)
+        return out.logits[:, -1], out.hidden_states[-1][:, -1]
+
+    @torch.no_grad()
+    def __call__(self, queries: torch.Tensor, response_length: int, value_head=None) -> tuple:
+        """(tokens, log-probs, entropies, values or None), each (b, R), for (b, Q) left-padded queries."""
+        b, Q = queries.shape
+        if self.cache_shape != (b, Q + response_length):
+            self.cache, self.cache_shape = StaticCache(config=self.lm.config, max_cache_len=Q + response_length), (b, Q + response_length)
+        else:
+            self.cache.reset()
+        inputs = model_inputs(queries, self.pad_token_id)
+        # one mask over all Q + R cache slots for every step: response slots are real tokens, and the causal mask hides
+        # those not written yet
+        mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones(b, response_length)], 1)
+        position = inputs["position_ids"][:, -1:]  # (b, 1)
+        logits, hidden = self.forward(queries, mask, inputs["position_ids"])  # the prompt, in one uncompiled pass
+        tokens, logprobs, entropies, values = [], [], [], []
+        for t in range(response_length):
+            logp = torch.log_softmax(sampling_logits(logits, self.temperature, self.pad_token_id), -1)  # (b, V), fp32
+            probs = logp.exp()
+            tokens.append(sample_token(probs))  # (b, 1)
+            logprobs.append(logp.gather(1, tokens[-1]))
+            entropies.append(-(probs * logp).sum(-1, keepdim=True))
+            if value_head is not None:
+                values.append(value_head(hidden).float())  # (b, 1): the value of the state before token t
+            if t + 1 < response_length:
+                position = position + 1
+                logits, hidden = self.step(tokens[-1], mask, position)
+        values = torch.cat(values, 1) if value_head is not None else None
+        return torch.cat(tokens, 1), torch.cat(logprobs, 1), torch.cat(entropies, 1), values
+
+
+def in_chunks(fn, size: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """fn applied to consecutive chunks of at most `size` rows of `tensors`, the outputs concatenated: a forward pass
+    over any batch in bounded memory."""
+    n = len(tensors[0])
+    return torch.cat([fn(*(t[i : i + size] for t in tensors)) for i in range(0, n, size)])
 
 
 class RewardModel(nn.Module):
@@ -349,7 +396,7 @@ class RewardModel(nn.Module):
         hidden = self.lm.base_model(**inputs).last_hidden_state  # (b, T, d)
         last = (inputs["attention_mask"] * torch.arange(tokens.shape[1], device=tokens.device)).argmax(1)  # (b,)
         reward = self.head(hidden[torch.arange(len(tokens), device=tokens.device), last]).squeeze(-1)
-        return self.gain * reward + self.bias
+        return (self.gain * reward + self.bias).float()  # fp32 even from a model kept in bf16
 
 
 def save_reward_model(model: RewardModel, tokenizer, folder: Path):
@@ -539,18 +586,24 @@ class AdamTensorFlowStyle(torch.optim.Optimizer):
     def step(self, closure=None):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
                 state = self.state[p]
                 if not state:
                     state["step"], state["m"], state["v"] = 0, torch.zeros_like(p), torch.zeros_like(p)
                 state["step"] += 1
-                t = state["step"]
-                state["m"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                state["v"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                lr_t = group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-                p.addcdiv_(state["m"], state["v"].sqrt().add_(group["eps"]), value=-lr_t)
+            if not params:
+                continue
+            # every parameter at once: foreach ops launch a few kernels per step, not a few per parameter
+            grads, m, v = [p.grad for p in params], [self.state[p]["m"] for p in params], [self.state[p]["v"] for p in params]
+            torch._foreach_mul_(m, beta1)
+            torch._foreach_add_(m, grads, alpha=1 - beta1)  # m = beta1 m + (1 - beta1) g
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)  # v = beta2 v + (1 - beta2) g^2
+            denom = torch._foreach_add(torch._foreach_sqrt(v), group["eps"])  # sqrt(v) + eps, uncorrected
+            steps = [self.state[p]["step"] for p in params]
+            lr_t = [-group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t) for t in steps]
+            torch._foreach_addcdiv_(params, m, denom, lr_t)
         return None
 
 
@@ -579,6 +632,14 @@ def gold_scorer(name: str):
     return lambda texts: [analyzer.polarity_scores(t)["compound"] for t in texts]
 
 
+def now(device: torch.device) -> float:
+    """Seconds on a wall clock, once the device has finished the work queued so far (CUDA kernels run asynchronously,
+    so a phase's time is only known after a synchronize)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def shared_run_dir(accelerator, run_root: str, exp_name: str, seed: int) -> Path:
     """runs/<exp_name>__<seed>__<unix time>, the same name on every process (the main process's clock)."""
     name = [f"{exp_name}__{seed}__{int(time.time())}"]
@@ -594,7 +655,9 @@ def shared_run_dir(accelerator, run_root: str, exp_name: str, seed: int) -> Path
 
 def train(args: Args, run_dir: Optional[Path] = None) -> Path:
     # cpu=True on a machine without a GPU: only then does accelerate join torchrun's processes with gloo
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
+    # --compile: accelerate compiles the training forward when it prepares the policy
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available(),
+                              dynamo_backend="inductor" if args.compile else "no")
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     if args.batch_size % world:
         fail(f"--batch_size {args.batch_size} is not divisible by {world} processes")
@@ -631,13 +694,15 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
             fail(f"--truncate_token {args.truncate_token!r} is not a single token")
         truncate_token = ids[0]
     policy = PolicyAndValue(lm)
-    ref_policy = copy.deepcopy(lm).eval().requires_grad_(False)
-    reward_model.eval().requires_grad_(False)
+    # the frozen models are kept in bf16 under --mixed_precision bf16; the policy's weights stay fp32 (autocast)
+    frozen_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
+    ref_policy = copy.deepcopy(lm).eval().requires_grad_(False).to(device, frozen_dtype)
+    reward_model = reward_model.eval().requires_grad_(False).to(device, frozen_dtype)
     optimizer = make_optimizer(policy.parameters(), args.optimizer, args.lr, args.eps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    ref_policy, reward_model = ref_policy.to(device), reward_model.to(device)
-    unwrapped = accelerator.unwrap_model(policy)
+    unwrapped = accelerator.unwrap_model(policy, keep_torch_compile=False)
     pad = tokenizer.pad_token_id
+    sampler = Sampler(unwrapped.lm, pad, args.temperature, compile=args.compile)
     gold_fn = gold_scorer(args.gold_labeler)
     # FLOPs of one PPO update on this process: noptepochs passes of forward + backward (3x a forward) over the batch
     update_flops = args.noptepochs * local_batch_size * 3 * forward_flops(lm, args.query_length + args.response_length, args.response_length + 1)
@@ -667,38 +732,36 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
     samples_log = []
     progress = tqdm(range(num_updates), disable=not accelerator.is_main_process, desc="ppo")
     for update in progress:
-        t0 = time.time()
+        t0 = now(device)
         # lr annealed linearly to 0, constant within an update. {OAI}/lm_human_preferences/train_policy.py#L172-L173
         for group in optimizer.param_groups:
             group["lr"] = args.lr * (1 - update / num_updates)
 
-        # 4. Rollouts: sample with the policy (keeping its log-probs and values), then one forward of the reference.
+        # 4. Rollouts: sample with the policy, keeping the log-probs and values of the samples from the sampling pass
+        #    itself, as OAI's respond_op ({OAI}/lm_human_preferences/policy.py#L97-L112); then the reference's
+        #    log-probs, in chunks of local_rollout_forward_batch_size episodes.
         queries = next(batches)[rank * local_batch_size : (rank + 1) * local_batch_size].to(device)  # (b, Q)
         policy.eval()
-        with torch.no_grad():
-            responses, logits, hidden = sample_responses(unwrapped.lm, queries, pad, args.response_length, args.temperature)
+        chunk = args.local_rollout_forward_batch_size
+        with torch.no_grad(), accelerator.autocast():
+            responses, logprobs, entropies, values = sampler(queries, args.response_length, unwrapped.value_head)  # (b, R) each
             query_responses = torch.cat([queries, responses], 1)  # (b, Q+R)
-            # log-probs and values of the samples from the sampling pass itself, as OAI's respond_op
-            # {OAI}/lm_human_preferences/policy.py#L97-L112
-            logprobs, _ = response_logprobs(logits, responses, args.temperature, pad)  # (b, R)
-            values = unwrapped.value_head(hidden).squeeze(-1)  # (b, R): value of the state before each response token
-            t_gen = time.time()
-            ref_logits = response_logits(ref_policy, query_responses, pad, args.response_length)
-            ref_logprobs, _ = response_logprobs(ref_logits, responses, args.temperature, pad)
-            del logits, ref_logits
+            t_gen = now(device)
+            ref_logprobs = in_chunks(lambda qr, r: response_logprobs(response_logits(ref_policy, qr, pad, args.response_length),
+                                                                     r, args.temperature, pad)[0], chunk, query_responses, responses)
 
             # 5. Scores of the (truncated) responses by the reward model; the -1 penalty; the gold labeler's score.
             #    The policy trains on the full responses, only the score sees the truncated ones, as OAI.
             scored = responses
             if truncate_token is not None:
                 scored = truncate_responses(responses, truncate_token, args.truncate_after, pad)
-            scores = reward_model(torch.cat([queries, scored], 1), pad)  # (b,)
+            scores = in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, scored], 1))  # (b,)
             if truncate_token is not None:
                 scores = penalize(scores, scored, truncate_token, args.truncate_after, args.penalty_reward_value)
             texts_out = tokenizer.batch_decode([r[r != pad] for r in scored])
             gold = torch.tensor(gold_fn(texts_out), device=device) if gold_fn else None
             rewards, non_score_reward = compute_rewards(scores, logprobs, ref_logprobs, kl_ctl.value)  # (b, R)
-        t_score = time.time()
+        t_score = now(device)
 
         # 6. PPO: noptepochs passes over the batch, reshuffled each time; per minibatch the rewards are whitened
         #    (mean kept), GAE computed and advantages whitened, as inside OAI's loss; micro-batches accumulate
@@ -727,7 +790,7 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 train_stats.append(mb_stats)
-        t_update = time.time()
+        t_update = now(device)
 
         # 7. Statistics (OAI's names), averaged over minibatches and processes; then the KL controller steps.
         #    {OAI}/lm_human_preferences/train_policy.py#L217-L261
@@ -735,6 +798,7 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
         local = {k: torch.stack([s[k] for s in train_stats]).mean() for k in train_stats[0]}
         local.update({
             "objective/kl": kl.mean(), "objective/entropy": (-logprobs).sum(1).mean(), "objective/scores": scores.mean(),
+            "objective/entropy_exact": entropies.sum(1).mean(),  # the same quantity without sampling noise
             "objective/score_total": scores.mean() + non_score_reward.sum(1).mean(),
         })
         if gold is not None:
@@ -746,10 +810,12 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
         metrics["ppo/val/var_explained"] = 1 - metrics["ppo/val/error"] / max(metrics["ppo/returns/var"], 1e-8)
         metrics["lr"] = args.lr * (1 - update / num_updates)
         metrics.update({"timing/generation_s": t_gen - t0, "timing/scoring_s": t_score - t_gen, "timing/update_s": t_update - t_score,
-                        "throughput/episodes_per_s": args.batch_size / (time.time() - t0),
+                        "throughput/episodes_per_s": args.batch_size / (now(device) - t0),
                         "throughput/update_flops_per_s": update_flops / (t_update - t_score)})  # per process
         if args.peak_flops:
             metrics["throughput/update_peak_fraction"] = metrics["throughput/update_flops_per_s"] / args.peak_flops
+        if device.type == "cuda":
+            metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         kl_ctl.update(metrics["objective/kl"], args.batch_size)  # {OAI}/lm_human_preferences/train_policy.py#L305
 
         if accelerator.is_main_process:

@@ -34,7 +34,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, StaticCache
 from transformers.activations import GELUTanh, NewGELUActivation
 
 
@@ -108,7 +108,8 @@ class Args:
     eval_every: int = 64
     """held-out accuracy every this many updates (and before and after training)"""
     mixed_precision: Literal["no", "bf16"] = "no"
-    """bf16 autocast for GPUs; on an AVX2-only CPU it is much slower"""
+    """bf16: every forward multiplies in bf16 (the reward model by autocast, the frozen sampler of the normalization kept in
+    bf16); losses and Adam's state stay fp32. For GPUs; on an AVX2-only CPU it is much slower"""
 
 
 PRESETS = {
@@ -396,25 +397,57 @@ def sample_token(probs: torch.Tensor) -> torch.Tensor:
 
 
 # Copied from train_policy.py
-def sample_responses(model, queries: torch.Tensor, pad_token_id: int, response_length: int, temperature: float) -> tuple:
-    """(tokens (b, R), logits (b, R, V), hidden (b, R, d)): R = response_length tokens sampled one by one at
-    `temperature` with a KV cache (top_k 0, top_p 1, no stop at EOS, so every response has exactly R tokens), with
-    the logits that predicted each token and the last hidden state they came from, as OAI's sampler returns the
-    log-probs and values of its samples. {OAI}/lm_human_preferences/language/sample.py#L24-L43"""
-    inputs = model_inputs(queries, pad_token_id)
-    mask, position = inputs["attention_mask"], inputs["position_ids"][:, -1:]
-    out = model(**inputs, use_cache=True, logits_to_keep=1, output_hidden_states=True)  # logits of the last position only
-    tokens, logits, hidden = [], [], []
-    for t in range(response_length):
-        logits.append(out.logits[:, -1])
-        hidden.append(out.hidden_states[-1][:, -1])  # after the final layer norm
-        token = sample_token(torch.softmax(sampling_logits(logits[-1], temperature, pad_token_id), -1))
-        tokens.append(token)
-        if t + 1 < response_length:
-            mask, position = torch.cat([mask, torch.ones_like(token)], 1), position + 1
-            out = model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=out.past_key_values,
-                        use_cache=True, output_hidden_states=True)
-    return torch.cat(tokens, 1), torch.stack(logits, 1), torch.stack(hidden, 1)
+class Sampler:
+    """Fixed-length sampling as OAI's sampler: R = response_length tokens drawn one by one at `temperature` (top_k 0,
+    top_p 1, no stop at EOS, so every response has exactly R tokens). With each token it returns its log-prob, the
+    entropy of the distribution it was drawn from and, given a value head, the value of the state before it, all
+    computed at the step itself, as OAI's sampler returns log-probs and values: no (b, R, V) logits are kept.
+    {OAI}/lm_human_preferences/language/sample.py#L24-L43
+
+    The KV cache is pre-allocated (a StaticCache of Q + R positions, reused from call to call), so every decoding step
+    has the same shapes and addresses: with compile=True the step is compiled once, as a CUDA graph on a GPU, which
+    removes the per-step launch and Python overhead that dominates sampling with a small model."""
+
+    def __init__(self, lm, pad_token_id: int, temperature: float, compile: bool = False):
+        self.lm, self.pad_token_id, self.temperature = lm, pad_token_id, temperature
+        self.cache, self.cache_shape = None, None
+        self.step = torch.compile(self.forward, mode="reduce-overhead", dynamic=False) if compile else self.forward
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> tuple:
+        """(logits (b, V), hidden state after the final layer norm (b, d)) at the last of the (b, t) `tokens`, whose
+        keys and values are appended to the cache. `mask` (b, Q+R) covers every slot of the cache."""
+        out = self.lm(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                      use_cache=True, output_hidden_states=True, logits_to_keep=1)
+        return out.logits[:, -1], out.hidden_states[-1][:, -1]
+
+    @torch.no_grad()
+    def __call__(self, queries: torch.Tensor, response_length: int, value_head=None) -> tuple:
+        """(tokens, log-probs, entropies, values or None), each (b, R), for (b, Q) left-padded queries."""
+        b, Q = queries.shape
+        if self.cache_shape != (b, Q + response_length):
+            self.cache, self.cache_shape = StaticCache(config=self.lm.config, max_cache_len=Q + response_length), (b, Q + response_length)
+        else:
+            self.cache.reset()
+        inputs = model_inputs(queries, self.pad_token_id)
+        # one mask over all Q + R cache slots for every step: response slots are real tokens, and the causal mask hides
+        # those not written yet
+        mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones(b, response_length)], 1)
+        position = inputs["position_ids"][:, -1:]  # (b, 1)
+        logits, hidden = self.forward(queries, mask, inputs["position_ids"])  # the prompt, in one uncompiled pass
+        tokens, logprobs, entropies, values = [], [], [], []
+        for t in range(response_length):
+            logp = torch.log_softmax(sampling_logits(logits, self.temperature, self.pad_token_id), -1)  # (b, V), fp32
+            probs = logp.exp()
+            tokens.append(sample_token(probs))  # (b, 1)
+            logprobs.append(logp.gather(1, tokens[-1]))
+            entropies.append(-(probs * logp).sum(-1, keepdim=True))
+            if value_head is not None:
+                values.append(value_head(hidden).float())  # (b, 1): the value of the state before token t
+            if t + 1 < response_length:
+                position = position + 1
+                logits, hidden = self.step(tokens[-1], mask, position)
+        values = torch.cat(values, 1) if value_head is not None else None
+        return torch.cat(tokens, 1), torch.cat(logprobs, 1), torch.cat(entropies, 1), values
 
 
 # Copied from train_policy.py
@@ -441,7 +474,7 @@ class RewardModel(nn.Module):
         hidden = self.lm.base_model(**inputs).last_hidden_state  # (b, T, d)
         last = (inputs["attention_mask"] * torch.arange(tokens.shape[1], device=tokens.device)).argmax(1)  # (b,)
         reward = self.head(hidden[torch.arange(len(tokens), device=tokens.device), last]).squeeze(-1)
-        return self.gain * reward + self.bias
+        return (self.gain * reward + self.bias).float()  # fp32 even from a model kept in bf16
 
 
 # Copied from train_policy.py
@@ -485,18 +518,24 @@ class AdamTensorFlowStyle(torch.optim.Optimizer):
     def step(self, closure=None):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
                 state = self.state[p]
                 if not state:
                     state["step"], state["m"], state["v"] = 0, torch.zeros_like(p), torch.zeros_like(p)
                 state["step"] += 1
-                t = state["step"]
-                state["m"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                state["v"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                lr_t = group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-                p.addcdiv_(state["m"], state["v"].sqrt().add_(group["eps"]), value=-lr_t)
+            if not params:
+                continue
+            # every parameter at once: foreach ops launch a few kernels per step, not a few per parameter
+            grads, m, v = [p.grad for p in params], [self.state[p]["m"] for p in params], [self.state[p]["v"] for p in params]
+            torch._foreach_mul_(m, beta1)
+            torch._foreach_add_(m, grads, alpha=1 - beta1)  # m = beta1 m + (1 - beta1) g
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)  # v = beta2 v + (1 - beta2) g^2
+            denom = torch._foreach_add(torch._foreach_sqrt(v), group["eps"])  # sqrt(v) + eps, uncorrected
+            steps = [self.state[p]["step"] for p in params]
+            lr_t = [-group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t) for t in steps]
+            torch._foreach_addcdiv_(params, m, denom, lr_t)
         return None
 
 
@@ -544,9 +583,10 @@ def reward_stats(reward_model, policy_lm, batches, args: Args, accelerator, pad_
     world, rank = accelerator.num_processes, accelerator.process_index
     local = args.rollout_batch_size // world
     sums = torch.zeros(3, device=accelerator.device)  # [sum r, sum r^2, count]
+    sampler = Sampler(policy_lm, pad_token_id, args.temperature)
     for _ in range(math.ceil(args.normalize_samples / args.rollout_batch_size)):
         queries = next(batches)[rank * local : (rank + 1) * local].to(accelerator.device)
-        responses = sample_responses(policy_lm, queries, pad_token_id, args.response_length, args.temperature)[0]
+        responses = sampler(queries, args.response_length)[0]
         r = reward_model(torch.cat([queries, responses], 1), pad_token_id).float()
         sums += torch.stack([r.sum(), (r**2).sum(), torch.tensor(float(len(r)), device=r.device)])
     sums = accelerator.reduce(sums, reduction="sum")
@@ -606,7 +646,8 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
     #    normalization. The seed is the same on every process, so every copy of the head starts identical.
     torch.manual_seed(args.seed)
     lm, tokenizer = prepare_lm(*load_base_model(args.base_model))
-    policy_lm = copy.deepcopy(lm).eval().requires_grad_(False).to(device)
+    # the frozen sampler is kept in bf16 under --mixed_precision bf16; the trained reward model multiplies in bf16 by autocast
+    policy_lm = copy.deepcopy(lm).eval().requires_grad_(False).to(device, torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32)
     reward_model = RewardModel(lm)
     pad = tokenizer.pad_token_id
 

@@ -34,7 +34,7 @@ from accelerate import Accelerator
 from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, GPT2Config, GPT2LMHeadModel, StaticCache
 from transformers.activations import GELUTanh, NewGELUActivation
 
 
@@ -513,25 +513,57 @@ def sample_token(probs: torch.Tensor) -> torch.Tensor:
 
 
 # Copied from train_policy.py
-def sample_responses(model, queries: torch.Tensor, pad_token_id: int, response_length: int, temperature: float) -> tuple:
-    """(tokens (b, R), logits (b, R, V), hidden (b, R, d)): R = response_length tokens sampled one by one at
-    `temperature` with a KV cache (top_k 0, top_p 1, no stop at EOS, so every response has exactly R tokens), with
-    the logits that predicted each token and the last hidden state they came from, as OAI's sampler returns the
-    log-probs and values of its samples. {OAI}/lm_human_preferences/language/sample.py#L24-L43"""
-    inputs = model_inputs(queries, pad_token_id)
-    mask, position = inputs["attention_mask"], inputs["position_ids"][:, -1:]
-    out = model(**inputs, use_cache=True, logits_to_keep=1, output_hidden_states=True)  # logits of the last position only
-    tokens, logits, hidden = [], [], []
-    for t in range(response_length):
-        logits.append(out.logits[:, -1])
-        hidden.append(out.hidden_states[-1][:, -1])  # after the final layer norm
-        token = sample_token(torch.softmax(sampling_logits(logits[-1], temperature, pad_token_id), -1))
-        tokens.append(token)
-        if t + 1 < response_length:
-            mask, position = torch.cat([mask, torch.ones_like(token)], 1), position + 1
-            out = model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=out.past_key_values,
-                        use_cache=True, output_hidden_states=True)
-    return torch.cat(tokens, 1), torch.stack(logits, 1), torch.stack(hidden, 1)
+class Sampler:
+    """Fixed-length sampling as OAI's sampler: R = response_length tokens drawn one by one at `temperature` (top_k 0,
+    top_p 1, no stop at EOS, so every response has exactly R tokens). With each token it returns its log-prob, the
+    entropy of the distribution it was drawn from and, given a value head, the value of the state before it, all
+    computed at the step itself, as OAI's sampler returns log-probs and values: no (b, R, V) logits are kept.
+    {OAI}/lm_human_preferences/language/sample.py#L24-L43
+
+    The KV cache is pre-allocated (a StaticCache of Q + R positions, reused from call to call), so every decoding step
+    has the same shapes and addresses: with compile=True the step is compiled once, as a CUDA graph on a GPU, which
+    removes the per-step launch and Python overhead that dominates sampling with a small model."""
+
+    def __init__(self, lm, pad_token_id: int, temperature: float, compile: bool = False):
+        self.lm, self.pad_token_id, self.temperature = lm, pad_token_id, temperature
+        self.cache, self.cache_shape = None, None
+        self.step = torch.compile(self.forward, mode="reduce-overhead", dynamic=False) if compile else self.forward
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> tuple:
+        """(logits (b, V), hidden state after the final layer norm (b, d)) at the last of the (b, t) `tokens`, whose
+        keys and values are appended to the cache. `mask` (b, Q+R) covers every slot of the cache."""
+        out = self.lm(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                      use_cache=True, output_hidden_states=True, logits_to_keep=1)
+        return out.logits[:, -1], out.hidden_states[-1][:, -1]
+
+    @torch.no_grad()
+    def __call__(self, queries: torch.Tensor, response_length: int, value_head=None) -> tuple:
+        """(tokens, log-probs, entropies, values or None), each (b, R), for (b, Q) left-padded queries."""
+        b, Q = queries.shape
+        if self.cache_shape != (b, Q + response_length):
+            self.cache, self.cache_shape = StaticCache(config=self.lm.config, max_cache_len=Q + response_length), (b, Q + response_length)
+        else:
+            self.cache.reset()
+        inputs = model_inputs(queries, self.pad_token_id)
+        # one mask over all Q + R cache slots for every step: response slots are real tokens, and the causal mask hides
+        # those not written yet
+        mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones(b, response_length)], 1)
+        position = inputs["position_ids"][:, -1:]  # (b, 1)
+        logits, hidden = self.forward(queries, mask, inputs["position_ids"])  # the prompt, in one uncompiled pass
+        tokens, logprobs, entropies, values = [], [], [], []
+        for t in range(response_length):
+            logp = torch.log_softmax(sampling_logits(logits, self.temperature, self.pad_token_id), -1)  # (b, V), fp32
+            probs = logp.exp()
+            tokens.append(sample_token(probs))  # (b, 1)
+            logprobs.append(logp.gather(1, tokens[-1]))
+            entropies.append(-(probs * logp).sum(-1, keepdim=True))
+            if value_head is not None:
+                values.append(value_head(hidden).float())  # (b, 1): the value of the state before token t
+            if t + 1 < response_length:
+                position = position + 1
+                logits, hidden = self.step(tokens[-1], mask, position)
+        values = torch.cat(values, 1) if value_head is not None else None
+        return torch.cat(tokens, 1), torch.cat(logprobs, 1), torch.cat(entropies, 1), values
 
 
 @torch.no_grad()
@@ -540,7 +572,7 @@ def sample(model, tokenizer, eval_data: torch.Tensor, query_length: int, args: A
     model.eval()
     n_prompt = query_length if query_length else args.sample_prompt_tokens
     prompts = eval_data[: args.num_samples, :n_prompt].to(device)
-    continuations = sample_responses(model, prompts, tokenizer.pad_token_id, args.sample_length, args.temperature)[0]
+    continuations = Sampler(model, tokenizer.pad_token_id, args.temperature)(prompts, args.sample_length)[0]
     return [
         {"prompt": tokenizer.decode(p[p != tokenizer.pad_token_id]), "continuation": tokenizer.decode(c)}
         for p, c in zip(prompts, continuations)

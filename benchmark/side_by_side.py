@@ -61,7 +61,7 @@ def gold(policy_dir: str, queries: torch.Tensor) -> float:
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     model = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
     torch.manual_seed(12345)
-    responses = tp.sample_responses(model, queries, tokenizer.pad_token_id, 24, 0.7)[0]
+    responses = tp.Sampler(model, tokenizer.pad_token_id, 0.7)(queries, 24)[0]
     return statistics.mean(tp.gold_scorer("vader")(tokenizer.batch_decode(responses)))
 
 

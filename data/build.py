@@ -300,7 +300,7 @@ def stage_labels(n_labels: int, seed: int = 0, force: bool = False, batch_size: 
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     sys.path.insert(0, str(ROOT))
-    from train_sft import sample_responses  # the same fixed-length temperature sampler as the scripts
+    from train_sft import Sampler  # the same fixed-length temperature sampler as the scripts
 
     if LABELS.exists() and not force:
         print(f"[labels] {LABELS} exists")
@@ -309,12 +309,13 @@ def stage_labels(n_labels: int, seed: int = 0, force: bool = False, batch_size: 
     model = AutoModelForCausalLM.from_pretrained(NANO).eval()
     analyzer = SentimentIntensityAnalyzer()
     texts = read_corpus()
+    sampler = Sampler(model, tokenizer.pad_token_id, TEMPERATURE)
     torch.manual_seed(seed)
     rng, items, n_queries, skipped, start = random.Random(seed), [], 0, 0, time.time()
     with torch.no_grad():
         while len(items) < n_labels:  # queries whose samples all tie are skipped: draw until there are enough
             q = torch.tensor(query_windows(texts, tokenizer, batch_size, QUERY_LENGTH, seed=rng.randrange(2**31)))
-            samples = [sample_responses(model, q, tokenizer.pad_token_id, RESPONSE_LENGTH, TEMPERATURE)[0] for _ in range(4)]
+            samples = [sampler(q, RESPONSE_LENGTH)[0] for _ in range(4)]
             for j in range(len(q)):
                 resp = [s[j].tolist() for s in samples]
                 scores = [analyzer.polarity_scores(tokenizer.decode(r))["compound"] for r in resp]

@@ -121,8 +121,8 @@ def test_clean_passage():
 
 
 def test_cached_sampling_draws_what_plain_sampling_draws(tokenizer):
-    """The KV-cached sampler (train_sft.py, used by the label stage) gives the same tokens as recomputing the
-    whole sequence at every step."""
+    """The static-KV-cache sampler (train_sft.py's copy, used by the label stage) gives the same tokens as recomputing
+    the whole sequence at every step."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -133,7 +133,7 @@ def test_cached_sampling_draws_what_plain_sampling_draws(tokenizer):
     queries = torch.tensor([[pad] * (12 - len(short)) + short, long[:12]])
     torch.manual_seed(1)
     with torch.no_grad():
-        cached = train_sft.sample_responses(model, queries, pad, 10, 0.7)[0]
+        cached = train_sft.Sampler(model, pad, 0.7)(queries, 10)[0]
     torch.manual_seed(1)
     ids = queries
     with torch.no_grad():

@@ -64,29 +64,53 @@ def test_padded_and_unpadded_inputs_give_the_same_logits_values_and_rewards(nano
 # 3. fixed-length sampling at a temperature ---------------------------------------------------------------------
 
 
-def test_sampling_is_fixed_length_never_pads_and_matches_the_temperature_logprobs(nano):
+def tiny_llama(vocab: int, pad: int):
+    """SmolLM2's architecture (llama: RoPE, grouped-query attention, RMSNorm, tied embeddings) at toy size."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=pad)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sampling_is_fixed_length_never_pads_and_matches_the_temperature_logprobs(nano, arch):
     model, tokenizer = nano
     pad = tokenizer.pad_token_id
-    queries = torch.tensor([[pad] * 4 + tokenizer.encode("It was a cold morning.")] * 64)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        responses, logits, hidden = tp.sample_responses(model, queries, pad, 12, 0.7)
-    assert responses.shape == (64, 12) and not (responses == pad).any()
-    # the logits and hidden states kept from the KV-cached sampling pass are those of one forward over
-    # query+response, so the rollout's log-probs and values (taken from sampling, as OAI) are the policy's
+    model = model if arch == "gpt2" else tiny_llama(len(tokenizer), pad)
+    texts = ["It was a cold morning.", "The dog slept. Then it rained all day long and nobody came.", "Hello."]
+    queries = torch.tensor([[pad] * (16 - len(ids)) + ids for ids in (tokenizer.encode(t)[:16] for t in texts)] * 22)  # (66, 16)
     policy = tp.PolicyAndValue(model).eval()
     torch.nn.init.normal_(policy.value_head.weight)
+    sampler = tp.Sampler(model, pad, 0.7)
+    torch.manual_seed(0)
+    responses, logprobs, entropies, values = sampler(queries, 12, policy.value_head)
+    assert responses.shape == logprobs.shape == entropies.shape == values.shape == (66, 12) and not (responses == pad).any()
+    # what the sampler computed at each step with its static KV cache equals one forward over query+response
+    # (today's path: full logits (b, R, V)), so the rollout's log-probs, entropies and values are the policy's
     with torch.no_grad():
         full_logits, full_values = policy(torch.cat([queries, responses], 1), pad, 12)
-    torch.testing.assert_close(logits, full_logits, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(policy.value_head(hidden).squeeze(-1), full_values, atol=1e-4, rtol=1e-4)
+    full_logprobs, full_entropies = tp.response_logprobs(full_logits, responses, 0.7, pad)
+    torch.testing.assert_close(logprobs, full_logprobs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(entropies, full_entropies, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(values, full_values, atol=1e-4, rtol=1e-4)
+    # the cache is reset and reused by the next call of the same shape, and made anew for another shape
+    cache = sampler.cache
+    again = sampler(queries, 12, policy.value_head)
+    assert sampler.cache is cache
+    with torch.no_grad():
+        torch.testing.assert_close(again[1], tp.response_logprobs(policy(torch.cat([queries, again[0]], 1), pad, 12)[0], again[0], 0.7, pad)[0],
+                                   atol=1e-4, rtol=1e-4)
+    assert sampler(queries[:5], 3)[0].shape == (5, 3) and sampler.cache is not cache
     # the first token's empirical distribution follows softmax(logits / T) with the pad token removed
     with torch.no_grad():
         logits = model(**tp.model_inputs(queries[:1], pad)).logits[0, -1]
     p = torch.softmax(tp.sampling_logits(logits, 0.7, pad), -1)
     assert p[pad] == 0 and p.sum().item() == pytest.approx(1.0, abs=1e-5)
     top = p.argmax().item()
-    assert (responses[:, 0] == top).float().mean().item() == pytest.approx(p[top].item(), abs=0.2)
+    first = responses[0::3, 0]  # the 22 rows of the first query
+    assert (first == top).float().mean().item() == pytest.approx(p[top].item(), abs=0.25)
 
 
 def test_inverse_cdf_sampling_follows_the_probabilities_and_never_draws_a_zero():
