@@ -77,3 +77,22 @@ def test_benchmark_runs_each_seed_locally_and_records_it(tmp_path):
     rows = [json.loads(line) for line in open(group / "benchmark.jsonl")]
     assert [row["seed"] for row in rows] == [4, 5] and all(row["returncode"] == 0 for row in rows)
     assert "'--seed', '5', '--run_root'" in (group / "seed5.log").read_text()
+
+
+def test_gpu_throughput_measures_each_config_on_a_model_of_the_given_architecture(tmp_path):
+    """The GPU harness at toy size on the CPU: a random model of the --like folder's architecture (its config and
+    tokenizer only), one train_policy.py run per --config, episodes/s, phase seconds and the share of the matmul peak."""
+    from transformers import AutoTokenizer, GPT2Config
+
+    like = tmp_path / "like"
+    GPT2Config(vocab_size=4096, n_positions=128, n_embd=32, n_layer=1, n_head=2).save_pretrained(like)
+    AutoTokenizer.from_pretrained(ROOT / "data" / "nano").save_pretrained(like)
+    r = run_script([sys.executable, "benchmark/gpu_throughput.py", "--like", str(like), "--updates", "2", "--batch_size", "16",
+                    "--mixed_precision", "no", "--config", "micro8=--local_micro_batch_size 8 --local_rollout_forward_batch_size 8",
+                    "--out", str(tmp_path / "out")], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    (run,) = result["runs"]
+    assert run["config"] == "micro8" and run["episodes_per_s"] > 0 and 0 < run["update_peak_fraction"] < 1.5
+    assert "| ours | micro8 |" in r.stdout
+    assert (tmp_path / "out" / "random_base" / "config.json").is_file()
