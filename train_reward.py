@@ -304,6 +304,23 @@ def format_query(tokens: list, dot: int, query_length: int, pad_token_id: int) -
 
 
 # Copied from train_policy.py
+def format_tldr_query(row: dict, tokenizer, query_length: int) -> list:
+    """OAI's TL;DR query: SUBREDDIT/TITLE/POST/TL;DR, the post cut at its last newline (else its last
+    character) until the query fits, then left-padded with the pad token to `query_length` tokens.
+    https://github.com/openai/summarize-from-feedback/blob/700967448d10004279f138666442bf1497d0e705/summarize_from_feedback/tasks.py#L98-L165"""
+    fmt = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
+    post = row["post"]
+    tokens = tokenizer.encode(fmt.format(subreddit=row["subreddit"], title=row["title"], post=post))
+    while len(tokens) > query_length:
+        if not post:
+            fail(f"--query_length {query_length} is too short for the title of post {row.get('id', '?')}")
+        cut = post.rfind("\n")
+        post = post[:cut] if cut >= 0 else post[:-1]
+        tokens = tokenizer.encode(fmt.format(subreddit=row["subreddit"], title=row["title"], post=post))
+    return [tokenizer.pad_token_id] * (query_length - len(tokens)) + tokens
+
+
+# Copied from train_policy.py
 def query_batches(texts, tokenizer, query_length: int, batch_size: int, seed: int):
     """Endless global batches (batch_size, Q) of queries in a shuffled order that is the same on every process
     (each process then takes its own slice, as OAI shards the dataset over ranks)."""

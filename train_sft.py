@@ -196,6 +196,7 @@ def pack_corpus(texts: list, tokenizer, block_size: int) -> torch.Tensor:
     return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
 
 
+# Copied from train_policy.py
 def format_tldr_query(row: dict, tokenizer, query_length: int) -> list:
     """OAI's TL;DR query: SUBREDDIT/TITLE/POST/TL;DR, the post cut at its last newline (else its last
     character) until the query fits, then left-padded with the pad token to `query_length` tokens.
