@@ -7,7 +7,8 @@
 The run folder runs/<exp_name>__<seed>__<unix time>/ holds reward/ (train_reward.py's run, with reward_model/) and
 policy/ (train_policy.py's run, which loads that reward model). As OAI's train_policy with rewards.train_new_model,
 both stages must share the task: base model, query and response lengths, query data and temperature.
-A first positional word picks a preset (`sentiment`, `descriptiveness`) for both stages.
+A first positional word picks a preset for both stages: `sentiment`, `descriptiveness` (OAI), `tldr` (SFD's 1B recipe on
+the hub data, after `train_sft.py tldr`), `tldr_twin` (the offline summarization twin, after `train_sft.py tldr_twin`).
 """
 
 from dataclasses import dataclass, field, replace
@@ -40,9 +41,11 @@ class Args:
 PRESETS = {
     name: dict(exp_name=name, reward=replace(train_reward.Args(), **train_reward.PRESETS[name]),
                policy=replace(train_policy.Args(), **train_policy.PRESETS[name]))
-    for name in ("sentiment", "descriptiveness")
+    for name in ("sentiment", "descriptiveness", "tldr", "tldr_twin")
 }
-SHARED_TASK = ("base_model", "query_length", "response_length", "query_dataset", "query_split", "temperature")
+# What both stages must agree on. Not response_length: a reward model may read longer responses than the policy samples
+# (SFD: comparisons of up to 169 tokens, PPO samples of 53).
+SHARED_TASK = ("base_model", "query_length", "query_dataset", "query_split", "temperature")
 
 
 def train(args: Args) -> Path:

@@ -7,7 +7,8 @@
 A first positional word picks a preset (`sentiment` or `descriptiveness`): OAI's launch.py values, overridable
 by any flag after it. Every implementation detail that matters is written out below, with a link to the OAI
 line it reproduces ({OAI} stands for
-https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66); DETAILS.md lists
+https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66, {SFD} for
+https://github.com/vwxyzjn/summarize_from_feedback_details/blob/ee77a9abc31f5338365ee087945c5bcafac7f1ca); DETAILS.md lists
 them with their tests. Tensor shapes: b = episodes on this process, Q = query_length, R = response_length.
 """
 
@@ -60,15 +61,18 @@ class Args:
 
     # ---- task (OAI's TaskHParams) ----
     query_dataset: str = "data/corpus.jsonl.gz"
-    """query texts: a .jsonl(.gz) of JSON strings (OAI's book_passages) or of {"text": ...}, or a hub dataset with a text column"""
+    """queries: books texts (a .jsonl(.gz) of JSON strings as OAI's book_passages, or of {"text": ...}, or a hub dataset with a
+    text column) or TL;DR posts with reference summaries (a .jsonl(.gz) of {subreddit, title, post, summary}, or a hub dataset)"""
     query_split: str = "train"
     """split of a hub query dataset"""
     query_length: int = 32
-    """query tokens: the text after its first '.', cut to this length, then after its last '.', left-padded"""
+    """query tokens, left-padded. Books: the text after its first '.', cut to this length, then after its last '.'; TL;DR:
+    SUBREDDIT/TITLE/POST/TL;DR with the post cut at its last newline until it fits"""
     response_length: int = 24
     """tokens sampled per response (always all of them: no stop at EOS)"""
     truncate_token: Optional[str] = None
-    """cut each response after the first occurrence of this token at or after truncate_after before scoring (OAI: '.'); None keeps it whole"""
+    """cut each response after the first occurrence of this token at or after truncate_after before scoring (OAI: '.'; SFD:
+    "eos", the tokenizer's EOS); None keeps it whole"""
     truncate_after: int = 16
     """responses are cut no earlier than this index; one with no truncate_token from here on scores penalty_reward_value"""
     penalty_reward_value: float = -1.0
@@ -91,8 +95,8 @@ class Args:
     """Adam learning rate at the first update, annealed linearly to 0 at the last"""
     eps: float = 1e-5
     """Adam epsilon (OAI: 1e-5)"""
-    optimizer: Literal["adam_tf", "adam_pytorch"] = "adam_tf"
-    """adam_tf: TF1's Adam (epsilon-hat, as OAI ran); adam_pytorch: torch.optim.Adam"""
+    optimizer: Literal["adam_tf", "adam_pytorch", "adamw"] = "adam_tf"
+    """adam_tf: TF1's Adam (epsilon-hat, as OAI ran); adam_pytorch: torch.optim.Adam; adamw: torch.optim.AdamW (SFD)"""
     vf_coef: float = 0.1
     """weight of the value loss"""
     cliprange: float = 0.2
@@ -104,7 +108,14 @@ class Args:
     lam: float = 0.95
     """GAE lambda"""
     whiten_rewards: bool = True
-    """whiten rewards (without shifting their mean) per minibatch before GAE"""
+    """whiten rewards (without shifting their mean) per minibatch before GAE (SFD: no)"""
+    mask_after_truncate: bool = False
+    """SFD: what follows the truncate token leaves the losses and the KL (values one token later), and the score goes right
+    after the truncate token; OAI trains on whole responses, the score at the last token"""
+    value_model: Literal["shared", "reward"] = "shared"
+    """shared: a value head on the policy's transformer (OAI); reward: a separate critic initialised from the reward model (SFD)"""
+    reference_baseline: bool = False
+    """trlX: the score is r(query, response) - r(query, reference summary) (TL;DR queries, which carry references)"""
 
     # ---- KL penalty (OAI's RewardHParams) ----
     kl_coef: float = 0.15
@@ -116,9 +127,20 @@ class Args:
     kl_horizon: int = 256
     """adaptive KL horizon in episodes (OAI: 10000 for 1M episodes)"""
 
-    # ---- logging ----
-    gold_labeler: Literal["vader", "none"] = "vader"
-    """programmatic labeler whose score of every sample is logged as objective/gold_score"""
+    # ---- logging and evaluation ----
+    gold_labeler: Literal["vader", "tldr_judge", "none"] = "vader"
+    """programmatic labeler whose score of every sample is logged as objective/gold_score: VADER (the sentiment world's
+    labeler) or the summarization twin's judge (ROUGE-L against the reference, minus a length penalty)"""
+    eval_dataset: Optional[str] = None
+    """held-out TL;DR posts (a .jsonl(.gz) or a hub dataset): ROUGE, win rate against the reference and gold every eval_every updates"""
+    eval_split: str = "validation"
+    """split of a hub eval_dataset"""
+    num_eval: int = 64
+    """held-out posts per evaluation (the same ones every time)"""
+    eval_every: int = 10
+    """evaluate every this many updates, and after the last"""
+    eval_temperature: float = 0.01
+    """sampling temperature of the evaluation (SFD: 0.01)"""
     print_sample_every: int = 10
     """print a table of samples every this many updates"""
     num_print_samples: int = 3
@@ -151,6 +173,24 @@ PRESETS = {
 }
 # the same task and hyperparameters; only the labels (hence the reward model) differ. VADER is no judge of it.
 PRESETS["descriptiveness"] = {**PRESETS["sentiment"], "exp_name": "descriptiveness", "gold_labeler": "none"}
+# SFD's 1B PPO recipe on its TL;DR data: {SFD}/summarize_from_feedback_details/ppo.py#L41-L157, sbatches/ppo.sbatch
+# (pythia-1b-deduped: 8 GPUs x micro-batch 16 x 4 accumulation = 512). base_model is the tldr SFT run's model.
+PRESETS["tldr"] = dict(
+    exp_name="tldr", base_model="models/sft_tldr", query_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
+    query_length=512, response_length=53, truncate_token="eos", truncate_after=0, penalty_reward_value=-1.0, temperature=0.7,
+    total_episodes=1_000_000, batch_size=512, nminibatches=1, noptepochs=4, local_micro_batch_size=16,
+    local_rollout_forward_batch_size=64, lr=3e-6, eps=1e-5, optimizer="adamw", vf_coef=0.1, cliprange=0.2, cliprange_value=0.2,
+    gamma=1.0, lam=0.95, whiten_rewards=False, mask_after_truncate=True, value_model="reward", kl_coef=0.05, adaptive_kl=False,
+    gold_labeler="none", eval_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
+    eval_split="validation", eval_temperature=0.01,
+)
+# the summarization twin: SFD's details on the nano SFT model and data/tldr/, sized for two CPU cores
+PRESETS["tldr_twin"] = {**PRESETS["tldr"], **dict(
+    exp_name="policy", base_model="runs/tldr_twin/sft_model", query_dataset="data/tldr/train.jsonl.gz", query_length=160,
+    response_length=48, total_episodes=1280, batch_size=64, local_micro_batch_size=32, local_rollout_forward_batch_size=64,
+    lr=5e-5, kl_coef=0.05, gold_labeler="tldr_judge", eval_dataset="data/tldr/validation.jsonl.gz", num_eval=64, eval_every=4,
+    print_sample_every=8,
+)}
 
 
 def fail(message: str):
@@ -175,38 +215,49 @@ def cli(args_class, presets: dict, description: str):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def load_texts(path: str, split: str):
-    """Query texts: a local .jsonl(.gz) (lines are JSON strings, as OAI's book_passages/{mode}.jsonl, or objects
-    with "text", as data/corpus.jsonl.gz), or a hub dataset with a "text" column (e.g. bookcorpus)."""
+TLDR_KEYS = ("subreddit", "title", "post", "summary")
+
+
+def load_texts(path: str, split: str, flag: str = "--query_dataset"):
+    """Query data, indexable: books texts (str) from a local .jsonl(.gz) of JSON strings (OAI's book_passages/{mode}.jsonl)
+    or of objects with "text" (data/corpus.jsonl.gz), or from a hub dataset with a "text" column (bookcorpus); or TL;DR
+    rows (dict with subreddit, title, post, summary) from a .jsonl(.gz) (data/tldr/, summarize-from-feedback's
+    tldr_3_filtered) or a hub dataset with those columns."""
     if os.path.exists(path) or path.endswith((".jsonl", ".gz", ".json")):
         if not os.path.isfile(path):
-            fail(f"--query_dataset {path}: file not found")
+            fail(f"{flag} {path}: file not found")
         texts = []
         try:
             with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
                 for n, line in enumerate(f, 1):
                     if line.strip():
                         row = json.loads(line)
-                        text = row.get("text") if isinstance(row, dict) else row
-                        if not isinstance(text, str):
-                            fail(f"--query_dataset {path}: line {n} is neither a JSON string nor an object with a string \"text\"")
+                        text = row if isinstance(row, dict) and "post" in row else row.get("text") if isinstance(row, dict) else row
+                        if isinstance(text, dict) and not all(isinstance(text.get(k), str) for k in TLDR_KEYS):
+                            fail(f"{flag} {path}: line {n} is a TL;DR row without string {', '.join(TLDR_KEYS)}")
+                        if not isinstance(text, (str, dict)) or (texts and type(text) is not type(texts[0])):
+                            fail(f"{flag} {path}: line {n} is neither a JSON string, an object with a string \"text\" nor a TL;DR "
+                                 "row like the lines before it")
                         texts.append(text)
         except json.JSONDecodeError as e:
-            fail(f"--query_dataset {path}: line {n} is not valid JSON ({e.msg})")
+            fail(f"{flag} {path}: line {n} is not valid JSON ({e.msg})")
         except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
-            fail(f"--query_dataset {path}: cannot be read ({e})")
+            fail(f"{flag} {path}: cannot be read ({e})")
     else:
         import datasets
 
         try:
             texts = datasets.load_dataset(path, split=split)
         except Exception as e:  # offline, unknown id or split: one line, exit 2
-            fail(f"--query_dataset {path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-        if "text" not in texts.column_names:
-            fail(f"--query_dataset {path}: split {split} has no \"text\" column")
-        texts = texts["text"]  # a lazy column: BookCorpus's 74M rows stay memory-mapped
+            fail(f"{flag} {path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        if set(TLDR_KEYS) <= set(texts.column_names):
+            texts = texts.select_columns(list(TLDR_KEYS))  # rows as dicts
+        elif "text" in texts.column_names:
+            texts = texts["text"]  # a lazy column: BookCorpus's 74M rows stay memory-mapped
+        else:
+            fail(f"{flag} {path}: split {split} has neither a \"text\" column nor the TL;DR columns {', '.join(TLDR_KEYS)}")
     if len(texts) == 0:
-        fail(f"--query_dataset {path}: no texts")
+        fail(f"{flag} {path}: no texts")
     return texts
 
 
@@ -242,22 +293,36 @@ def format_tldr_query(row: dict, tokenizer, query_length: int) -> list:
     return [tokenizer.pad_token_id] * (query_length - len(tokens)) + tokens
 
 
-def query_batches(texts, tokenizer, query_length: int, batch_size: int, seed: int):
-    """Endless global batches (batch_size, Q) of queries in a shuffled order that is the same on every process
-    (each process then takes its own slice, as OAI shards the dataset over ranks)."""
+def format_tldr_response(summary: str, tokenizer, response_length: int) -> list:
+    """SFD's reference response ' {summary}<|endoftext|>' (the upstream summary has no leading space), its text cut to
+    response_length - 1 tokens so that the EOS stays, right-padded to response_length tokens.
+    {SFD}/summarize_from_feedback_details/tldr_dataset.py#L186-L199"""
+    tokens = tokenizer.encode(" " + summary)[: response_length - 1] + [tokenizer.eos_token_id]
+    return tokens + [tokenizer.pad_token_id] * (response_length - len(tokens))
+
+
+def query_batches(texts, tokenizer, query_length: int, response_length: int, batch_size: int, seed: int):
+    """Endless global batches in a shuffled order that is the same on every process (each process then takes its own
+    slice, as OAI shards the dataset over ranks): (queries (B, Q), reference responses (B, R)) for TL;DR rows, as
+    SFD's query data carries them, and (queries (B, Q), None) for books texts."""
     dot = tokenizer.convert_tokens_to_ids(".")
-    gen, batch = torch.Generator().manual_seed(seed), []
+    gen, batch, references = torch.Generator().manual_seed(seed), [], []
     while True:
         found = False
         for i in torch.randperm(len(texts), generator=gen).tolist():
-            query = format_query(tokenizer.encode(texts[i]), dot, query_length, tokenizer.pad_token_id)
-            if query is None:
-                continue
+            row = texts[i]
+            if isinstance(row, str):
+                query = format_query(tokenizer.encode(row), dot, query_length, tokenizer.pad_token_id)
+                if query is None:
+                    continue
+            else:
+                query = format_tldr_query(row, tokenizer, query_length)
+                references.append(format_tldr_response(row["summary"], tokenizer, response_length))
             found = True
             batch.append(query)
             if len(batch) == batch_size:
-                yield torch.tensor(batch)
-                batch = []
+                yield torch.tensor(batch), (torch.tensor(references) if references else None)
+                batch, references = [], []
         if not found:
             fail(f"no text of the query dataset has a '.' in its first {query_length} tokens after the first '.'")
 
@@ -405,14 +470,18 @@ class RewardModel(nn.Module):
         self.gain = nn.Parameter(torch.ones(()))
         self.bias = nn.Parameter(torch.zeros(()))
 
+    def scores(self, tokens: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+        """(b, T) fp32 head outputs (gain and bias applied) at every position of (b, T) tokens: the reward at the last
+        real token, or, for a critic initialised from the reward model, the value of every state."""
+        hidden = self.lm.base_model(**model_inputs(tokens, pad_token_id)).last_hidden_state  # (b, T, d)
+        return (self.gain * self.head(hidden).squeeze(-1) + self.bias).float()  # fp32 even from a model kept in bf16
+
     def forward(self, tokens: torch.Tensor, pad_token_id: int) -> torch.Tensor:
-        """(b,) rewards of (b, T) query+response tokens. OAI reads the last position; with a masked pad token the
-        last real token is that position made independent of right padding. {OAI}/lm_human_preferences/rewards.py#L47"""
-        inputs = model_inputs(tokens, pad_token_id)
-        hidden = self.lm.base_model(**inputs).last_hidden_state  # (b, T, d)
-        last = (inputs["attention_mask"] * torch.arange(tokens.shape[1], device=tokens.device)).argmax(1)  # (b,)
-        reward = self.head(hidden[torch.arange(len(tokens), device=tokens.device), last]).squeeze(-1)
-        return (self.gain * reward + self.bias).float()  # fp32 even from a model kept in bf16
+        """(b,) rewards of (b, T) query+response tokens, read at the last real token: the EOS of a response truncated
+        there (SFD reads the reward at the EOS token, {SFD}/summarize_from_feedback_details/ppo.py#L282-L300), else its
+        last token. OAI reads the last position; a masked pad makes it independent of right padding. {OAI}/lm_human_preferences/rewards.py#L47"""
+        last = (tokens != pad_token_id).long().cumsum(1).argmax(1)  # (b,): the last real token
+        return self.scores(tokens, pad_token_id)[torch.arange(len(tokens), device=tokens.device), last]
 
 
 def save_reward_model(model: RewardModel, tokenizer, folder: Path):
@@ -454,22 +523,32 @@ def load_reward_model(folder: str):
 
 
 class PolicyAndValue(nn.Module):
-    """The policy's language model with a value head on its last hidden state (one shared transformer, as
-    OAI's Policy with scalar head 'value'). Value head init 0. {OAI}/lm_human_preferences/language/model.py#L368"""
+    """The policy's language model and its value function: a head on the policy's own last hidden state (one shared
+    transformer, as OAI's Policy with scalar head 'value'; init 0, {OAI}/lm_human_preferences/language/model.py#L368),
+    or a separate critic initialised from the reward model (SFD, {SFD}/summarize_from_feedback_details/ppo.py#L478-L488)."""
 
-    def __init__(self, lm):
+    def __init__(self, lm, critic: Optional[RewardModel] = None):
         super().__init__()
-        self.lm = lm
-        self.value_head = nn.Linear(lm.config.hidden_size, 1)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+        self.lm, self.critic = lm, critic
+        if critic is None:
+            self.value_head = nn.Linear(lm.config.hidden_size, 1)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+
+    def critic_values(self, tokens: torch.Tensor, pad_token_id: int, response_length: int) -> torch.Tensor:
+        """(b, R) values of the separate critic at the R positions Q-1 .. Q+R-2 (the state before each response token)."""
+        return self.critic.scores(tokens, pad_token_id)[:, -response_length - 1 : -1]
 
     def forward(self, tokens: torch.Tensor, pad_token_id: int, response_length: int) -> tuple:
         """(logits (b, R, V), values (b, R)) at the R positions Q-1 .. Q+R-2 of (b, Q+R) query+response tokens:
         position Q-1+t predicts response token t and holds the state before it."""
-        out = self.lm(**model_inputs(tokens, pad_token_id), output_hidden_states=True, logits_to_keep=response_length + 1)
-        hidden = out.hidden_states[-1][:, -response_length - 1 : -1]  # (b, R, d), after the final layer norm
-        return out.logits[:, :-1], self.value_head(hidden).squeeze(-1)
+        shared = self.critic is None
+        out = self.lm(**model_inputs(tokens, pad_token_id), output_hidden_states=shared, logits_to_keep=response_length + 1)
+        if shared:
+            values = self.value_head(out.hidden_states[-1][:, -response_length - 1 : -1]).squeeze(-1)  # after the final layer norm
+        else:
+            values = self.critic_values(tokens, pad_token_id, response_length)
+        return out.logits[:, :-1], values
 
 
 def response_logits(lm, tokens: torch.Tensor, pad_token_id: int, response_length: int) -> torch.Tensor:
@@ -491,6 +570,16 @@ def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature
 # ---------------------------------------------------------------------------------------------------------
 
 
+def truncate_token_id(name: Optional[str], tokenizer) -> Optional[int]:
+    """The id of --truncate_token: None, "eos" (the tokenizer's EOS, SFD's truncate_token) or a text of one token."""
+    if name is None or name == "eos":
+        return None if name is None else tokenizer.eos_token_id
+    ids = tokenizer.encode(name)
+    if len(ids) != 1:
+        fail(f"--truncate_token {name!r} is not a single token")
+    return ids[0]
+
+
 def truncate_responses(responses: torch.Tensor, truncate_token: int, truncate_after: int, pad_token_id: int) -> torch.Tensor:
     """Replace every token after the first truncate_token at or after index truncate_after with the pad token.
     {OAI}/lm_human_preferences/lm_tasks.py#L39-L50"""
@@ -507,12 +596,29 @@ def penalize(scores: torch.Tensor, responses: torch.Tensor, truncate_token: int,
     return torch.where(valid, scores, torch.full_like(scores, penalty))
 
 
-def compute_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_coef: float) -> tuple:
-    """Per-token rewards (b, R): -kl_coef * (logp - logp_ref) at every token, plus the score at the last one.
-    {OAI}/lm_human_preferences/train_policy.py#L149-L154"""
+INVALID_LOGPROB = 1.0  # SFD's log-prob of a masked token: the same in the policy and the reference, so no KL
+
+
+def response_masks(scored: torch.Tensor, pad_token_id: int, mask_after_truncate: bool) -> tuple:
+    """(valid (b, R), value_valid (b, R), score index (b,)) for (b, R) truncated responses. OAI trains on whole responses:
+    everything valid, the score at the last token. SFD masks what follows the truncate token: log-probs are valid up to
+    it, values one position further, and the score goes one position after it (or on it, when it is the last token).
+    {SFD}/summarize_from_feedback_details/ppo.py#L669-L685"""
+    R = scored.shape[1]
+    if not mask_after_truncate:
+        valid = torch.ones_like(scored, dtype=torch.bool)
+        return valid, valid, torch.full((len(scored),), R - 1, device=scored.device)
+    last = (scored != pad_token_id).sum(1) - 1  # (b,): the truncate token, or R - 1 (sampled responses hold no pads)
+    idx = torch.arange(R, device=scored.device)
+    return idx <= last[:, None], idx <= last[:, None] + 1, torch.where(last + 1 < R, last + 1, last)
+
+
+def compute_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_coef: float, score_index: torch.Tensor) -> tuple:
+    """Per-token rewards (b, R): -kl_coef * (logp - logp_ref) at every token, plus the score at score_index (OAI: the last
+    token). {OAI}/lm_human_preferences/train_policy.py#L149-L154"""
     non_score_reward = -kl_coef * (logprobs - ref_logprobs)
     rewards = non_score_reward.clone()
-    rewards[:, -1] += scores
+    rewards[torch.arange(len(scores), device=scores.device), score_index] += scores
     return rewards, non_score_reward
 
 
@@ -546,12 +652,20 @@ class AdaptiveKLParams:
     """episodes over which a full proportional error is corrected"""
 
 
-def whiten(values: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / sqrt(var + 1e-8) over all elements with the biased variance (tf.nn.moments); with
-    shift_mean=False the mean is added back (rewards keep their mean). {OAI}/lm_human_preferences/utils/core.py#L336-L341"""
-    mean, var = values.mean(), values.var(unbiased=False)
+def whiten(values: torch.Tensor, shift_mean: bool = True, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(x - mean) / sqrt(var + 1e-8) over all (or the valid) elements with the biased variance (tf.nn.moments); with
+    shift_mean=False the mean is added back (rewards keep their mean). {OAI}/lm_human_preferences/utils/core.py#L336-L341,
+    masked as {SFD}/summarize_from_feedback_details/ppo.py#L235-L241"""
+    valid = torch.ones_like(values, dtype=torch.bool) if valid is None else valid
+    mean = masked_mean(values, valid)
+    var = masked_mean((values - mean) ** 2, valid)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     return whitened if shift_mean else whitened + mean
+
+
+def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over the valid elements. {SFD}/summarize_from_feedback_details/ppo.py#L208-L213"""
+    return (values * valid).sum() / valid.sum()
 
 
 def compute_gae(values: torch.Tensor, rewards: torch.Tensor, gamma: float, lam: float) -> tuple:
@@ -568,21 +682,22 @@ def compute_gae(values: torch.Tensor, rewards: torch.Tensor, gamma: float, lam: 
     return advantages, advantages + values
 
 
-def ppo_loss(logprobs, values, old_logprobs, old_values, advantages, returns, args) -> tuple:
-    """Clipped policy loss + vf_coef * clipped value loss (the max of clipped and unclipped squared errors).
-    {OAI}/lm_human_preferences/train_policy.py#L343-L357"""
+def ppo_loss(logprobs, values, old_logprobs, old_values, advantages, returns, args, valid, value_valid) -> tuple:
+    """Clipped policy loss + vf_coef * clipped value loss (the max of clipped and unclipped squared errors), averaged over
+    the valid tokens (all of them, unless SFD's mask after the truncate token is on). {OAI}/lm_human_preferences/train_policy.py#L343-L357,
+    {SFD}/summarize_from_feedback_details/ppo.py#L740-L755"""
     vpredclipped = old_values + (values - old_values).clamp(-args.cliprange_value, args.cliprange_value)
     vf_losses1, vf_losses2 = (values - returns) ** 2, (vpredclipped - returns) ** 2
-    vf_loss = 0.5 * torch.max(vf_losses1, vf_losses2).mean()
+    vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), value_valid)
     ratio = torch.exp(logprobs - old_logprobs)
     pg_losses, pg_losses2 = -advantages * ratio, -advantages * ratio.clamp(1.0 - args.cliprange, 1.0 + args.cliprange)
-    pg_loss = torch.max(pg_losses, pg_losses2).mean()
+    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), valid)
     stats = {
         "ppo/loss/policy": pg_loss, "ppo/loss/value": vf_loss,
-        "ppo/policy/approxkl": 0.5 * ((logprobs - old_logprobs) ** 2).mean(),
-        "ppo/policy/clipfrac": (pg_losses2 > pg_losses).float().mean(),
-        "ppo/val/vpred": values.mean(), "ppo/val/error": ((values - returns) ** 2).mean(),
-        "ppo/val/clipfrac": (vf_losses2 > vf_losses1).float().mean(),
+        "ppo/policy/approxkl": 0.5 * masked_mean((logprobs - old_logprobs) ** 2, valid),
+        "ppo/policy/clipfrac": masked_mean((pg_losses2 > pg_losses).float(), valid),
+        "ppo/val/vpred": masked_mean(values, value_valid), "ppo/val/error": masked_mean((values - returns) ** 2, value_valid),
+        "ppo/val/clipfrac": masked_mean((vf_losses2 > vf_losses1).float(), value_valid),
     }
     return pg_loss + args.vf_coef * vf_loss, stats
 
@@ -624,7 +739,10 @@ class AdamTensorFlowStyle(torch.optim.Optimizer):
 
 
 def make_optimizer(params, name: str, lr: float, eps: float):
-    return AdamTensorFlowStyle(params, lr=lr, eps=eps) if name == "adam_tf" else torch.optim.Adam(params, lr=lr, eps=eps)
+    """TF-style Adam, torch's Adam, or torch's AdamW (its default weight decay 0.01, as SFD ran it)."""
+    if name == "adam_tf":
+        return AdamTensorFlowStyle(params, lr=lr, eps=eps)
+    return torch.optim.Adam(params, lr=lr, eps=eps) if name == "adam_pytorch" else torch.optim.AdamW(params, lr=lr, eps=eps)
 
 
 def forward_flops(lm, seq_len: int, logit_positions: int) -> float:
@@ -639,13 +757,66 @@ def forward_flops(lm, seq_len: int, logit_positions: int) -> float:
 
 
 def gold_scorer(name: str):
-    """The programmatic labeler behind the embedded labels (VADER's compound score), or None."""
+    """The programmatic labeler behind the embedded data, scoring decoded responses (given their reference texts):
+    VADER's compound score (the sentiment labels), the summarization twin's judge, or None."""
     if name == "none":
         return None
+    if name == "tldr_judge":
+        return tldr_judge
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     analyzer = SentimentIntensityAnalyzer()
-    return lambda texts: [analyzer.polarity_scores(t)["compound"] for t in texts]
+    return lambda texts, references: [analyzer.polarity_scores(t)["compound"] for t in texts]
+
+
+JUDGE_LENGTH_PENALTY = 0.1
+
+
+def rouge(summaries: list, references: list) -> list:
+    """Per pair {rouge1, rouge2, rougeL}: F1 of each summary against its reference, by rouge-score without stemming, as SFD's
+    evaluate.load("rouge") computes it. {SFD}/summarize_from_feedback_details/sft.py#L37"""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+    return [{k: v.fmeasure for k, v in scorer.score(ref, summary).items()} for summary, ref in zip(summaries, references)]
+
+
+def tldr_judge(summaries: list, references: list) -> list:
+    """The summarization twin's stand-in for OpenAI's labelers: ROUGE-L F1 against the reference summary, minus
+    JUDGE_LENGTH_PENALTY per reference length by which the summary runs longer (in words): a summary must say what
+    the reference says, and not at greater length. data/README.md documents it."""
+    out = []
+    for r, summary, ref in zip(rouge(summaries, references), summaries, references):
+        excess = max(0.0, len(summary.split()) / max(1, len(ref.split())) - 1.0)
+        out.append(r["rougeL"] - JUDGE_LENGTH_PENALTY * excess)
+    return out
+
+
+@torch.no_grad()
+def evaluate(sampler: "Sampler", reward_model, queries: torch.Tensor, references: torch.Tensor, tokenizer, args, gold_fn,
+             accelerator, chunk: int = 64) -> dict:
+    """(metrics, this process's summaries): summaries of held-out (b, Q) queries sampled at the sampler's (evaluation)
+    temperature and cut at the truncate token as in training; ROUGE-1/2/L F1 against the (b, R) reference responses,
+    the reward model's win rate against them and its mean score, and the gold judge's mean, as SFD evaluates
+    ({SFD}/summarize_from_feedback_details/ppo.py#L371-L416). Each process takes every world-th query; the means cover all."""
+    world, rank, pad = accelerator.num_processes, accelerator.process_index, tokenizer.pad_token_id
+    queries, references = queries[rank::world], references[rank::world]
+    responses = torch.cat([sampler(q, references.shape[1])[0] for q in queries.split(chunk)])
+    truncate_token = truncate_token_id(args.truncate_token, tokenizer)
+    scored = responses if truncate_token is None else truncate_responses(responses, truncate_token, args.truncate_after, pad)
+    texts = tokenizer.batch_decode([r[r != pad] for r in scored], skip_special_tokens=True)
+    ref_texts = tokenizer.batch_decode([r[r != pad] for r in references], skip_special_tokens=True)
+    scores = in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, scored], 1))
+    ref_scores = in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, references], 1))
+    per_pair = rouge(texts, ref_texts)
+    sums = {f"eval/{k}": sum(r[k] for r in per_pair) for k in ("rouge1", "rouge2", "rougeL")}
+    sums.update({"eval/win_rate": (scores > ref_scores).float().sum().item(), "eval/score": scores.sum().item(),
+                 "eval/reference_score": ref_scores.sum().item()})
+    if gold_fn:
+        sums["eval/gold_score"] = sum(gold_fn(texts, ref_texts))
+    names = sorted(sums)
+    totals = accelerator.reduce(torch.tensor([sums[k] for k in names] + [float(len(queries))], device=accelerator.device), reduction="sum")
+    return {k: (v / totals[-1]).item() for k, v in zip(names, totals)}, texts
 
 
 def now(device: torch.device) -> float:
@@ -694,7 +865,8 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
     if not os.path.isdir(args.reward_model):
         fail(f"--reward_model {args.reward_model}: folder not found")
 
-    # 1. Models: policy (+ value head), frozen reference policy, frozen reward model. Same init on every process.
+    # 1. Models: policy with its value function (a head, or a critic copied from the reward model), frozen reference
+    #    policy, frozen reward model. Same init on every process.
     torch.manual_seed(args.seed)
     lm, tokenizer = prepare_lm(*load_base_model(args.base_model))
     reward_model, reward_tokenizer = load_reward_model(args.reward_model)
@@ -703,13 +875,8 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
         fail(f"--reward_model {args.reward_model}: its tokenizer ({len(reward_tokenizer)} tokens) differs from --base_model {args.base_model}'s ({len(tokenizer)})")
     if args.query_length + args.response_length > getattr(lm.config, "n_positions", getattr(lm.config, "max_position_embeddings", 1 << 30)):
         fail(f"--query_length + --response_length = {args.query_length + args.response_length} exceeds the model's positions")
-    truncate_token = None
-    if args.truncate_token is not None:
-        ids = tokenizer.encode(args.truncate_token)
-        if len(ids) != 1:
-            fail(f"--truncate_token {args.truncate_token!r} is not a single token")
-        truncate_token = ids[0]
-    policy = PolicyAndValue(lm)
+    truncate_token = truncate_token_id(args.truncate_token, tokenizer)
+    policy = PolicyAndValue(lm, copy.deepcopy(reward_model) if args.value_model == "reward" else None)
     # the frozen models are kept in bf16 under --mixed_precision bf16; the policy's weights stay fp32 (autocast)
     frozen_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
     ref_policy = copy.deepcopy(lm).eval().requires_grad_(False).to(device, frozen_dtype)
@@ -722,10 +889,23 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
     gold_fn = gold_scorer(args.gold_labeler)
     # FLOPs of one PPO update on this process: noptepochs passes of forward + backward (3x a forward) over the batch
     update_flops = args.noptepochs * local_batch_size * 3 * forward_flops(lm, args.query_length + args.response_length, args.response_length + 1)
+    if args.value_model == "reward":
+        update_flops += args.noptepochs * local_batch_size * 3 * forward_flops(lm, args.query_length + args.response_length, 0)
 
-    # 2. Queries, and a seed per process for sampling and minibatch shuffles. {OAI}/lm_human_preferences/utils/core.py#L108-L113
+    # 2. Queries (TL;DR ones with their reference summaries), held-out posts for the evaluation, and a seed per
+    #    process for sampling and minibatch shuffles. {OAI}/lm_human_preferences/utils/core.py#L108-L113
     texts = load_texts(args.query_dataset, args.query_split)
-    batches = query_batches(texts, tokenizer, args.query_length, args.batch_size, args.seed)
+    batches = query_batches(texts, tokenizer, args.query_length, args.response_length, args.batch_size, args.seed)
+    if args.reference_baseline and isinstance(texts[0], str):
+        fail(f"--reference_baseline needs TL;DR queries with reference summaries; --query_dataset {args.query_dataset} holds texts")
+    if args.eval_dataset is not None:
+        eval_texts = load_texts(args.eval_dataset, args.eval_split, "--eval_dataset")
+        if isinstance(eval_texts[0], str):
+            fail(f"--eval_dataset {args.eval_dataset}: held-out TL;DR posts with summaries are needed, not texts")
+        # the same held-out posts whatever the seed
+        eval_queries, eval_references = next(query_batches(eval_texts, tokenizer, args.query_length, args.response_length,
+                                                           min(args.num_eval, len(eval_texts)), seed=0))
+        eval_sampler = Sampler(unwrapped.lm, pad, args.eval_temperature)
     torch.manual_seed(args.seed + rank * 100003)
 
     # 3. Run folder, metrics file, wandb. Nothing was written before the inputs were checked.
@@ -741,7 +921,19 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args), dir=str(run_dir))
         print(f"run folder {run_dir}; {num_updates} updates of {args.batch_size} episodes ({world} process(es) x "
               f"{args.nminibatches} minibatch(es) x {grad_accum} micro-batch(es) of {args.local_micro_batch_size}); "
-              f"{sum(p.numel() for p in policy.parameters()):,} policy parameters")
+              f"{sum(p.numel() for p in policy.parameters()):,} policy and value parameters")
+
+    def run_eval() -> tuple:
+        policy.eval()
+        with accelerator.autocast():
+            return evaluate(eval_sampler, reward_model, eval_queries.to(device), eval_references.to(device), tokenizer, args,
+                            gold_fn, accelerator, args.local_rollout_forward_batch_size)
+
+    if args.eval_dataset is not None:  # the initial policy on the held-out posts, the baseline of every later evaluation
+        start_metrics = {"update": 0, **run_eval()[0]}
+        if accelerator.is_main_process:
+            metrics_file.write(json.dumps(start_metrics) + "\n")
+            print("before training: " + ", ".join(f"{k} {v:.3f}" for k, v in start_metrics.items() if k.startswith("eval/")))
 
     kl_ctl = (AdaptiveKLController(args.kl_coef, AdaptiveKLParams(args.kl_target, args.kl_horizon)) if args.adaptive_kl
               else FixedKLController(args.kl_coef))
@@ -753,30 +945,44 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = args.lr * (1 - update / num_updates)
 
-        # 4. Rollouts: sample with the policy, keeping the log-probs and values of the samples from the sampling pass
-        #    itself, as OAI's respond_op ({OAI}/lm_human_preferences/policy.py#L97-L112); then the reference's
-        #    log-probs, in chunks of local_rollout_forward_batch_size episodes.
-        queries = next(batches)[rank * local_batch_size : (rank + 1) * local_batch_size].to(device)  # (b, Q)
+        # 4. Rollouts: sample with the policy, keeping the log-probs (and the shared head's values) of the samples from
+        #    the sampling pass itself, as OAI's respond_op ({OAI}/lm_human_preferences/policy.py#L97-L112); then, in chunks
+        #    of local_rollout_forward_batch_size episodes, the separate critic's values and the reference's log-probs.
+        queries, references = next(batches)
+        queries = queries[rank * local_batch_size : (rank + 1) * local_batch_size].to(device)  # (b, Q)
+        references = None if references is None else references[rank * local_batch_size : (rank + 1) * local_batch_size].to(device)
         policy.eval()
         chunk = args.local_rollout_forward_batch_size
         with torch.no_grad(), accelerator.autocast():
-            responses, logprobs, entropies, values = sampler(queries, args.response_length, unwrapped.value_head)  # (b, R) each
+            value_head = unwrapped.value_head if unwrapped.critic is None else None
+            responses, logprobs, entropies, values = sampler(queries, args.response_length, value_head)  # (b, R) each
             query_responses = torch.cat([queries, responses], 1)  # (b, Q+R)
+            if unwrapped.critic is not None:  # {SFD}/summarize_from_feedback_details/ppo.py#L637-L640
+                values = in_chunks(lambda qr: unwrapped.critic_values(qr, pad, args.response_length), chunk, query_responses)
             t_gen = now(device)
             ref_logprobs = in_chunks(lambda qr, r: response_logprobs(response_logits(ref_policy, qr, pad, args.response_length),
                                                                      r, args.temperature, pad)[0], chunk, query_responses, responses)
 
-            # 5. Scores of the (truncated) responses by the reward model; the -1 penalty; the gold labeler's score.
-            #    The policy trains on the full responses, only the score sees the truncated ones, as OAI.
+            # 5. Scores of the (truncated) responses by the reward model, less the reference summary's with trlX's
+            #    baseline; the penalty for no truncate token; the gold labeler's score. OAI trains on whole responses and
+            #    only the score sees the truncated ones; SFD masks what follows the truncate token.
             scored = responses
             if truncate_token is not None:
                 scored = truncate_responses(responses, truncate_token, args.truncate_after, pad)
             scores = in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, scored], 1))  # (b,)
+            if args.reference_baseline:  # trlX's reward_fn: r(post + sample) - r(post + reference summary)
+                # https://github.com/CarperAI/trlx/blob/7c8f1aad17de6f89dabd20ddf51dbe5e76fa09a1/examples/summarize_rlhf/trlx_gptj_text_summarization.py
+                scores = scores - in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, references], 1))
             if truncate_token is not None:
                 scores = penalize(scores, scored, truncate_token, args.truncate_after, args.penalty_reward_value)
-            texts_out = tokenizer.batch_decode([r[r != pad] for r in scored])
-            gold = torch.tensor(gold_fn(texts_out), device=device) if gold_fn else None
-            rewards, non_score_reward = compute_rewards(scores, logprobs, ref_logprobs, kl_ctl.value)  # (b, R)
+            texts_out = tokenizer.batch_decode([r[r != pad] for r in scored], skip_special_tokens=references is not None)
+            reference_texts = None if references is None else tokenizer.batch_decode([r[r != pad] for r in references], skip_special_tokens=True)
+            gold = torch.tensor(gold_fn(texts_out, reference_texts), device=device) if gold_fn else None
+            valid, value_valid, score_index = response_masks(scored, pad, args.mask_after_truncate)  # (b, R), (b, R), (b,)
+            # SFD: masked log-probs take one constant value, so they add no KL. {SFD}/summarize_from_feedback_details/ppo.py#L673-L677
+            logprobs, ref_logprobs = logprobs.masked_fill(~valid, INVALID_LOGPROB), ref_logprobs.masked_fill(~valid, INVALID_LOGPROB)
+            values = values.masked_fill(~value_valid, 0.0)
+            rewards, non_score_reward = compute_rewards(scores, logprobs, ref_logprobs, kl_ctl.value, score_index)  # (b, R)
         t_score = now(device)
 
         # 6. PPO: noptepochs passes over the batch, reshuffled each time; per minibatch the rewards are whitened
@@ -788,9 +994,11 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
             order = torch.randperm(local_batch_size, device=device)
             for mb_start in range(0, local_batch_size, local_minibatch_size):
                 mb = order[mb_start : mb_start + local_minibatch_size]
-                mb_rewards = whiten(rewards[mb], shift_mean=False) if args.whiten_rewards else rewards[mb]
+                mb_rewards = rewards[mb]
+                if args.whiten_rewards:
+                    mb_rewards = whiten(mb_rewards, shift_mean=False, valid=value_valid[mb]).masked_fill(~value_valid[mb], 0.0)
                 advantages, returns = compute_gae(values[mb], mb_rewards, args.gamma, args.lam)
-                advantages = whiten(advantages)
+                advantages = whiten(advantages, valid=valid[mb]).masked_fill(~valid[mb], 0.0)
                 mb_stats = {"ppo/returns/mean": returns.mean(), "ppo/returns/var": returns.var(unbiased=False),
                             "ppo/val/mean": values[mb].mean(), "ppo/val/var": values[mb].var(unbiased=False)}
                 for micro in range(grad_accum):
@@ -798,9 +1006,12 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
                     with accelerator.no_sync(policy) if micro < grad_accum - 1 else nullcontext():
                         new_logits, new_values = policy(query_responses[mb[mi]], pad, args.response_length)
                         new_logprobs, entropy = response_logprobs(new_logits, responses[mb[mi]], args.temperature, pad)
-                        loss, stats = ppo_loss(new_logprobs, new_values, logprobs[mb[mi]], values[mb[mi]], advantages[mi], returns[mi], args)
+                        new_logprobs = new_logprobs.masked_fill(~valid[mb[mi]], INVALID_LOGPROB)
+                        new_values = new_values.masked_fill(~value_valid[mb[mi]], 0.0)
+                        loss, stats = ppo_loss(new_logprobs, new_values, logprobs[mb[mi]], values[mb[mi]], advantages[mi],
+                                               returns[mi], args, valid[mb[mi]], value_valid[mb[mi]])
                         accelerator.backward(loss / grad_accum)
-                    stats.update({"ppo/loss/total": loss, "ppo/policy/entropy": entropy.mean()})
+                    stats.update({"ppo/loss/total": loss, "ppo/policy/entropy": masked_mean(entropy, valid[mb[mi]])})
                     for k, v in stats.items():
                         mb_stats[k] = mb_stats.get(k, 0) + v.detach() / grad_accum
                 optimizer.step()
@@ -808,15 +1019,17 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
                 train_stats.append(mb_stats)
         t_update = now(device)
 
-        # 7. Statistics (OAI's names), averaged over minibatches and processes; then the KL controller steps.
-        #    {OAI}/lm_human_preferences/train_policy.py#L217-L261
+        # 7. Statistics (OAI's names), averaged over minibatches and processes; the evaluation on held-out posts every
+        #    eval_every updates; then the KL controller steps. {OAI}/lm_human_preferences/train_policy.py#L217-L261
         kl = (logprobs - ref_logprobs).sum(1)  # (b,)
         local = {k: torch.stack([s[k] for s in train_stats]).mean() for k in train_stats[0]}
         local.update({
-            "objective/kl": kl.mean(), "objective/entropy": (-logprobs).sum(1).mean(), "objective/scores": scores.mean(),
-            "objective/entropy_exact": entropies.sum(1).mean(),  # the same quantity without sampling noise
+            "objective/kl": kl.mean(), "objective/entropy": (-logprobs * valid).sum(1).mean(), "objective/scores": scores.mean(),
+            "objective/entropy_exact": (entropies * valid).sum(1).mean(),  # the same quantity without sampling noise
             "objective/score_total": scores.mean() + non_score_reward.sum(1).mean(),
         })
+        if truncate_token is not None:
+            local["objective/truncated_fraction"] = (scored == pad).any(1).float().mean()  # how many responses ended early
         if gold is not None:
             local["objective/gold_score"] = gold.mean()
         names = sorted(local)
@@ -832,6 +1045,10 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
             metrics["throughput/update_peak_fraction"] = metrics["throughput/update_flops_per_s"] / args.peak_flops
         if device.type == "cuda":
             metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        eval_texts_out = None
+        if args.eval_dataset is not None and ((update + 1) % args.eval_every == 0 or update + 1 == num_updates):
+            eval_metrics, eval_texts_out = run_eval()
+            metrics.update(eval_metrics)
         kl_ctl.update(metrics["objective/kl"], args.batch_size)  # {OAI}/lm_human_preferences/train_policy.py#L305
 
         if accelerator.is_main_process:
@@ -840,7 +1057,8 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
             if args.track:
                 wandb.log(metrics, step=metrics["episode"])
             progress.set_postfix(score=f"{metrics['objective/scores']:+.2f}", kl=f"{metrics['objective/kl']:.2f}",
-                                 **({"gold": f"{metrics['objective/gold_score']:+.2f}"} if gold is not None else {}))
+                                 **({"gold": f"{metrics['objective/gold_score']:+.2f}"} if gold is not None else {}),
+                                 **({"rougeL": f"{metrics['eval/rougeL']:.3f}"} if "eval/rougeL" in metrics else {}))
             if update % args.print_sample_every == 0 or update + 1 == num_updates:
                 rows = []
                 for i in range(min(args.num_print_samples, local_batch_size)):
@@ -848,13 +1066,18 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
                                  "score": scores[i].item(), "gold_score": gold[i].item() if gold is not None else None, "kl": kl[i].item()})
                 print_samples(rows, update + 1)
                 samples_log.extend(rows)
+            if eval_texts_out is not None:
+                samples_log.append({"update": update + 1, "eval_summaries": eval_texts_out[: args.num_print_samples]})
 
-    # 8. Save the policy (language model + value head) and the sample tables.
+    # 8. Save the policy (language model + value head, or the critic as a reward-model folder) and the sample tables.
     if accelerator.is_main_process:
         policy_dir = run_dir / "policy"
         unwrapped.lm.save_pretrained(policy_dir)
         tokenizer.save_pretrained(policy_dir)
-        save_file({k: v.detach().cpu().contiguous() for k, v in unwrapped.value_head.state_dict().items()}, policy_dir / "value_head.safetensors")
+        if unwrapped.critic is None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in unwrapped.value_head.state_dict().items()}, policy_dir / "value_head.safetensors")
+        else:
+            save_reward_model(unwrapped.critic, tokenizer, run_dir / "critic")
         (run_dir / "samples.json").write_text(json.dumps(samples_log, indent=2))
         metrics_file.close()
         print(f"policy saved to {policy_dir}")

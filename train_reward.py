@@ -6,12 +6,17 @@
 The reward model is the base language model with a scalar head read at the last token. Two kinds of labels:
   * OAI's best-of-n: {"query": [ids], "sample0": [ids], ..., "sample{n-1}": [ids], "best": i}, with a
     softmax cross-entropy over the n rewards (k-way choice loss);
-  * pairwise: {"query": ..., "chosen": ..., "rejected": ...} (token ids or text), with -log sigmoid(r_chosen - r_rejected).
+  * pairwise, with -log sigmoid(r_chosen - r_rejected), in any of these formats (told apart by their keys):
+    {"query", "chosen", "rejected"} (token ids or text); OpenAI's summarize-from-feedback comparisons {"info",
+    "summaries", "choice", ...}; {"prompt", "chosen", "rejected"} texts (TRL, CarperAI/openai_summarize_comparisons);
+    {"chosen", "rejected"} conversations with an implicit prompt (Anthropic HH-RLHF); {"prompt", "answer1", "answer2"}
+    with answer1 preferred. Texts get EOS appended to their responses.
 Token ids belong to the tokenizer that made the labels (--label_tokenizer); when the base model's tokenizer differs,
 they are decoded and re-encoded. Before and after training, gain and bias are set so that the rewards of the base
 policy's samples have mean 0 and std 1. One epoch, learning rate annealed linearly to 0. A first positional word
 picks a preset (`sentiment`, `descriptiveness`). Links write {OAI} for
-https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66.
+https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66, {SFD} for
+https://github.com/vwxyzjn/summarize_from_feedback_details/blob/ee77a9abc31f5338365ee087945c5bcafac7f1ca.
 """
 
 import copy
@@ -60,7 +65,12 @@ class Args:
 
     # ---- labels ----
     label_dataset: str = "data/labels/sentiment_offline_5k.json"
-    """labels: a local .json (a list, OAI's format) or .jsonl, or <hub user>/<dataset>/<file> in a hub dataset repository"""
+    """labels: a local .json (a list, OAI's format) or .jsonl, <hub user>/<dataset>/<file> in a hub dataset repository,
+    or a hub dataset id <user>/<dataset> (e.g. openai/summarize_from_feedback with --label_config comparisons)"""
+    label_config: Optional[str] = None
+    """configuration of a hub label dataset"""
+    label_split: str = "train"
+    """split of a hub label dataset"""
     label_tokenizer: Optional[str] = None
     """tokenizer whose ids the labels hold; None reads "tokenizer" from <labels>.meta.json, else takes the base model's"""
     label_pad_token_id: Optional[int] = None
@@ -68,7 +78,9 @@ class Args:
     num_train: int = 2048
     """labels trained on, from the start of the file (OAI: 4992); one epoch"""
     num_test: int = 512
-    """held-out labels, from the end of the file, for test/accuracy"""
+    """held-out labels for test/accuracy: the last ones of the file (of label_split), or the first ones of test_split"""
+    test_split: Optional[str] = None
+    """split of a hub label dataset that holds the held-out labels (SFD: validation); None takes them from label_split's end"""
 
     # ---- task ----
     query_length: int = 32
@@ -76,7 +88,8 @@ class Args:
     response_length: int = 24
     """response tokens (label samples are cut to their first response_length tokens, right-padded)"""
     query_dataset: str = "data/corpus.jsonl.gz"
-    """query texts for the normalization samples: .jsonl(.gz) of JSON strings or {"text": ...}, or a hub dataset"""
+    """queries of the normalization samples (and TL;DR posts with the reference summaries of --reference_bias): as
+    train_policy.py's --query_dataset"""
     query_split: str = "train"
     """split of a hub query dataset"""
     temperature: float = 0.7
@@ -88,11 +101,13 @@ class Args:
     local_micro_batch_size: int = 16
     """labels per forward/backward on one process (each label is n sequences); accumulation makes up the rest"""
     lr: float = 1e-3
-    """Adam learning rate at the first update, annealed linearly to 0 over the epoch (OAI: 5e-5 for gpt2)"""
+    """Adam learning rate at the first update, annealed to 0 over the epoch (OAI: 5e-5 for gpt2)"""
+    lr_schedule: Literal["linear", "cosine"] = "linear"
+    """annealing of the learning rate: linear (OAI) or cosine without warm-up (SFD)"""
     eps: float = 1e-5
     """Adam epsilon (OAI: 1e-5)"""
-    optimizer: Literal["adam_tf", "adam_pytorch"] = "adam_tf"
-    """adam_tf: TF1's Adam (epsilon-hat, as OAI ran); adam_pytorch: torch.optim.Adam"""
+    optimizer: Literal["adam_tf", "adam_pytorch", "adamw"] = "adam_tf"
+    """adam_tf: TF1's Adam (epsilon-hat, as OAI ran); adam_pytorch: torch.optim.Adam; adamw: torch.optim.AdamW (SFD)"""
 
     # ---- reward normalization ----
     normalize_before: bool = True
@@ -103,6 +118,9 @@ class Args:
     """base-policy samples that estimate the rewards' mean and std"""
     rollout_batch_size: int = 64
     """samples drawn at once for the normalization, summed over all processes"""
+    reference_bias: bool = False
+    """after training (and normalize_after), shift the bias so that the reference summaries of --query_dataset's TL;DR
+    posts score 0 on average over normalize_samples of them (SFD)"""
 
     # ---- evaluation ----
     eval_every: int = 64
@@ -124,6 +142,23 @@ PRESETS = {
 }
 PRESETS["descriptiveness"] = {**PRESETS["sentiment"], "exp_name": "descriptiveness_reward",
                               "label_dataset": "vwxyzjn/lm-human-preferences/descriptiveness/offline_5k.json"}
+# SFD's 1B reward model: {SFD}/summarize_from_feedback_details/reward.py#L40-L124 and sbatches/reward.sbatch (8 GPUs x
+# micro-batch 1 x 8 accumulation = 64; one epoch of 92,832 comparisons; AdamW, lr 3e-6 cosine; responses up to 169 tokens,
+# tldr_dataset.py's max_rm_response_length; the reference summaries' mean reward as the bias, no gain/bias normalization)
+PRESETS["tldr"] = dict(
+    exp_name="tldr_reward", base_model="models/sft_tldr", label_dataset="vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144",
+    label_split="train", test_split="validation", num_train=92832, num_test=6400, query_length=512, response_length=169,
+    query_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144", temperature=0.7,
+    batch_size=64, local_micro_batch_size=8, lr=3e-6, lr_schedule="cosine", eps=1e-5, optimizer="adamw",
+    normalize_before=False, normalize_after=False, normalize_samples=4096, rollout_batch_size=512, reference_bias=True,
+)
+# the summarization twin: the judge's comparisons of the twin's SFT samples (data/tldr/comparisons.jsonl.gz), as SFD trains
+PRESETS["tldr_twin"] = dict(
+    exp_name="reward", base_model="runs/tldr_twin/sft_model", label_dataset="data/tldr/comparisons.jsonl.gz",
+    num_train=2048, num_test=512, query_length=160, response_length=48, query_dataset="data/tldr/train.jsonl.gz",
+    batch_size=32, local_micro_batch_size=16, lr=1e-4, lr_schedule="cosine", optimizer="adamw", normalize_before=False,
+    normalize_after=False, normalize_samples=512, rollout_batch_size=64, reference_bias=True, eval_every=64,
+)
 
 
 # Copied from train_policy.py
@@ -150,10 +185,24 @@ def cli(args_class, presets: dict, description: str):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def read_label_file(path: str) -> tuple:
-    """(items, local path): a list of JSON objects from a local .json/.jsonl file or a file of a hub dataset repo."""
+def read_label_file(path: str, config: Optional[str], split: str) -> tuple:
+    """(items, local path): a list of JSON objects from a local .json/.jsonl file, a file of a hub dataset repo
+    (<user>/<dataset>/<file>), or the rows of a hub dataset (<user>/<dataset>, its `config` and `split`)."""
     local = path
-    if not os.path.exists(path) and path.count("/") >= 2 and not path.startswith((".", "/")):
+    hub = not os.path.exists(path) and not path.startswith((".", "/"))
+    if hub and path.count("/") == 1 and not path.endswith((".json", ".jsonl", ".gz")):
+        import datasets
+
+        try:
+            rows = datasets.load_dataset(path, config, split=split)
+        except Exception as e:  # offline, unknown id, config or split: one line, exit 2
+            fail(f"--label_dataset {path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        known = {k for _, keys in PAIR_FORMATS.values() for k in keys} | {"best", "split", "batch", "extra"}
+        items = rows.select_columns([c for c in rows.column_names if c in known or c.startswith("sample")]).to_list()
+        if not items:
+            fail(f"--label_dataset {path}: no labels in split {split}")
+        return items, path
+    if hub and path.count("/") >= 2:
         from huggingface_hub import hf_hub_download
 
         repo, filename = "/".join(path.split("/")[:2]), "/".join(path.split("/")[2:])
@@ -179,15 +228,30 @@ def read_label_file(path: str) -> tuple:
     return items, local
 
 
+# Pairwise label formats, told apart by a key only they have: format -> (that key, the keys every record needs).
+PAIR_FORMATS = {
+    "comparisons": ("summaries", ["info", "summaries", "choice"]),  # OpenAI's summarize-from-feedback
+    "prompt_answers": ("answer1", ["prompt", "answer1", "answer2"]),  # answer1 preferred
+    "prompt_pairs": ("prompt", ["prompt", "chosen", "rejected"]),  # TRL, CarperAI/openai_summarize_comparisons
+    "pairwise": ("query", ["query", "chosen", "rejected"]),  # token ids or text
+    "conversations": ("chosen", ["chosen", "rejected"]),  # Anthropic HH-RLHF
+}
+ASSISTANT = "\n\nAssistant:"
+
+
 def label_format(items: list, path: str) -> tuple:
-    """("best_of_n", n) for OAI's best-of-n labels, ("pairwise", 2) for chosen/rejected; checks every item's keys."""
+    """(kind, format) told apart by the first item's keys: kind ("best_of_n", n) for OAI's best-of-n labels (format
+    "best_of_n"), ("pairwise", 2) for the formats of PAIR_FORMATS; checks every item's keys."""
     first = items[0] if isinstance(items[0], dict) else {}
     if "best" in first:
         n = sum(1 for k in first if k.startswith("sample"))
-        keys = ["query", "best"] + [f"sample{i}" for i in range(n)]
-        kind = ("best_of_n", n)
+        keys, kind, fmt = ["query", "best"] + [f"sample{i}" for i in range(n)], ("best_of_n", n), "best_of_n"
     else:
-        keys, kind = ["query", "chosen", "rejected"], ("pairwise", 2)
+        fmt = next((f for f, (key, _) in PAIR_FORMATS.items() if key in first), None)
+        if fmt is None:
+            fail(f"--label_dataset {path}: item 0 is in no known label format (keys: {', '.join(first) or 'none'}); "
+                 f"one of best, {', '.join(key for key, _ in PAIR_FORMATS.values())} tells the format")
+        keys, kind = PAIR_FORMATS[fmt][1], ("pairwise", 2)
     for i, item in enumerate(items):
         missing = [k for k in keys if not isinstance(item, dict) or k not in item]
         if missing:
@@ -196,13 +260,81 @@ def label_format(items: list, path: str) -> tuple:
             fail(f"--label_dataset {path}: item {i} has best = {item['best']!r}, outside 0..{kind[1] - 1}")
     if kind[0] == "best_of_n" and kind[1] < 2:
         fail(f"--label_dataset {path}: best-of-n labels need at least sample0 and sample1")
-    return kind
+    return kind, fmt
 
 
-def label_tensors(items: list, kind: tuple, path: str, tokenizer, label_tokenizer, label_pad: int, args: Args) -> tuple:
-    """(queries (N, Q), samples (N, n, R), best (N,)) in the base model's tokens. Label pads are dropped; ids are
-    checked against the label tokenizer's vocabulary; text is tokenized; with a different tokenizer ids are decoded
-    and re-encoded. Queries keep their last Q tokens (left-padded), samples their first R (right-padded)."""
+def cut_prompt(prompt: str, tokenizer, query_length: int) -> list:
+    """A text prompt's tokens, left-padded to query_length. A prompt too long loses its start and keeps its end (which
+    holds "TL;DR:" or "Assistant:"): first its leading lines while they lie wholly in the part that must go (as
+    format_tldr_query cuts the post at a newline, from the other side), then tokens."""
+    tokens = tokenizer.encode(prompt)
+    while len(tokens) > query_length and "\n" in prompt:
+        rest = prompt[prompt.index("\n") + 1 :]
+        rest_tokens = tokenizer.encode(rest)
+        if len(rest_tokens) < query_length:
+            break  # the first line reaches into the part that stays
+        prompt, tokens = rest, rest_tokens
+    tokens = tokens[-query_length:]
+    return [tokenizer.pad_token_id] * (query_length - len(tokens)) + tokens
+
+
+def text_pair(item: dict, fmt: str, where: str, tokenizer, query_length: int) -> tuple:
+    """(query tokens left-padded to query_length, [chosen text, rejected text]) of a record of a text format:
+      * comparisons, OpenAI's {"info": {id, post, title, subreddit}, "summaries": [two {text, policy, note}], "choice",
+        "worker", "batch", "split", "extra"}: the TL;DR query of info; summaries[choice] is chosen; summary texts keep
+        their leading space, as SFD reads them ({SFD}/summarize_from_feedback_details/tldr_dataset.py#L261-L283).
+        CNN/DM records (an article, no post) are refused. The format:
+        https://github.com/openai/summarize-from-feedback/blob/700967448d10004279f138666442bf1497d0e705/README.md#comparisons
+      * prompt_pairs, prompt_answers: the prompt as is. CarperAI/openai_summarize_comparisons's summaries are
+        "TL;DR: " + OAI's text and its prompts lack "TL;DR:", so "\\nTL;DR:" ends the query and the summary keeps one
+        leading space, as in SFD's data (trlX reads prompt + "\\n" + chosen:
+        https://github.com/CarperAI/trlx/blob/adb3be224769cf7d85bc3e28b4068ab68bc4f101/examples/summarize_rlhf/reward_model/train_reward_model_gptj.py#L11-L26)
+      * conversations, Anthropic HH-RLHF's "\\n\\nHuman: ... \\n\\nAssistant: ...": the prompt is what chosen and
+        rejected share up to their last common "\\n\\nAssistant:", the responses the rest
+        (https://huggingface.co/datasets/Anthropic/hh-rlhf)."""
+
+    def text(value, key: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            fail(f"{where} {key} is {'an empty text' if isinstance(value, str) else 'not a text'}")
+        return value
+
+    if fmt == "comparisons":
+        info, summaries, choice = item["info"], item["summaries"], item["choice"]
+        if not isinstance(info, dict):
+            fail(f"{where} info is not an object")
+        if info.get("post") is None and info.get("article") is not None:
+            fail(f"{where} is a CNN/DM comparison (info has an article, no post); only TL;DR posts are read")
+        for k in ("subreddit", "title", "post"):
+            text(info.get(k), f"info.{k}")
+        if not (isinstance(summaries, list) and len(summaries) == 2 and all(isinstance(s, dict) for s in summaries)):
+            fail(f"{where} summaries is not a list of two summaries")
+        if type(choice) is not int or choice not in (0, 1):
+            fail(f"{where} has choice = {choice!r}, not 0 or 1")
+        texts = [text(summaries[j].get("text"), f"summaries[{j}].text") for j in (choice, 1 - choice)]
+        return format_tldr_query(info, tokenizer, query_length), texts
+    keys = ["answer1", "answer2"] if fmt == "prompt_answers" else ["chosen", "rejected"]
+    if fmt == "conversations":
+        chosen, rejected = text(item["chosen"], "chosen"), text(item["rejected"], "rejected")
+        end = os.path.commonprefix([chosen, rejected]).rfind(ASSISTANT)
+        if end < 0:
+            fail(f"{where} chosen and rejected share no prompt ending in {ASSISTANT!r}")
+        prompt, texts = chosen[: end + len(ASSISTANT)], [chosen[end + len(ASSISTANT) :], rejected[end + len(ASSISTANT) :]]
+    else:
+        prompt, texts = text(item["prompt"], "prompt"), [text(item[k], k) for k in keys]
+        if all(t.startswith("TL;DR:") for t in texts):  # CarperAI/openai_summarize_comparisons
+            prompt, texts = prompt + "\nTL;DR:", [" " + t[len("TL;DR:") :].lstrip() for t in texts]
+    for key, t in zip(keys, texts):
+        if not t.strip():
+            fail(f"{where} has an empty {key} response")
+    return cut_prompt(prompt, tokenizer, query_length), texts
+
+
+def label_tensors(items: list, indices: list, kind: tuple, fmt: str, path: str, tokenizer, label_tokenizer, label_pad: int,
+                  args: Args) -> tuple:
+    """(queries (N, Q), samples (N, n, R), best (N,)) of items[indices] in the base model's tokens. Token ids: label
+    pads are dropped, ids are checked against the label tokenizer's vocabulary and, with a different tokenizer, decoded
+    and re-encoded; text is tokenized. The text formats (text_pair) end each response with EOS. Queries keep their
+    last Q tokens (left-padded), samples their first R (right-padded): a response cut short loses its EOS."""
     same = label_tokenizer is tokenizer or label_tokenizer.get_vocab() == tokenizer.get_vocab()
     pad, vocab = tokenizer.pad_token_id, len(label_tokenizer)
 
@@ -219,19 +351,43 @@ def label_tensors(items: list, kind: tuple, path: str, tokenizer, label_tokenize
 
     names = ["chosen", "rejected"] if kind[0] == "pairwise" else [f"sample{j}" for j in range(kind[1])]
     queries, samples = [], []
-    for i, item in enumerate(items):
-        q = tokens(item["query"], i, "query")[-args.query_length :]
-        queries.append([pad] * (args.query_length - len(q)) + q)
-        rs = [tokens(item[k], i, k)[: args.response_length] for k in names]
+    for i in indices:
+        if fmt in ("best_of_n", "pairwise"):
+            q = tokens(items[i]["query"], i, "query")[-args.query_length :]
+            queries.append([pad] * (args.query_length - len(q)) + q)
+            rs = [tokens(items[i][k], i, k)[: args.response_length] for k in names]
+        else:
+            query, texts = text_pair(items[i], fmt, f"--label_dataset {path}: item {i}", tokenizer, args.query_length)
+            queries.append(query)
+            rs = [(tokenizer.encode(t) + [tokenizer.eos_token_id])[: args.response_length] for t in texts]
         samples.append([r + [pad] * (args.response_length - len(r)) for r in rs])
-    best = [0] * len(items) if kind[0] == "pairwise" else [item["best"] for item in items]
+    best = [0] * len(indices) if kind[0] == "pairwise" else [items[i]["best"] for i in indices]
     return torch.tensor(queries), torch.tensor(samples), torch.tensor(best)
 
 
+def label_meta(item: dict) -> dict:
+    """A label's split, batch and confidence where its record has them, as OpenAI's comparisons do ("split",
+    "batch", "extra": {"confidence"})."""
+    extra = item.get("extra") if isinstance(item.get("extra"), dict) else {}
+    meta = {"split": item.get("split"), "batch": item.get("batch"), "confidence": extra.get("confidence")}
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def accuracy_breakdown(correct: list, meta: list) -> dict:
+    """Accuracy per split, batch and confidence of the labels (label_meta); a label without a value is left out of
+    that breakdown. SFD logs the same as eval/rm/{split}/accuracy/{split|batch|confidence}/{value}
+    ({SFD}/summarize_from_feedback_details/reward.py#L437-L445); here test/accuracy/{key}/{value}."""
+    groups = {}
+    for ok, m in zip(correct, meta):
+        for key, value in m.items():
+            groups.setdefault(f"test/accuracy/{key}/{value}", []).append(float(ok))
+    return {name: sum(oks) / len(oks) for name, oks in sorted(groups.items())}
+
+
 def load_labels(args: Args, tokenizer) -> tuple:
-    """Train and held-out label tensors, and the label kind."""
-    items, local = read_label_file(args.label_dataset)
-    kind = label_format(items, args.label_dataset)
+    """Train and held-out label tensors, the label kind, and each held-out label's metadata (label_meta)."""
+    items, local = read_label_file(args.label_dataset, args.label_config, args.label_split)
+    kind, fmt = label_format(items, args.label_dataset)
     if args.num_train + args.num_test > len(items):
         fail(f"--label_dataset {args.label_dataset}: {len(items)} labels, fewer than --num_train {args.num_train} + --num_test {args.num_test}")
     meta_path = Path(local).with_suffix(".meta.json")
@@ -244,45 +400,57 @@ def load_labels(args: Args, tokenizer) -> tuple:
         except OSError as e:
             fail(f"--label_tokenizer {name}: cannot be loaded ({str(e).splitlines()[0][:200]})")
     label_pad = args.label_pad_token_id if args.label_pad_token_id is not None else meta.get("pad_token_id", label_tokenizer.pad_token_id)
-    chosen = items[: args.num_train] + (items[len(items) - args.num_test :] if args.num_test else [])
-    q, s, b = label_tensors(chosen, kind, args.label_dataset, tokenizer, label_tokenizer, label_pad, args)
-    n = args.num_train
-    return (q[:n], s[:n], b[:n]), (q[n:], s[n:], b[n:]), kind
+    test_items = items if args.test_split is None else read_label_file(args.label_dataset, args.label_config, args.test_split)[0]
+    test = list(range(len(items) - args.num_test, len(items))) if args.test_split is None else list(range(min(args.num_test, len(test_items))))
+    train = label_tensors(items, list(range(args.num_train)), kind, fmt, args.label_dataset, tokenizer, label_tokenizer, label_pad, args)
+    held_out = label_tensors(test_items, test, kind, fmt, args.label_dataset, tokenizer, label_tokenizer, label_pad, args)
+    return train, held_out, kind, [label_meta(test_items[i]) for i in test]
+
+
+TLDR_KEYS = ("subreddit", "title", "post", "summary")
 
 
 # Copied from train_policy.py
-def load_texts(path: str, split: str):
-    """Query texts: a local .jsonl(.gz) (lines are JSON strings, as OAI's book_passages/{mode}.jsonl, or objects
-    with "text", as data/corpus.jsonl.gz), or a hub dataset with a "text" column (e.g. bookcorpus)."""
+def load_texts(path: str, split: str, flag: str = "--query_dataset"):
+    """Query data, indexable: books texts (str) from a local .jsonl(.gz) of JSON strings (OAI's book_passages/{mode}.jsonl)
+    or of objects with "text" (data/corpus.jsonl.gz), or from a hub dataset with a "text" column (bookcorpus); or TL;DR
+    rows (dict with subreddit, title, post, summary) from a .jsonl(.gz) (data/tldr/, summarize-from-feedback's
+    tldr_3_filtered) or a hub dataset with those columns."""
     if os.path.exists(path) or path.endswith((".jsonl", ".gz", ".json")):
         if not os.path.isfile(path):
-            fail(f"--query_dataset {path}: file not found")
+            fail(f"{flag} {path}: file not found")
         texts = []
         try:
             with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
                 for n, line in enumerate(f, 1):
                     if line.strip():
                         row = json.loads(line)
-                        text = row.get("text") if isinstance(row, dict) else row
-                        if not isinstance(text, str):
-                            fail(f"--query_dataset {path}: line {n} is neither a JSON string nor an object with a string \"text\"")
+                        text = row if isinstance(row, dict) and "post" in row else row.get("text") if isinstance(row, dict) else row
+                        if isinstance(text, dict) and not all(isinstance(text.get(k), str) for k in TLDR_KEYS):
+                            fail(f"{flag} {path}: line {n} is a TL;DR row without string {', '.join(TLDR_KEYS)}")
+                        if not isinstance(text, (str, dict)) or (texts and type(text) is not type(texts[0])):
+                            fail(f"{flag} {path}: line {n} is neither a JSON string, an object with a string \"text\" nor a TL;DR "
+                                 "row like the lines before it")
                         texts.append(text)
         except json.JSONDecodeError as e:
-            fail(f"--query_dataset {path}: line {n} is not valid JSON ({e.msg})")
+            fail(f"{flag} {path}: line {n} is not valid JSON ({e.msg})")
         except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
-            fail(f"--query_dataset {path}: cannot be read ({e})")
+            fail(f"{flag} {path}: cannot be read ({e})")
     else:
         import datasets
 
         try:
             texts = datasets.load_dataset(path, split=split)
         except Exception as e:  # offline, unknown id or split: one line, exit 2
-            fail(f"--query_dataset {path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-        if "text" not in texts.column_names:
-            fail(f"--query_dataset {path}: split {split} has no \"text\" column")
-        texts = texts["text"]  # a lazy column: BookCorpus's 74M rows stay memory-mapped
+            fail(f"{flag} {path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        if set(TLDR_KEYS) <= set(texts.column_names):
+            texts = texts.select_columns(list(TLDR_KEYS))  # rows as dicts
+        elif "text" in texts.column_names:
+            texts = texts["text"]  # a lazy column: BookCorpus's 74M rows stay memory-mapped
+        else:
+            fail(f"{flag} {path}: split {split} has neither a \"text\" column nor the TL;DR columns {', '.join(TLDR_KEYS)}")
     if len(texts) == 0:
-        fail(f"--query_dataset {path}: no texts")
+        fail(f"{flag} {path}: no texts")
     return texts
 
 
@@ -321,22 +489,37 @@ def format_tldr_query(row: dict, tokenizer, query_length: int) -> list:
 
 
 # Copied from train_policy.py
-def query_batches(texts, tokenizer, query_length: int, batch_size: int, seed: int):
-    """Endless global batches (batch_size, Q) of queries in a shuffled order that is the same on every process
-    (each process then takes its own slice, as OAI shards the dataset over ranks)."""
+def format_tldr_response(summary: str, tokenizer, response_length: int) -> list:
+    """SFD's reference response ' {summary}<|endoftext|>' (the upstream summary has no leading space), its text cut to
+    response_length - 1 tokens so that the EOS stays, right-padded to response_length tokens.
+    {SFD}/summarize_from_feedback_details/tldr_dataset.py#L186-L199"""
+    tokens = tokenizer.encode(" " + summary)[: response_length - 1] + [tokenizer.eos_token_id]
+    return tokens + [tokenizer.pad_token_id] * (response_length - len(tokens))
+
+
+# Copied from train_policy.py
+def query_batches(texts, tokenizer, query_length: int, response_length: int, batch_size: int, seed: int):
+    """Endless global batches in a shuffled order that is the same on every process (each process then takes its own
+    slice, as OAI shards the dataset over ranks): (queries (B, Q), reference responses (B, R)) for TL;DR rows, as
+    SFD's query data carries them, and (queries (B, Q), None) for books texts."""
     dot = tokenizer.convert_tokens_to_ids(".")
-    gen, batch = torch.Generator().manual_seed(seed), []
+    gen, batch, references = torch.Generator().manual_seed(seed), [], []
     while True:
         found = False
         for i in torch.randperm(len(texts), generator=gen).tolist():
-            query = format_query(tokenizer.encode(texts[i]), dot, query_length, tokenizer.pad_token_id)
-            if query is None:
-                continue
+            row = texts[i]
+            if isinstance(row, str):
+                query = format_query(tokenizer.encode(row), dot, query_length, tokenizer.pad_token_id)
+                if query is None:
+                    continue
+            else:
+                query = format_tldr_query(row, tokenizer, query_length)
+                references.append(format_tldr_response(row["summary"], tokenizer, response_length))
             found = True
             batch.append(query)
             if len(batch) == batch_size:
-                yield torch.tensor(batch)
-                batch = []
+                yield torch.tensor(batch), (torch.tensor(references) if references else None)
+                batch, references = [], []
         if not found:
             fail(f"no text of the query dataset has a '.' in its first {query_length} tokens after the first '.'")
 
@@ -484,14 +667,18 @@ class RewardModel(nn.Module):
         self.gain = nn.Parameter(torch.ones(()))
         self.bias = nn.Parameter(torch.zeros(()))
 
+    def scores(self, tokens: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+        """(b, T) fp32 head outputs (gain and bias applied) at every position of (b, T) tokens: the reward at the last
+        real token, or, for a critic initialised from the reward model, the value of every state."""
+        hidden = self.lm.base_model(**model_inputs(tokens, pad_token_id)).last_hidden_state  # (b, T, d)
+        return (self.gain * self.head(hidden).squeeze(-1) + self.bias).float()  # fp32 even from a model kept in bf16
+
     def forward(self, tokens: torch.Tensor, pad_token_id: int) -> torch.Tensor:
-        """(b,) rewards of (b, T) query+response tokens. OAI reads the last position; with a masked pad token the
-        last real token is that position made independent of right padding. {OAI}/lm_human_preferences/rewards.py#L47"""
-        inputs = model_inputs(tokens, pad_token_id)
-        hidden = self.lm.base_model(**inputs).last_hidden_state  # (b, T, d)
-        last = (inputs["attention_mask"] * torch.arange(tokens.shape[1], device=tokens.device)).argmax(1)  # (b,)
-        reward = self.head(hidden[torch.arange(len(tokens), device=tokens.device), last]).squeeze(-1)
-        return (self.gain * reward + self.bias).float()  # fp32 even from a model kept in bf16
+        """(b,) rewards of (b, T) query+response tokens, read at the last real token: the EOS of a response truncated
+        there (SFD reads the reward at the EOS token, {SFD}/summarize_from_feedback_details/ppo.py#L282-L300), else its
+        last token. OAI reads the last position; a masked pad makes it independent of right padding. {OAI}/lm_human_preferences/rewards.py#L47"""
+        last = (tokens != pad_token_id).long().cumsum(1).argmax(1)  # (b,): the last real token
+        return self.scores(tokens, pad_token_id)[torch.arange(len(tokens), device=tokens.device), last]
 
 
 # Copied from train_policy.py
@@ -558,7 +745,10 @@ class AdamTensorFlowStyle(torch.optim.Optimizer):
 
 # Copied from train_policy.py
 def make_optimizer(params, name: str, lr: float, eps: float):
-    return AdamTensorFlowStyle(params, lr=lr, eps=eps) if name == "adam_tf" else torch.optim.Adam(params, lr=lr, eps=eps)
+    """TF-style Adam, torch's Adam, or torch's AdamW (its default weight decay 0.01, as SFD ran it)."""
+    if name == "adam_tf":
+        return AdamTensorFlowStyle(params, lr=lr, eps=eps)
+    return torch.optim.Adam(params, lr=lr, eps=eps) if name == "adam_pytorch" else torch.optim.AdamW(params, lr=lr, eps=eps)
 
 
 # Copied from train_policy.py
@@ -602,7 +792,7 @@ def reward_stats(reward_model, policy_lm, batches, args: Args, accelerator, pad_
     sums = torch.zeros(3, device=accelerator.device)  # [sum r, sum r^2, count]
     sampler = Sampler(policy_lm, pad_token_id, args.temperature)
     for _ in range(math.ceil(args.normalize_samples / args.rollout_batch_size)):
-        queries = next(batches)[rank * local : (rank + 1) * local].to(accelerator.device)
+        queries = next(batches)[0][rank * local : (rank + 1) * local].to(accelerator.device)
         responses = sampler(queries, args.response_length)[0]
         r = reward_model(torch.cat([queries, responses], 1), pad_token_id).float()
         sums += torch.stack([r.sum(), (r**2).sum(), torch.tensor(float(len(r)), device=r.device)])
@@ -625,21 +815,39 @@ def normalize(reward_model, stats_fn, target_mean: float = 0.0, target_std: floa
 
 
 @torch.no_grad()
+def reference_reward_mean(reward_model, batches, args: Args, accelerator, pad_token_id: int) -> float:
+    """Mean reward of normalize_samples reference summaries (query + ' {summary}<|endoftext|>') of TL;DR posts, over
+    processes: SFD's bias, so that reference summaries score 0 on average. {SFD}/summarize_from_feedback_details/reward.py#L456-L520"""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    local = args.rollout_batch_size // world
+    sums = torch.zeros(2, device=accelerator.device)  # [sum r, count]
+    for _ in range(math.ceil(args.normalize_samples / args.rollout_batch_size)):
+        queries, references = (t[rank * local : (rank + 1) * local].to(accelerator.device) for t in next(batches))
+        r = reward_model(torch.cat([queries, references], 1), pad_token_id)
+        sums += torch.stack([r.sum(), torch.tensor(float(len(r)), device=r.device)])
+    sums = accelerator.reduce(sums, reduction="sum")
+    return (sums[0] / sums[1]).item()
+
+
+@torch.no_grad()
 def accuracy(reward_model, data: tuple, kind: str, args: Args, accelerator, pad_token_id: int) -> tuple:
-    """(held-out accuracy, loss), each process scoring a shard; sums reduced over processes."""
+    """(held-out accuracy, loss, whether each held-out label was predicted right), each process scoring a shard; sums
+    reduced over processes."""
     reward_model.eval()
     queries, samples, best = data
-    total = torch.zeros(3, device=accelerator.device)  # [correct, loss sum, count]
+    device = accelerator.device
+    total, correct = torch.zeros(2, device=device), torch.zeros(len(queries), device=device)  # [loss sum, count]; per label
     shard = range(accelerator.process_index, len(queries), accelerator.num_processes)
     idx = torch.tensor(list(shard), dtype=torch.long)
     for i in range(0, len(idx), args.local_micro_batch_size):
         j = idx[i : i + args.local_micro_batch_size]
-        r = label_rewards(reward_model, queries[j].to(accelerator.device), samples[j].to(accelerator.device), pad_token_id)
-        loss, acc = choice_loss(r, best[j].to(accelerator.device), kind)
-        total += torch.stack([acc * len(j), loss * len(j), torch.tensor(float(len(j)), device=accelerator.device)])
-    total = accelerator.reduce(total, reduction="sum")
+        r = label_rewards(reward_model, queries[j].to(device), samples[j].to(device), pad_token_id)
+        loss, _ = choice_loss(r, best[j].to(device), kind)
+        correct[j.to(device)] = (r.argmax(1) == best[j].to(device)).float()
+        total += torch.stack([loss * len(j), torch.tensor(float(len(j)), device=device)])
+    total, correct = accelerator.reduce(total, reduction="sum"), accelerator.reduce(correct, reduction="sum")
     reward_model.train()
-    return (total[0] / total[2]).item(), (total[1] / total[2]).item()
+    return correct.mean().item(), (total[0] / total[1]).item(), correct.bool().tolist()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -669,8 +877,11 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
     pad = tokenizer.pad_token_id
 
     # 2. Labels (checked before anything is written) and queries for the normalization samples.
-    train_data, test_data, kind = load_labels(args, tokenizer)
-    batches = query_batches(load_texts(args.query_dataset, args.query_split), tokenizer, args.query_length, args.rollout_batch_size, args.seed)
+    train_data, test_data, kind, test_meta = load_labels(args, tokenizer)
+    texts = load_texts(args.query_dataset, args.query_split)
+    if args.reference_bias and isinstance(texts[0], str):
+        fail(f"--reference_bias needs TL;DR posts with reference summaries; --query_dataset {args.query_dataset} holds texts")
+    batches = query_batches(texts, tokenizer, args.query_length, args.response_length, args.rollout_batch_size, args.seed)
     optimizer = make_optimizer(reward_model.parameters(), args.optimizer, args.lr, args.eps)
     reward_model, optimizer = accelerator.prepare(reward_model, optimizer)
     unwrapped = accelerator.unwrap_model(reward_model)
@@ -706,18 +917,19 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
     if args.normalize_before:
         summary["normalize/before_training/mean"], summary["normalize/before_training/std"] = normalize(unwrapped, stats_fn)
     if len(test_data[0]):
-        summary["test/accuracy"], summary["test/loss"] = accuracy(reward_model, test_data, kind[0], args, accelerator, pad)
+        summary["test/accuracy"], summary["test/loss"], _ = accuracy(reward_model, test_data, kind[0], args, accelerator, pad)
     log(summary)
 
     # 5. One epoch over the labels in an order shared by all processes; each process takes every world-th label
-    #    of a batch; lr annealed linearly to 0. {OAI}/lm_human_preferences/train_reward.py#L236-L250
+    #    of a batch; lr annealed to 0, linearly (OAI) or by a cosine (SFD). {OAI}/lm_human_preferences/train_reward.py#L236-L250
     order = torch.randperm(args.num_train, generator=torch.Generator().manual_seed(args.seed))
     num_updates = args.num_train // args.batch_size
     reward_model.train()
     progress = tqdm(range(num_updates), disable=not accelerator.is_main_process, desc="reward")
     for update in progress:
         start = update * args.batch_size
-        lr = args.lr * (1 - start / args.num_train)
+        done = start / args.num_train
+        lr = args.lr * (1 - done if args.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * done)))
         for group in optimizer.param_groups:
             group["lr"] = lr
         ours = order[start : start + args.batch_size][rank::world]
@@ -734,17 +946,23 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
         train_loss, train_acc = accelerator.reduce(sums, reduction="mean").tolist()
         metrics = {"update": update + 1, "label": start + args.batch_size, "train/loss": train_loss, "train/accuracy": train_acc, "train/lr": lr}
         if len(test_data[0]) and ((update + 1) % args.eval_every == 0 or update + 1 == num_updates):
-            metrics["test/accuracy"], metrics["test/loss"] = accuracy(reward_model, test_data, kind[0], args, accelerator, pad)
+            metrics["test/accuracy"], metrics["test/loss"], correct = accuracy(reward_model, test_data, kind[0], args, accelerator, pad)
+            if update + 1 == num_updates:  # by split / batch / confidence, where the labels carry them (SFD)
+                metrics.update(accuracy_breakdown(correct, test_meta))
             progress.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{metrics['test/accuracy']:.3f}")
         else:
             progress.set_postfix(loss=f"{train_loss:.3f}")
         log(metrics)
 
-    # 6. Normalize after training (so that the policy's KL coefficient keeps its meaning), then save.
-    #    {OAI}/lm_human_preferences/train_reward.py#L252-L254
+    # 6. Normalize after training (so that the policy's KL coefficient keeps its meaning), {OAI}/lm_human_preferences/train_reward.py#L252-L254;
+    #    then SFD's reference bias; then save.
     final = {"update": num_updates, "label": args.num_train}
     if args.normalize_after:
         final["normalize/after_training/mean"], final["normalize/after_training/std"] = normalize(unwrapped, stats_fn)
+    if args.reference_bias:
+        final["normalize/reference_mean"] = reference_reward_mean(unwrapped, batches, args, accelerator, pad)
+        with torch.no_grad():
+            unwrapped.bias -= final["normalize/reference_mean"]
     final["reward/gain"], final["reward/bias"] = unwrapped.gain.item(), unwrapped.bias.item()
     log(final)
     if accelerator.is_main_process:

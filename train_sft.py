@@ -12,7 +12,8 @@ Two jobs, one loop:
     python train_sft.py --task tldr --base_model gpt2 --dataset tldr_3_filtered/train.jsonl
     accelerate launch --num_processes 8 train_sft.py ...  # the global batch stays `batch_size`
 
-Links write {OAI} for https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66.
+Links write {OAI} for https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66 and
+{SFD} for https://github.com/vwxyzjn/summarize_from_feedback_details/blob/ee77a9abc31f5338365ee087945c5bcafac7f1ca.
 """
 
 import gzip
@@ -23,7 +24,7 @@ import sys
 import time
 import zlib
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -73,6 +74,8 @@ class Args:
     """tldr: query tokens (OAI: 512); the post is cut at its last newline until the query fits, then left-padded"""
     response_length: int = 53
     """tldr: summary tokens including <|endoftext|> (summarize_from_feedback_details: 53)"""
+    train_on_query: bool = False
+    """tldr: the loss also covers the query tokens, as SFD's SFT loss covers query and summary (OAI's covers the summary)"""
 
     # ---- model ----
     base_model: Optional[str] = None
@@ -121,13 +124,48 @@ class Args:
     """tokens generated per sample"""
     temperature: float = 0.7
     """sampling temperature for the samples (top_k 0, top_p 1, as OAI samples)"""
+    num_eval: int = 64
+    """tldr: held-out posts summarized at the end for ROUGE-1/2/L against their reference summaries"""
+    eval_temperature: float = 0.01
+    """tldr: sampling temperature of those summaries (SFD: 0.01)"""
 
+
+PRESETS = {
+    # SFD's SFT of pythia-1b-deduped on its TL;DR data: {SFD}/summarize_from_feedback_details/sft.py#L41-L127 and
+    # sbatches/sft.sbatch (8 GPUs x micro-batch 1 x 16 accumulation = 128; one epoch of 116,722 posts = 911 updates;
+    # AdamW, lr 3e-6 cosine without warm-up; no gradient clipping; loss on query and summary; ROUGE at temperature 0.01)
+    "tldr": dict(
+        exp_name="sft_tldr", task="tldr", base_model="EleutherAI/pythia-1b-deduped", output_dir="models/sft_tldr",
+        dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144", dataset_split="train",
+        eval_split="validation", query_length=512, response_length=53, train_on_query=True, total_steps=911, batch_size=128,
+        local_micro_batch_size=16, lr=3e-6, warmup_steps=0, lr_schedule="cosine", weight_decay=0.01, max_grad_norm=float("inf"),
+        num_eval=512, eval_temperature=0.01,
+    ),
+    # the summarization twin (data/tldr/, made by data/build.py): the nano model fine-tuned on post -> reference summary
+    "tldr_twin": dict(
+        exp_name="sft_tldr_twin", task="tldr", base_model="data/nano", output_dir="runs/tldr_twin/sft_model",
+        dataset="data/tldr/train.jsonl.gz", query_length=160, response_length=48, total_steps=120, batch_size=32,
+        local_micro_batch_size=16, lr=5e-4, warmup_steps=10, lr_schedule="cosine", eval_every=40, num_eval=64,
+    ),
+}
 
 # Copied from train_policy.py
 def fail(message: str):
     """Bad input ends the run with one line and exit status 2, before anything is written."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+# Copied from train_policy.py
+def cli(args_class, presets: dict, description: str):
+    """tyro CLI with an optional first positional preset name: `script.py sentiment --seed 2`."""
+    argv = sys.argv[1:]
+    default = args_class()
+    if argv and not argv[0].startswith("-"):
+        if argv[0] not in presets:
+            fail(f"unknown preset {argv[0]!r}; presets: {', '.join(presets)}")
+        default, argv = replace(default, **presets[argv[0]]), argv[1:]
+    return tyro.cli(args_class, default=default, args=argv, description=description, use_underscores=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -213,14 +251,18 @@ def format_tldr_query(row: dict, tokenizer, query_length: int) -> list:
     return [tokenizer.pad_token_id] * (query_length - len(tokens)) + tokens
 
 
+# Copied from train_policy.py
+def format_tldr_response(summary: str, tokenizer, response_length: int) -> list:
+    """SFD's reference response ' {summary}<|endoftext|>' (the upstream summary has no leading space), its text cut to
+    response_length - 1 tokens so that the EOS stays, right-padded to response_length tokens.
+    {SFD}/summarize_from_feedback_details/tldr_dataset.py#L186-L199"""
+    tokens = tokenizer.encode(" " + summary)[: response_length - 1] + [tokenizer.eos_token_id]
+    return tokens + [tokenizer.pad_token_id] * (response_length - len(tokens))
+
+
 def tldr_examples(rows: list, tokenizer, query_length: int, response_length: int) -> torch.Tensor:
-    """(n, query_length + response_length) token ids: left-padded query, then ' {summary}<|endoftext|>'
-    right-padded (the upstream summary has no leading space)."""
-    out = []
-    for row in rows:
-        response = tokenizer.encode(" " + row["summary"])[: response_length - 1] + [tokenizer.eos_token_id]
-        response = response + [tokenizer.pad_token_id] * (response_length - len(response))
-        out.append(format_tldr_query(row, tokenizer, query_length) + response)
+    """(n, query_length + response_length) token ids: left-padded query, then ' {summary}<|endoftext|>' right-padded."""
+    out = [format_tldr_query(row, tokenizer, query_length) + format_tldr_response(row["summary"], tokenizer, response_length) for row in rows]
     return torch.tensor(out, dtype=torch.long)
 
 
@@ -387,7 +429,7 @@ def train(args: Args):
         train_rows, eval_rows = load_rows(args, TLDR_KEYS)
         train_data = tldr_examples(train_rows, tokenizer, args.query_length, args.response_length)
         eval_data = tldr_examples(eval_rows, tokenizer, args.query_length, args.response_length)
-        query_length = args.query_length
+        query_length = 0 if args.train_on_query else args.query_length  # tokens at the front of each row without loss
     if len(train_data) < args.batch_size:
         fail(f"--dataset {args.dataset}: {len(train_data)} training sequences, fewer than --batch_size {args.batch_size}")
     if train_data.max() >= model.get_input_embeddings().num_embeddings:
@@ -459,6 +501,9 @@ def train(args: Args):
         if (step + 1) % args.eval_every == 0 or step + 1 == args.total_steps:
             metrics["eval/loss"] = heldout_loss(model, eval_data, args, tokenizer.pad_token_id, query_length, accelerator)
             metrics["eval/perplexity"] = math.exp(metrics["eval/loss"])
+            if args.task == "tldr" and step + 1 == args.total_steps and accelerator.is_main_process:
+                metrics.update(tldr_rouge(accelerator.unwrap_model(model), tokenizer, eval_data, args, accelerator.device))
+                model.train()
             progress.set_postfix(loss=f"{train_loss:.3f}", eval_ppl=f"{metrics['eval/perplexity']:.1f}")
         else:
             progress.set_postfix(loss=f"{train_loss:.3f}")
@@ -467,7 +512,7 @@ def train(args: Args):
     # 6. Samples continuing held-out prompts, then the checkpoint.
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        samples = sample(unwrapped, tokenizer, eval_data, query_length, args, accelerator.device)
+        samples = sample(unwrapped, tokenizer, eval_data, args.query_length if args.task == "tldr" else 0, args, accelerator.device)
         table = Table(title=f"samples (temperature {args.temperature})", show_lines=True)
         table.add_column("prompt", max_width=60)
         table.add_column("continuation", max_width=80)
@@ -479,7 +524,8 @@ def train(args: Args):
         if args.output_dir is not None:
             save_model(unwrapped, tokenizer, Path(args.output_dir))
         metrics_file.close()
-        print(f"held-out perplexity {metrics['eval/perplexity']:.2f}; model saved to {run_dir / 'model'}"
+        rouge_scores = "".join(f", {k[5:]} {metrics[k]:.3f}" for k in ("eval/rouge1", "eval/rouge2", "eval/rougeL") if k in metrics)
+        print(f"held-out perplexity {metrics['eval/perplexity']:.2f}{rouge_scores}; model saved to {run_dir / 'model'}"
               + (f" and {args.output_dir}" if args.output_dir else ""))
         if args.track:
             wandb.finish()
@@ -580,5 +626,40 @@ def sample(model, tokenizer, eval_data: torch.Tensor, query_length: int, args: A
     ]
 
 
+# Copied from train_policy.py
+def truncate_responses(responses: torch.Tensor, truncate_token: int, truncate_after: int, pad_token_id: int) -> torch.Tensor:
+    """Replace every token after the first truncate_token at or after index truncate_after with the pad token.
+    {OAI}/lm_human_preferences/lm_tasks.py#L39-L50"""
+    hit = responses == truncate_token
+    hit[:, :truncate_after] = False
+    after = (hit.long().cumsum(1) - hit.long()).bool()  # strictly after the first hit
+    return responses.masked_fill(after, pad_token_id)
+
+
+# Copied from train_policy.py
+def rouge(summaries: list, references: list) -> list:
+    """Per pair {rouge1, rouge2, rougeL}: F1 of each summary against its reference, by rouge-score without stemming, as SFD's
+    evaluate.load("rouge") computes it. {SFD}/summarize_from_feedback_details/sft.py#L37"""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+    return [{k: v.fmeasure for k, v in scorer.score(ref, summary).items()} for summary, ref in zip(summaries, references)]
+
+
+@torch.no_grad()
+def tldr_rouge(model, tokenizer, eval_data: torch.Tensor, args: Args, device) -> dict:
+    """ROUGE-1/2/L F1 of summaries of the first num_eval held-out posts, sampled at eval_temperature (SFD: 0.01) and cut
+    after the first EOS, against their reference summaries. {SFD}/summarize_from_feedback_details/sft.py#L215-L281"""
+    model.eval()
+    data = eval_data[: args.num_eval].to(device)
+    queries, references = data[:, : args.query_length], data[:, args.query_length :]
+    responses = Sampler(model, tokenizer.pad_token_id, args.eval_temperature)(queries, args.response_length)[0]
+    responses = truncate_responses(responses, tokenizer.eos_token_id, 0, tokenizer.pad_token_id)
+    texts, ref_texts = (tokenizer.batch_decode([r[r != tokenizer.pad_token_id] for r in x], skip_special_tokens=True)
+                        for x in (responses, references))
+    per_pair = rouge(texts, ref_texts)
+    return {f"eval/{k}": sum(r[k] for r in per_pair) / len(per_pair) for k in ("rouge1", "rouge2", "rougeL")}
+
+
 if __name__ == "__main__":
-    train(tyro.cli(Args, use_underscores=True))
+    train(cli(Args, PRESETS, __doc__))

@@ -103,7 +103,7 @@ def trl(base: Path, reward: Path, a: Args, micro: int, out: Path) -> dict:
     """TRL's PPOTrainer on the same queries (ours, left-padded with the same pad token), batch, epochs and lengths."""
     tokenizer = AutoTokenizer.from_pretrained(base)
     texts = tp.load_texts(str(ROOT / "data" / "corpus.jsonl.gz"), "train")
-    queries = next(tp.query_batches(texts, tokenizer, 64, a.updates * a.batch_size, seed=a.seed))
+    queries = next(tp.query_batches(texts, tokenizer, 64, 24, a.updates * a.batch_size, seed=a.seed))[0]
     (out / "trl_queries.json").write_text(json.dumps(queries.tolist()))
     cmd = [a.trl_python, "benchmark/trl_ppo.py", "--base_model", str(base), "--reward_model", str(reward), "--queries",
            str(out / "trl_queries.json"), "--output_dir", str(out / "trl"), "--total_episodes", str(a.updates * a.batch_size),

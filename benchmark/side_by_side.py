@@ -62,7 +62,7 @@ def gold(policy_dir: str, queries: torch.Tensor) -> float:
     model = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
     torch.manual_seed(12345)
     responses = tp.Sampler(model, tokenizer.pad_token_id, 0.7)(queries, 24)[0]
-    return statistics.mean(tp.gold_scorer("vader")(tokenizer.batch_decode(responses)))
+    return statistics.mean(tp.gold_scorer("vader")(tokenizer.batch_decode(responses), None))
 
 
 def main(a: Args):
@@ -75,8 +75,8 @@ def main(a: Args):
     for r, seed in enumerate(a.seeds):
         # our train_policy.py --seed s draws its queries in this order: the first `episodes` of them are its training
         # queries and TRL gets exactly these; the 256 after them (same pass over the corpus) are held out for gold
-        batches = tp.query_batches(texts, tokenizer, 32, a.episodes, seed=seed)
-        train_queries, heldout = next(batches), next(batches)[:256]
+        batches = tp.query_batches(texts, tokenizer, 32, 24, a.episodes, seed=seed)
+        train_queries, heldout = next(batches)[0], next(batches)[0][:256]
         queries_file = out / f"queries_{seed}.json"
         queries_file.write_text(json.dumps(train_queries.tolist()))
         ours_dir, trl_dir = out / f"ours_{r}", out / f"trl_{r}"

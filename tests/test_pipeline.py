@@ -107,13 +107,13 @@ def test_query_dataset_in_oai_book_passages_format():
     texts = train_policy.load_texts(str(FIXTURES / "book_passages.jsonl"), "train")
     assert texts[0].startswith("The bus was late again.")
     tok = AutoTokenizer.from_pretrained(ROOT / "data" / "nano")
-    batch = next(train_policy.query_batches(texts, tok, 24, 4, seed=1))
-    assert batch.shape == (4, 24) and (batch[:, -1] == tok.convert_tokens_to_ids(".")).all()
+    batch, references = next(train_policy.query_batches(texts, tok, 24, 8, 4, seed=1))
+    assert batch.shape == (4, 24) and (batch[:, -1] == tok.convert_tokens_to_ids(".")).all() and references is None
     # a hub dataset with a "text" column (bookcorpus's layout) gives the same queries
     import datasets
 
     hub_like = datasets.Dataset.from_dict({"text": texts, "other": list(range(len(texts)))})["text"]  # what load_texts returns
-    assert next(train_policy.query_batches(hub_like, tok, 24, 4, seed=1)).tolist() == batch.tolist()
+    assert next(train_policy.query_batches(hub_like, tok, 24, 8, 4, seed=1))[0].tolist() == batch.tolist()
 
 
 # presets: OAI's launch.py, as transcribed in DESIGN.md's table ------------------------------------------------------
@@ -144,6 +144,36 @@ def test_presets_equal_oai_launch_values(name):
     assert (r.normalize_before, r.normalize_after, r.normalize_samples, r.rollout_batch_size) == (True, True, 256, 512)
     assert p.batch_size // 8 % (p.nminibatches * p.local_micro_batch_size) == 0  # the 8-process layout divides
     assert r.batch_size % (8 * r.local_micro_batch_size) == 0
+
+
+SFD_TABLE = {  # DESIGN.md, "Presets", column "tldr (SFD)", checked against SFD's scripts (links in the presets' comments)
+    "query_length": 512, "response_length": 53, "temperature": 0.7, "reward_lr": 3e-6, "reward_batch_size": 64, "num_train": 92832,
+    "policy_lr": 3e-6, "policy_batch_size": 512, "total_episodes": 1_000_000, "kl_coef": 0.05, "noptepochs": 4, "nminibatches": 1,
+    "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1, "gamma": 1.0, "lam": 0.95,
+}
+
+
+def test_tldr_presets_equal_sfd_1b_recipe():
+    import train_sft
+
+    both = train_both.PRESETS["tldr"]
+    r, p, t = both["reward"], both["policy"], SFD_TABLE
+    assert (p.query_length, p.response_length, p.temperature) == (t["query_length"], t["response_length"], t["temperature"])
+    assert (p.truncate_token, p.truncate_after, p.penalty_reward_value) == ("eos", 0, -1.0)  # the EOS trick
+    assert (r.lr, r.batch_size, r.num_train, r.lr_schedule, r.optimizer) == (t["reward_lr"], t["reward_batch_size"], t["num_train"], "cosine", "adamw")
+    assert (r.query_length, r.response_length, r.reference_bias, r.normalize_before, r.normalize_after) == (512, 169, True, False, False)
+    assert (p.lr, p.batch_size, p.total_episodes, p.optimizer) == (t["policy_lr"], t["policy_batch_size"], t["total_episodes"], "adamw")
+    assert (p.kl_coef, p.adaptive_kl, p.whiten_rewards, p.value_model, p.mask_after_truncate) == (t["kl_coef"], False, False, "reward", True)
+    for k in ("noptepochs", "nminibatches", "cliprange", "cliprange_value", "vf_coef", "gamma", "lam"):
+        assert getattr(p, k) == t[k], k
+    assert p.eval_temperature == 0.01 and p.eval_split == "validation"
+    assert p.query_dataset == r.query_dataset == "vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144"
+    assert r.label_dataset == "vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144" and r.test_split == "validation"
+    assert p.batch_size // 8 == 4 * p.local_micro_batch_size  # 8 GPUs x micro-batch 16 x 4 accumulation, as SFD's sbatch
+    sft = train_sft.PRESETS["tldr"]
+    assert (sft["lr"], sft["batch_size"], sft["lr_schedule"], sft["warmup_steps"], sft["total_steps"]) == (3e-6, 128, "cosine", 0, 116722 // 128)
+    assert (sft["query_length"], sft["response_length"], sft["train_on_query"], sft["eval_temperature"]) == (512, 53, True, 0.01)
+    assert p.base_model == r.base_model == sft["output_dir"]  # PPO and the reward model start from the SFT model
 
 
 def test_preset_word_picks_values_and_flags_still_override(tmp_path):

@@ -224,7 +224,7 @@ def test_prepare_lm_swaps_gpt2_gelu_for_the_same_formula_in_one_kernel():
 
 def test_rewards_are_minus_kl_per_token_plus_the_score_at_the_last_token():
     logp, ref = torch.tensor([[-1.0, -2.0, -0.5]]), torch.tensor([[-1.5, -1.0, -0.5]])
-    rewards, non_score = tp.compute_rewards(torch.tensor([3.0]), logp, ref, kl_coef=0.2)
+    rewards, non_score = tp.compute_rewards(torch.tensor([3.0]), logp, ref, 0.2, torch.tensor([2]))
     torch.testing.assert_close(non_score, torch.tensor([[-0.1, 0.2, 0.0]]))
     torch.testing.assert_close(rewards, torch.tensor([[-0.1, 0.2, 3.0]]))
 
@@ -285,7 +285,8 @@ def test_ppo_losses_clip_the_ratio_and_take_the_max_of_value_errors():
     logp = torch.log(torch.tensor([[1.5, 0.5, 1.1, 0.9]]))  # ratios
     adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
     old_v, v, ret = torch.zeros(1, 4), torch.tensor([[0.5, -0.5, 0.1, 0.0]]), torch.tensor([[1.0, 1.0, 0.0, 0.0]])
-    loss, stats = tp.ppo_loss(logp, v, old_logp, old_v, adv, ret, args)
+    everything = torch.ones(1, 4, dtype=torch.bool)
+    loss, stats = tp.ppo_loss(logp, v, old_logp, old_v, adv, ret, args, everything, everything)
     # pg: max(-A r, -A clip(r)) per token: 1.5->clip 1.2: max(-1.5,-1.2) = -1.2; 0.5->0.8 for A=-1: max(0.5, 0.8) = 0.8
     pg = torch.tensor([-1.2, 0.8, -1.1, 0.9]).mean()
     # vf: clipped vpred = 0.2, -0.2, 0.1, 0; max of squared errors
@@ -335,8 +336,8 @@ def test_format_query_starts_after_the_first_dot_and_ends_at_the_last():
 def test_query_batches_are_identical_whatever_the_process():
     tok = AutoTokenizer.from_pretrained(NANO)
     texts = ["First one. The cat sat down. It purred.", "Nothing here", "Hello there. A day. Another day.", "Go. Run fast."] * 5
-    a = next(tp.query_batches(texts, tok, 12, 8, seed=3))
-    b = next(tp.query_batches(texts, tok, 12, 8, seed=3))
+    a = next(tp.query_batches(texts, tok, 12, 4, 8, seed=3))[0]
+    b = next(tp.query_batches(texts, tok, 12, 4, 8, seed=3))[0]
     assert torch.equal(a, b) and a.shape == (8, 12)
     assert (a[:, -1] == tok.convert_tokens_to_ids(".")).all()
 
