@@ -6,6 +6,9 @@
     python data/build.py tokenizer   # c. byte-level BPE on the corpus -> data/nano/ (tokenizer files)
     python data/build.py nano        # d. pretrain the nano GPT-2 with train_sft.py -> data/nano/
     python data/build.py labels      # e. offline best-of-4 labels, VADER as labeler -> data/labels/
+    python data/build.py tldr_generate --dtype bfloat16   # f1. SmolLM2's title and summary of every passage (resumable)
+    python data/build.py tldr_posts  # f2. TL;DR posts -> data/tldr/{train,validation,test}.jsonl.gz
+    python data/build.py tldr_labels # f3. the twin's SFT model, its samples, the judge's comparisons -> data/tldr/comparisons.jsonl.gz
 
 `python data/build.py all` runs every stage in order; each stage skips work whose output already exists
 (pass --force to redo it). See data/README.md for the time and size of each stage.
@@ -72,12 +75,13 @@ def stage_smollm2(force: bool = False) -> Path:
 
 
 def load_smollm2(dtype="float32"):
+    """SmolLM2-135M-Instruct from its plain folder (stage a writes it), in `dtype`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = stage_smollm2()
-    tok = AutoTokenizer.from_pretrained(SMOLLM2_DIR, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR, gguf_file=gguf.name, dtype=getattr(torch, dtype))
+    stage_smollm2()
+    tok = AutoTokenizer.from_pretrained(SMOLLM2_HF)
+    model = AutoModelForCausalLM.from_pretrained(SMOLLM2_HF, dtype=getattr(torch, dtype))
     return tok, model.eval()
 
 
@@ -342,9 +346,194 @@ def stage_labels(n_labels: int, seed: int = 0, force: bool = False, batch_size: 
 
 
 
+# ---------------------------------------------------------------------------------------------------------
+# f. The summarization twin (TL;DR offline). SmolLM2 writes a title and a one-sentence reference summary for every
+# corpus passage; the passage's form gives a subreddit-like field; passages are split 80/10/10 into train, validation
+# and test posts in the format of summarize-from-feedback's tldr_3_filtered (data/tldr/{split}.jsonl.gz). Then the
+# nano model is fine-tuned on post -> reference (train_sft.py --task tldr), samples two summaries per post, and the
+# twin's judge (train_policy.tldr_judge) picks the better of each pair: OpenAI's comparisons schema.
+# ---------------------------------------------------------------------------------------------------------
+
+TLDR = DATA / "tldr"
+TLDR_RAW = CACHE / "tldr_raw.jsonl"
+SUBREDDITS = {  # the form a passage was written in -> a subreddit-like field
+    "a short story": "shortstories", "a short scene": "scenes", "a diary entry": "diary", "a letter to a friend": "letters",
+    "a short news report": "news", "a description of an everyday situation": "everyday", "a short memory from childhood": "childhood",
+    "a short fable": "fables", "a scene told mostly in dialogue": "dialogue", "a short account of a day at work": "work",
+}
+TLDR_TASKS = {  # what SmolLM2 is asked, after the passage
+    "summary": "Summarize the text above in one short sentence.",
+    "title": "Write a short title for the text above.",
+}
+
+
+def read_corpus_rows() -> list:
+    with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def stage_tldr_generate(batch_size: int, max_new_tokens: int, dtype: str):
+    """Append SmolLM2's summary and title of each corpus passage (greedy decoding) to TLDR_RAW; resumes where it stopped."""
+    import torch
+
+    rows = read_corpus_rows()
+    TLDR_RAW.parent.mkdir(parents=True, exist_ok=True)
+    done = sum(1 for _ in open(TLDR_RAW)) if TLDR_RAW.exists() else 0
+    if done >= len(rows):
+        print(f"[tldr_generate] {TLDR_RAW} already holds all {done} passages")
+        return
+    tok, model = load_smollm2(dtype)
+    tok.padding_side = "left"
+    start = time.time()
+    with open(TLDR_RAW, "a") as f:
+        for b0 in range(done, len(rows), batch_size):
+            batch = rows[b0 : b0 + batch_size]
+            out = {}
+            for name, ask in TLDR_TASKS.items():
+                chats = [tok.apply_chat_template(chat(f"{r['text']}\n\n{ask}"), tokenize=False, add_generation_prompt=True) for r in batch]
+                enc = tok(chats, return_tensors="pt", padding=True)
+                with torch.no_grad():
+                    gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+                out[name] = tok.batch_decode(gen[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
+            for i, r in enumerate(batch):
+                f.write(json.dumps({"id": r["id"], "summary": out["summary"][i], "title": out["title"][i]}) + "\n")
+            f.flush()
+            n = b0 + len(batch)
+            print(f"[tldr_generate] {n}/{len(rows)} passages, {(n - done) / (time.time() - start) * 60:.0f} passages/min", flush=True)
+
+
+
+def first_sentence(text: str) -> str:
+    text = re.sub(r"\s+", " ", text).strip()
+    m = re.search(r"[.!?](?=\s|$)", text)
+    return text[: m.end()] if m else text
+
+
+NOT_A_SUMMARY = ("here", "sure", "your ", "this text", "the text", "as an", "certainly", "in this text", "the passage", "this passage",
+                 "this piece", "this is a")
+
+
+def clean_summary(text: str):
+    """The first sentence of SmolLM2's answer (one cut off by the token limit ends at its last comma); None when it is
+    no summary (an answer about the text) or shorter than 5 words."""
+    s = first_sentence(text).strip("\"' ")
+    if s[-1:] not in ".!?":
+        s = s[: s.rfind(",")].rstrip() + "." if "," in s else ""
+    return None if s.lower().startswith(NOT_A_SUMMARY) or not 5 <= len(s.split()) <= 40 else s
+
+
+def clean_title(text: str):
+    """The first line of SmolLM2's answer without quotes, markup or a subtitle after ':', a sentence cut at its first
+    comma; None unless 2-12 words."""
+    t = re.sub(r"^(title:|\*+|#+)\s*", "", text.strip().split("\n")[0].strip(), flags=re.I).strip("\"'* ")
+    head = t.split(":")[0].strip()
+    t = head if len(head.split()) >= 2 else t
+    if len(t.split()) > 12:
+        t = t.split(",")[0]
+    t = re.sub(r"[.!]$", "", t).strip("\"' ")
+    return t if 2 <= len(t.split()) <= 12 else None
+
+
+def stage_tldr_posts(force: bool = False):
+    """TLDR_RAW + the corpus -> data/tldr/{train,validation,test}.jsonl.gz: {id, subreddit, title, post, summary}, split
+    by passage id (10% test, 10% validation); passages whose summary or title is unusable are left out."""
+    if (TLDR / "train.jsonl.gz").exists() and not force:
+        print(f"[tldr_posts] {TLDR / 'train.jsonl.gz'} exists")
+        return
+    raw = {r["id"]: r for r in map(json.loads, open(TLDR_RAW))}
+    splits, dropped = {"train": [], "validation": [], "test": []}, 0
+    for row in read_corpus_rows():
+        generated = raw.get(row["id"])
+        summary = clean_summary(generated["summary"]) if generated else None
+        title = clean_title(generated["title"]) if generated else None
+        if summary is None or title is None:
+            dropped += 1
+            continue
+        form = row["prompt"].split(" about ")[0].removeprefix("Write ")
+        post = {"id": f"twin_{row['id']}", "subreddit": SUBREDDITS[form], "title": title, "post": row["text"], "summary": summary}
+        splits["test" if row["id"] % 10 == 0 else "validation" if row["id"] % 10 == 1 else "train"].append(post)
+    TLDR.mkdir(parents=True, exist_ok=True)
+    for name, posts in splits.items():
+        with gzip.open(TLDR / f"{name}.jsonl.gz", "wt", encoding="utf-8", compresslevel=9) as f:
+            f.writelines(json.dumps(p) + "\n" for p in posts)
+    print(f"[tldr_posts] {', '.join(f'{len(v)} {k}' for k, v in splits.items())} posts ({dropped} passages dropped) -> {TLDR}")
+
+
+
+TWIN_SFT_MODEL = CACHE / "tldr_sft"  # the SFT model whose samples the comparisons compare (not committed)
+COMPARISONS = TLDR / "comparisons.jsonl.gz"
+
+
+def comparison(post: dict, texts: list, policies: list, scores: list, split: str, batch: str) -> dict:
+    """One record of OpenAI's summarize-from-feedback comparisons, the twin's judge as the worker: `choice` is the summary
+    with the higher judge score, `extra.confidence` (1-9) grows with the score gap."""
+    gap = abs(scores[0] - scores[1])
+    return {"info": {k: post[k] for k in ("id", "post", "title", "subreddit")},
+            "summaries": [{"text": " " + t, "policy": p, "note": None} for t, p in zip(texts, policies)],
+            "choice": int(scores[1] > scores[0]), "worker": "tldr_judge", "batch": batch, "split": split,
+            "extra": {"confidence": min(9, 1 + int(gap * 20))}}
+
+
+def stage_tldr_labels(seed: int = 0, force: bool = False, batch_size: int = 128):
+    """Train the twin's SFT model (python train_sft.py tldr_twin), sample 4 summaries of every train and validation post
+    from it (temperature 0.7, cut after the first EOS), and write comparisons: the judge's best against its worst of the
+    four for every post (as labelers are shown distinct candidates), and a middle one against the reference summary for
+    every second post; the judge chooses, ties are skipped. Train pairs come first (shuffled), then validation pairs
+    ("split": "valid1"), so --num_test takes held-out labels from the end."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(ROOT))
+    import train_policy as tp
+    import train_sft
+
+    if COMPARISONS.exists() and not force:
+        print(f"[tldr_labels] {COMPARISONS} exists")
+        return
+    sft = train_sft.PRESETS["tldr_twin"]
+    if not (TWIN_SFT_MODEL / "model.safetensors").exists() or force:
+        cmd = [sys.executable, str(ROOT / "train_sft.py"), "tldr_twin", "--output_dir", str(TWIN_SFT_MODEL), "--run_root", str(CACHE / "runs")]
+        print("[tldr_labels] " + " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    tokenizer = AutoTokenizer.from_pretrained(TWIN_SFT_MODEL)
+    model = AutoModelForCausalLM.from_pretrained(TWIN_SFT_MODEL).eval()
+    sampler, pad, eos = tp.Sampler(model, tokenizer.pad_token_id, 0.7), tokenizer.pad_token_id, tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    rng, records, ties, start = random.Random(seed), {"train": [], "valid1": []}, 0, time.time()
+    for split, name in (("train", "train"), ("validation", "valid1")):
+        posts = [json.loads(line) for line in gzip.open(TLDR / f"{split}.jsonl.gz", "rt", encoding="utf-8")]
+        for b0 in range(0, len(posts), batch_size):
+            batch = posts[b0 : b0 + batch_size]
+            queries = torch.tensor([tp.format_tldr_query(p, tokenizer, sft["query_length"]) for p in batch])
+            samples = []
+            with torch.no_grad():
+                for _ in range(4):
+                    responses = tp.truncate_responses(sampler(queries, sft["response_length"])[0], eos, 0, pad)
+                    samples.append(tokenizer.batch_decode([r[r != pad] for r in responses], skip_special_tokens=True))
+            for i, post in enumerate(batch):
+                texts = [samples[k][i].strip() for k in range(4)]
+                scores = tp.tldr_judge(texts + [post["summary"]], [post["summary"]] * 5)
+                ranked = sorted(range(4), key=lambda k: scores[k])  # worst .. best of the four samples
+                pairs = [((ranked[-1], ranked[0]), "twin_samples")] + ([((ranked[1], 4), "twin_reference")] if (b0 + i) % 2 == 0 else [])
+                for (a, b), kind in pairs:
+                    if scores[a] == scores[b] or not texts[a] or (b < 4 and not texts[b]):
+                        ties += 1
+                        continue
+                    both = [texts[a], post["summary"] if b == 4 else texts[b]]
+                    policies = ["twin_sft_t0.7", "reference" if b == 4 else "twin_sft_t0.7"]
+                    records[name].append(comparison(post, both, policies, [scores[a], scores[b]], name, kind))
+            print(f"[tldr_labels] {split}: {b0 + len(batch)}/{len(posts)} posts, {len(records[name])} comparisons, "
+                  f"{time.time() - start:.0f}s", flush=True)
+    rng.shuffle(records["train"])
+    with gzip.open(COMPARISONS, "wt", encoding="utf-8", compresslevel=9) as f:
+        f.writelines(json.dumps(r) + "\n" for r in records["train"] + records["valid1"])
+    print(f"[tldr_labels] {len(records['train'])} train and {len(records['valid1'])} validation comparisons ({ties} ties or "
+          f"empty summaries skipped) -> {COMPARISONS} ({COMPARISONS.stat().st_size / 1e6:.1f} MB)")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["smollm2", "generate", "corpus", "tokenizer", "nano", "labels", "all"])
+    p.add_argument("stage", choices=["smollm2", "generate", "corpus", "tokenizer", "nano", "labels", "tldr_generate", "tldr_posts", "tldr_labels", "all"])
     p.add_argument("--passages", type=int, default=5400, help="raw passages to generate (some are dropped by cleaning)")
     p.add_argument("--batch_size", type=int, default=128, help="generation batch (prefill dominates on a CPU: bigger is faster)")
     p.add_argument("--max_new_tokens", type=int, default=100, help="SmolLM2 tokens per raw passage")
@@ -353,7 +542,7 @@ if __name__ == "__main__":
     p.add_argument("--labels", type=int, default=6400, help="labels to make (the first 4,992 are the training set)")
     p.add_argument("--force", action="store_true", help="redo the stage even if its output exists")
     a = p.parse_args()
-    stages = ["smollm2", "generate", "corpus", "tokenizer", "nano", "labels"] if a.stage == "all" else [a.stage]
+    stages = ["smollm2", "generate", "corpus", "tokenizer", "nano", "labels", "tldr_generate", "tldr_posts", "tldr_labels"] if a.stage == "all" else [a.stage]
     for stage in stages:
         t0 = time.time()
         if stage == "smollm2":
@@ -368,4 +557,10 @@ if __name__ == "__main__":
             stage_nano(a.force)
         elif stage == "labels":
             stage_labels(a.labels, force=a.force)
+        elif stage == "tldr_generate":
+            stage_tldr_generate(64, 40, a.dtype)
+        elif stage == "tldr_posts":
+            stage_tldr_posts(a.force)
+        elif stage == "tldr_labels":
+            stage_tldr_labels(force=a.force)
         print(f"[{stage}] {time.time() - t0:.0f}s")
