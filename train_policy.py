@@ -187,9 +187,9 @@ PRESETS["tldr"] = dict(
 # the summarization twin: SFD's details on the nano SFT model and data/tldr/, sized for two CPU cores
 PRESETS["tldr_twin"] = {**PRESETS["tldr"], **dict(
     exp_name="policy", base_model="runs/tldr_twin/sft_model", query_dataset="data/tldr/train.jsonl.gz", query_length=160,
-    response_length=48, total_episodes=1280, batch_size=64, local_micro_batch_size=32, local_rollout_forward_batch_size=64,
-    lr=5e-5, kl_coef=0.05, gold_labeler="tldr_judge", eval_dataset="data/tldr/validation.jsonl.gz", num_eval=64, eval_every=4,
-    print_sample_every=8,
+    response_length=48, total_episodes=1024, batch_size=64, local_micro_batch_size=32, local_rollout_forward_batch_size=64,
+    lr=1e-5, kl_coef=0.05, reference_baseline=True, gold_labeler="tldr_judge", eval_dataset="data/tldr/validation.jsonl.gz",
+    num_eval=256, eval_every=4, eval_temperature=0.7, print_sample_every=8,  # the nano model loops when decoding near-greedily
 )}
 
 
@@ -231,8 +231,9 @@ def load_texts(path: str, split: str, flag: str = "--query_dataset"):
             with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
                 for n, line in enumerate(f, 1):
                     if line.strip():
-                        row = json.loads(line)
-                        text = row if isinstance(row, dict) and "post" in row else row.get("text") if isinstance(row, dict) else row
+                        text = json.loads(line)
+                        if isinstance(text, dict) and "post" not in text:
+                            text = text.get("text")
                         if isinstance(text, dict) and not all(isinstance(text.get(k), str) for k in TLDR_KEYS):
                             fail(f"{flag} {path}: line {n} is a TL;DR row without string {', '.join(TLDR_KEYS)}")
                         if not isinstance(text, (str, dict)) or (texts and type(text) is not type(texts[0])):
@@ -924,8 +925,10 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
               f"{sum(p.numel() for p in policy.parameters()):,} policy and value parameters")
 
     def run_eval() -> tuple:
+        """The same random draws at every evaluation (its own RNG stream), so its changes are the policy's."""
         policy.eval()
-        with accelerator.autocast():
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast():
+            torch.manual_seed(args.seed + rank * 100003)
             return evaluate(eval_sampler, reward_model, eval_queries.to(device), eval_references.to(device), tokenizer, args,
                             gold_fn, accelerator, args.local_rollout_forward_batch_size)
 

@@ -156,7 +156,7 @@ PRESETS["tldr"] = dict(
 PRESETS["tldr_twin"] = dict(
     exp_name="reward", base_model="runs/tldr_twin/sft_model", label_dataset="data/tldr/comparisons.jsonl.gz",
     num_train=2048, num_test=512, query_length=160, response_length=48, query_dataset="data/tldr/train.jsonl.gz",
-    batch_size=32, local_micro_batch_size=16, lr=1e-4, lr_schedule="cosine", optimizer="adamw", normalize_before=False,
+    batch_size=16, local_micro_batch_size=16, lr=1e-4, lr_schedule="cosine", optimizer="adamw", normalize_before=False,
     normalize_after=False, normalize_samples=512, rollout_batch_size=64, reference_bias=True, eval_every=64,
 )
 
@@ -424,8 +424,9 @@ def load_texts(path: str, split: str, flag: str = "--query_dataset"):
             with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
                 for n, line in enumerate(f, 1):
                     if line.strip():
-                        row = json.loads(line)
-                        text = row if isinstance(row, dict) and "post" in row else row.get("text") if isinstance(row, dict) else row
+                        text = json.loads(line)
+                        if isinstance(text, dict) and "post" not in text:
+                            text = text.get("text")
                         if isinstance(text, dict) and not all(isinstance(text.get(k), str) for k in TLDR_KEYS):
                             fail(f"{flag} {path}: line {n} is a TL;DR row without string {', '.join(TLDR_KEYS)}")
                         if not isinstance(text, (str, dict)) or (texts and type(text) is not type(texts[0])):

@@ -145,7 +145,8 @@ PRESETS = {
     "tldr_twin": dict(
         exp_name="sft_tldr_twin", task="tldr", base_model="data/nano", output_dir="runs/tldr_twin/sft_model",
         dataset="data/tldr/train.jsonl.gz", query_length=160, response_length=48, total_steps=120, batch_size=32,
-        local_micro_batch_size=16, lr=5e-4, warmup_steps=10, lr_schedule="cosine", eval_every=40, num_eval=64,
+        local_micro_batch_size=16, lr=5e-4, warmup_steps=10, lr_schedule="cosine", eval_every=40, num_eval=256,
+        eval_temperature=0.7,  # as train_policy.py's tldr_twin evaluation: the nano model loops when decoding near-greedily
     ),
 }
 

@@ -477,9 +477,10 @@ def comparison(post: dict, texts: list, policies: list, scores: list, split: str
 def stage_tldr_labels(seed: int = 0, force: bool = False, batch_size: int = 128):
     """Train the twin's SFT model (python train_sft.py tldr_twin), sample 4 summaries of every train and validation post
     from it (temperature 0.7, cut after the first EOS), and write comparisons: the judge's best against its worst of the
-    four for every post (as labelers are shown distinct candidates), and a middle one against the reference summary for
-    every second post; the judge chooses, ties are skipped. Train pairs come first (shuffled), then validation pairs
-    ("split": "valid1"), so --num_test takes held-out labels from the end."""
+    four for every post (labelers are shown distinct candidates), and a middle one against a baseline policy, as
+    OpenAI's comparisons also pit samples against baselines: the reference summary for every second post, the lead (the
+    post's first sentence) for the others. The judge chooses; ties are skipped. Train pairs come first (shuffled), then
+    validation pairs ("split": "valid1"), so --num_test takes held-out labels from the end."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -511,17 +512,17 @@ def stage_tldr_labels(seed: int = 0, force: bool = False, batch_size: int = 128)
                     responses = tp.truncate_responses(sampler(queries, sft["response_length"])[0], eos, 0, pad)
                     samples.append(tokenizer.batch_decode([r[r != pad] for r in responses], skip_special_tokens=True))
             for i, post in enumerate(batch):
-                texts = [samples[k][i].strip() for k in range(4)]
-                scores = tp.tldr_judge(texts + [post["summary"]], [post["summary"]] * 5)
+                # four SFT samples, then the two baselines: the reference summary and the lead (the post's first sentence)
+                texts = [samples[k][i].strip() for k in range(4)] + [post["summary"], first_sentence(post["post"])]
+                policies = ["twin_sft_t0.7"] * 4 + ["reference", "lead"]
+                scores = tp.tldr_judge(texts, [post["summary"]] * 6)
                 ranked = sorted(range(4), key=lambda k: scores[k])  # worst .. best of the four samples
-                pairs = [((ranked[-1], ranked[0]), "twin_samples")] + ([((ranked[1], 4), "twin_reference")] if (b0 + i) % 2 == 0 else [])
-                for (a, b), kind in pairs:
-                    if scores[a] == scores[b] or not texts[a] or (b < 4 and not texts[b]):
+                other = (ranked[1], 4, "twin_reference") if (b0 + i) % 2 == 0 else (ranked[2], 5, "twin_lead")
+                for a, b, kind in [(ranked[-1], ranked[0], "twin_samples"), other]:
+                    if scores[a] == scores[b] or not texts[a] or not texts[b]:
                         ties += 1
                         continue
-                    both = [texts[a], post["summary"] if b == 4 else texts[b]]
-                    policies = ["twin_sft_t0.7", "reference" if b == 4 else "twin_sft_t0.7"]
-                    records[name].append(comparison(post, both, policies, [scores[a], scores[b]], name, kind))
+                    records[name].append(comparison(post, [texts[a], texts[b]], [policies[a], policies[b]], [scores[a], scores[b]], name, kind))
             print(f"[tldr_labels] {split}: {b0 + len(batch)}/{len(posts)} posts, {len(records[name])} comparisons, "
                   f"{time.time() - start:.0f}s", flush=True)
     rng.shuffle(records["train"])
