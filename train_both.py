@@ -11,7 +11,8 @@ A first positional word picks a preset for both stages: `sentiment`, `descriptiv
 the hub data, after `train_sft.py tldr`), `tldr_twin` (the offline summarization twin, after `train_sft.py tldr_twin`).
 """
 
-from dataclasses import dataclass, field, replace
+import json
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -36,6 +37,9 @@ class Args:
     """the reward model stage (train_reward.py's flags)"""
     policy: train_policy.Args = field(default_factory=train_policy.Args)
     """the PPO stage (train_policy.py's flags); --policy.reward_model is filled in with the stage's own reward model"""
+    resume: Optional[str] = None
+    """run folder of a stopped train_both.py run: a finished stage is kept, the stage it stopped in continues from its last
+    checkpoint, with the arguments the run started with (its args.json); no other flag"""
 
 
 PRESETS = {
@@ -54,17 +58,35 @@ def train(args: Args) -> Path:
             train_policy.fail(f"--reward.{name} {getattr(args.reward, name)} and --policy.{name} {getattr(args.policy, name)} differ: both stages share one task")
     if args.policy.reward_model is not None:
         train_policy.fail("--policy.reward_model is set by train_both.py (use train_policy.py to start from an existing reward model)")
-    seeds = {} if args.seed is None else {"seed": args.seed}
-    tracks = {"track": True} if args.track else {}
-    reward_args = replace(args.reward, **seeds, **tracks)
-    policy_args = replace(args.policy, **seeds, **tracks)
-
+    if args.reward.resume or args.policy.resume:
+        train_policy.fail("--reward.resume and --policy.resume are set by train_both.py: use --resume <run folder>")
     # one folder name on every process: accelerate's process group exists once PartialState is made
     state = PartialState(cpu=not torch.cuda.is_available())
-    run_dir = train_policy.shared_run_dir(state, args.run_root, args.exp_name, policy_args.seed)
-    train_reward.train(reward_args, run_dir / "reward")
-    policy_args = replace(policy_args, reward_model=str(run_dir / "reward" / "reward_model"))
-    train_policy.train(policy_args, run_dir / "policy")
+    run_dir = Path(args.resume) if args.resume else train_policy.shared_run_dir(state, args.run_root, args.exp_name, args.policy.seed if args.seed is None else args.seed)
+    seeds = {} if args.seed is None else {"seed": args.seed}
+    tracks = {"track": True} if args.track else {}
+    stages = {"reward": (train_reward, replace(args.reward, **seeds, **tracks)),
+              "policy": (train_policy, replace(args.policy, **seeds, **tracks, reward_model=str(run_dir / "reward" / "reward_model")))}
+
+    # Both stages' arguments are checked before either starts, and messages name the flags as typed here (--policy.*).
+    train_reward.FLAG_PREFIX, train_policy.FLAG_PREFIX = "--reward.", "--policy."
+    try:
+        train_reward.check_args(stages["reward"][1])
+        train_policy.check_args(stages["policy"][1], reward_model_follows=True)
+        if state.is_main_process and not args.resume:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "args.json").write_text(json.dumps({**asdict(args), "world_size": state.num_processes}, indent=2))
+        for name, (script, stage_args) in stages.items():  # a resumed run continues each stage that has begun
+            folder = run_dir / name
+            resume = str(folder) if args.resume and (folder / "args.json").is_file() else None
+            script.train(replace(stage_args, resume=resume), folder, f"python train_both.py --resume {run_dir}")
+    finally:
+        train_reward.FLAG_PREFIX = train_policy.FLAG_PREFIX = "--"
+    if state.is_main_process:
+        summaries = {name: json.loads((run_dir / name / "summary.json").read_text()) for name in stages}
+        summary = {f"{name}/{k}": v for name, figures in summaries.items() for k, v in figures.items()}
+        summary["wall_s"] = summaries["reward"]["wall_s"] + summaries["policy"]["wall_s"]
+        train_policy.write_summary(run_dir, summary, f"reward model and PPO: {run_dir}")
     return run_dir
 
 

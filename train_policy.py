@@ -17,24 +17,29 @@ import gzip
 import json
 import math
 import os
+import random
+import re
+import shutil
+import signal
 import sys
 import time
 import zlib
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Literal, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import tyro
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list
 from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, StaticCache
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, StaticCache
 from transformers.activations import GELUTanh, NewGELUActivation
 
 @dataclass
@@ -52,6 +57,12 @@ class Args:
     """wandb entity (team); None uses your default"""
     run_root: str = "runs"
     """folder that holds the run folders"""
+    save_every: int = 10
+    """write a checkpoint every this many updates (0: only when SIGTERM or SIGINT stops the run)"""
+    keep_checkpoints: int = 2
+    """checkpoints kept in <run folder>/checkpoints; older ones are deleted"""
+    resume: Optional[str] = None
+    """run folder to continue from its last checkpoint, with the arguments it started with (its args.json); no other flag"""
 
     # ---- models ----
     base_model: str = "data/nano"
@@ -193,21 +204,45 @@ PRESETS["tldr_twin"] = {**PRESETS["tldr"], **dict(
 )}
 
 
+FLAG_PREFIX = "--"  # how messages spell a flag: train_both.py sets "--reward." / "--policy." while a stage runs
+
+
 def fail(message: str):
-    """Bad input ends the run with one line and exit status 2, before anything is written."""
+    """Bad input: one line on stderr naming the flag as the user typed it, exit status 2, before anything is written."""
+    message = re.sub(r"(?<![\w.-])--(?=[a-z])", FLAG_PREFIX, message)
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
 def cli(args_class, presets: dict, description: str):
-    """tyro CLI with an optional first positional preset name: `script.py sentiment --seed 2`."""
+    """tyro CLI with an optional first positional preset name: `script.py sentiment --seed 2`. `--resume <run folder>`
+    comes alone: the run continues with the arguments it started with, read back from its args.json."""
     argv = sys.argv[1:]
+    preset = argv[:1] if argv and not argv[0].startswith("-") else []
     default = args_class()
-    if argv and not argv[0].startswith("-"):
-        if argv[0] not in presets:
-            fail(f"unknown preset {argv[0]!r}; presets: {', '.join(presets)}")
-        default, argv = replace(default, **presets[argv[0]]), argv[1:]
-    return tyro.cli(args_class, default=default, args=argv, description=description, use_underscores=True)
+    if preset:
+        if preset[0] not in presets:
+            fail(f"unknown preset {preset[0]!r}; presets: {', '.join(presets)}")
+        default = replace(default, **presets[preset[0]])
+    args = tyro.cli(args_class, default=default, args=argv[len(preset) :], description=description, use_underscores=True)
+    if args.resume is None:
+        return args
+    if len(argv) > (1 if argv[0].startswith("--resume=") else 2):
+        fail("--resume continues a run with the arguments it started with (its args.json): give no other flag or preset")
+    if not os.path.isfile(os.path.join(args.resume, "args.json")):
+        fail(f"--resume {args.resume}: not a run folder (no args.json)")
+    with open(os.path.join(args.resume, "args.json")) as f:
+        return replace(args_from_json(args_class, json.load(f)), resume=args.resume)
+
+
+def args_from_json(args_class, values: dict):
+    """args_class rebuilt from its args.json (nested argument classes too); other keys (world_size, ...) are facts of the run."""
+    kwargs = {}
+    for f in fields(args_class):
+        if f.name in values:
+            default = getattr(args_class(), f.name)
+            kwargs[f.name] = args_from_json(type(default), values[f.name]) if is_dataclass(default) else values[f.name]
+    return args_class(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -333,21 +368,26 @@ def query_batches(texts, tokenizer, query_length: int, response_length: int, bat
 # ---------------------------------------------------------------------------------------------------------
 
 
-def load_base_model(path: str):
-    """(model, tokenizer) from a hub id, a local folder or a .gguf file. A .gguf file is de-quantized to fp32 as it is
-    read (GgufConfig(dequantize=True)): the result is an ordinary trainable model without a quantization marker, which
-    save_pretrained writes as a plain Hugging Face folder that every script loads back. (Read without it, transformers
-    keeps the model marked as GGUF-quantized and refuses to save it.)"""
+def load_base_model(path: str, weights: bool = True):
+    """(model, tokenizer) from a hub id, a local folder or a .gguf file; with weights=False (config, tokenizer), what the
+    checks of the arguments need. A .gguf file is de-quantized to fp32 as it is read (GgufConfig(dequantize=True)): the
+    result is an ordinary trainable model without a quantization marker, which save_pretrained writes as a plain Hugging
+    Face folder that every script loads back. (Read without it, transformers keeps the model marked as GGUF-quantized
+    and refuses to save it.)"""
+    source, gguf = path, {}
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            fail(f"--base_model {path}: file not found")
+        source, name = os.path.split(os.path.abspath(path))
+        gguf = dict(gguf_file=name)
+    elif not os.path.isdir(path) and (path.startswith((".", "/")) or path.count("/") > 1):
+        fail(f"--base_model {path}: folder not found")
     try:
-        if path.endswith(".gguf"):
-            if not os.path.isfile(path):
-                fail(f"--base_model {path}: file not found")
-            folder, name = os.path.split(os.path.abspath(path))
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, quantization_config=GgufConfig(dequantize=True))
-            return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        if not os.path.isdir(path) and (path.startswith((".", "/")) or path.count("/") > 1):
-            fail(f"--base_model {path}: folder not found")
-        return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
+        if not weights:
+            return AutoConfig.from_pretrained(source, **gguf), tokenizer
+        dequantize = dict(quantization_config=GgufConfig(dequantize=True)) if gguf else {}
+        return AutoModelForCausalLM.from_pretrained(source, **gguf, **dequantize), tokenizer
     except OSError as e:  # hub id with no network, or a folder without a model
         fail(f"--base_model {path}: cannot be loaded ({str(e).splitlines()[0][:200]})")
 
@@ -837,16 +877,146 @@ def shared_run_dir(accelerator, run_root: str, exp_name: str, seed: int) -> Path
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Runs that survive: checkpoints, resume, a stop on SIGTERM/SIGINT or on a NaN, the closing summary
+# ---------------------------------------------------------------------------------------------------------
+
+EXIT_NONFINITE = 3  # exit status of a run stopped by a NaN or inf (bad input: 2; stopped by a signal: 128 + its number)
+
+
+class Stream:
+    """An iterator that counts what it has handed out: its position, which a checkpoint stores and a resumed run skips."""
+
+    def __init__(self, iterator, skip: int = 0):
+        self.iterator, self.position = iterator, 0
+        for _ in range(skip):
+            next(self)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.position += 1
+        return next(self.iterator)
+
+
+class StopRequest:
+    """SIGTERM (a scheduler's pre-emption; torchrun passes it on) or SIGINT (Ctrl-C) makes the run stop at the end of the
+    current update, after a checkpoint; a second Ctrl-C stops it at once. close() puts the previous handlers back."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signum = self.signum or signum
+
+    def requested(self, accelerator) -> int:
+        """The signal some process received (0: none), the same on every process so that all stop after the same update."""
+        if accelerator.num_processes == 1:
+            return self.signum
+        flag = torch.tensor([self.signum], device=accelerator.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
+    def close(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every random number generator a process draws from: torch's (CPU and GPU), Python's and NumPy's."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def set_rng_state(state: dict, device: torch.device):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep: int) -> Path:
+    """run_dir/checkpoints/<step>/: state.pt (models, optimizer, counters: the same on every process, written by the
+    main one), rng_<rank>.pt (each process's generators) and metrics.jsonl as it stands. Written into a temporary
+    folder that is then renamed, so a kill during the save leaves the earlier checkpoints whole; the last `keep` stay."""
+    root = run_dir / "checkpoints"
+    tmp, final = root / f"tmp_{step:08d}", root / f"{step:08d}"
+    if accelerator.is_main_process:
+        if tmp.exists():  # left by a run killed while saving
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(accelerator.device), tmp / f"rng_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        torch.save(state, tmp / "state.pt")
+        shutil.copyfile(run_dir / "metrics.jsonl", tmp / "metrics.jsonl")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp.rename(final)
+        for old in sorted(p for p in root.iterdir() if p.name.isdigit())[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, run_dir: Path) -> Optional[dict]:
+    """The state of run_dir's last checkpoint (None if it has none), with metrics.jsonl put back as it was then. The
+    process's generators are restored separately (set_rng_state(state["rng"])), right where the loop starts."""
+    root = run_dir / "checkpoints"
+    steps = sorted(p for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+    if not steps:
+        return None
+    state = torch.load(steps[-1] / "state.pt", map_location="cpu", weights_only=False)  # our own file; load_state_dict moves it
+    state["rng"] = torch.load(steps[-1] / f"rng_{accelerator.process_index}.pt", weights_only=False)
+    state["path"] = steps[-1]
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.copyfile(steps[-1] / "metrics.jsonl", run_dir / "metrics.jsonl")
+    return state
+
+
+def check_finite(metrics: dict, where: str, last_checkpoint: Optional[Path]):
+    """A NaN or inf in a logged quantity (losses, scores, KL, entropy: the logits feed them) stops the run, exit status
+    3; what was written stays as it was, and the last checkpoint holds the last good state. The metrics are averaged
+    over processes, so every process stops at the same update."""
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        named = ", ".join(f"{k} = {metrics[k]}" for k in bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        # on a line of its own, after the progress bar
+        print(f"\nerror: {where}: {named}; last good checkpoint: {last_checkpoint or 'none (none saved yet)'}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_NONFINITE)
+
+
+def stop_after_signal(signum: int, where: str, checkpoint: Path, resume_command: str):
+    print(f"stopped by {signal.Signals(signum).name} after {where}; checkpoint {checkpoint}; continue with: {resume_command}", flush=True)
+    sys.exit(128 + signum)
+
+
+def write_summary(run_dir: Path, summary: dict, title: str):
+    """The run's headline figures: a table on the terminal and run_dir/summary.json, whose presence marks a finished run."""
+    table = Table(title=title)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for k, v in summary.items():
+        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    Console().print(table)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------
 
 
-def train(args: Args, run_dir: Optional[Path] = None) -> Path:
-    # cpu=True on a machine without a GPU: only then does accelerate join torchrun's processes with gloo
-    # --compile: accelerate compiles the training forward when it prepares the policy
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available(),
-                              dynamo_backend="inductor" if args.compile else "no")
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+def check_args(args: Args, reward_model_follows: bool = False) -> int:
+    """Every check of the arguments that needs no training (sizes, paths, the data, the truncate token), run before
+    anything is trained or written; train_both.py runs it before its reward stage. Returns the number of updates."""
+    world = PartialState().num_processes
     if args.batch_size % world:
         fail(f"--batch_size {args.batch_size} is not divisible by {world} processes")
     local_batch_size = args.batch_size // world
@@ -859,12 +1029,48 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
     if args.whiten_rewards and local_minibatch_size < 8:  # {OAI}/lm_human_preferences/train_policy.py#L459-L462
         fail(f"--batch_size {args.batch_size} / {world} process(es) / --nminibatches {args.nminibatches} = {local_minibatch_size} "
              "episodes per minibatch, too few to whiten rewards (at least 8)")
-    grad_accum = local_minibatch_size // args.local_micro_batch_size
-    num_updates = math.ceil(args.total_episodes / args.batch_size)
-    if args.reward_model is None:
+    if args.total_episodes < 1 or args.save_every < 0 or args.keep_checkpoints < 1:
+        fail("--total_episodes and --keep_checkpoints must be positive, --save_every at least 0")
+    if not reward_model_follows and args.reward_model is None:
         fail("--reward_model is required (a folder written by train_reward.py; train_both.py trains one first)")
-    if not os.path.isdir(args.reward_model):
+    if not reward_model_follows and not os.path.isdir(args.reward_model):
         fail(f"--reward_model {args.reward_model}: folder not found")
+    config, tokenizer = load_base_model(args.base_model, weights=False)
+    if args.query_length + args.response_length > getattr(config, "n_positions", getattr(config, "max_position_embeddings", 1 << 30)):
+        fail(f"--query_length + --response_length = {args.query_length + args.response_length} exceeds the model's positions")
+    truncate_token_id(args.truncate_token, tokenizer)
+    texts = load_texts(args.query_dataset, args.query_split)
+    if args.reference_baseline and isinstance(texts[0], str):
+        fail(f"--reference_baseline needs TL;DR queries with reference summaries; --query_dataset {args.query_dataset} holds texts")
+    if args.eval_dataset is not None and isinstance(load_texts(args.eval_dataset, args.eval_split, "--eval_dataset")[0], str):
+        fail(f"--eval_dataset {args.eval_dataset}: held-out TL;DR posts with summaries are needed, not texts")
+    # OAI's nupdates rounds up ({OAI}/lm_human_preferences/train_policy.py#L23-L24); said first, not done silently
+    num_updates = math.ceil(args.total_episodes / args.batch_size)
+    if args.total_episodes % args.batch_size and PartialState().is_main_process:
+        print(f"note: --total_episodes {args.total_episodes} is not a multiple of --batch_size {args.batch_size}: "
+              f"{num_updates} updates train on {num_updates * args.batch_size} episodes (rounded up, as OAI)", flush=True)
+    return num_updates
+
+
+def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[str] = None) -> Path:
+    """PPO. run_dir: the run folder (train_both.py gives its stage folder; --resume the folder to continue);
+    resume_command: what the message of a run stopped by a signal tells the user to type."""
+    start_time = time.time()
+    # cpu=True on a machine without a GPU: only then does accelerate join torchrun's processes with gloo
+    # --compile: accelerate compiles the training forward when it prepares the policy
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available(),
+                              dynamo_backend="inductor" if args.compile else "no")
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    num_updates = check_args(args)
+    local_batch_size = args.batch_size // world
+    local_minibatch_size = local_batch_size // args.nminibatches
+    grad_accum = local_minibatch_size // args.local_micro_batch_size
+    run_dir = Path(args.resume) if args.resume else run_dir
+    if args.resume and (run_dir / "summary.json").is_file():
+        print(f"{run_dir} has finished (summary.json): nothing to resume")
+        return run_dir
+    if args.resume and json.loads((run_dir / "args.json").read_text())["world_size"] != world:  # every process has its own RNG
+        fail(f"--resume {run_dir}: the run had {json.loads((run_dir / 'args.json').read_text())['world_size']} process(es), not {world}")
 
     # 1. Models: policy with its value function (a head, or a critic copied from the reward model), frozen reference
     #    policy, frozen reward model. Same init on every process.
@@ -874,8 +1080,6 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
     if len(reward_tokenizer) != len(tokenizer) or reward_tokenizer.pad_token_id != tokenizer.pad_token_id:
         # {OAI}/lm_human_preferences/rewards.py#L119
         fail(f"--reward_model {args.reward_model}: its tokenizer ({len(reward_tokenizer)} tokens) differs from --base_model {args.base_model}'s ({len(tokenizer)})")
-    if args.query_length + args.response_length > getattr(lm.config, "n_positions", getattr(lm.config, "max_position_embeddings", 1 << 30)):
-        fail(f"--query_length + --response_length = {args.query_length + args.response_length} exceeds the model's positions")
     truncate_token = truncate_token_id(args.truncate_token, tokenizer)
     policy = PolicyAndValue(lm, copy.deepcopy(reward_model) if args.value_model == "reward" else None)
     # the frozen models are kept in bf16 under --mixed_precision bf16; the policy's weights stay fp32 (autocast)
@@ -897,32 +1101,43 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
     #    process for sampling and minibatch shuffles. {OAI}/lm_human_preferences/utils/core.py#L108-L113
     texts = load_texts(args.query_dataset, args.query_split)
     batches = query_batches(texts, tokenizer, args.query_length, args.response_length, args.batch_size, args.seed)
-    if args.reference_baseline and isinstance(texts[0], str):
-        fail(f"--reference_baseline needs TL;DR queries with reference summaries; --query_dataset {args.query_dataset} holds texts")
     if args.eval_dataset is not None:
         eval_texts = load_texts(args.eval_dataset, args.eval_split, "--eval_dataset")
-        if isinstance(eval_texts[0], str):
-            fail(f"--eval_dataset {args.eval_dataset}: held-out TL;DR posts with summaries are needed, not texts")
         # the same held-out posts whatever the seed
         eval_queries, eval_references = next(query_batches(eval_texts, tokenizer, args.query_length, args.response_length,
                                                            min(args.num_eval, len(eval_texts)), seed=0))
         eval_sampler = Sampler(unwrapped.lm, pad, args.eval_temperature)
     torch.manual_seed(args.seed + rank * 100003)
+    kl_ctl = (AdaptiveKLController(args.kl_coef, AdaptiveKLParams(args.kl_target, args.kl_horizon)) if args.adaptive_kl
+              else FixedKLController(args.kl_coef))
 
-    # 3. Run folder, metrics file, wandb. Nothing was written before the inputs were checked.
+    # 3. Run folder, metrics file, wandb. Nothing was written before the inputs were checked. A resumed run takes back
+    #    the weights, optimizer, KL coefficient, query position and metrics of its last checkpoint; its generators are
+    #    restored where the loop starts.
     run_dir = run_dir or shared_run_dir(accelerator, args.run_root, args.exp_name, args.seed)
-    metrics_file = None
+    resumed = load_checkpoint(accelerator, run_dir) if args.resume else None
+    if resumed is not None:
+        unwrapped.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        kl_ctl.value = resumed["kl_coef"]
+    first_update, samples_log = (resumed["update"], resumed["samples"]) if resumed else (0, [])
+    batches = Stream(batches, skip=first_update)
+    elapsed_before = resumed["elapsed_s"] if resumed else 0.0
+    metrics_file, wandb_id = None, resumed["wandb_id"] if resumed else None
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps({**asdict(args), "world_size": world, "grad_accum": grad_accum}, indent=2))
-        metrics_file = open(run_dir / "metrics.jsonl", "w")
+        if resumed is None:
+            (run_dir / "args.json").write_text(json.dumps({**asdict(args), "world_size": world, "grad_accum": grad_accum}, indent=2))
+        metrics_file = open(run_dir / "metrics.jsonl", "a" if resumed else "w")
         if args.track:
             import wandb
 
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args), dir=str(run_dir))
+            wandb_id = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
+                                  dir=str(run_dir), id=wandb_id, resume="allow").id
         print(f"run folder {run_dir}; {num_updates} updates of {args.batch_size} episodes ({world} process(es) x "
               f"{args.nminibatches} minibatch(es) x {grad_accum} micro-batch(es) of {args.local_micro_batch_size}); "
-              f"{sum(p.numel() for p in policy.parameters()):,} policy and value parameters")
+              f"{sum(p.numel() for p in policy.parameters()):,} policy and value parameters"
+              + (f"; resumed after update {first_update} from {resumed['path']}" if resumed else ""))
 
     def run_eval() -> tuple:
         """The same random draws at every evaluation (its own RNG stream), so its changes are the policy's."""
@@ -932,16 +1147,16 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
             return evaluate(eval_sampler, reward_model, eval_queries.to(device), eval_references.to(device), tokenizer, args,
                             gold_fn, accelerator, args.local_rollout_forward_batch_size)
 
-    if args.eval_dataset is not None:  # the initial policy on the held-out posts, the baseline of every later evaluation
+    if args.eval_dataset is not None and resumed is None:  # the initial policy on held-out posts, the baseline of later evaluations
         start_metrics = {"update": 0, **run_eval()[0]}
         if accelerator.is_main_process:
             metrics_file.write(json.dumps(start_metrics) + "\n")
             print("before training: " + ", ".join(f"{k} {v:.3f}" for k, v in start_metrics.items() if k.startswith("eval/")))
 
-    kl_ctl = (AdaptiveKLController(args.kl_coef, AdaptiveKLParams(args.kl_target, args.kl_horizon)) if args.adaptive_kl
-              else FixedKLController(args.kl_coef))
-    samples_log = []
-    progress = tqdm(range(num_updates), disable=not accelerator.is_main_process, desc="ppo")
+    if resumed is not None:
+        set_rng_state(resumed["rng"], device)
+    stop, last_checkpoint = StopRequest(), resumed["path"] if resumed else None
+    progress = tqdm(range(first_update, num_updates), initial=first_update, total=num_updates, disable=not accelerator.is_main_process, desc="ppo")
     for update in progress:
         t0 = now(device)
         # lr annealed linearly to 0, constant within an update. {OAI}/lm_human_preferences/train_policy.py#L172-L173
@@ -1072,7 +1287,20 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
             if eval_texts_out is not None:
                 samples_log.append({"update": update + 1, "eval_summaries": eval_texts_out[: args.num_print_samples]})
 
-    # 8. Save the policy (language model + value head, or the critic as a reward-model folder) and the sample tables.
+        # 8. A NaN or inf stops the run (exit 3). A checkpoint every save_every updates and when SIGTERM or SIGINT came
+        #    (then the run stops: exit 128 + signal): all a resumed run needs to go on exactly as this one would.
+        check_finite(metrics, f"update {update + 1}", last_checkpoint)
+        signum = stop.requested(accelerator)
+        if signum or (args.save_every and (update + 1) % args.save_every == 0 and update + 1 < num_updates):
+            state = {"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(), "update": update + 1, "kl_coef": kl_ctl.value,
+                     "samples": samples_log, "elapsed_s": elapsed_before + time.time() - start_time, "wandb_id": wandb_id}
+            last_checkpoint = save_checkpoint(accelerator, run_dir, update + 1, state, args.keep_checkpoints)
+        if signum:
+            stop_after_signal(signum, f"update {update + 1}", last_checkpoint, resume_command or f"python train_policy.py --resume {run_dir}")
+    stop.close()
+
+    # 9. Save the policy (language model + value head, or the critic as a reward-model folder), the sample tables and
+    #    the summary of the run.
     if accelerator.is_main_process:
         policy_dir = run_dir / "policy"
         unwrapped.lm.save_pretrained(policy_dir)
@@ -1084,10 +1312,30 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
         (run_dir / "samples.json").write_text(json.dumps(samples_log, indent=2))
         metrics_file.close()
         print(f"policy saved to {policy_dir}")
+        write_summary(run_dir, summarize(run_dir / "metrics.jsonl", elapsed_before + time.time() - start_time), f"PPO: {run_dir}")
         if args.track:
             wandb.finish()
     accelerator.wait_for_everyone()
     return run_dir
+
+
+def summarize(metrics_path: Path, wall_s: float) -> dict:
+    """Headline figures of a PPO run: score, gold and KL at the first update and over the last tenth of updates (as the
+    README reports them), the held-out evaluation before and after, episodes/s, wall time (every resumed part summed)."""
+    metrics = [json.loads(line) for line in open(metrics_path)]
+    updates, evals = [m for m in metrics if "objective/scores" in m], [m for m in metrics if "eval/win_rate" in m]
+    tenth = updates[-max(1, len(updates) // 10) :]
+    summary = {"updates": len(updates), "episodes": updates[-1]["episode"]}
+    for key, name in (("objective/scores", "score"), ("objective/gold_score", "gold"), ("objective/kl", "kl")):
+        if key in updates[0]:
+            summary[f"{name}/first_update"] = updates[0][key]
+            summary[f"{name}/last_tenth"] = sum(m[key] for m in tenth) / len(tenth)
+    for key in ("eval/rougeL", "eval/gold_score", "eval/win_rate"):
+        if evals and key in evals[0]:
+            summary[f"{key}/before"], summary[f"{key}/after"] = evals[0][key], evals[-1][key]
+    summary["episodes_per_s"] = sum(m["throughput/episodes_per_s"] for m in updates) / len(updates)
+    summary["wall_s"] = wall_s
+    return summary
 
 
 def print_samples(rows: list, update: int):

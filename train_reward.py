@@ -24,22 +24,29 @@ import gzip
 import json
 import math
 import os
+import random
+import re
+import shutil
+import signal
 import sys
 import time
 import zlib
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Literal, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import tyro
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list
+from rich.console import Console
+from rich.table import Table
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, StaticCache
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, StaticCache
 from transformers.activations import GELUTanh, NewGELUActivation
 
 
@@ -58,6 +65,12 @@ class Args:
     """wandb entity (team); None uses your default"""
     run_root: str = "runs"
     """folder that holds the run folders"""
+    save_every: int = 50
+    """write a checkpoint every this many updates (0: only when SIGTERM or SIGINT stops the run)"""
+    keep_checkpoints: int = 2
+    """checkpoints kept in <run folder>/checkpoints; older ones are deleted"""
+    resume: Optional[str] = None
+    """run folder to continue from its last checkpoint, with the arguments it started with (its args.json); no other flag"""
 
     # ---- model ----
     base_model: str = "data/nano"
@@ -161,23 +174,48 @@ PRESETS["tldr_twin"] = dict(
 )
 
 
+FLAG_PREFIX = "--"  # how messages spell a flag: train_both.py sets "--reward." / "--policy." while a stage runs
+
+
 # Copied from train_policy.py
 def fail(message: str):
-    """Bad input ends the run with one line and exit status 2, before anything is written."""
+    """Bad input: one line on stderr naming the flag as the user typed it, exit status 2, before anything is written."""
+    message = re.sub(r"(?<![\w.-])--(?=[a-z])", FLAG_PREFIX, message)
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
 # Copied from train_policy.py
 def cli(args_class, presets: dict, description: str):
-    """tyro CLI with an optional first positional preset name: `script.py sentiment --seed 2`."""
+    """tyro CLI with an optional first positional preset name: `script.py sentiment --seed 2`. `--resume <run folder>`
+    comes alone: the run continues with the arguments it started with, read back from its args.json."""
     argv = sys.argv[1:]
+    preset = argv[:1] if argv and not argv[0].startswith("-") else []
     default = args_class()
-    if argv and not argv[0].startswith("-"):
-        if argv[0] not in presets:
-            fail(f"unknown preset {argv[0]!r}; presets: {', '.join(presets)}")
-        default, argv = replace(default, **presets[argv[0]]), argv[1:]
-    return tyro.cli(args_class, default=default, args=argv, description=description, use_underscores=True)
+    if preset:
+        if preset[0] not in presets:
+            fail(f"unknown preset {preset[0]!r}; presets: {', '.join(presets)}")
+        default = replace(default, **presets[preset[0]])
+    args = tyro.cli(args_class, default=default, args=argv[len(preset) :], description=description, use_underscores=True)
+    if args.resume is None:
+        return args
+    if len(argv) > (1 if argv[0].startswith("--resume=") else 2):
+        fail("--resume continues a run with the arguments it started with (its args.json): give no other flag or preset")
+    if not os.path.isfile(os.path.join(args.resume, "args.json")):
+        fail(f"--resume {args.resume}: not a run folder (no args.json)")
+    with open(os.path.join(args.resume, "args.json")) as f:
+        return replace(args_from_json(args_class, json.load(f)), resume=args.resume)
+
+
+# Copied from train_policy.py
+def args_from_json(args_class, values: dict):
+    """args_class rebuilt from its args.json (nested argument classes too); other keys (world_size, ...) are facts of the run."""
+    kwargs = {}
+    for f in fields(args_class):
+        if f.name in values:
+            default = getattr(args_class(), f.name)
+            kwargs[f.name] = args_from_json(type(default), values[f.name]) if is_dataclass(default) else values[f.name]
+    return args_class(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -531,21 +569,26 @@ def query_batches(texts, tokenizer, query_length: int, response_length: int, bat
 
 
 # Copied from train_policy.py
-def load_base_model(path: str):
-    """(model, tokenizer) from a hub id, a local folder or a .gguf file. A .gguf file is de-quantized to fp32 as it is
-    read (GgufConfig(dequantize=True)): the result is an ordinary trainable model without a quantization marker, which
-    save_pretrained writes as a plain Hugging Face folder that every script loads back. (Read without it, transformers
-    keeps the model marked as GGUF-quantized and refuses to save it.)"""
+def load_base_model(path: str, weights: bool = True):
+    """(model, tokenizer) from a hub id, a local folder or a .gguf file; with weights=False (config, tokenizer), what the
+    checks of the arguments need. A .gguf file is de-quantized to fp32 as it is read (GgufConfig(dequantize=True)): the
+    result is an ordinary trainable model without a quantization marker, which save_pretrained writes as a plain Hugging
+    Face folder that every script loads back. (Read without it, transformers keeps the model marked as GGUF-quantized
+    and refuses to save it.)"""
+    source, gguf = path, {}
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            fail(f"--base_model {path}: file not found")
+        source, name = os.path.split(os.path.abspath(path))
+        gguf = dict(gguf_file=name)
+    elif not os.path.isdir(path) and (path.startswith((".", "/")) or path.count("/") > 1):
+        fail(f"--base_model {path}: folder not found")
     try:
-        if path.endswith(".gguf"):
-            if not os.path.isfile(path):
-                fail(f"--base_model {path}: file not found")
-            folder, name = os.path.split(os.path.abspath(path))
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, quantization_config=GgufConfig(dequantize=True))
-            return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        if not os.path.isdir(path) and (path.startswith((".", "/")) or path.count("/") > 1):
-            fail(f"--base_model {path}: folder not found")
-        return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
+        if not weights:
+            return AutoConfig.from_pretrained(source, **gguf), tokenizer
+        dequantize = dict(quantization_config=GgufConfig(dequantize=True)) if gguf else {}
+        return AutoModelForCausalLM.from_pretrained(source, **gguf, **dequantize), tokenizer
     except OSError as e:  # hub id with no network, or a folder without a model
         fail(f"--base_model {path}: cannot be loaded ({str(e).splitlines()[0][:200]})")
 
@@ -852,21 +895,182 @@ def accuracy(reward_model, data: tuple, kind: str, args: Args, accelerator, pad_
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Runs that survive: checkpoints, resume, a stop on SIGTERM/SIGINT or on a NaN, the closing summary
+# ---------------------------------------------------------------------------------------------------------
+
+EXIT_NONFINITE = 3  # exit status of a run stopped by a NaN or inf (bad input: 2; stopped by a signal: 128 + its number)
+# Copied from train_policy.py
+class Stream:
+    """An iterator that counts what it has handed out: its position, which a checkpoint stores and a resumed run skips."""
+
+    def __init__(self, iterator, skip: int = 0):
+        self.iterator, self.position = iterator, 0
+        for _ in range(skip):
+            next(self)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.position += 1
+        return next(self.iterator)
+
+
+# Copied from train_policy.py
+class StopRequest:
+    """SIGTERM (a scheduler's pre-emption; torchrun passes it on) or SIGINT (Ctrl-C) makes the run stop at the end of the
+    current update, after a checkpoint; a second Ctrl-C stops it at once. close() puts the previous handlers back."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signum = self.signum or signum
+
+    def requested(self, accelerator) -> int:
+        """The signal some process received (0: none), the same on every process so that all stop after the same update."""
+        if accelerator.num_processes == 1:
+            return self.signum
+        flag = torch.tensor([self.signum], device=accelerator.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
+    def close(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+# Copied from train_policy.py
+def rng_state(device: torch.device) -> dict:
+    """Every random number generator a process draws from: torch's (CPU and GPU), Python's and NumPy's."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+# Copied from train_policy.py
+def set_rng_state(state: dict, device: torch.device):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+# Copied from train_policy.py
+def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep: int) -> Path:
+    """run_dir/checkpoints/<step>/: state.pt (models, optimizer, counters: the same on every process, written by the
+    main one), rng_<rank>.pt (each process's generators) and metrics.jsonl as it stands. Written into a temporary
+    folder that is then renamed, so a kill during the save leaves the earlier checkpoints whole; the last `keep` stay."""
+    root = run_dir / "checkpoints"
+    tmp, final = root / f"tmp_{step:08d}", root / f"{step:08d}"
+    if accelerator.is_main_process:
+        if tmp.exists():  # left by a run killed while saving
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(accelerator.device), tmp / f"rng_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        torch.save(state, tmp / "state.pt")
+        shutil.copyfile(run_dir / "metrics.jsonl", tmp / "metrics.jsonl")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp.rename(final)
+        for old in sorted(p for p in root.iterdir() if p.name.isdigit())[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# Copied from train_policy.py
+def load_checkpoint(accelerator, run_dir: Path) -> Optional[dict]:
+    """The state of run_dir's last checkpoint (None if it has none), with metrics.jsonl put back as it was then. The
+    process's generators are restored separately (set_rng_state(state["rng"])), right where the loop starts."""
+    root = run_dir / "checkpoints"
+    steps = sorted(p for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+    if not steps:
+        return None
+    state = torch.load(steps[-1] / "state.pt", map_location="cpu", weights_only=False)  # our own file; load_state_dict moves it
+    state["rng"] = torch.load(steps[-1] / f"rng_{accelerator.process_index}.pt", weights_only=False)
+    state["path"] = steps[-1]
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.copyfile(steps[-1] / "metrics.jsonl", run_dir / "metrics.jsonl")
+    return state
+
+
+# Copied from train_policy.py
+def check_finite(metrics: dict, where: str, last_checkpoint: Optional[Path]):
+    """A NaN or inf in a logged quantity (losses, scores, KL, entropy: the logits feed them) stops the run, exit status
+    3; what was written stays as it was, and the last checkpoint holds the last good state. The metrics are averaged
+    over processes, so every process stops at the same update."""
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        named = ", ".join(f"{k} = {metrics[k]}" for k in bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        # on a line of its own, after the progress bar
+        print(f"\nerror: {where}: {named}; last good checkpoint: {last_checkpoint or 'none (none saved yet)'}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_NONFINITE)
+
+
+# Copied from train_policy.py
+def stop_after_signal(signum: int, where: str, checkpoint: Path, resume_command: str):
+    print(f"stopped by {signal.Signals(signum).name} after {where}; checkpoint {checkpoint}; continue with: {resume_command}", flush=True)
+    sys.exit(128 + signum)
+
+
+# Copied from train_policy.py
+def write_summary(run_dir: Path, summary: dict, title: str):
+    """The run's headline figures: a table on the terminal and run_dir/summary.json, whose presence marks a finished run."""
+    table = Table(title=title)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for k, v in summary.items():
+        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    Console().print(table)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------
 
 
-def train(args: Args, run_dir: Optional[Path] = None) -> Path:
-    # cpu=True on a machine without a GPU: only then does accelerate join torchrun's processes with gloo
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+def check_args(args: Args):
+    """The checks of the arguments that need no training (sizes, the base model, the label file, the query data), run
+    before anything is trained or written; train_both.py runs them before either stage."""
+    world = PartialState().num_processes
     if args.batch_size % (world * args.local_micro_batch_size):
         fail(f"--batch_size {args.batch_size} is not divisible by --local_micro_batch_size {args.local_micro_batch_size} x {world} processes")
     if args.num_train % args.batch_size or args.num_train == 0:  # {OAI}/lm_human_preferences/train_reward.py#L56-L58
         fail(f"--num_train {args.num_train} is not a positive multiple of --batch_size {args.batch_size}")
     if args.rollout_batch_size % world:
         fail(f"--rollout_batch_size {args.rollout_batch_size} is not divisible by {world} processes")
+    if args.save_every < 0 or args.keep_checkpoints < 1:
+        fail("--keep_checkpoints must be positive, --save_every at least 0")
+    load_base_model(args.base_model, weights=False)
+    read_label_file(args.label_dataset, args.label_config, args.label_split)
+    if args.reference_bias and isinstance(load_texts(args.query_dataset, args.query_split)[0], str):
+        fail(f"--reference_bias needs TL;DR posts with reference summaries; --query_dataset {args.query_dataset} holds texts")
+
+
+def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[str] = None) -> Path:
+    """The reward model. run_dir: the run folder (train_both.py gives its stage folder; --resume the folder to continue);
+    resume_command: what the message of a run stopped by a signal tells the user to type."""
+    start_time = time.time()
+    # cpu=True on a machine without a GPU: only then does accelerate join torchrun's processes with gloo
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    check_args(args)
     grad_accum = args.batch_size // (world * args.local_micro_batch_size)
+    run_dir = Path(args.resume) if args.resume else run_dir
+    if args.resume and (run_dir / "summary.json").is_file():
+        print(f"{run_dir} has finished (summary.json): nothing to resume")
+        return run_dir
+    if args.resume and json.loads((run_dir / "args.json").read_text())["world_size"] != world:  # every process has its own RNG
+        fail(f"--resume {run_dir}: the run had {json.loads((run_dir / 'args.json').read_text())['world_size']} process(es), not {world}")
 
     # 1. Models: the reward model (base LM + head, gain, bias) and the frozen base policy that samples for the
     #    normalization. The seed is the same on every process, so every copy of the head starts identical.
@@ -880,27 +1084,35 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
     # 2. Labels (checked before anything is written) and queries for the normalization samples.
     train_data, test_data, kind, test_meta = load_labels(args, tokenizer)
     texts = load_texts(args.query_dataset, args.query_split)
-    if args.reference_bias and isinstance(texts[0], str):
-        fail(f"--reference_bias needs TL;DR posts with reference summaries; --query_dataset {args.query_dataset} holds texts")
     batches = query_batches(texts, tokenizer, args.query_length, args.response_length, args.rollout_batch_size, args.seed)
     optimizer = make_optimizer(reward_model.parameters(), args.optimizer, args.lr, args.eps)
     reward_model, optimizer = accelerator.prepare(reward_model, optimizer)
     unwrapped = accelerator.unwrap_model(reward_model)
     torch.manual_seed(args.seed + rank * 100003)  # {OAI}/lm_human_preferences/utils/core.py#L108-L113
 
-    # 3. Run folder, metrics file, wandb.
+    # 3. Run folder, metrics file, wandb. A resumed run takes back the weights, optimizer, query position and metrics of
+    #    its last checkpoint; its generators are restored where the loop starts.
     run_dir = run_dir or shared_run_dir(accelerator, args.run_root, args.exp_name, args.seed)
-    metrics_file = None
+    resumed = load_checkpoint(accelerator, run_dir) if args.resume else None
+    if resumed is not None:
+        unwrapped.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+    first_update, elapsed_before = (resumed["update"], resumed["elapsed_s"]) if resumed else (0, 0.0)
+    batches = Stream(batches, skip=resumed["batches"] if resumed else 0)
+    metrics_file, wandb_id = None, resumed["wandb_id"] if resumed else None
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps({**asdict(args), "world_size": world, "grad_accum": grad_accum, "label_kind": kind[0]}, indent=2))
-        metrics_file = open(run_dir / "metrics.jsonl", "w")
+        if resumed is None:
+            (run_dir / "args.json").write_text(json.dumps({**asdict(args), "world_size": world, "grad_accum": grad_accum, "label_kind": kind[0]}, indent=2))
+        metrics_file = open(run_dir / "metrics.jsonl", "a" if resumed else "w")
         if args.track:
             import wandb
 
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args), dir=str(run_dir))
+            wandb_id = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
+                                  dir=str(run_dir), id=wandb_id, resume="allow").id
         print(f"run folder {run_dir}; {len(train_data[0]):,} training and {len(test_data[0]):,} held-out {kind[0]} labels "
-              f"(n = {kind[1]}); {world} process(es) x {grad_accum} micro-batch(es) of {args.local_micro_batch_size}")
+              f"(n = {kind[1]}); {world} process(es) x {grad_accum} micro-batch(es) of {args.local_micro_batch_size}"
+              + (f"; resumed after update {first_update} from {resumed['path']}" if resumed else ""))
 
     def log(metrics: dict):
         if metrics_file is not None:
@@ -914,19 +1126,23 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
 
     # 4. Normalize before training: base-policy rewards to mean 0, std 1 (best-of-n labels carry no scale of their
     #    own). {OAI}/lm_human_preferences/train_reward.py#L232-L234
-    summary = {"update": 0, "label": 0}
-    if args.normalize_before:
-        summary["normalize/before_training/mean"], summary["normalize/before_training/std"] = normalize(unwrapped, stats_fn)
-    if len(test_data[0]):
-        summary["test/accuracy"], summary["test/loss"], _ = accuracy(reward_model, test_data, kind[0], args, accelerator, pad)
-    log(summary)
+    if resumed is None:
+        before = {"update": 0, "label": 0}
+        if args.normalize_before:
+            before["normalize/before_training/mean"], before["normalize/before_training/std"] = normalize(unwrapped, stats_fn)
+        if len(test_data[0]):
+            before["test/accuracy"], before["test/loss"], _ = accuracy(reward_model, test_data, kind[0], args, accelerator, pad)
+        log(before)
 
     # 5. One epoch over the labels in an order shared by all processes; each process takes every world-th label
     #    of a batch; lr annealed to 0, linearly (OAI) or by a cosine (SFD). {OAI}/lm_human_preferences/train_reward.py#L236-L250
     order = torch.randperm(args.num_train, generator=torch.Generator().manual_seed(args.seed))
     num_updates = args.num_train // args.batch_size
     reward_model.train()
-    progress = tqdm(range(num_updates), disable=not accelerator.is_main_process, desc="reward")
+    if resumed is not None:
+        set_rng_state(resumed["rng"], device)
+    stop, last_checkpoint = StopRequest(), resumed["path"] if resumed else None
+    progress = tqdm(range(first_update, num_updates), initial=first_update, total=num_updates, disable=not accelerator.is_main_process, desc="reward")
     for update in progress:
         start = update * args.batch_size
         done = start / args.num_train
@@ -954,6 +1170,16 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
         else:
             progress.set_postfix(loss=f"{train_loss:.3f}")
         log(metrics)
+        # a NaN or inf stops the run (exit 3); a checkpoint every save_every updates and when SIGTERM or SIGINT came
+        check_finite(metrics, f"update {update + 1}", last_checkpoint)
+        signum = stop.requested(accelerator)
+        if signum or (args.save_every and (update + 1) % args.save_every == 0 and update + 1 < num_updates):
+            state = {"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(), "update": update + 1,
+                     "batches": batches.position, "elapsed_s": elapsed_before + time.time() - start_time, "wandb_id": wandb_id}
+            last_checkpoint = save_checkpoint(accelerator, run_dir, update + 1, state, args.keep_checkpoints)
+        if signum:
+            stop_after_signal(signum, f"update {update + 1}", last_checkpoint, resume_command or f"python train_reward.py --resume {run_dir}")
+    stop.close()
 
     # 6. Normalize after training (so that the policy's KL coefficient keeps its meaning), {OAI}/lm_human_preferences/train_reward.py#L252-L254;
     #    then SFD's reference bias; then save.
@@ -969,12 +1195,27 @@ def train(args: Args, run_dir: Optional[Path] = None) -> Path:
     if accelerator.is_main_process:
         save_reward_model(unwrapped, tokenizer, run_dir / "reward_model")
         metrics_file.close()
-        test = f"held-out accuracy {metrics['test/accuracy']:.3f}; " if "test/accuracy" in metrics else ""
-        print(f"{test}reward model saved to {run_dir / 'reward_model'}")
+        print(f"reward model saved to {run_dir / 'reward_model'}")
+        write_summary(run_dir, summarize(run_dir / "metrics.jsonl", elapsed_before + time.time() - start_time), f"reward model: {run_dir}")
         if args.track:
             wandb.finish()
     accelerator.wait_for_everyone()
     return run_dir
+
+
+def summarize(metrics_path: Path, wall_s: float) -> dict:
+    """Headline figures of a reward run: held-out accuracy before and after training, training accuracy over the last
+    tenth of updates, the normalization, wall time (every resumed part summed)."""
+    metrics = [json.loads(line) for line in open(metrics_path)]
+    updates, tests = [m for m in metrics if "train/loss" in m], [m for m in metrics if "test/accuracy" in m]
+    tenth = updates[-max(1, len(updates) // 10) :]
+    summary = {"labels": updates[-1]["label"]}
+    if tests:
+        summary["test/accuracy/before"], summary["test/accuracy/after"] = tests[0]["test/accuracy"], tests[-1]["test/accuracy"]
+    summary["train/accuracy/last_tenth"] = sum(m["train/accuracy"] for m in tenth) / len(tenth)
+    summary.update({k: v for k, v in metrics[-1].items() if k.startswith(("reward/", "normalize/"))})
+    summary["wall_s"] = wall_s
+    return summary
 
 
 if __name__ == "__main__":

@@ -207,7 +207,7 @@ def test_copies_of_helpers_are_identical_to_train_policy():
                 assert source == original[name][0], f"{script}: {name} differs from train_policy.py"
                 n += 1
             else:
-                assert name not in original or name in ("train", "Args"), f"{script}: {name} is a copy without its marker"
+                assert name not in original or name in ("train", "Args", "check_args", "summarize"), f"{script}: {name} is a copy without its marker"
     assert n >= 18
 
 
