@@ -2,7 +2,8 @@
 one the reward model scores highest kept. The kept sample's distribution is KL(best-of-n || policy) = log n - (n-1)/n
 away from the policy (Stiennon et al. 2020, appendix G.3; Gao, Schulman & Hilton 2022, section 2.2), so best-of-n
 traces the proxy (learned reward) and gold (VADER, the labeler behind the embedded labels) scores against the distance
-d = sqrt(KL) from the initial policy without any training: the first curve of Gao et al.'s over-optimization picture.
+d = sqrt(KL) from the initial policy without any training: the first curve of Gao et al.'s over-optimization picture,
+with their best-of-n form R(d) = d (alpha - beta d) fitted to it.
 
     python benchmark/best_of_n.py --reward_model runs/both__1__<time>/reward/reward_model     # the embedded world
 
@@ -64,6 +65,17 @@ def bon_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
+def fit_gao(d: list, r: list, form: Literal["bon", "rl"]) -> tuple:
+    """(alpha, beta) of Gao et al.'s functional forms by least squares, for scores r measured from the initial policy's
+    (r(0) = 0) at distances d = sqrt(KL): best-of-n R(d) = d (alpha - beta d), RL R(d) = d (alpha - beta log d)
+    (Gao, Schulman & Hilton 2022, eq. 1 and 2)."""
+    d = torch.tensor(d, dtype=torch.float64)
+    second = d * d if form == "bon" else d * torch.log(d.clamp(min=1e-12))
+    features = torch.stack([d, -second], 1)  # (points, 2)
+    alpha, beta = torch.linalg.lstsq(features, torch.tensor(r, dtype=torch.float64)[:, None]).solution[:, 0].tolist()
+    return alpha, beta
+
+
 def best_of_n(proxy: torch.Tensor, gold: torch.Tensor, n: int) -> tuple:
     """(mean proxy, mean gold) of the best-of-n samples: each query's (q, N) samples cut into N // n groups of n, the
     sample with the highest proxy kept from each group."""
@@ -116,8 +128,14 @@ def main(a: Args) -> list:
     for r in rows:
         table.add_row(str(r["n"]), f"{r['kl']:.3f}", f"{r['d']:.3f}", f"{r['proxy']:+.3f}", f"{r['gold']:+.3f}")
     Console().print(table)
+    # Gao et al.'s best-of-n form fitted to the gains over n = 1 (their R(d) starts at 0)
+    fits = {}
+    for name in ("proxy", "gold"):
+        alpha, beta = fit_gao([r["d"] for r in rows], [r[name] - rows[0][name] for r in rows], "bon")
+        fits[name] = {"alpha": alpha, "beta": beta}
+        print(f"{name}: R(d) = d ({alpha:.3f} - {beta:.3f} d)")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"args": asdict(a), "rows": rows}, indent=2))
+    Path(a.out).write_text(json.dumps({"args": asdict(a), "rows": rows, "fits": fits}, indent=2))
     return rows
 
 

@@ -47,6 +47,20 @@ def test_best_of_n_end_to_end_on_a_tiny_reward_model(tmp_path):
     assert rows[0]["kl"] == 0 and rows[3]["kl"] == pytest.approx(math.log(8) - 7 / 8)
     assert all(a["proxy"] <= b["proxy"] + 1e-6 for a, b in zip(rows, rows[1:]))  # nested groups: never lower
     assert all(-1 <= row["gold"] <= 1 for row in rows)  # VADER's compound score
+    assert set(json.loads(out.read_text())["fits"]) == {"proxy", "gold"}
     assert "best-of-n by" in r.stdout
     r = run_script([sys.executable, "benchmark/best_of_n.py", "--reward_model", str(run_dir / "reward" / "reward_model"), "--max_n", "6"])
     assert r.returncode == 2 and "--max_n 6 is not a power of 2" in r.stderr
+
+
+@pytest.mark.parametrize("form", ["bon", "rl"])
+def test_gao_fits_recover_known_coefficients_from_synthetic_points(form):
+    alpha, beta = 0.9, 0.25
+    d = [0.2 * i for i in range(1, 16)]
+    shape = (lambda x: x * x) if form == "bon" else (lambda x: x * math.log(x))
+    noise = torch.Generator().manual_seed(0)
+    r = [alpha * x - beta * shape(x) + 0.002 * torch.randn((), generator=noise).item() for x in d]
+    fitted = best_of_n.fit_gao(d, r, form)
+    assert fitted == pytest.approx((alpha, beta), abs=0.01)
+    exact = best_of_n.fit_gao(d, [alpha * x - beta * shape(x) for x in d], form)
+    assert exact == pytest.approx((alpha, beta), abs=1e-9)
