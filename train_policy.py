@@ -992,9 +992,41 @@ def check_finite(metrics: dict, where: str, last_checkpoint: Optional[Path]):
         sys.exit(EXIT_NONFINITE)
 
 
-def stop_after_signal(signum: int, where: str, checkpoint: Path, resume_command: str):
-    print(f"stopped by {signal.Signals(signum).name} after {where}; checkpoint {checkpoint}; continue with: {resume_command}", flush=True)
-    sys.exit(128 + signum)
+class Checkpoints:
+    """A run's checkpoints: one every save_every updates (none after the last: the run then saves its models) and one
+    when SIGTERM or SIGINT asked the run to stop, which it then does, exit status 128 + the signal. `last` is the newest
+    (that of a resumed run at first)."""
+
+    def __init__(self, accelerator, run_dir: Path, save_every: int, keep: int, resume_command: str, last: Optional[Path]):
+        self.accelerator, self.run_dir, self.save_every, self.keep = accelerator, run_dir, save_every, keep
+        self.resume_command, self.last, self.stop = resume_command, last, StopRequest()
+
+    def after(self, step: int, num_steps: int, state_fn):
+        """At the end of update `step` of num_steps; state_fn() builds the state to save, only when one is saved."""
+        signum = self.stop.requested(self.accelerator)
+        if signum or (self.save_every and step % self.save_every == 0 and step < num_steps):
+            self.last = save_checkpoint(self.accelerator, self.run_dir, step, state_fn(), self.keep)
+        if signum:
+            print(f"stopped by {signal.Signals(signum).name} after update {step}; checkpoint {self.last}; continue with: "
+                  f"{self.resume_command}", flush=True)
+            sys.exit(128 + signum)
+
+    def close(self):
+        self.stop.close()
+
+
+def resume_has_work(resume: Optional[str], world: int) -> bool:
+    """Whether the run folder given to --resume still has work: not once it finished (summary.json); an error when it ran
+    with another number of processes, since each process has its own random number generators."""
+    if resume is None:
+        return True
+    if (Path(resume) / "summary.json").is_file():
+        print(f"{resume} has finished (summary.json): nothing to resume")
+        return False
+    started = json.loads((Path(resume) / "args.json").read_text())["world_size"]
+    if started != world:
+        fail(f"--resume {resume}: the run had {started} process(es), not {world}")
+    return True
 
 
 def write_summary(run_dir: Path, summary: dict, title: str):
@@ -1015,7 +1047,8 @@ def write_summary(run_dir: Path, summary: dict, title: str):
 
 def check_args(args: Args, reward_model_follows: bool = False) -> int:
     """Every check of the arguments that needs no training (sizes, paths, the data, the truncate token), run before
-    anything is trained or written; train_both.py runs it before its reward stage. Returns the number of updates."""
+    anything is trained or written; train_both.py runs it before its reward stage. Returns the number of updates and the
+    query and evaluation texts it read."""
     world = PartialState().num_processes
     if args.batch_size % world:
         fail(f"--batch_size {args.batch_size} is not divisible by {world} processes")
@@ -1042,14 +1075,15 @@ def check_args(args: Args, reward_model_follows: bool = False) -> int:
     texts = load_texts(args.query_dataset, args.query_split)
     if args.reference_baseline and isinstance(texts[0], str):
         fail(f"--reference_baseline needs TL;DR queries with reference summaries; --query_dataset {args.query_dataset} holds texts")
-    if args.eval_dataset is not None and isinstance(load_texts(args.eval_dataset, args.eval_split, "--eval_dataset")[0], str):
+    eval_texts = None if args.eval_dataset is None else load_texts(args.eval_dataset, args.eval_split, "--eval_dataset")
+    if eval_texts is not None and isinstance(eval_texts[0], str):
         fail(f"--eval_dataset {args.eval_dataset}: held-out TL;DR posts with summaries are needed, not texts")
     # OAI's nupdates rounds up ({OAI}/lm_human_preferences/train_policy.py#L23-L24); said first, not done silently
     num_updates = math.ceil(args.total_episodes / args.batch_size)
     if args.total_episodes % args.batch_size and PartialState().is_main_process:
         print(f"note: --total_episodes {args.total_episodes} is not a multiple of --batch_size {args.batch_size}: "
               f"{num_updates} updates train on {num_updates * args.batch_size} episodes (rounded up, as OAI)", flush=True)
-    return num_updates
+    return num_updates, texts, eval_texts
 
 
 def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[str] = None) -> Path:
@@ -1061,16 +1095,12 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available(),
                               dynamo_backend="inductor" if args.compile else "no")
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    num_updates = check_args(args)
+    num_updates, texts, eval_texts = check_args(args)
     local_batch_size = args.batch_size // world
     local_minibatch_size = local_batch_size // args.nminibatches
     grad_accum = local_minibatch_size // args.local_micro_batch_size
-    run_dir = Path(args.resume) if args.resume else run_dir
-    if args.resume and (run_dir / "summary.json").is_file():
-        print(f"{run_dir} has finished (summary.json): nothing to resume")
-        return run_dir
-    if args.resume and json.loads((run_dir / "args.json").read_text())["world_size"] != world:  # every process has its own RNG
-        fail(f"--resume {run_dir}: the run had {json.loads((run_dir / 'args.json').read_text())['world_size']} process(es), not {world}")
+    if not resume_has_work(args.resume, world):
+        return Path(args.resume)
 
     # 1. Models: policy with its value function (a head, or a critic copied from the reward model), frozen reference
     #    policy, frozen reward model. Same init on every process.
@@ -1099,10 +1129,8 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
 
     # 2. Queries (TL;DR ones with their reference summaries), held-out posts for the evaluation, and a seed per
     #    process for sampling and minibatch shuffles. {OAI}/lm_human_preferences/utils/core.py#L108-L113
-    texts = load_texts(args.query_dataset, args.query_split)
     batches = query_batches(texts, tokenizer, args.query_length, args.response_length, args.batch_size, args.seed)
     if args.eval_dataset is not None:
-        eval_texts = load_texts(args.eval_dataset, args.eval_split, "--eval_dataset")
         # the same held-out posts whatever the seed
         eval_queries, eval_references = next(query_batches(eval_texts, tokenizer, args.query_length, args.response_length,
                                                            min(args.num_eval, len(eval_texts)), seed=0))
@@ -1114,7 +1142,7 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
     # 3. Run folder, metrics file, wandb. Nothing was written before the inputs were checked. A resumed run takes back
     #    the weights, optimizer, KL coefficient, query position and metrics of its last checkpoint; its generators are
     #    restored where the loop starts.
-    run_dir = run_dir or shared_run_dir(accelerator, args.run_root, args.exp_name, args.seed)
+    run_dir = Path(args.resume) if args.resume else run_dir or shared_run_dir(accelerator, args.run_root, args.exp_name, args.seed)
     resumed = load_checkpoint(accelerator, run_dir) if args.resume else None
     if resumed is not None:
         unwrapped.load_state_dict(resumed["model"])
@@ -1155,7 +1183,8 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
 
     if resumed is not None:
         set_rng_state(resumed["rng"], device)
-    stop, last_checkpoint = StopRequest(), resumed["path"] if resumed else None
+    checkpoints = Checkpoints(accelerator, run_dir, args.save_every, args.keep_checkpoints,
+                              resume_command or f"python train_policy.py --resume {run_dir}", resumed["path"] if resumed else None)
     progress = tqdm(range(first_update, num_updates), initial=first_update, total=num_updates, disable=not accelerator.is_main_process, desc="ppo")
     for update in progress:
         t0 = now(device)
@@ -1289,15 +1318,11 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
 
         # 8. A NaN or inf stops the run (exit 3). A checkpoint every save_every updates and when SIGTERM or SIGINT came
         #    (then the run stops: exit 128 + signal): all a resumed run needs to go on exactly as this one would.
-        check_finite(metrics, f"update {update + 1}", last_checkpoint)
-        signum = stop.requested(accelerator)
-        if signum or (args.save_every and (update + 1) % args.save_every == 0 and update + 1 < num_updates):
-            state = {"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(), "update": update + 1, "kl_coef": kl_ctl.value,
-                     "samples": samples_log, "elapsed_s": elapsed_before + time.time() - start_time, "wandb_id": wandb_id}
-            last_checkpoint = save_checkpoint(accelerator, run_dir, update + 1, state, args.keep_checkpoints)
-        if signum:
-            stop_after_signal(signum, f"update {update + 1}", last_checkpoint, resume_command or f"python train_policy.py --resume {run_dir}")
-    stop.close()
+        check_finite(metrics, f"update {update + 1}", checkpoints.last)
+        checkpoints.after(update + 1, num_updates, lambda: {
+            "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(), "update": update + 1, "kl_coef": kl_ctl.value,
+            "samples": samples_log, "elapsed_s": elapsed_before + time.time() - start_time, "wandb_id": wandb_id})
+    checkpoints.close()
 
     # 9. Save the policy (language model + value head, or the critic as a reward-model folder), the sample tables and
     #    the summary of the run.

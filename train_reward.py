@@ -1016,9 +1016,42 @@ def check_finite(metrics: dict, where: str, last_checkpoint: Optional[Path]):
 
 
 # Copied from train_policy.py
-def stop_after_signal(signum: int, where: str, checkpoint: Path, resume_command: str):
-    print(f"stopped by {signal.Signals(signum).name} after {where}; checkpoint {checkpoint}; continue with: {resume_command}", flush=True)
-    sys.exit(128 + signum)
+class Checkpoints:
+    """A run's checkpoints: one every save_every updates (none after the last: the run then saves its models) and one
+    when SIGTERM or SIGINT asked the run to stop, which it then does, exit status 128 + the signal. `last` is the newest
+    (that of a resumed run at first)."""
+
+    def __init__(self, accelerator, run_dir: Path, save_every: int, keep: int, resume_command: str, last: Optional[Path]):
+        self.accelerator, self.run_dir, self.save_every, self.keep = accelerator, run_dir, save_every, keep
+        self.resume_command, self.last, self.stop = resume_command, last, StopRequest()
+
+    def after(self, step: int, num_steps: int, state_fn):
+        """At the end of update `step` of num_steps; state_fn() builds the state to save, only when one is saved."""
+        signum = self.stop.requested(self.accelerator)
+        if signum or (self.save_every and step % self.save_every == 0 and step < num_steps):
+            self.last = save_checkpoint(self.accelerator, self.run_dir, step, state_fn(), self.keep)
+        if signum:
+            print(f"stopped by {signal.Signals(signum).name} after update {step}; checkpoint {self.last}; continue with: "
+                  f"{self.resume_command}", flush=True)
+            sys.exit(128 + signum)
+
+    def close(self):
+        self.stop.close()
+
+
+# Copied from train_policy.py
+def resume_has_work(resume: Optional[str], world: int) -> bool:
+    """Whether the run folder given to --resume still has work: not once it finished (summary.json); an error when it ran
+    with another number of processes, since each process has its own random number generators."""
+    if resume is None:
+        return True
+    if (Path(resume) / "summary.json").is_file():
+        print(f"{resume} has finished (summary.json): nothing to resume")
+        return False
+    started = json.loads((Path(resume) / "args.json").read_text())["world_size"]
+    if started != world:
+        fail(f"--resume {resume}: the run had {started} process(es), not {world}")
+    return True
 
 
 # Copied from train_policy.py
@@ -1065,12 +1098,8 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     check_args(args)
     grad_accum = args.batch_size // (world * args.local_micro_batch_size)
-    run_dir = Path(args.resume) if args.resume else run_dir
-    if args.resume and (run_dir / "summary.json").is_file():
-        print(f"{run_dir} has finished (summary.json): nothing to resume")
-        return run_dir
-    if args.resume and json.loads((run_dir / "args.json").read_text())["world_size"] != world:  # every process has its own RNG
-        fail(f"--resume {run_dir}: the run had {json.loads((run_dir / 'args.json').read_text())['world_size']} process(es), not {world}")
+    if not resume_has_work(args.resume, world):
+        return Path(args.resume)
 
     # 1. Models: the reward model (base LM + head, gain, bias) and the frozen base policy that samples for the
     #    normalization. The seed is the same on every process, so every copy of the head starts identical.
@@ -1092,7 +1121,7 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
 
     # 3. Run folder, metrics file, wandb. A resumed run takes back the weights, optimizer, query position and metrics of
     #    its last checkpoint; its generators are restored where the loop starts.
-    run_dir = run_dir or shared_run_dir(accelerator, args.run_root, args.exp_name, args.seed)
+    run_dir = Path(args.resume) if args.resume else run_dir or shared_run_dir(accelerator, args.run_root, args.exp_name, args.seed)
     resumed = load_checkpoint(accelerator, run_dir) if args.resume else None
     if resumed is not None:
         unwrapped.load_state_dict(resumed["model"])
@@ -1141,7 +1170,8 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
     reward_model.train()
     if resumed is not None:
         set_rng_state(resumed["rng"], device)
-    stop, last_checkpoint = StopRequest(), resumed["path"] if resumed else None
+    checkpoints = Checkpoints(accelerator, run_dir, args.save_every, args.keep_checkpoints,
+                              resume_command or f"python train_reward.py --resume {run_dir}", resumed["path"] if resumed else None)
     progress = tqdm(range(first_update, num_updates), initial=first_update, total=num_updates, disable=not accelerator.is_main_process, desc="reward")
     for update in progress:
         start = update * args.batch_size
@@ -1171,15 +1201,11 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
             progress.set_postfix(loss=f"{train_loss:.3f}")
         log(metrics)
         # a NaN or inf stops the run (exit 3); a checkpoint every save_every updates and when SIGTERM or SIGINT came
-        check_finite(metrics, f"update {update + 1}", last_checkpoint)
-        signum = stop.requested(accelerator)
-        if signum or (args.save_every and (update + 1) % args.save_every == 0 and update + 1 < num_updates):
-            state = {"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(), "update": update + 1,
-                     "batches": batches.position, "elapsed_s": elapsed_before + time.time() - start_time, "wandb_id": wandb_id}
-            last_checkpoint = save_checkpoint(accelerator, run_dir, update + 1, state, args.keep_checkpoints)
-        if signum:
-            stop_after_signal(signum, f"update {update + 1}", last_checkpoint, resume_command or f"python train_reward.py --resume {run_dir}")
-    stop.close()
+        check_finite(metrics, f"update {update + 1}", checkpoints.last)
+        checkpoints.after(update + 1, num_updates, lambda: {
+            "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(), "update": update + 1, "batches": batches.position,
+            "elapsed_s": elapsed_before + time.time() - start_time, "wandb_id": wandb_id})
+    checkpoints.close()
 
     # 6. Normalize after training (so that the policy's KL coefficient keeps its meaning), {OAI}/lm_human_preferences/train_reward.py#L252-L254;
     #    then SFD's reference bias; then save.

@@ -550,9 +550,42 @@ def check_finite(metrics: dict, where: str, last_checkpoint: Optional[Path]):
 
 
 # Copied from train_policy.py
-def stop_after_signal(signum: int, where: str, checkpoint: Path, resume_command: str):
-    print(f"stopped by {signal.Signals(signum).name} after {where}; checkpoint {checkpoint}; continue with: {resume_command}", flush=True)
-    sys.exit(128 + signum)
+class Checkpoints:
+    """A run's checkpoints: one every save_every updates (none after the last: the run then saves its models) and one
+    when SIGTERM or SIGINT asked the run to stop, which it then does, exit status 128 + the signal. `last` is the newest
+    (that of a resumed run at first)."""
+
+    def __init__(self, accelerator, run_dir: Path, save_every: int, keep: int, resume_command: str, last: Optional[Path]):
+        self.accelerator, self.run_dir, self.save_every, self.keep = accelerator, run_dir, save_every, keep
+        self.resume_command, self.last, self.stop = resume_command, last, StopRequest()
+
+    def after(self, step: int, num_steps: int, state_fn):
+        """At the end of update `step` of num_steps; state_fn() builds the state to save, only when one is saved."""
+        signum = self.stop.requested(self.accelerator)
+        if signum or (self.save_every and step % self.save_every == 0 and step < num_steps):
+            self.last = save_checkpoint(self.accelerator, self.run_dir, step, state_fn(), self.keep)
+        if signum:
+            print(f"stopped by {signal.Signals(signum).name} after update {step}; checkpoint {self.last}; continue with: "
+                  f"{self.resume_command}", flush=True)
+            sys.exit(128 + signum)
+
+    def close(self):
+        self.stop.close()
+
+
+# Copied from train_policy.py
+def resume_has_work(resume: Optional[str], world: int) -> bool:
+    """Whether the run folder given to --resume still has work: not once it finished (summary.json); an error when it ran
+    with another number of processes, since each process has its own random number generators."""
+    if resume is None:
+        return True
+    if (Path(resume) / "summary.json").is_file():
+        print(f"{resume} has finished (summary.json): nothing to resume")
+        return False
+    started = json.loads((Path(resume) / "args.json").read_text())["world_size"]
+    if started != world:
+        fail(f"--resume {resume}: the run had {started} process(es), not {world}")
+    return True
 
 
 # Copied from train_policy.py
@@ -581,11 +614,8 @@ def train(args: Args):
         fail(f"--batch_size {args.batch_size} is not divisible by --local_micro_batch_size {args.local_micro_batch_size} x {world} processes")
     if args.save_every < 0 or args.keep_checkpoints < 1:
         fail("--keep_checkpoints must be positive, --save_every at least 0")
-    if args.resume and (Path(args.resume) / "summary.json").is_file():
-        print(f"{args.resume} has finished (summary.json): nothing to resume")
+    if not resume_has_work(args.resume, world):
         return Path(args.resume)
-    if args.resume and json.loads((Path(args.resume) / "args.json").read_text())["world_size"] != world:  # every process has its own RNG
-        fail(f"--resume {args.resume}: the run had {json.loads((Path(args.resume) / 'args.json').read_text())['world_size']} process(es), not {world}")
     grad_accum = args.batch_size // (world * args.local_micro_batch_size)
     local_batch_size = args.batch_size // world
 
@@ -666,7 +696,8 @@ def train(args: Args):
         data_gen.set_state(resumed["data_gen"])
         order, cursor, epoch, first_step = resumed["order"], resumed["cursor"], resumed["epoch"], resumed["step"]
         set_rng_state(resumed["rng"], accelerator.device)
-    stop, last_checkpoint = StopRequest(), resumed["path"] if resumed else None
+    checkpoints = Checkpoints(accelerator, run_dir, args.save_every, args.keep_checkpoints, f"python train_sft.py --resume {run_dir}",
+                              resumed["path"] if resumed else None)
     model.train()
     progress = tqdm(range(first_step, args.total_steps), initial=first_step, total=args.total_steps, disable=not accelerator.is_main_process, desc="sft")
     for step in progress:
@@ -707,16 +738,12 @@ def train(args: Args):
             progress.set_postfix(loss=f"{train_loss:.3f}")
         log(metrics)
         # a NaN or inf stops the run (exit 3); a checkpoint every save_every steps and when SIGTERM or SIGINT came
-        check_finite(metrics, f"step {step + 1}", last_checkpoint)
-        signum = stop.requested(accelerator)
-        if signum or (args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.total_steps):
-            state = {"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "step": step + 1, "data_gen": data_gen.get_state(), "order": order, "cursor": cursor, "epoch": epoch,
-                     "elapsed_s": elapsed_before + time.time() - start_time, "wandb_id": wandb_id}
-            last_checkpoint = save_checkpoint(accelerator, run_dir, step + 1, state, args.keep_checkpoints)
-        if signum:
-            stop_after_signal(signum, f"step {step + 1}", last_checkpoint, f"python train_sft.py --resume {run_dir}")
-    stop.close()
+        check_finite(metrics, f"step {step + 1}", checkpoints.last)
+        checkpoints.after(step + 1, args.total_steps, lambda: {
+            "model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "step": step + 1, "data_gen": data_gen.get_state(), "order": order, "cursor": cursor, "epoch": epoch,
+            "elapsed_s": elapsed_before + time.time() - start_time, "wandb_id": wandb_id})
+    checkpoints.close()
 
     # 6. Samples continuing held-out prompts, then the checkpoint.
     unwrapped = accelerator.unwrap_model(model)
