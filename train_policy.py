@@ -39,8 +39,9 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, StaticCache
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig, StaticCache
 from transformers.activations import GELUTanh, NewGELUActivation
+from transformers.pytorch_utils import Conv1D
 
 @dataclass
 class Args:
@@ -158,6 +159,19 @@ class Args:
     """rows of that table"""
     peak_flops: Optional[float] = None
     """this machine's matmul peak in FLOP/s per process (benchmark/matmul_peak.py measures it); logs the update phase's share of it"""
+
+    # ---- LoRA (peft) ----
+    lora_r: int = 0
+    """rank of the LoRA adapters put on the language model's layers (0: no LoRA, every weight trains); heads train in full"""
+    lora_alpha: float = 16.0
+    """LoRA's scale numerator: the adapters' update is multiplied by lora_alpha / lora_r"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input (OAI and SFD train without dropout)"""
+    lora_target_modules: str = "all-linear"
+    """layers that get adapters: comma-separated module names (GPT-2: c_attn,c_proj,c_fc; Llama: q_proj,k_proj,v_proj,o_proj,...)
+    or all-linear (every linear layer but the output projection)"""
+    load_in_4bit: bool = False
+    """QLoRA: the frozen base weights quantized to 4-bit NF4 by bitsandbytes, adapters on top (a CUDA GPU only; needs --lora_r)"""
 
     # ---- speed (the same function, computed faster; for GPUs) ----
     mixed_precision: Literal["no", "bf16"] = "no"
@@ -368,12 +382,12 @@ def query_batches(texts, tokenizer, query_length: int, response_length: int, bat
 # ---------------------------------------------------------------------------------------------------------
 
 
-def load_base_model(path: str, weights: bool = True):
+def load_base_model(path: str, weights: bool = True, load_in_4bit: bool = False):
     """(model, tokenizer) from a hub id, a local folder or a .gguf file; with weights=False (config, tokenizer), what the
     checks of the arguments need. A .gguf file is de-quantized to fp32 as it is read (GgufConfig(dequantize=True)): the
     result is an ordinary trainable model without a quantization marker, which save_pretrained writes as a plain Hugging
     Face folder that every script loads back. (Read without it, transformers keeps the model marked as GGUF-quantized
-    and refuses to save it.)"""
+    and refuses to save it.) load_in_4bit: the weights quantized to 4-bit NF4 (bitsandbytes, QLoRA's format), computing in bf16."""
     source, gguf = path, {}
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
@@ -386,8 +400,11 @@ def load_base_model(path: str, weights: bool = True):
         tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
         if not weights:
             return AutoConfig.from_pretrained(source, **gguf), tokenizer
-        dequantize = dict(quantization_config=GgufConfig(dequantize=True)) if gguf else {}
-        return AutoModelForCausalLM.from_pretrained(source, **gguf, **dequantize), tokenizer
+        quantization = dict(quantization_config=GgufConfig(dequantize=True)) if gguf else {}
+        if load_in_4bit:
+            quantization = dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                                       bnb_4bit_compute_dtype=torch.bfloat16), device_map={"": PartialState().device})
+        return AutoModelForCausalLM.from_pretrained(source, **gguf, **quantization), tokenizer
     except OSError as e:  # hub id with no network, or a folder without a model
         fail(f"--base_model {path}: cannot be loaded ({str(e).splitlines()[0][:200]})")
 
@@ -596,6 +613,59 @@ def response_logits(lm, tokens: torch.Tensor, pad_token_id: int, response_length
     """(b, R, V) logits that predict the R response tokens of (b, Q+R) query+response tokens. The output projection
     (d x V, the largest matmul of a small model) runs on these R positions only, not on the Q query positions."""
     return lm(**model_inputs(tokens, pad_token_id), logits_to_keep=response_length + 1).logits[:, :-1]
+
+
+def check_lora(args):
+    """The LoRA and QLoRA flags, checked before anything runs."""
+    if args.lora_r < 0 or (args.lora_r and args.lora_alpha <= 0) or not 0 <= args.lora_dropout < 1:
+        fail(f"--lora_r {args.lora_r} must be at least 0, --lora_alpha positive, --lora_dropout in [0, 1)")
+    if args.load_in_4bit and not torch.cuda.is_available():
+        fail("--load_in_4bit (QLoRA) quantizes the weights with bitsandbytes on a CUDA GPU, and this machine has none; LoRA alone (--lora_r) runs on a CPU")
+    if args.load_in_4bit and args.lora_r == 0:
+        fail("--load_in_4bit trains LoRA adapters over frozen 4-bit weights: give --lora_r too")
+
+
+def add_lora(lm, args):
+    """LoRA adapters (Hu et al. 2021, through peft) on lm's layers when --lora_r > 0, injected in place: lm keeps its
+    class and forward, and only the adapters of its weights train (the caller's heads train in full). Returns the
+    PeftModel around lm, which turns the adapters off (disable_adapter(): the initial model, the reference of PPO and
+    DPO without a second copy) or merges them into the weights (merge_and_unload(), before saving); None without LoRA."""
+    if args.lora_r == 0:
+        return None
+    import peft
+
+    if args.load_in_4bit:  # QLoRA (Dettmers et al. 2023): norms and heads of the 4-bit model kept in fp32
+        lm = peft.prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
+    targets = "all-linear" if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
+    transposed = any(isinstance(m, Conv1D) for m in lm.modules())  # GPT-2 stores its linear weights as (in, out)
+    config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
+                             fan_in_fan_out=transposed)
+    try:
+        return peft.get_peft_model(lm, config)
+    except ValueError as e:  # no such module
+        fail(f"--lora_target_modules {args.lora_target_modules}: {str(e).splitlines()[0][:200]}")
+
+
+def saved_lm(lm, lora):
+    """The language model to save: under LoRA the adapters merged into the weights, so that the folder is a plain model
+    every script (and transformers) loads as it loads any other."""
+    return lm if lora is None else lora.merge_and_unload()
+
+
+class FrozenReference:
+    """The frozen initial policy that KL penalties and DPO's log-ratios are measured against: a copy of the policy's
+    model made before training (kept in bf16 under --mixed_precision bf16), or, under LoRA, the policy's own model with
+    its adapters turned off, which is the initial model without a second copy in memory."""
+
+    def __init__(self, lm, lora, device, dtype):
+        self.lora = lora
+        self.lm = lm if lora is not None else copy.deepcopy(lm).eval().requires_grad_(False).to(device, dtype)
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, pad_token_id: int, response_length: int) -> torch.Tensor:
+        """(b, R, V) logits of the R response tokens of (b, Q+R) query+response tokens, as response_logits."""
+        with self.lora.disable_adapter() if self.lora is not None else nullcontext():
+            return response_logits(self.lm, tokens, pad_token_id, response_length)
 
 
 def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float, pad_token_id: int) -> tuple:
@@ -1068,6 +1138,7 @@ def check_args(args: Args, reward_model_follows: bool = False) -> int:
         fail("--reward_model is required (a folder written by train_reward.py; train_both.py trains one first)")
     if not reward_model_follows and not os.path.isdir(args.reward_model):
         fail(f"--reward_model {args.reward_model}: folder not found")
+    check_lora(args)
     config, tokenizer = load_base_model(args.base_model, weights=False)
     if args.query_length + args.response_length > getattr(config, "n_positions", getattr(config, "max_position_embeddings", 1 << 30)):
         fail(f"--query_length + --response_length = {args.query_length + args.response_length} exceeds the model's positions")
@@ -1105,18 +1176,19 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
     # 1. Models: policy with its value function (a head, or a critic copied from the reward model), frozen reference
     #    policy, frozen reward model. Same init on every process.
     torch.manual_seed(args.seed)
-    lm, tokenizer = prepare_lm(*load_base_model(args.base_model))
+    lm, tokenizer = prepare_lm(*load_base_model(args.base_model, load_in_4bit=args.load_in_4bit))
     reward_model, reward_tokenizer = load_reward_model(args.reward_model)
     if len(reward_tokenizer) != len(tokenizer) or reward_tokenizer.pad_token_id != tokenizer.pad_token_id:
         # {OAI}/lm_human_preferences/rewards.py#L119
         fail(f"--reward_model {args.reward_model}: its tokenizer ({len(reward_tokenizer)} tokens) differs from --base_model {args.base_model}'s ({len(tokenizer)})")
     truncate_token = truncate_token_id(args.truncate_token, tokenizer)
-    policy = PolicyAndValue(lm, copy.deepcopy(reward_model) if args.value_model == "reward" else None)
     # the frozen models are kept in bf16 under --mixed_precision bf16; the policy's weights stay fp32 (autocast)
     frozen_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
-    ref_policy = copy.deepcopy(lm).eval().requires_grad_(False).to(device, frozen_dtype)
+    lora = add_lora(lm, args)  # under LoRA only the adapters of lm train; the value head (or critic) trains in full
+    reference = FrozenReference(lm, lora, device, frozen_dtype)
+    policy = PolicyAndValue(lm, copy.deepcopy(reward_model) if args.value_model == "reward" else None)
     reward_model = reward_model.eval().requires_grad_(False).to(device, frozen_dtype)
-    optimizer = make_optimizer(policy.parameters(), args.optimizer, args.lr, args.eps)
+    optimizer = make_optimizer([p for p in policy.parameters() if p.requires_grad], args.optimizer, args.lr, args.eps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     unwrapped = accelerator.unwrap_model(policy, keep_torch_compile=False)
     pad = tokenizer.pad_token_id
@@ -1164,7 +1236,7 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
                                   dir=str(run_dir), id=wandb_id, resume="allow").id
         print(f"run folder {run_dir}; {num_updates} updates of {args.batch_size} episodes ({world} process(es) x "
               f"{args.nminibatches} minibatch(es) x {grad_accum} micro-batch(es) of {args.local_micro_batch_size}); "
-              f"{sum(p.numel() for p in policy.parameters()):,} policy and value parameters"
+              f"{sum(p.numel() for p in policy.parameters() if p.requires_grad):,} trained policy and value parameters"
               + (f"; resumed after update {first_update} from {resumed['path']}" if resumed else ""))
 
     def run_eval() -> tuple:
@@ -1207,7 +1279,7 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
             if unwrapped.critic is not None:  # {SFD}/summarize_from_feedback_details/ppo.py#L637-L640
                 values = in_chunks(lambda qr: unwrapped.critic_values(qr, pad, args.response_length), chunk, query_responses)
             t_gen = now(device)
-            ref_logprobs = in_chunks(lambda qr, r: response_logprobs(response_logits(ref_policy, qr, pad, args.response_length),
+            ref_logprobs = in_chunks(lambda qr, r: response_logprobs(reference(qr, pad, args.response_length),
                                                                      r, args.temperature, pad)[0], chunk, query_responses, responses)
 
             # 5. Scores of the (truncated) responses by the reward model, less the reference summary's with trlX's
@@ -1328,7 +1400,7 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
     #    the summary of the run.
     if accelerator.is_main_process:
         policy_dir = run_dir / "policy"
-        unwrapped.lm.save_pretrained(policy_dir)
+        saved_lm(unwrapped.lm, lora).save_pretrained(policy_dir)  # adapters merged under LoRA
         tokenizer.save_pretrained(policy_dir)
         if unwrapped.critic is None:
             save_file({k: v.detach().cpu().contiguous() for k, v in unwrapped.value_head.state_dict().items()}, policy_dir / "value_head.safetensors")

@@ -46,8 +46,9 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, StaticCache
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig, StaticCache
 from transformers.activations import GELUTanh, NewGELUActivation
+from transformers.pytorch_utils import Conv1D
 
 
 @dataclass
@@ -134,6 +135,19 @@ class Args:
     reference_bias: bool = False
     """after training (and normalize_after), shift the bias so that the reference summaries of --query_dataset's TL;DR
     posts score 0 on average over normalize_samples of them (SFD)"""
+
+    # ---- LoRA (peft) ----
+    lora_r: int = 0
+    """rank of the LoRA adapters put on the language model's layers (0: no LoRA, every weight trains); heads train in full"""
+    lora_alpha: float = 16.0
+    """LoRA's scale numerator: the adapters' update is multiplied by lora_alpha / lora_r"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input (OAI and SFD train without dropout)"""
+    lora_target_modules: str = "all-linear"
+    """layers that get adapters: comma-separated module names (GPT-2: c_attn,c_proj,c_fc; Llama: q_proj,k_proj,v_proj,o_proj,...)
+    or all-linear (every linear layer but the output projection)"""
+    load_in_4bit: bool = False
+    """QLoRA: the frozen base weights quantized to 4-bit NF4 by bitsandbytes, adapters on top (a CUDA GPU only; needs --lora_r)"""
 
     # ---- evaluation ----
     eval_every: int = 64
@@ -569,12 +583,12 @@ def query_batches(texts, tokenizer, query_length: int, response_length: int, bat
 
 
 # Copied from train_policy.py
-def load_base_model(path: str, weights: bool = True):
+def load_base_model(path: str, weights: bool = True, load_in_4bit: bool = False):
     """(model, tokenizer) from a hub id, a local folder or a .gguf file; with weights=False (config, tokenizer), what the
     checks of the arguments need. A .gguf file is de-quantized to fp32 as it is read (GgufConfig(dequantize=True)): the
     result is an ordinary trainable model without a quantization marker, which save_pretrained writes as a plain Hugging
     Face folder that every script loads back. (Read without it, transformers keeps the model marked as GGUF-quantized
-    and refuses to save it.)"""
+    and refuses to save it.) load_in_4bit: the weights quantized to 4-bit NF4 (bitsandbytes, QLoRA's format), computing in bf16."""
     source, gguf = path, {}
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
@@ -587,8 +601,11 @@ def load_base_model(path: str, weights: bool = True):
         tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
         if not weights:
             return AutoConfig.from_pretrained(source, **gguf), tokenizer
-        dequantize = dict(quantization_config=GgufConfig(dequantize=True)) if gguf else {}
-        return AutoModelForCausalLM.from_pretrained(source, **gguf, **dequantize), tokenizer
+        quantization = dict(quantization_config=GgufConfig(dequantize=True)) if gguf else {}
+        if load_in_4bit:
+            quantization = dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                                       bnb_4bit_compute_dtype=torch.bfloat16), device_map={"": PartialState().device})
+        return AutoModelForCausalLM.from_pretrained(source, **gguf, **quantization), tokenizer
     except OSError as e:  # hub id with no network, or a folder without a model
         fail(f"--base_model {path}: cannot be loaded ({str(e).splitlines()[0][:200]})")
 
@@ -734,6 +751,46 @@ def save_reward_model(model: RewardModel, tokenizer, folder: Path):
     head = {"head.weight": model.head.weight, "head.bias": model.head.bias, "gain": model.gain, "bias": model.bias}
     save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, tmp / "reward_head.safetensors")
     swap_in(tmp, folder)
+
+
+# Copied from train_policy.py
+def check_lora(args):
+    """The LoRA and QLoRA flags, checked before anything runs."""
+    if args.lora_r < 0 or (args.lora_r and args.lora_alpha <= 0) or not 0 <= args.lora_dropout < 1:
+        fail(f"--lora_r {args.lora_r} must be at least 0, --lora_alpha positive, --lora_dropout in [0, 1)")
+    if args.load_in_4bit and not torch.cuda.is_available():
+        fail("--load_in_4bit (QLoRA) quantizes the weights with bitsandbytes on a CUDA GPU, and this machine has none; LoRA alone (--lora_r) runs on a CPU")
+    if args.load_in_4bit and args.lora_r == 0:
+        fail("--load_in_4bit trains LoRA adapters over frozen 4-bit weights: give --lora_r too")
+
+
+# Copied from train_policy.py
+def add_lora(lm, args):
+    """LoRA adapters (Hu et al. 2021, through peft) on lm's layers when --lora_r > 0, injected in place: lm keeps its
+    class and forward, and only the adapters of its weights train (the caller's heads train in full). Returns the
+    PeftModel around lm, which turns the adapters off (disable_adapter(): the initial model, the reference of PPO and
+    DPO without a second copy) or merges them into the weights (merge_and_unload(), before saving); None without LoRA."""
+    if args.lora_r == 0:
+        return None
+    import peft
+
+    if args.load_in_4bit:  # QLoRA (Dettmers et al. 2023): norms and heads of the 4-bit model kept in fp32
+        lm = peft.prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
+    targets = "all-linear" if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
+    transposed = any(isinstance(m, Conv1D) for m in lm.modules())  # GPT-2 stores its linear weights as (in, out)
+    config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
+                             fan_in_fan_out=transposed)
+    try:
+        return peft.get_peft_model(lm, config)
+    except ValueError as e:  # no such module
+        fail(f"--lora_target_modules {args.lora_target_modules}: {str(e).splitlines()[0][:200]}")
+
+
+# Copied from train_policy.py
+def saved_lm(lm, lora):
+    """The language model to save: under LoRA the adapters merged into the weights, so that the folder is a plain model
+    every script (and transformers) loads as it loads any other."""
+    return lm if lora is None else lora.merge_and_unload()
 
 
 # Copied from train_policy.py
@@ -1083,6 +1140,7 @@ def check_args(args: Args):
         fail(f"--rollout_batch_size {args.rollout_batch_size} is not divisible by {world} processes")
     if args.save_every < 0 or args.keep_checkpoints < 1:
         fail("--keep_checkpoints must be positive, --save_every at least 0")
+    check_lora(args)
     load_base_model(args.base_model, weights=False)
     read_label_file(args.label_dataset, args.label_config, args.label_split)
     if args.reference_bias and isinstance(load_texts(args.query_dataset, args.query_split)[0], str):
@@ -1104,9 +1162,13 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
     # 1. Models: the reward model (base LM + head, gain, bias) and the frozen base policy that samples for the
     #    normalization. The seed is the same on every process, so every copy of the head starts identical.
     torch.manual_seed(args.seed)
-    lm, tokenizer = prepare_lm(*load_base_model(args.base_model))
+    lm, tokenizer = prepare_lm(*load_base_model(args.base_model, load_in_4bit=args.load_in_4bit))
     # the frozen sampler is kept in bf16 under --mixed_precision bf16; the trained reward model multiplies in bf16 by autocast
-    policy_lm = copy.deepcopy(lm).eval().requires_grad_(False).to(device, torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32)
+    if args.load_in_4bit:  # a 4-bit model is neither copied nor moved: the sampler is a second 4-bit load
+        policy_lm = prepare_lm(*load_base_model(args.base_model, load_in_4bit=True))[0].eval().requires_grad_(False)
+    else:
+        policy_lm = copy.deepcopy(lm).eval().requires_grad_(False).to(device, torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32)
+    lora = add_lora(lm, args)  # under LoRA only the adapters of lm train; the head, gain and bias train in full
     reward_model = RewardModel(lm)
     pad = tokenizer.pad_token_id
 
@@ -1114,7 +1176,7 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
     train_data, test_data, kind, test_meta = load_labels(args, tokenizer)
     texts = load_texts(args.query_dataset, args.query_split)
     batches = query_batches(texts, tokenizer, args.query_length, args.response_length, args.rollout_batch_size, args.seed)
-    optimizer = make_optimizer(reward_model.parameters(), args.optimizer, args.lr, args.eps)
+    optimizer = make_optimizer([p for p in reward_model.parameters() if p.requires_grad], args.optimizer, args.lr, args.eps)
     reward_model, optimizer = accelerator.prepare(reward_model, optimizer)
     unwrapped = accelerator.unwrap_model(reward_model)
     torch.manual_seed(args.seed + rank * 100003)  # {OAI}/lm_human_preferences/utils/core.py#L108-L113
@@ -1218,6 +1280,7 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
             unwrapped.bias -= final["normalize/reference_mean"]
     final["reward/gain"], final["reward/bias"] = unwrapped.gain.item(), unwrapped.bias.item()
     log(final)
+    unwrapped.lm = saved_lm(unwrapped.lm, lora)  # adapters merged under LoRA
     if accelerator.is_main_process:
         save_reward_model(unwrapped, tokenizer, run_dir / "reward_model")
         metrics_file.close()

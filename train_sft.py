@@ -36,13 +36,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 import tyro
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list
 from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, GPT2Config, GPT2LMHeadModel, StaticCache
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig, GPT2Config, GPT2LMHeadModel, StaticCache
 from transformers.activations import GELUTanh, NewGELUActivation
+from transformers.pytorch_utils import Conv1D
 
 
 @dataclass
@@ -124,6 +125,19 @@ class Args:
     """clip the global gradient norm to this"""
     mixed_precision: Literal["no", "bf16"] = "no"
     """bf16 autocast for GPUs (the weights stay fp32); on a CPU without bf16 units (AVX2 only) it is much slower"""
+
+    # ---- LoRA (peft) ----
+    lora_r: int = 0
+    """rank of the LoRA adapters put on the language model's layers (0: no LoRA, every weight trains); heads train in full"""
+    lora_alpha: float = 16.0
+    """LoRA's scale numerator: the adapters' update is multiplied by lora_alpha / lora_r"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input (OAI and SFD train without dropout)"""
+    lora_target_modules: str = "all-linear"
+    """layers that get adapters: comma-separated module names (GPT-2: c_attn,c_proj,c_fc; Llama: q_proj,k_proj,v_proj,o_proj,...)
+    or all-linear (every linear layer but the output projection)"""
+    load_in_4bit: bool = False
+    """QLoRA: the frozen base weights quantized to 4-bit NF4 by bitsandbytes, adapters on top (a CUDA GPU only; needs --lora_r)"""
 
     # ---- evaluation and samples ----
     eval_every: int = 100
@@ -329,12 +343,12 @@ def lm_loss(model, batch: dict) -> tuple:
 
 
 # Copied from train_policy.py
-def load_base_model(path: str, weights: bool = True):
+def load_base_model(path: str, weights: bool = True, load_in_4bit: bool = False):
     """(model, tokenizer) from a hub id, a local folder or a .gguf file; with weights=False (config, tokenizer), what the
     checks of the arguments need. A .gguf file is de-quantized to fp32 as it is read (GgufConfig(dequantize=True)): the
     result is an ordinary trainable model without a quantization marker, which save_pretrained writes as a plain Hugging
     Face folder that every script loads back. (Read without it, transformers keeps the model marked as GGUF-quantized
-    and refuses to save it.)"""
+    and refuses to save it.) load_in_4bit: the weights quantized to 4-bit NF4 (bitsandbytes, QLoRA's format), computing in bf16."""
     source, gguf = path, {}
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
@@ -347,8 +361,11 @@ def load_base_model(path: str, weights: bool = True):
         tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
         if not weights:
             return AutoConfig.from_pretrained(source, **gguf), tokenizer
-        dequantize = dict(quantization_config=GgufConfig(dequantize=True)) if gguf else {}
-        return AutoModelForCausalLM.from_pretrained(source, **gguf, **dequantize), tokenizer
+        quantization = dict(quantization_config=GgufConfig(dequantize=True)) if gguf else {}
+        if load_in_4bit:
+            quantization = dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                                       bnb_4bit_compute_dtype=torch.bfloat16), device_map={"": PartialState().device})
+        return AutoModelForCausalLM.from_pretrained(source, **gguf, **quantization), tokenizer
     except OSError as e:  # hub id with no network, or a folder without a model
         fail(f"--base_model {path}: cannot be loaded ({str(e).splitlines()[0][:200]})")
 
@@ -381,6 +398,46 @@ def new_nano_model(args: Args, tokenizer) -> GPT2LMHeadModel:
         resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout, summary_first_dropout=args.dropout,
     )
     return GPT2LMHeadModel(config)
+
+
+# Copied from train_policy.py
+def check_lora(args):
+    """The LoRA and QLoRA flags, checked before anything runs."""
+    if args.lora_r < 0 or (args.lora_r and args.lora_alpha <= 0) or not 0 <= args.lora_dropout < 1:
+        fail(f"--lora_r {args.lora_r} must be at least 0, --lora_alpha positive, --lora_dropout in [0, 1)")
+    if args.load_in_4bit and not torch.cuda.is_available():
+        fail("--load_in_4bit (QLoRA) quantizes the weights with bitsandbytes on a CUDA GPU, and this machine has none; LoRA alone (--lora_r) runs on a CPU")
+    if args.load_in_4bit and args.lora_r == 0:
+        fail("--load_in_4bit trains LoRA adapters over frozen 4-bit weights: give --lora_r too")
+
+
+# Copied from train_policy.py
+def add_lora(lm, args):
+    """LoRA adapters (Hu et al. 2021, through peft) on lm's layers when --lora_r > 0, injected in place: lm keeps its
+    class and forward, and only the adapters of its weights train (the caller's heads train in full). Returns the
+    PeftModel around lm, which turns the adapters off (disable_adapter(): the initial model, the reference of PPO and
+    DPO without a second copy) or merges them into the weights (merge_and_unload(), before saving); None without LoRA."""
+    if args.lora_r == 0:
+        return None
+    import peft
+
+    if args.load_in_4bit:  # QLoRA (Dettmers et al. 2023): norms and heads of the 4-bit model kept in fp32
+        lm = peft.prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
+    targets = "all-linear" if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
+    transposed = any(isinstance(m, Conv1D) for m in lm.modules())  # GPT-2 stores its linear weights as (in, out)
+    config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
+                             fan_in_fan_out=transposed)
+    try:
+        return peft.get_peft_model(lm, config)
+    except ValueError as e:  # no such module
+        fail(f"--lora_target_modules {args.lora_target_modules}: {str(e).splitlines()[0][:200]}")
+
+
+# Copied from train_policy.py
+def saved_lm(lm, lora):
+    """The language model to save: under LoRA the adapters merged into the weights, so that the folder is a plain model
+    every script (and transformers) loads as it loads any other."""
+    return lm if lora is None else lora.merge_and_unload()
 
 
 def set_dropout(model: nn.Module, p: float):
@@ -614,6 +671,9 @@ def train(args: Args):
         fail(f"--batch_size {args.batch_size} is not divisible by --local_micro_batch_size {args.local_micro_batch_size} x {world} processes")
     if args.save_every < 0 or args.keep_checkpoints < 1:
         fail("--keep_checkpoints must be positive, --save_every at least 0")
+    check_lora(args)
+    if args.load_in_4bit and args.base_model is None:
+        fail("--load_in_4bit quantizes a pretrained --base_model; a fresh nano model has nothing to quantize")
     if not resume_has_work(args.resume, world):
         return Path(args.resume)
     grad_accum = args.batch_size // (world * args.local_micro_batch_size)
@@ -627,9 +687,10 @@ def train(args: Args):
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         model = new_nano_model(args, tokenizer)
     else:
-        model, tokenizer = load_base_model(args.base_model)
+        model, tokenizer = load_base_model(args.base_model, load_in_4bit=args.load_in_4bit)
     model, tokenizer = prepare_lm(model, tokenizer)  # a dedicated pad token (not EOS); dropout is set next
     set_dropout(model, args.dropout)
+    lora = add_lora(model, args)  # under LoRA only the adapters train (--dropout still sets the model's own dropout)
 
     # 2. Data: (n, T) token ids; `query_length` tokens at the front of each row carry no loss.
     if args.task == "corpus":
@@ -648,8 +709,8 @@ def train(args: Args):
         fail(f"--dataset {args.dataset}: token ids beyond the model's vocabulary (tokenizer and model do not match)")
 
     # 3. Optimizer: AdamW with weight decay on matrices only; warm-up then decay to 0.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.total_steps, args.lr_schedule))
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -675,7 +736,7 @@ def train(args: Args):
 
             wandb_id = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
                                   dir=str(run_dir), id=wandb_id, resume="allow").id
-        print(f"run folder {run_dir}; {sum(p.numel() for p in model.parameters()):,} parameters; "
+        print(f"run folder {run_dir}; {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained parameters; "
               f"{len(train_data):,} training and {len(eval_data):,} held-out sequences of {train_data.shape[1]} tokens; "
               f"{world} process(es) x {grad_accum} micro-batch(es) of {args.local_micro_batch_size}"
               + (f"; resumed after step {resumed['step']} from {resumed['path']}" if resumed else ""))
@@ -756,6 +817,7 @@ def train(args: Args):
             table.add_row(s["prompt"], s["continuation"])
         Console().print(table)
         (run_dir / "samples.json").write_text(json.dumps(samples, indent=2))
+        unwrapped = saved_lm(unwrapped, lora)  # adapters merged under LoRA
         save_model(unwrapped, tokenizer, run_dir / "model")
         if args.output_dir is not None:
             save_model(unwrapped, tokenizer, Path(args.output_dir))

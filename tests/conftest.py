@@ -50,3 +50,16 @@ def run_torchrun(script_args: list, port: int) -> subprocess.CompletedProcess:
 def read_metrics(run_root: Path) -> list:
     (run_dir,) = [p for p in run_root.iterdir() if p.is_dir()]
     return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(tmp_path_factory) -> Path:
+    """The reward model of a tiny train_reward.py run under LoRA (rank 4 on the nano model): train_reward.py's LoRA path,
+    and a reward model for the DPO and LoRA tests."""
+    root = tmp_path_factory.mktemp("tiny_reward")
+    r = run_script([sys.executable, "train_reward.py", "--num_train", "16", "--num_test", "8", "--batch_size", "8",
+                    "--local_micro_batch_size", "4", "--normalize_samples", "16", "--rollout_batch_size", "16", "--eval_every", "1",
+                    "--lora_r", "4", "--run_root", str(root)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run_dir,) = [p for p in root.iterdir() if p.is_dir()]
+    return run_dir / "reward_model"

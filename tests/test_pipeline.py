@@ -2,6 +2,7 @@
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 from conftest import FIXTURES, ROOT, run_script, run_torchrun
 
 import train_both
+import train_dpo
 import train_policy
 import train_reward
 
@@ -187,6 +189,7 @@ def test_preset_word_picks_values_and_flags_still_override(tmp_path):
 
 
 def top_level_sources(path: Path) -> dict:
+    """name -> (source, the script it says it was copied from, or None) of every top-level function and class."""
     source = path.read_text()
     tree = ast.parse(source)
     lines = source.splitlines()
@@ -194,24 +197,27 @@ def top_level_sources(path: Path) -> dict:
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             start = (node.decorator_list[0].lineno if node.decorator_list else node.lineno) - 1
-            out[node.name] = ("\n".join(lines[start : node.end_lineno]), lines[start - 1].strip() == "# Copied from train_policy.py")
+            marker = re.fullmatch(r"# Copied from (train_\w+\.py)", lines[start - 1].strip())
+            out[node.name] = ("\n".join(lines[start : node.end_lineno]), marker and marker.group(1))
     return out
 
 
-def test_copies_of_helpers_are_identical_to_train_policy():
-    original = top_level_sources(ROOT / "train_policy.py")
+def test_copies_of_helpers_are_identical_to_their_originals():
+    originals = {name: top_level_sources(ROOT / name) for name in ("train_policy.py", "train_reward.py")}
     n = 0
-    for script in ("train_reward.py", "train_sft.py"):
-        for name, (source, copied) in top_level_sources(ROOT / script).items():
-            if copied:
-                assert source == original[name][0], f"{script}: {name} differs from train_policy.py"
+    for script in ("train_reward.py", "train_sft.py", "train_dpo.py"):
+        for name, (source, origin) in top_level_sources(ROOT / script).items():
+            if origin:
+                assert source == originals[origin][name][0], f"{script}: {name} differs from {origin}"
+                assert not originals[origin][name][1], f"{script}: {name} is copied from a copy"
                 n += 1
             else:
-                assert name not in original or name in ("train", "Args", "check_args", "summarize"), f"{script}: {name} is a copy without its marker"
-    assert n >= 18
+                assert name not in originals["train_policy.py"] or name in ("train", "Args", "check_args", "summarize", "print_samples"), \
+                    f"{script}: {name} is a copy without its marker"
+    assert n >= 60
 
 
-@pytest.mark.parametrize("module", [train_reward, train_policy, train_both])
+@pytest.mark.parametrize("module", [train_reward, train_policy, train_both, train_dpo])
 def test_every_argument_is_documented_and_read(module):
     script = Path(module.__file__).name
     help_text = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True).stdout

@@ -1,0 +1,183 @@
+"""Reward over-optimization as Gao, Schulman & Hilton measured it ("Scaling Laws for Reward Model Overoptimization",
+2022), on the embedded sentiment world: the gold score (VADER, the labeler behind the labels) and the proxy score (the
+learned reward model) against the distance from the initial policy, d = sqrt(KL), for best-of-n, PPO and DPO.
+
+    bash benchmark/overoptimization.sh                      # runs everything (about an hour on two cores), then this
+    python benchmark/overoptimization.py runs/overoptimization --out benchmark/overoptimization.png
+
+The folder holds what overoptimization.sh writes: reward/ (one reward model per seed), bon_<seed>.json
+(benchmark/best_of_n.py), ppo/ and dpo/ (runs named <exp>__<seed>__<time>, exp = ppo_<setting> or dpo_<setting>).
+Points: best-of-n at n = 1 ... 256 (KL = log n - (n-1)/n); PPO along training, every 4 updates averaged (KL, proxy and
+gold of the samples drawn at those updates); DPO at each evaluation (fresh samples of 256 fixed queries). Scores are
+measured from the initial policy's, estimated per seed by best-of-1 (64 queries x 256 samples), so that R(0) = 0 as in
+Gao et al.'s forms; best-of-n's d(alpha - beta d) is fitted to its gold points, RL's d(alpha - beta log d) to PPO's (and,
+for comparison, to DPO's), per seed; the table gives mean and standard deviation over seeds, and every method's gold and
+proxy at matched KL (linear interpolation along d within the range each method reached).
+"""
+
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import tyro  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from best_of_n import fit_gao  # noqa: E402
+
+
+@dataclass
+class Args:
+    root: str = "runs/overoptimization"
+    """the folder benchmark/overoptimization.sh wrote"""
+    out: str = "benchmark/overoptimization.png"
+    """the plot; the table goes to the same name with .md, the points and fits to .json"""
+    matched_kl: tuple = (0.5, 1.0, 2.0, 4.0)
+    """KL values (nats) at which the methods' gold and proxy scores are compared"""
+    bin_updates: int = 4
+    """PPO updates averaged into one point"""
+
+
+def ppo_points(metrics: list, bin_updates: int) -> list:
+    """(kl, proxy, gold) of each bin of bin_updates consecutive PPO updates: means over the bin's samples."""
+    updates = [m for m in metrics if "objective/kl" in m and "objective/gold_score" in m]
+    out = []
+    for i in range(0, len(updates) - bin_updates + 1, bin_updates):
+        b = updates[i : i + bin_updates]
+        out.append(tuple(sum(m[k] for m in b) / len(b) for k in ("objective/kl", "objective/scores", "objective/gold_score")))
+    return out
+
+
+def dpo_points(metrics: list) -> list:
+    """(kl, proxy, gold) at each evaluation of a DPO run (including the initial policy's at update 0)."""
+    return [(m["objective/kl"], m["objective/scores"], m["objective/gold_score"]) for m in metrics if "objective/scores" in m and "objective/kl" in m]
+
+
+def runs(folder: Path) -> dict:
+    """{(setting, seed): metrics} of the run folders <exp>__<seed>__<time> under folder (the newest of each)."""
+    found = {}
+    for run in sorted(folder.glob("*__*__*")):
+        exp, seed, _ = run.name.split("__")
+        if (run / "summary.json").is_file():
+            found[(exp, int(seed))] = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    return found
+
+
+def interpolate(points: list, kl: float, index: int):
+    """The score (index 1 proxy, 2 gold) at the given KL, linear along d = sqrt(KL) between the method's points sorted
+    by d; None outside the range of d the method reached."""
+    pts = sorted((math.sqrt(max(p[0], 0.0)), p[index]) for p in points)
+    d = math.sqrt(kl)
+    if not pts or d < pts[0][0] or d > pts[-1][0]:
+        return None
+    return float(np.interp(d, [p[0] for p in pts], [p[1] for p in pts]))
+
+
+def mean_std(values: list) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    return f"{statistics.mean(values):+.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:+.3f}"
+
+
+def main(a: Args):
+    root = Path(a.root)
+    seeds = sorted(int(p.stem.split("_")[1]) for p in root.glob("bon_*.json"))
+    if not seeds:
+        sys.exit(f"error: {root}: no bon_<seed>.json (run benchmark/overoptimization.sh first)")
+    ppo, dpo = runs(root / "ppo"), runs(root / "dpo")
+    # method -> seed -> [(kl, proxy - proxy_0, gold - gold_0)], setting kept for the plot
+    points = {"best-of-n": {}, "PPO": {}, "DPO": {}}
+    settings = {"PPO": {}, "DPO": {}}
+    for seed in seeds:
+        bon = json.loads((root / f"bon_{seed}.json").read_text())["rows"]
+        proxy0, gold0 = bon[0]["proxy"], bon[0]["gold"]
+        rel = lambda pts: [(k, p - proxy0, g - gold0) for k, p, g in pts]
+        points["best-of-n"][seed] = rel([(r["kl"], r["proxy"], r["gold"]) for r in bon])
+        for method, found, extract in (("PPO", ppo, lambda m: ppo_points(m, a.bin_updates)), ("DPO", dpo, dpo_points)):
+            for (exp, s), metrics in sorted(found.items()):
+                if s == seed:
+                    pts = rel(extract(metrics))
+                    points[method].setdefault(seed, []).extend(pts)
+                    settings[method].setdefault(exp, []).extend(pts)
+
+    # Gao et al.'s forms fitted per seed to the gold points (d > 0)
+    fits = {}
+    for method, form in (("best-of-n", "bon"), ("PPO", "rl"), ("DPO", "rl")):
+        per_seed = []
+        for seed, pts in sorted(points[method].items()):
+            pts = [p for p in pts if p[0] > 1e-6]
+            if len(pts) >= 2:
+                per_seed.append(fit_gao([math.sqrt(p[0]) for p in pts], [p[2] for p in pts], form))
+        if per_seed:
+            fits[method] = {"form": form, "per_seed": per_seed,
+                            "alpha": [statistics.mean(f[0] for f in per_seed), statistics.stdev(f[0] for f in per_seed) if len(per_seed) > 1 else 0.0],
+                            "beta": [statistics.mean(f[1] for f in per_seed), statistics.stdev(f[1] for f in per_seed) if len(per_seed) > 1 else 0.0]}
+
+    # the plot: gold and proxy against d, every point of every seed, and the fitted gold curves (mean coefficients)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    colors = {"best-of-n": "tab:green", "PPO": "tab:blue", "DPO": "tab:red"}
+    markers = ["o", "s", "^", "v", "D", "P"]
+    for ax, index, name in ((axes[0], 2, "gold (VADER) - initial"), (axes[1], 1, "proxy (reward model) - initial")):
+        seed_bon = [p for s in sorted(points["best-of-n"]) for p in points["best-of-n"][s]]
+        ax.scatter([math.sqrt(p[0]) for p in seed_bon], [p[index] for p in seed_bon], s=14, color=colors["best-of-n"], label="best-of-n (n = 1 ... 256)")
+        for method in ("PPO", "DPO"):
+            for i, (exp, pts) in enumerate(sorted(settings[method].items())):
+                ax.scatter([math.sqrt(max(p[0], 0)) for p in pts], [p[index] for p in pts], s=12, alpha=0.6, color=colors[method],
+                           marker=markers[i % len(markers)], label=exp)
+        if index == 2:
+            d_max = max(math.sqrt(max(p[0], 0)) for m in points.values() for s in m.values() for p in s)
+            for method, f in fits.items():
+                d = np.linspace(1e-3, d_max if method != "best-of-n" else math.sqrt(points["best-of-n"][seeds[0]][-1][0]), 200)
+                second = d * d if f["form"] == "bon" else d * np.log(d)
+                ax.plot(d, d * f["alpha"][0] - f["beta"][0] * second, color=colors[method], lw=2,
+                        label=f"{method} fit: d({f['alpha'][0]:.3f} - {f['beta'][0]:.3f} {'d' if f['form'] == 'bon' else 'log d'})")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xlabel("d = sqrt(KL(policy || initial policy))  [nats^0.5]")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"Reward over-optimization on the embedded sentiment world ({len(seeds)} seeds; one reward model per seed)")
+    fig.tight_layout()
+    fig.savefig(a.out, dpi=110)
+
+    # the table: fitted coefficients and the methods at matched KL
+    lines = ["| method | form | alpha (mean ± std over seeds) | beta |", "|---|---|---|---|"]
+    for method, f in fits.items():
+        form = "d(α − β d)" if f["form"] == "bon" else "d(α − β log d)"
+        lines.append(f"| {method} | {form} | {f['alpha'][0]:.3f} ± {f['alpha'][1]:.3f} | {f['beta'][0]:.3f} ± {f['beta'][1]:.3f} |")
+    lines += ["", "| KL (nats) | " + " | ".join(f"{m} gold | {m} proxy" for m in points) + " |", "|---" * (1 + 2 * len(points)) + "|"]
+    for kl in a.matched_kl:
+        cells = []
+        for method in points:
+            for index in (2, 1):
+                cells.append(mean_std([interpolate(pts, kl, index) for pts in points[method].values()]))
+        lines.append(f"| {kl:g} | " + " | ".join(cells) + " |")
+    lines += ["", "| run setting | seeds | largest KL reached | gold at the end - initial | proxy at the end - initial |", "|---|---|---|---|---|"]
+    for method in ("PPO", "DPO"):
+        for exp in sorted(settings[method]):
+            ends = [pts for (e, s), pts in (ppo if method == "PPO" else dpo).items() if e == exp]
+            finals = []
+            for (e, s), metrics in (ppo if method == "PPO" else dpo).items():
+                if e == exp:
+                    bon0 = json.loads((root / f"bon_{s}.json").read_text())["rows"][0]
+                    pts = ppo_points(metrics, a.bin_updates) if method == "PPO" else dpo_points(metrics)
+                    finals.append((max(p[0] for p in pts), pts[-1][1] - bon0["proxy"], pts[-1][2] - bon0["gold"]))
+            lines.append(f"| {exp} | {len(ends)} | {mean_std([f[0] for f in finals])} | {mean_std([f[2] for f in finals])} | {mean_std([f[1] for f in finals])} |")
+    table = "\n".join(lines)
+    Path(a.out).with_suffix(".md").write_text(table + "\n")
+    Path(a.out).with_suffix(".json").write_text(json.dumps({"points": {m: {str(s): p for s, p in v.items()} for m, v in points.items()},
+                                                            "fits": fits}, indent=1))
+    print(table)
+    print(f"plot: {a.out}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

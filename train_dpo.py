@@ -1,0 +1,1419 @@
+"""Direct Preference Optimization (Rafailov et al. 2023) on the same preference labels the reward model learns from.
+
+    python train_dpo.py                                   # the embedded sentiment labels on the nano model (CPU, minutes)
+    python train_dpo.py --reward_model runs/<reward run>/reward_model   # also log that reward model's score of fresh samples
+    python train_dpo.py tldr_twin                         # the summarization twin (data/tldr/, its SFT model)
+    accelerate launch --num_processes 8 train_dpo.py tldr # SFD's DPO recipe (beta 0.05) on the TL;DR comparisons
+
+No reward model and no sampling during training: the policy is trained so that its log-ratio to the frozen initial
+policy (the reference), summed over a response's tokens, separates chosen from rejected responses,
+    loss = -log sigmoid(beta * ((log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))))      (IPO: a square)
+Pairs come from pairwise labels as they are, and from OAI's best-of-n labels as the best sample against each other
+one. Every --eval_every updates the policy samples fresh responses to a fixed set of queries, on which the KL to the
+reference, the reward model's score (given --reward_model) and the programmatic gold labeler's score are logged: the
+quantities PPO optimizes and is judged by. Links write {SFD} for
+https://github.com/vwxyzjn/summarize_from_feedback_details/blob/ee77a9abc31f5338365ee087945c5bcafac7f1ca and {OAI} for
+https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66. Tensor shapes: b = pairs on
+this process, Q = query_length, R = response_length.
+"""
+
+import copy
+import gzip
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+import zlib
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list
+from rich.console import Console
+from rich.table import Table
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig, StaticCache
+from transformers.activations import GELUTanh, NewGELUActivation
+from transformers.pytorch_utils import Conv1D
+
+
+@dataclass
+class Args:
+    # ---- experiment ----
+    exp_name: str = "dpo"
+    """name of the experiment; the run folder is runs/<exp_name>__<seed>__<unix time>"""
+    seed: int = 1
+    """seed of the pair order (the same on every process); the fresh samples use seed + rank * 100003"""
+    track: bool = False
+    """log to Weights & Biases (set WANDB_MODE=offline to log without a network)"""
+    wandb_project_name: str = "lm-human-preferences-torch"
+    """wandb project"""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team); None uses your default"""
+    run_root: str = "runs"
+    """folder that holds the run folders"""
+    save_every: int = 50
+    """write a checkpoint every this many updates (0: only when SIGTERM or SIGINT stops the run)"""
+    keep_checkpoints: int = 2
+    """checkpoints kept in <run folder>/checkpoints; older ones are deleted"""
+    resume: Optional[str] = None
+    """run folder to continue from its last checkpoint, with the arguments it started with (its args.json); no other flag"""
+
+    # ---- models ----
+    base_model: str = "data/nano"
+    """initial policy and reference model: hub id, local folder or .gguf file"""
+    reward_model: Optional[str] = None
+    """a folder written by train_reward.py: its score of the fresh samples is logged as objective/scores (not trained on)"""
+
+    # ---- labels (as train_reward.py reads them) ----
+    label_dataset: str = "data/labels/sentiment_offline_5k.json"
+    """labels: a local .json (a list, OAI's format) or .jsonl, <hub user>/<dataset>/<file> in a hub dataset repository,
+    or a hub dataset id <user>/<dataset>; best-of-n labels give n - 1 pairs each (the best against each other sample)"""
+    label_config: Optional[str] = None
+    """configuration of a hub label dataset"""
+    label_split: str = "train"
+    """split of a hub label dataset"""
+    label_tokenizer: Optional[str] = None
+    """tokenizer whose ids the labels hold; None reads "tokenizer" from <labels>.meta.json, else takes the base model's"""
+    label_pad_token_id: Optional[int] = None
+    """pad id inside the labels, dropped on reading; None reads <labels>.meta.json, else the label tokenizer's pad"""
+    num_train: int = 2048
+    """labels trained on, from the start of the file (as train_reward.py's default); one epoch over their pairs"""
+    num_test: int = 512
+    """held-out labels (the last ones of the file, or the first ones of test_split) whose pairs give test/* figures"""
+    test_split: Optional[str] = None
+    """split of a hub label dataset that holds the held-out labels (SFD: validation)"""
+
+    # ---- task ----
+    query_length: int = 32
+    """query tokens (label queries keep their last query_length tokens, left-padded)"""
+    response_length: int = 24
+    """response tokens of the labels (cut to their first response_length tokens, right-padded)"""
+    temperature: float = 0.7
+    """log-probabilities are computed from logits divided by it, and the fresh samples are drawn at it: the policy
+    trained is the one that samples at this temperature (the embedded labels were sampled at 0.7; SFD's DPO: 1)"""
+
+    # ---- DPO ----
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid: DPO's -log sigmoid(beta h); ipo: (h - 1 / (2 beta))^2 (Azar et al. 2023), h the difference of log-ratios"""
+    beta: float = 0.1
+    """DPO's beta: the strength of the implicit KL regularization (small beta: the policy may move further)"""
+    batch_size: int = 64
+    """pairs per update, summed over all processes"""
+    local_micro_batch_size: int = 32
+    """pairs per forward/backward on one process (2 sequences each); gradient accumulation makes up the rest"""
+    lr: float = 1e-4
+    """learning rate of the first update, annealed to 0 by a cosine without warm-up (SFD)"""
+    eps: float = 1e-5
+    """Adam epsilon"""
+    optimizer: Literal["adam_tf", "adam_pytorch", "adamw"] = "adamw"
+    """adam_tf: TF1's Adam; adam_pytorch: torch.optim.Adam; adamw: torch.optim.AdamW (SFD)"""
+
+    # ---- fresh samples (what PPO would see) ----
+    query_dataset: str = "data/corpus.jsonl.gz"
+    """queries of the fresh samples (as train_policy.py's --query_dataset; TL;DR posts carry the gold labeler's references)"""
+    query_split: str = "train"
+    """split of a hub query dataset"""
+    num_eval: int = 256
+    """queries of the fresh samples (the same ones at every evaluation)"""
+    sample_length: Optional[int] = None
+    """tokens per fresh sample; None: response_length"""
+    truncate_token: Optional[str] = None
+    """cut each fresh sample after the first occurrence of this token at or after truncate_after before it is scored
+    ("eos": the tokenizer's EOS, as SFD); None keeps it whole"""
+    truncate_after: int = 16
+    """fresh samples are cut no earlier than this index"""
+    gold_labeler: Literal["vader", "tldr_judge", "none"] = "vader"
+    """programmatic labeler of the fresh samples, logged as objective/gold_score: VADER (the sentiment labels' labeler) or
+    the summarization twin's judge"""
+    eval_every: int = 20
+    """fresh samples and the held-out pairs every this many updates (and before the first and after the last)"""
+    num_print_samples: int = 3
+    """rows of the table of fresh samples printed at every evaluation"""
+    local_rollout_forward_batch_size: int = 64
+    """queries per sampling pass (and sequences per forward of the frozen models) on one process"""
+    mixed_precision: Literal["no", "bf16"] = "no"
+    """bf16: every forward multiplies in bf16 (the frozen reference and reward models are kept in bf16); log-probs, the
+    loss and Adam's state stay fp32. For GPUs; on an AVX2-only CPU it is much slower"""
+
+    # ---- LoRA (peft) ----
+    lora_r: int = 0
+    """rank of the LoRA adapters put on the language model's layers (0: no LoRA, every weight trains); heads train in full"""
+    lora_alpha: float = 16.0
+    """LoRA's scale numerator: the adapters' update is multiplied by lora_alpha / lora_r"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input (OAI and SFD train without dropout)"""
+    lora_target_modules: str = "all-linear"
+    """layers that get adapters: comma-separated module names (GPT-2: c_attn,c_proj,c_fc; Llama: q_proj,k_proj,v_proj,o_proj,...)
+    or all-linear (every linear layer but the output projection)"""
+    load_in_4bit: bool = False
+    """QLoRA: the frozen base weights quantized to 4-bit NF4 by bitsandbytes, adapters on top (a CUDA GPU only; needs --lora_r)"""
+
+
+PRESETS = {
+    # SFD's DPO: {SFD}/summarize_from_feedback_details/dpo.py#L40-L116 and sbatches/dpo.sbatch (8 GPUs x micro-batch 1 x 8
+    # accumulation = 64 pairs; one epoch of the 92,832 comparisons; AdamW, lr 3e-6 cosine, beta 0.05; log-probs of the
+    # raw logits, i.e. temperature 1, {SFD}/summarize_from_feedback_details/dpo.py#L169-L185). Responses up to 169
+    # tokens as its reward model reads them; fresh samples of 53 tokens cut at EOS. base_model is the tldr SFT run's model.
+    "tldr": dict(
+        exp_name="tldr_dpo", base_model="models/sft_tldr", label_dataset="vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144",
+        label_split="train", test_split="validation", num_train=92832, num_test=6400, query_length=512, response_length=169,
+        temperature=1.0, loss="sigmoid", beta=0.05, batch_size=64, local_micro_batch_size=1, lr=3e-6, eps=1e-5, optimizer="adamw",
+        query_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144", query_split="validation",
+        sample_length=53, truncate_token="eos", truncate_after=0, gold_labeler="none", local_rollout_forward_batch_size=64,
+    ),
+}
+# the summarization twin: the judge's comparisons of the twin SFT model's samples, SFD's beta, sized for two CPU cores
+PRESETS["tldr_twin"] = dict(
+    exp_name="dpo", base_model="runs/tldr_twin/sft_model", label_dataset="data/tldr/comparisons.jsonl.gz", num_train=2048,
+    num_test=512, query_length=160, response_length=48, temperature=0.7, beta=0.05, batch_size=64, local_micro_batch_size=16,
+    lr=1e-4, optimizer="adamw", query_dataset="data/tldr/validation.jsonl.gz", sample_length=48, truncate_token="eos",
+    truncate_after=0, gold_labeler="tldr_judge", eval_every=8,
+)
+
+
+FLAG_PREFIX = "--"  # how messages spell a flag (train_both.py's convention; train_dpo.py runs alone)
+
+
+# Copied from train_policy.py
+def fail(message: str):
+    """Bad input: one line on stderr naming the flag as the user typed it, exit status 2, before anything is written."""
+    message = re.sub(r"(?<![\w.-])--(?=[a-z])", FLAG_PREFIX, message)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+# Copied from train_policy.py
+def cli(args_class, presets: dict, description: str):
+    """tyro CLI with an optional first positional preset name: `script.py sentiment --seed 2`. `--resume <run folder>`
+    comes alone: the run continues with the arguments it started with, read back from its args.json."""
+    argv = sys.argv[1:]
+    preset = argv[:1] if argv and not argv[0].startswith("-") else []
+    default = args_class()
+    if preset:
+        if preset[0] not in presets:
+            fail(f"unknown preset {preset[0]!r}; presets: {', '.join(presets)}")
+        default = replace(default, **presets[preset[0]])
+    args = tyro.cli(args_class, default=default, args=argv[len(preset) :], description=description, use_underscores=True)
+    if args.resume is None:
+        return args
+    if len(argv) > (1 if argv[0].startswith("--resume=") else 2):
+        fail("--resume continues a run with the arguments it started with (its args.json): give no other flag or preset")
+    if not os.path.isfile(os.path.join(args.resume, "args.json")):
+        fail(f"--resume {args.resume}: not a run folder (no args.json)")
+    with open(os.path.join(args.resume, "args.json")) as f:
+        return replace(args_from_json(args_class, json.load(f)), resume=args.resume)
+
+
+# Copied from train_policy.py
+def args_from_json(args_class, values: dict):
+    """args_class rebuilt from its args.json (nested argument classes too); other keys (world_size, ...) are facts of the run."""
+    kwargs = {}
+    for f in fields(args_class):
+        if f.name in values:
+            default = getattr(args_class(), f.name)
+            kwargs[f.name] = args_from_json(type(default), values[f.name]) if is_dataclass(default) else values[f.name]
+    return args_class(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: labels (as train_reward.py reads them) and queries
+# ---------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_reward.py
+def read_label_file(path: str, config: Optional[str], split: str) -> tuple:
+    """(items, local path): a list of JSON objects from a local .json/.jsonl file, a file of a hub dataset repo
+    (<user>/<dataset>/<file>), or the rows of a hub dataset (<user>/<dataset>, its `config` and `split`)."""
+    local = path
+    hub = not os.path.exists(path) and not path.startswith((".", "/"))
+    if hub and path.count("/") == 1 and not path.endswith((".json", ".jsonl", ".gz")):
+        import datasets
+
+        try:
+            rows = datasets.load_dataset(path, config, split=split)
+        except Exception as e:  # offline, unknown id, config or split: one line, exit 2
+            fail(f"--label_dataset {path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        known = {k for _, keys in PAIR_FORMATS.values() for k in keys} | {"best", "split", "batch", "extra"}
+        items = rows.select_columns([c for c in rows.column_names if c in known or c.startswith("sample")]).to_list()
+        if not items:
+            fail(f"--label_dataset {path}: no labels in split {split}")
+        return items, path
+    if hub and path.count("/") >= 2:
+        from huggingface_hub import hf_hub_download
+
+        repo, filename = "/".join(path.split("/")[:2]), "/".join(path.split("/")[2:])
+        try:
+            local = hf_hub_download(repo_id=repo, filename=filename, repo_type="dataset")
+        except Exception as e:  # offline or unknown: one line, exit 2
+            fail(f"--label_dataset {path}: cannot be downloaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    if not os.path.isfile(local):
+        fail(f"--label_dataset {path}: file not found")
+    try:
+        with (gzip.open(local, "rt", encoding="utf-8") if local.endswith(".gz") else open(local, encoding="utf-8")) as f:
+            text = f.read()
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
+        fail(f"--label_dataset {path}: cannot be read ({e})")
+    if not text.strip():
+        fail(f"--label_dataset {path}: the file is empty")
+    try:
+        items = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        fail(f"--label_dataset {path}: not valid JSON ({e.msg}, line {e.lineno})")
+    if not items:
+        fail(f"--label_dataset {path}: no labels in the file")
+    return items, local
+
+
+# Copied from train_reward.py
+# Pairwise label formats, told apart by a key only they have: format -> (that key, the keys every record needs).
+PAIR_FORMATS = {
+    "comparisons": ("summaries", ["info", "summaries", "choice"]),  # OpenAI's summarize-from-feedback
+    "prompt_answers": ("answer1", ["prompt", "answer1", "answer2"]),  # answer1 preferred
+    "prompt_pairs": ("prompt", ["prompt", "chosen", "rejected"]),  # TRL, CarperAI/openai_summarize_comparisons
+    "pairwise": ("query", ["query", "chosen", "rejected"]),  # token ids or text
+    "conversations": ("chosen", ["chosen", "rejected"]),  # Anthropic HH-RLHF
+}
+ASSISTANT = "\n\nAssistant:"
+
+
+# Copied from train_reward.py
+def label_format(items: list, path: str) -> tuple:
+    """(kind, format) told apart by the first item's keys: kind ("best_of_n", n) for OAI's best-of-n labels (format
+    "best_of_n"), ("pairwise", 2) for the formats of PAIR_FORMATS; checks every item's keys."""
+    first = items[0] if isinstance(items[0], dict) else {}
+    if "best" in first:
+        n = sum(1 for k in first if k.startswith("sample"))
+        keys, kind, fmt = ["query", "best"] + [f"sample{i}" for i in range(n)], ("best_of_n", n), "best_of_n"
+    else:
+        fmt = next((f for f, (key, _) in PAIR_FORMATS.items() if key in first), None)
+        if fmt is None:
+            fail(f"--label_dataset {path}: item 0 is in no known label format (keys: {', '.join(first) or 'none'}); "
+                 f"one of best, {', '.join(key for key, _ in PAIR_FORMATS.values())} tells the format")
+        keys, kind = PAIR_FORMATS[fmt][1], ("pairwise", 2)
+    for i, item in enumerate(items):
+        missing = [k for k in keys if not isinstance(item, dict) or k not in item]
+        if missing:
+            fail(f"--label_dataset {path}: item {i} lacks the key(s) {', '.join(missing)}")
+        if kind[0] == "best_of_n" and not (isinstance(item["best"], int) and 0 <= item["best"] < kind[1]):
+            fail(f"--label_dataset {path}: item {i} has best = {item['best']!r}, outside 0..{kind[1] - 1}")
+    if kind[0] == "best_of_n" and kind[1] < 2:
+        fail(f"--label_dataset {path}: best-of-n labels need at least sample0 and sample1")
+    return kind, fmt
+
+
+# Copied from train_reward.py
+def cut_prompt(prompt: str, tokenizer, query_length: int) -> list:
+    """A text prompt's tokens, left-padded to query_length. A prompt too long loses its start and keeps its end (which
+    holds "TL;DR:" or "Assistant:"): first its leading lines while they lie wholly in the part that must go (as
+    format_tldr_query cuts the post at a newline, from the other side), then tokens."""
+    tokens = tokenizer.encode(prompt)
+    while len(tokens) > query_length and "\n" in prompt:
+        rest = prompt[prompt.index("\n") + 1 :]
+        rest_tokens = tokenizer.encode(rest)
+        if len(rest_tokens) < query_length:
+            break  # the first line reaches into the part that stays
+        prompt, tokens = rest, rest_tokens
+    tokens = tokens[-query_length:]
+    return [tokenizer.pad_token_id] * (query_length - len(tokens)) + tokens
+
+
+# Copied from train_reward.py
+def text_pair(item: dict, fmt: str, where: str, tokenizer, query_length: int) -> tuple:
+    """(query tokens left-padded to query_length, [chosen text, rejected text]) of a record of a text format:
+      * comparisons, OpenAI's {"info": {id, post, title, subreddit}, "summaries": [two {text, policy, note}], "choice",
+        "worker", "batch", "split", "extra"}: the TL;DR query of info; summaries[choice] is chosen; summary texts keep
+        their leading space, as SFD reads them ({SFD}/summarize_from_feedback_details/tldr_dataset.py#L261-L283).
+        CNN/DM records (an article, no post) are refused. The format:
+        https://github.com/openai/summarize-from-feedback/blob/700967448d10004279f138666442bf1497d0e705/README.md#comparisons
+      * prompt_pairs, prompt_answers: the prompt as is. CarperAI/openai_summarize_comparisons's summaries are
+        "TL;DR: " + OAI's text and its prompts lack "TL;DR:", so "\\nTL;DR:" ends the query and the summary keeps one
+        leading space, as in SFD's data (trlX reads prompt + "\\n" + chosen:
+        https://github.com/CarperAI/trlx/blob/adb3be224769cf7d85bc3e28b4068ab68bc4f101/examples/summarize_rlhf/reward_model/train_reward_model_gptj.py#L11-L26)
+      * conversations, Anthropic HH-RLHF's "\\n\\nHuman: ... \\n\\nAssistant: ...": the prompt is what chosen and
+        rejected share up to their last common "\\n\\nAssistant:", the responses the rest
+        (https://huggingface.co/datasets/Anthropic/hh-rlhf)."""
+
+    def text(value, key: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            fail(f"{where} {key} is {'an empty text' if isinstance(value, str) else 'not a text'}")
+        return value
+
+    if fmt == "comparisons":
+        info, summaries, choice = item["info"], item["summaries"], item["choice"]
+        if not isinstance(info, dict):
+            fail(f"{where} info is not an object")
+        if info.get("post") is None and info.get("article") is not None:
+            fail(f"{where} is a CNN/DM comparison (info has an article, no post); only TL;DR posts are read")
+        for k in ("subreddit", "title", "post"):
+            text(info.get(k), f"info.{k}")
+        if not (isinstance(summaries, list) and len(summaries) == 2 and all(isinstance(s, dict) for s in summaries)):
+            fail(f"{where} summaries is not a list of two summaries")
+        if type(choice) is not int or choice not in (0, 1):
+            fail(f"{where} has choice = {choice!r}, not 0 or 1")
+        texts = [text(summaries[j].get("text"), f"summaries[{j}].text") for j in (choice, 1 - choice)]
+        return format_tldr_query(info, tokenizer, query_length), texts
+    keys = ["answer1", "answer2"] if fmt == "prompt_answers" else ["chosen", "rejected"]
+    if fmt == "conversations":
+        chosen, rejected = text(item["chosen"], "chosen"), text(item["rejected"], "rejected")
+        end = os.path.commonprefix([chosen, rejected]).rfind(ASSISTANT)
+        if end < 0:
+            fail(f"{where} chosen and rejected share no prompt ending in {ASSISTANT!r}")
+        prompt, texts = chosen[: end + len(ASSISTANT)], [chosen[end + len(ASSISTANT) :], rejected[end + len(ASSISTANT) :]]
+    else:
+        prompt, texts = text(item["prompt"], "prompt"), [text(item[k], k) for k in keys]
+        if all(t.startswith("TL;DR:") for t in texts):  # CarperAI/openai_summarize_comparisons
+            prompt, texts = prompt + "\nTL;DR:", [" " + t[len("TL;DR:") :].lstrip() for t in texts]
+    for key, t in zip(keys, texts):
+        if not t.strip():
+            fail(f"{where} has an empty {key} response")
+    return cut_prompt(prompt, tokenizer, query_length), texts
+
+
+# Copied from train_reward.py
+def label_tensors(items: list, indices: list, kind: tuple, fmt: str, path: str, tokenizer, label_tokenizer, label_pad: int,
+                  args: Args) -> tuple:
+    """(queries (N, Q), samples (N, n, R), best (N,)) of items[indices] in the base model's tokens. Token ids: label
+    pads are dropped, ids are checked against the label tokenizer's vocabulary and, with a different tokenizer, decoded
+    and re-encoded; text is tokenized. The text formats (text_pair) end each response with EOS. Queries keep their
+    last Q tokens (left-padded), samples their first R (right-padded): a response cut short loses its EOS."""
+    same = label_tokenizer is tokenizer or label_tokenizer.get_vocab() == tokenizer.get_vocab()
+    pad, vocab = tokenizer.pad_token_id, len(label_tokenizer)
+
+    def tokens(value, i: int, key: str) -> list:
+        if isinstance(value, str):
+            return tokenizer.encode(value)
+        if not isinstance(value, list) or not all(isinstance(t, int) for t in value):
+            fail(f"--label_dataset {path}: item {i} key {key} is neither a list of token ids nor a text")
+        ids = [t for t in value if t != label_pad]
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            fail(f"--label_dataset {path}: item {i} key {key} has token id {bad[0]} outside the label tokenizer's vocabulary of {vocab}")
+        return ids if same else tokenizer.encode(label_tokenizer.decode(ids))
+
+    names = ["chosen", "rejected"] if kind[0] == "pairwise" else [f"sample{j}" for j in range(kind[1])]
+    queries, samples = [], []
+    for i in indices:
+        if fmt in ("best_of_n", "pairwise"):
+            q = tokens(items[i]["query"], i, "query")[-args.query_length :]
+            queries.append([pad] * (args.query_length - len(q)) + q)
+            rs = [tokens(items[i][k], i, k)[: args.response_length] for k in names]
+        else:
+            query, texts = text_pair(items[i], fmt, f"--label_dataset {path}: item {i}", tokenizer, args.query_length)
+            queries.append(query)
+            rs = [(tokenizer.encode(t) + [tokenizer.eos_token_id])[: args.response_length] for t in texts]
+        samples.append([r + [pad] * (args.response_length - len(r)) for r in rs])
+    best = [0] * len(indices) if kind[0] == "pairwise" else [items[i]["best"] for i in indices]
+    return torch.tensor(queries), torch.tensor(samples), torch.tensor(best)
+
+
+# Copied from train_reward.py
+def label_meta(item: dict) -> dict:
+    """A label's split, batch and confidence where its record has them, as OpenAI's comparisons do ("split",
+    "batch", "extra": {"confidence"})."""
+    extra = item.get("extra") if isinstance(item.get("extra"), dict) else {}
+    meta = {"split": item.get("split"), "batch": item.get("batch"), "confidence": extra.get("confidence")}
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+# Copied from train_reward.py
+def load_labels(args: Args, tokenizer) -> tuple:
+    """Train and held-out label tensors, the label kind, and each held-out label's metadata (label_meta)."""
+    items, local = read_label_file(args.label_dataset, args.label_config, args.label_split)
+    kind, fmt = label_format(items, args.label_dataset)
+    if args.num_train + args.num_test > len(items):
+        fail(f"--label_dataset {args.label_dataset}: {len(items)} labels, fewer than --num_train {args.num_train} + --num_test {args.num_test}")
+    meta_path = Path(local).with_suffix(".meta.json")
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    label_tokenizer = tokenizer
+    name = args.label_tokenizer or meta.get("tokenizer")
+    if name is not None:
+        try:
+            label_tokenizer = AutoTokenizer.from_pretrained(name)
+        except OSError as e:
+            fail(f"--label_tokenizer {name}: cannot be loaded ({str(e).splitlines()[0][:200]})")
+    label_pad = args.label_pad_token_id if args.label_pad_token_id is not None else meta.get("pad_token_id", label_tokenizer.pad_token_id)
+    test_items = items if args.test_split is None else read_label_file(args.label_dataset, args.label_config, args.test_split)[0]
+    test = list(range(len(items) - args.num_test, len(items))) if args.test_split is None else list(range(min(args.num_test, len(test_items))))
+    train = label_tensors(items, list(range(args.num_train)), kind, fmt, args.label_dataset, tokenizer, label_tokenizer, label_pad, args)
+    held_out = label_tensors(test_items, test, kind, fmt, args.label_dataset, tokenizer, label_tokenizer, label_pad, args)
+    return train, held_out, kind, [label_meta(test_items[i]) for i in test]
+
+
+TLDR_KEYS = ("subreddit", "title", "post", "summary")
+
+
+# Copied from train_policy.py
+def load_texts(path: str, split: str, flag: str = "--query_dataset"):
+    """Query data, indexable: books texts (str) from a local .jsonl(.gz) of JSON strings (OAI's book_passages/{mode}.jsonl)
+    or of objects with "text" (data/corpus.jsonl.gz), or from a hub dataset with a "text" column (bookcorpus); or TL;DR
+    rows (dict with subreddit, title, post, summary) from a .jsonl(.gz) (data/tldr/, summarize-from-feedback's
+    tldr_3_filtered) or a hub dataset with those columns."""
+    if os.path.exists(path) or path.endswith((".jsonl", ".gz", ".json")):
+        if not os.path.isfile(path):
+            fail(f"{flag} {path}: file not found")
+        texts = []
+        try:
+            with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        text = json.loads(line)
+                        if isinstance(text, dict) and "post" not in text:
+                            text = text.get("text")
+                        if isinstance(text, dict) and not all(isinstance(text.get(k), str) for k in TLDR_KEYS):
+                            fail(f"{flag} {path}: line {n} is a TL;DR row without string {', '.join(TLDR_KEYS)}")
+                        if not isinstance(text, (str, dict)) or (texts and type(text) is not type(texts[0])):
+                            fail(f"{flag} {path}: line {n} is neither a JSON string, an object with a string \"text\" nor a TL;DR "
+                                 "row like the lines before it")
+                        texts.append(text)
+        except json.JSONDecodeError as e:
+            fail(f"{flag} {path}: line {n} is not valid JSON ({e.msg})")
+        except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
+            fail(f"{flag} {path}: cannot be read ({e})")
+    else:
+        import datasets
+
+        try:
+            texts = datasets.load_dataset(path, split=split)
+        except Exception as e:  # offline, unknown id or split: one line, exit 2
+            fail(f"{flag} {path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        if set(TLDR_KEYS) <= set(texts.column_names):
+            texts = texts.select_columns(list(TLDR_KEYS))  # rows as dicts
+        elif "text" in texts.column_names:
+            texts = texts["text"]  # a lazy column: BookCorpus's 74M rows stay memory-mapped
+        else:
+            fail(f"{flag} {path}: split {split} has neither a \"text\" column nor the TL;DR columns {', '.join(TLDR_KEYS)}")
+    if len(texts) == 0:
+        fail(f"{flag} {path}: no texts")
+    return texts
+
+
+# Copied from train_policy.py
+def format_query(tokens: list, dot: int, query_length: int, pad_token_id: int) -> Optional[list]:
+    """OAI's books query: start after the first '.', keep query_length tokens, end after the last '.';
+    None when there is no '.' to end at. Left-padded with the pad token (OAI right-pads and gives explicit
+    positions; left padding with explicit positions is the same function and lets sampling append on the right).
+    {OAI}/lm_human_preferences/language/datasets.py#L48-L67"""
+    if dot in tokens:
+        first = tokens.index(dot) + 1
+        if first < len(tokens):
+            tokens = tokens[first:]
+    tokens = tokens[:query_length]
+    if dot not in tokens:
+        return None
+    tokens = tokens[: len(tokens) - tokens[::-1].index(dot)]
+    return [pad_token_id] * (query_length - len(tokens)) + tokens
+
+
+# Copied from train_policy.py
+def format_tldr_query(row: dict, tokenizer, query_length: int) -> list:
+    """OAI's TL;DR query: SUBREDDIT/TITLE/POST/TL;DR, the post cut at its last newline (else its last
+    character) until the query fits, then left-padded with the pad token to `query_length` tokens.
+    https://github.com/openai/summarize-from-feedback/blob/700967448d10004279f138666442bf1497d0e705/summarize_from_feedback/tasks.py#L98-L165"""
+    fmt = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
+    post = row["post"]
+    tokens = tokenizer.encode(fmt.format(subreddit=row["subreddit"], title=row["title"], post=post))
+    while len(tokens) > query_length:
+        if not post:
+            fail(f"--query_length {query_length} is too short for the title of post {row.get('id', '?')}")
+        cut = post.rfind("\n")
+        post = post[:cut] if cut >= 0 else post[:-1]
+        tokens = tokenizer.encode(fmt.format(subreddit=row["subreddit"], title=row["title"], post=post))
+    return [tokenizer.pad_token_id] * (query_length - len(tokens)) + tokens
+
+
+# Copied from train_policy.py
+def format_tldr_response(summary: str, tokenizer, response_length: int) -> list:
+    """SFD's reference response ' {summary}<|endoftext|>' (the upstream summary has no leading space), its text cut to
+    response_length - 1 tokens so that the EOS stays, right-padded to response_length tokens.
+    {SFD}/summarize_from_feedback_details/tldr_dataset.py#L186-L199"""
+    tokens = tokenizer.encode(" " + summary)[: response_length - 1] + [tokenizer.eos_token_id]
+    return tokens + [tokenizer.pad_token_id] * (response_length - len(tokens))
+
+
+# Copied from train_policy.py
+def query_batches(texts, tokenizer, query_length: int, response_length: int, batch_size: int, seed: int):
+    """Endless global batches in a shuffled order that is the same on every process (each process then takes its own
+    slice, as OAI shards the dataset over ranks): (queries (B, Q), reference responses (B, R)) for TL;DR rows, as
+    SFD's query data carries them, and (queries (B, Q), None) for books texts."""
+    dot = tokenizer.convert_tokens_to_ids(".")
+    gen, batch, references = torch.Generator().manual_seed(seed), [], []
+    while True:
+        found = False
+        for i in torch.randperm(len(texts), generator=gen).tolist():
+            row = texts[i]
+            if isinstance(row, str):
+                query = format_query(tokenizer.encode(row), dot, query_length, tokenizer.pad_token_id)
+                if query is None:
+                    continue
+            else:
+                query = format_tldr_query(row, tokenizer, query_length)
+                references.append(format_tldr_response(row["summary"], tokenizer, response_length))
+            found = True
+            batch.append(query)
+            if len(batch) == batch_size:
+                yield torch.tensor(batch), (torch.tensor(references) if references else None)
+                batch, references = [], []
+        if not found:
+            fail(f"no text of the query dataset has a '.' in its first {query_length} tokens after the first '.'")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_policy.py
+def load_base_model(path: str, weights: bool = True, load_in_4bit: bool = False):
+    """(model, tokenizer) from a hub id, a local folder or a .gguf file; with weights=False (config, tokenizer), what the
+    checks of the arguments need. A .gguf file is de-quantized to fp32 as it is read (GgufConfig(dequantize=True)): the
+    result is an ordinary trainable model without a quantization marker, which save_pretrained writes as a plain Hugging
+    Face folder that every script loads back. (Read without it, transformers keeps the model marked as GGUF-quantized
+    and refuses to save it.) load_in_4bit: the weights quantized to 4-bit NF4 (bitsandbytes, QLoRA's format), computing in bf16."""
+    source, gguf = path, {}
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            fail(f"--base_model {path}: file not found")
+        source, name = os.path.split(os.path.abspath(path))
+        gguf = dict(gguf_file=name)
+    elif not os.path.isdir(path) and (path.startswith((".", "/")) or path.count("/") > 1):
+        fail(f"--base_model {path}: folder not found")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
+        if not weights:
+            return AutoConfig.from_pretrained(source, **gguf), tokenizer
+        quantization = dict(quantization_config=GgufConfig(dequantize=True)) if gguf else {}
+        if load_in_4bit:
+            quantization = dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                                       bnb_4bit_compute_dtype=torch.bfloat16), device_map={"": PartialState().device})
+        return AutoModelForCausalLM.from_pretrained(source, **gguf, **quantization), tokenizer
+    except OSError as e:  # hub id with no network, or a folder without a model
+        fail(f"--base_model {path}: cannot be loaded ({str(e).splitlines()[0][:200]})")
+
+
+# Copied from train_policy.py
+def prepare_lm(model, tokenizer):
+    """A dedicated pad token (never EOS: an <|endoftext|> inside a response must stay visible) and every dropout
+    layer off, as OAI runs policy, reference, value and reward models without dropout.
+    {OAI}/lm_human_preferences/language/model.py#L40-L59"""
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        # GPT-2's gelu_new (OAI's gelu, {OAI}/lm_human_preferences/language/model.py#L35-L37) is the tanh formula
+        # as six elementwise ops; torch's gelu(approximate="tanh") is the same formula in one kernel (equal to float
+        # rounding), 5% of a PPO step on CPU.
+        for name, child in module.named_children():
+            if isinstance(child, NewGELUActivation):
+                setattr(module, name, GELUTanh())
+    return model, tokenizer
+
+
+# Copied from train_policy.py
+def model_inputs(tokens: torch.Tensor, pad_token_id: int) -> dict:
+    """Pads are masked out and each real token's position counts only the real tokens before it, so that
+    padding (left or right) never changes a real token's output. {OAI}/lm_human_preferences/language/model.py#L265-L269"""
+    mask = tokens != pad_token_id
+    return dict(input_ids=tokens, attention_mask=mask.long(), position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+
+
+# Copied from train_policy.py
+def sampling_logits(logits: torch.Tensor, temperature: float, pad_token_id: int) -> torch.Tensor:
+    """Logits divided by the temperature, in sampling and in every later log-prob, and the pad token made
+    impossible (OAI slices its special tokens off the logits). {OAI}/lm_human_preferences/policy.py#L58-L59"""
+    logits = logits.float() / temperature
+    return logits.index_fill(-1, torch.tensor([pad_token_id], device=logits.device), -1e9)
+
+
+# Copied from train_policy.py
+def sample_token(probs: torch.Tensor) -> torch.Tensor:
+    """(b, 1) token ids drawn from (b, V) probabilities by inverting the CDF with one uniform per row. The same
+    distribution as torch.multinomial(probs, 1), which draws V exponentials per row instead (7 of the 35 ms of a
+    64 x 4096 sampling step on two CPU cores). A zero-probability token (the pad) is never drawn."""
+    cdf = probs.cumsum(-1)  # (b, V)
+    u = torch.rand(len(probs), 1, device=probs.device) * cdf[:, -1:]  # (b, 1), uniform on [0, total mass)
+    return torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)
+
+
+# Copied from train_policy.py
+class Sampler:
+    """Fixed-length sampling as OAI's sampler: R = response_length tokens drawn one by one at `temperature` (top_k 0,
+    top_p 1, no stop at EOS, so every response has exactly R tokens). With each token it returns its log-prob, the
+    entropy of the distribution it was drawn from and, given a value head, the value of the state before it, all
+    computed at the step itself, as OAI's sampler returns log-probs and values: no (b, R, V) logits are kept.
+    {OAI}/lm_human_preferences/language/sample.py#L24-L43
+
+    The KV cache is pre-allocated (a StaticCache of Q + R positions, reused from call to call), so every decoding step
+    has the same shapes and addresses: with compile=True the step is compiled once, as a CUDA graph on a GPU, which
+    removes the per-step launch and Python overhead that dominates sampling with a small model."""
+
+    def __init__(self, lm, pad_token_id: int, temperature: float, compile: bool = False):
+        self.lm, self.pad_token_id, self.temperature = lm, pad_token_id, temperature
+        self.cache, self.cache_shape = None, None
+        self.step = torch.compile(self.forward, mode="reduce-overhead", dynamic=False) if compile else self.forward
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> tuple:
+        """(logits (b, V), hidden state after the final layer norm (b, d)) at the last of the (b, t) `tokens`, whose
+        keys and values are appended to the cache. `mask` (b, Q+R) covers every slot of the cache."""
+        out = self.lm(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                      use_cache=True, output_hidden_states=True, logits_to_keep=1)
+        return out.logits[:, -1], out.hidden_states[-1][:, -1]
+
+    @torch.no_grad()
+    def __call__(self, queries: torch.Tensor, response_length: int, value_head=None) -> tuple:
+        """(tokens, log-probs, entropies, values or None), each (b, R), for (b, Q) left-padded queries."""
+        b, Q = queries.shape
+        if self.cache_shape != (b, Q + response_length):
+            self.cache, self.cache_shape = StaticCache(config=self.lm.config, max_cache_len=Q + response_length), (b, Q + response_length)
+        else:
+            self.cache.reset()
+        inputs = model_inputs(queries, self.pad_token_id)
+        # one mask over all Q + R cache slots for every step: response slots are real tokens, and the causal mask hides
+        # those not written yet
+        mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones(b, response_length)], 1)
+        position = inputs["position_ids"][:, -1:]  # (b, 1)
+        logits, hidden = self.forward(queries, mask, inputs["position_ids"])  # the prompt, in one uncompiled pass
+        tokens, logprobs, entropies, values = [], [], [], []
+        for t in range(response_length):
+            logp = torch.log_softmax(sampling_logits(logits, self.temperature, self.pad_token_id), -1)  # (b, V), fp32
+            probs = logp.exp()
+            tokens.append(sample_token(probs))  # (b, 1)
+            logprobs.append(logp.gather(1, tokens[-1]))
+            entropies.append(-(probs * logp).sum(-1, keepdim=True))
+            if value_head is not None:
+                values.append(value_head(hidden).float())  # (b, 1): the value of the state before token t
+            if t + 1 < response_length:
+                position = position + 1
+                logits, hidden = self.step(tokens[-1], mask, position)
+        values = torch.cat(values, 1) if value_head is not None else None
+        return torch.cat(tokens, 1), torch.cat(logprobs, 1), torch.cat(entropies, 1), values
+
+
+# Copied from train_policy.py
+class RewardModel(nn.Module):
+    """The language model's transformer with a scalar head read at the last real token, then gain and bias.
+    Head init N(0, 1/sqrt(d_model + 1)), bias 0 ({OAI}/lm_human_preferences/language/model.py#L248-L258);
+    gain and bias are parameters as in OAI (trained with the rest; set by normalization before and after
+    training, {OAI}/lm_human_preferences/rewards.py#L47-L57)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        d = lm.config.hidden_size
+        self.head = nn.Linear(d, 1)
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(d + 1))
+        nn.init.zeros_(self.head.bias)
+        self.gain = nn.Parameter(torch.ones(()))
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def scores(self, tokens: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+        """(b, T) fp32 head outputs (gain and bias applied) at every position of (b, T) tokens: the reward at the last
+        real token, or, for a critic initialised from the reward model, the value of every state."""
+        hidden = self.lm.base_model(**model_inputs(tokens, pad_token_id)).last_hidden_state  # (b, T, d)
+        return (self.gain * self.head(hidden).squeeze(-1) + self.bias).float()  # fp32 even from a model kept in bf16
+
+    def forward(self, tokens: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+        """(b,) rewards of (b, T) query+response tokens, read at the last real token: the EOS of a response truncated
+        there (SFD reads the reward at the EOS token, {SFD}/summarize_from_feedback_details/ppo.py#L282-L300), else its
+        last token. OAI reads the last position; a masked pad makes it independent of right padding. {OAI}/lm_human_preferences/rewards.py#L47"""
+        last = (tokens != pad_token_id).long().cumsum(1).argmax(1)  # (b,): the last real token
+        return self.scores(tokens, pad_token_id)[torch.arange(len(tokens), device=tokens.device), last]
+
+
+# Copied from train_policy.py
+def load_reward_model(folder: str):
+    """(RewardModel, tokenizer) from a folder written by save_reward_model."""
+    if not os.path.isfile(os.path.join(folder, "reward_head.safetensors")):
+        fail(f"--reward_model {folder}: not a reward model folder (no reward_head.safetensors; train one with train_reward.py)")
+    lm, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    model = RewardModel(prepare_lm(lm, tokenizer)[0])
+    head = load_file(os.path.join(folder, "reward_head.safetensors"))
+    with torch.no_grad():
+        model.head.weight.copy_(head["head.weight"])
+        model.head.bias.copy_(head["head.bias"])
+        model.gain.copy_(head["gain"])
+        model.bias.copy_(head["bias"])
+    return model, tokenizer
+
+
+# Copied from train_policy.py
+def check_lora(args):
+    """The LoRA and QLoRA flags, checked before anything runs."""
+    if args.lora_r < 0 or (args.lora_r and args.lora_alpha <= 0) or not 0 <= args.lora_dropout < 1:
+        fail(f"--lora_r {args.lora_r} must be at least 0, --lora_alpha positive, --lora_dropout in [0, 1)")
+    if args.load_in_4bit and not torch.cuda.is_available():
+        fail("--load_in_4bit (QLoRA) quantizes the weights with bitsandbytes on a CUDA GPU, and this machine has none; LoRA alone (--lora_r) runs on a CPU")
+    if args.load_in_4bit and args.lora_r == 0:
+        fail("--load_in_4bit trains LoRA adapters over frozen 4-bit weights: give --lora_r too")
+
+
+# Copied from train_policy.py
+def add_lora(lm, args):
+    """LoRA adapters (Hu et al. 2021, through peft) on lm's layers when --lora_r > 0, injected in place: lm keeps its
+    class and forward, and only the adapters of its weights train (the caller's heads train in full). Returns the
+    PeftModel around lm, which turns the adapters off (disable_adapter(): the initial model, the reference of PPO and
+    DPO without a second copy) or merges them into the weights (merge_and_unload(), before saving); None without LoRA."""
+    if args.lora_r == 0:
+        return None
+    import peft
+
+    if args.load_in_4bit:  # QLoRA (Dettmers et al. 2023): norms and heads of the 4-bit model kept in fp32
+        lm = peft.prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
+    targets = "all-linear" if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
+    transposed = any(isinstance(m, Conv1D) for m in lm.modules())  # GPT-2 stores its linear weights as (in, out)
+    config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
+                             fan_in_fan_out=transposed)
+    try:
+        return peft.get_peft_model(lm, config)
+    except ValueError as e:  # no such module
+        fail(f"--lora_target_modules {args.lora_target_modules}: {str(e).splitlines()[0][:200]}")
+
+
+# Copied from train_policy.py
+def saved_lm(lm, lora):
+    """The language model to save: under LoRA the adapters merged into the weights, so that the folder is a plain model
+    every script (and transformers) loads as it loads any other."""
+    return lm if lora is None else lora.merge_and_unload()
+
+
+# Copied from train_policy.py
+class FrozenReference:
+    """The frozen initial policy that KL penalties and DPO's log-ratios are measured against: a copy of the policy's
+    model made before training (kept in bf16 under --mixed_precision bf16), or, under LoRA, the policy's own model with
+    its adapters turned off, which is the initial model without a second copy in memory."""
+
+    def __init__(self, lm, lora, device, dtype):
+        self.lora = lora
+        self.lm = lm if lora is not None else copy.deepcopy(lm).eval().requires_grad_(False).to(device, dtype)
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, pad_token_id: int, response_length: int) -> torch.Tensor:
+        """(b, R, V) logits of the R response tokens of (b, Q+R) query+response tokens, as response_logits."""
+        with self.lora.disable_adapter() if self.lora is not None else nullcontext():
+            return response_logits(self.lm, tokens, pad_token_id, response_length)
+
+
+# Copied from train_policy.py
+def response_logits(lm, tokens: torch.Tensor, pad_token_id: int, response_length: int) -> torch.Tensor:
+    """(b, R, V) logits that predict the R response tokens of (b, Q+R) query+response tokens. The output projection
+    (d x V, the largest matmul of a small model) runs on these R positions only, not on the Q query positions."""
+    return lm(**model_inputs(tokens, pad_token_id), logits_to_keep=response_length + 1).logits[:, :-1]
+
+
+# Copied from train_policy.py
+def truncate_token_id(name: Optional[str], tokenizer) -> Optional[int]:
+    """The id of --truncate_token: None, "eos" (the tokenizer's EOS, SFD's truncate_token) or a text of one token."""
+    if name is None or name == "eos":
+        return None if name is None else tokenizer.eos_token_id
+    ids = tokenizer.encode(name)
+    if len(ids) != 1:
+        fail(f"--truncate_token {name!r} is not a single token")
+    return ids[0]
+
+
+# Copied from train_policy.py
+def truncate_responses(responses: torch.Tensor, truncate_token: int, truncate_after: int, pad_token_id: int) -> torch.Tensor:
+    """Replace every token after the first truncate_token at or after index truncate_after with the pad token.
+    {OAI}/lm_human_preferences/lm_tasks.py#L39-L50"""
+    hit = responses == truncate_token
+    hit[:, :truncate_after] = False
+    after = (hit.long().cumsum(1) - hit.long()).bool()  # strictly after the first hit
+    return responses.masked_fill(after, pad_token_id)
+
+
+# Copied from train_policy.py
+class AdamTensorFlowStyle(torch.optim.Optimizer):
+    """Adam as TF1's AdamOptimizer computes it, which OAI used (lr 1e-5-ish, epsilon 1e-5): the bias corrections
+    go into the step size and epsilon is added to sqrt(v) uncorrected ("epsilon hat"):
+        lr_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t);  p -= lr_t * m / (sqrt(v) + eps)
+    torch.optim.Adam instead adds eps to sqrt(v / (1 - beta2^t)): early in training, where 1 - beta2^t is small,
+    TF's epsilon is effectively larger by 1 / sqrt(1 - beta2^t), so TF-style takes smaller steps on
+    parameters with tiny gradients. {OAI}/lm_human_preferences/utils/core.py#L627"""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["step"], state["m"], state["v"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+                state["step"] += 1
+            if not params:
+                continue
+            # every parameter at once: foreach ops launch a few kernels per step, not a few per parameter
+            grads, m, v = [p.grad for p in params], [self.state[p]["m"] for p in params], [self.state[p]["v"] for p in params]
+            torch._foreach_mul_(m, beta1)
+            torch._foreach_add_(m, grads, alpha=1 - beta1)  # m = beta1 m + (1 - beta1) g
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)  # v = beta2 v + (1 - beta2) g^2
+            denom = torch._foreach_add(torch._foreach_sqrt(v), group["eps"])  # sqrt(v) + eps, uncorrected
+            steps = [self.state[p]["step"] for p in params]
+            lr_t = [-group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t) for t in steps]
+            torch._foreach_addcdiv_(params, m, denom, lr_t)
+        return None
+
+
+# Copied from train_policy.py
+def make_optimizer(params, name: str, lr: float, eps: float):
+    """TF-style Adam, torch's Adam, or torch's AdamW (its default weight decay 0.01, as SFD ran it)."""
+    if name == "adam_tf":
+        return AdamTensorFlowStyle(params, lr=lr, eps=eps)
+    return torch.optim.Adam(params, lr=lr, eps=eps) if name == "adam_pytorch" else torch.optim.AdamW(params, lr=lr, eps=eps)
+
+
+# Copied from train_policy.py
+def gold_scorer(name: str):
+    """The programmatic labeler behind the embedded data, scoring decoded responses (given their reference texts):
+    VADER's compound score (the sentiment labels), the summarization twin's judge, or None."""
+    if name == "none":
+        return None
+    if name == "tldr_judge":
+        return tldr_judge
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+    return lambda texts, references: [analyzer.polarity_scores(t)["compound"] for t in texts]
+
+
+JUDGE_LENGTH_PENALTY = 0.1
+
+
+# Copied from train_policy.py
+def rouge(summaries: list, references: list) -> list:
+    """Per pair {rouge1, rouge2, rougeL}: F1 of each summary against its reference, by rouge-score without stemming, as SFD's
+    evaluate.load("rouge") computes it. {SFD}/summarize_from_feedback_details/sft.py#L37"""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+    return [{k: v.fmeasure for k, v in scorer.score(ref, summary).items()} for summary, ref in zip(summaries, references)]
+
+
+# Copied from train_policy.py
+def tldr_judge(summaries: list, references: list) -> list:
+    """The summarization twin's stand-in for OpenAI's labelers: ROUGE-L F1 against the reference summary, minus
+    JUDGE_LENGTH_PENALTY per reference length by which the summary runs longer (in words): a summary must say what
+    the reference says, and not at greater length. data/README.md documents it."""
+    out = []
+    for r, summary, ref in zip(rouge(summaries, references), summaries, references):
+        excess = max(0.0, len(summary.split()) / max(1, len(ref.split())) - 1.0)
+        out.append(r["rougeL"] - JUDGE_LENGTH_PENALTY * excess)
+    return out
+
+
+# Copied from train_policy.py
+def shared_run_dir(accelerator, run_root: str, exp_name: str, seed: int) -> Path:
+    """runs/<exp_name>__<seed>__<unix time>, the same name on every process (the main process's clock)."""
+    name = [f"{exp_name}__{seed}__{int(time.time())}"]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(name)
+    return Path(run_root) / name[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DPO's pieces (pure functions)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def preference_pairs(queries: torch.Tensor, samples: torch.Tensor, best: torch.Tensor) -> tuple:
+    """(queries (P, Q), chosen (P, R), rejected (P, R)) from N labels with (N, Q) queries, (N, n, R) samples and (N,)
+    indices of the preferred sample. A pairwise label (n = 2, column 0 chosen) is one pair; a best-of-n label is n - 1
+    pairs, its best sample against each other one, in the labels' order. The DPO paper's Plackett-Luce loss over a full
+    ranking reduces to these pairs when the label only says which sample is best."""
+    N, n, R = samples.shape
+    chosen = samples[torch.arange(N), best]  # (N, R)
+    others = torch.arange(n)[None, :] != best[:, None]  # (N, n): every sample but the best
+    rejected = samples[others].view(N * (n - 1), R)
+    return queries.repeat_interleave(n - 1, 0), chosen.repeat_interleave(n - 1, 0), rejected
+
+
+def token_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float, pad_token_id: int) -> torch.Tensor:
+    """(b, R) log-probs of the response tokens from the (b, R, V) logits that predict them, divided by the temperature."""
+    logp = torch.log_softmax(sampling_logits(logits, temperature, pad_token_id), -1)  # (b, R, V), fp32
+    return logp.gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+
+
+def sequence_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float, pad_token_id: int) -> torch.Tensor:
+    """(b,) log-probability of each whole response: the sum of token_logprobs over its real tokens (the pads after its
+    end excluded). {SFD}/summarize_from_feedback_details/dpo.py#L169-L185"""
+    return (token_logprobs(logits, responses, temperature, pad_token_id) * (responses != pad_token_id)).sum(1)
+
+
+def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float,
+             kind: str) -> tuple:
+    """(loss, statistics) from (b,) summed log-probs of the chosen and rejected responses under the policy and the
+    reference. h = (log pi(y_w) - log pi(y_l)) - (log ref(y_w) - log ref(y_l)); sigmoid: -log sigmoid(beta h) (DPO's Eq. 7);
+    ipo: (h - 1 / (2 beta))^2 (IPO's Eq. 17). The implicit rewards beta (log pi - log ref) of each response are logged,
+    as SFD does. {SFD}/summarize_from_feedback_details/dpo.py#L466-L484"""
+    h = (chosen - rejected) - (ref_chosen - ref_rejected)  # (b,)
+    losses = (h - 1 / (2 * beta)) ** 2 if kind == "ipo" else -nn.functional.logsigmoid(beta * h)
+    reward_chosen, reward_rejected = beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach()
+    stats = {"rewards/chosen": reward_chosen.mean(), "rewards/rejected": reward_rejected.mean(),
+             "rewards/margins": (reward_chosen - reward_rejected).mean(), "rewards/accuracy": (reward_chosen > reward_rejected).float().mean(),
+             "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean()}
+    return losses.mean(), stats
+
+
+def pair_logprobs(lm, queries: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, temperature: float, pad_token_id: int) -> tuple:
+    """(chosen (b,), rejected (b,)) summed log-probs, chosen and rejected stacked into one forward pass of 2b sequences."""
+    tokens = torch.cat([torch.cat([queries, chosen], 1), torch.cat([queries, rejected], 1)])  # (2b, Q+R)
+    responses = torch.cat([chosen, rejected])  # (2b, R)
+    logps = sequence_logprobs(response_logits(lm, tokens, pad_token_id, responses.shape[1]), responses, temperature, pad_token_id)
+    return logps.chunk(2)
+
+
+@torch.no_grad()
+def reference_pair_logprobs(reference, queries: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, temperature: float,
+                            pad_token_id: int) -> tuple:
+    """pair_logprobs under the frozen reference (computed on the fly, micro-batch by micro-batch: the same cost as
+    precomputing them once for a single epoch, and no table to keep in step with the pair order)."""
+    tokens = torch.cat([torch.cat([queries, chosen], 1), torch.cat([queries, rejected], 1)])
+    responses = torch.cat([chosen, rejected])
+    return sequence_logprobs(reference(tokens, pad_token_id, responses.shape[1]), responses, temperature, pad_token_id).chunk(2)
+
+
+@torch.no_grad()
+def held_out_pairs(lm, reference, pairs: tuple, args: Args, accelerator, pad_token_id: int) -> dict:
+    """test/* means of dpo_loss's figures over the held-out pairs, each process taking every world-th pair."""
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    queries, chosen, rejected = (t[rank::world] for t in pairs)
+    sums, count = {}, 0
+    for i in range(0, len(queries), args.local_micro_batch_size):
+        q, c, r = (t[i : i + args.local_micro_batch_size].to(device) for t in (queries, chosen, rejected))
+        with accelerator.autocast():
+            loss, stats = dpo_loss(*pair_logprobs(lm, q, c, r, args.temperature, pad_token_id),
+                                   *reference_pair_logprobs(reference, q, c, r, args.temperature, pad_token_id), args.beta, args.loss)
+        for k, v in {"loss": loss, **stats}.items():
+            sums[k] = sums.get(k, 0.0) + v.float() * len(q)
+        count += len(q)
+    names = sorted(sums)
+    totals = accelerator.reduce(torch.stack([sums[k] for k in names] + [torch.tensor(float(count), device=device)]), reduction="sum")
+    return {f"test/{k}": (v / totals[-1]).item() for k, v in zip(names, totals)}
+
+
+@torch.no_grad()
+def fresh_samples(sampler, reference, reward_model, queries: torch.Tensor, references: Optional[torch.Tensor], tokenizer, args: Args,
+                  gold_fn, accelerator) -> tuple:
+    """(metrics, rows of this process's first samples): the policy samples sample_length tokens for each of the fixed
+    queries (every world-th one per process), as PPO's rollouts would; logged are the KL to the reference (the mean over
+    samples of sum_t log pi - log ref, PPO's objective/kl), the reward model's score of the samples cut at the truncate
+    token (objective/scores, given --reward_model), the gold labeler's (objective/gold_score) and the entropy."""
+    world, rank, device, pad = accelerator.num_processes, accelerator.process_index, accelerator.device, tokenizer.pad_token_id
+    length, chunk = args.sample_length or args.response_length, args.local_rollout_forward_batch_size
+    queries = queries[rank::world].to(device)
+    references = None if references is None else references[rank::world].to(device)
+    sums = {"objective/kl": 0.0, "objective/entropy": 0.0}
+    truncate_token = truncate_token_id(args.truncate_token, tokenizer)
+    rows = []
+    for i in range(0, len(queries), chunk):
+        q = queries[i : i + chunk]
+        responses, logprobs = sampler(q, length)[:2]  # (b, L) each
+        ref_logprobs = token_logprobs(reference(torch.cat([q, responses], 1), pad, length), responses, args.temperature, pad)
+        sums["objective/kl"] += (logprobs - ref_logprobs).sum(1).sum()
+        sums["objective/entropy"] += (-logprobs).sum(1).sum()
+        scored = responses if truncate_token is None else truncate_responses(responses, truncate_token, args.truncate_after, pad)
+        if reward_model is not None:
+            sums["objective/scores"] = sums.get("objective/scores", 0.0) + reward_model(torch.cat([q, scored], 1), pad).sum()
+        texts = tokenizer.batch_decode([r[r != pad] for r in scored], skip_special_tokens=references is not None)
+        if gold_fn is not None:
+            refs = None if references is None else tokenizer.batch_decode([r[r != pad] for r in references[i : i + chunk]], skip_special_tokens=True)
+            gold = gold_fn(texts, refs)
+            sums["objective/gold_score"] = sums.get("objective/gold_score", 0.0) + sum(gold)
+        for j in range(min(args.num_print_samples - len(rows), len(q))):
+            rows.append({"query": tokenizer.decode(q[j][q[j] != pad]), "response": texts[j], "gold_score": gold[j] if gold_fn else None,
+                         "kl": (logprobs[j] - ref_logprobs[j]).sum().item()})
+    names = sorted(sums)
+    totals = accelerator.reduce(torch.tensor([float(sums[k]) for k in names] + [float(len(queries))], device=device), reduction="sum")
+    return {k: (v / totals[-1]).item() for k, v in zip(names, totals)}, rows
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Runs that survive: checkpoints, resume, a stop on SIGTERM/SIGINT or on a NaN, the closing summary
+# ---------------------------------------------------------------------------------------------------------
+
+
+EXIT_NONFINITE = 3  # exit status of a run stopped by a NaN or inf (bad input: 2; stopped by a signal: 128 + its number)
+
+
+# Copied from train_policy.py
+class StopRequest:
+    """SIGTERM (a scheduler's pre-emption; torchrun passes it on) or SIGINT (Ctrl-C) makes the run stop at the end of the
+    current update, after a checkpoint; a second Ctrl-C stops it at once. close() puts the previous handlers back."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signum = self.signum or signum
+
+    def requested(self, accelerator) -> int:
+        """The signal some process received (0: none), the same on every process so that all stop after the same update."""
+        if accelerator.num_processes == 1:
+            return self.signum
+        flag = torch.tensor([self.signum], device=accelerator.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
+    def close(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+# Copied from train_policy.py
+def rng_state(device: torch.device) -> dict:
+    """Every random number generator a process draws from: torch's (CPU and GPU), Python's and NumPy's."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+# Copied from train_policy.py
+def set_rng_state(state: dict, device: torch.device):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+# Copied from train_policy.py
+def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep: int) -> Path:
+    """run_dir/checkpoints/<step>/: state.pt (models, optimizer, counters: the same on every process, written by the
+    main one), rng_<rank>.pt (each process's generators) and metrics.jsonl as it stands. Written into a temporary
+    folder that is then renamed, so a kill during the save leaves the earlier checkpoints whole; the last `keep` stay."""
+    root = run_dir / "checkpoints"
+    tmp, final = root / f"tmp_{step:08d}", root / f"{step:08d}"
+    if accelerator.is_main_process:
+        if tmp.exists():  # left by a run killed while saving
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(accelerator.device), tmp / f"rng_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        torch.save(state, tmp / "state.pt")
+        shutil.copyfile(run_dir / "metrics.jsonl", tmp / "metrics.jsonl")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp.rename(final)
+        for old in sorted(p for p in root.iterdir() if p.name.isdigit())[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# Copied from train_policy.py
+def load_checkpoint(accelerator, run_dir: Path) -> Optional[dict]:
+    """The state of run_dir's last checkpoint (None if it has none), with metrics.jsonl put back as it was then. The
+    process's generators are restored separately (set_rng_state(state["rng"])), right where the loop starts."""
+    root = run_dir / "checkpoints"
+    steps = sorted(p for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+    if not steps:
+        return None
+    state = torch.load(steps[-1] / "state.pt", map_location="cpu", weights_only=False)  # our own file; load_state_dict moves it
+    state["rng"] = torch.load(steps[-1] / f"rng_{accelerator.process_index}.pt", weights_only=False)
+    state["path"] = steps[-1]
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.copyfile(steps[-1] / "metrics.jsonl", run_dir / "metrics.jsonl")
+    return state
+
+
+# Copied from train_policy.py
+def check_finite(metrics: dict, where: str, last_checkpoint: Optional[Path]):
+    """A NaN or inf in a logged quantity (losses, scores, KL, entropy: the logits feed them) stops the run, exit status
+    3; what was written stays as it was, and the last checkpoint holds the last good state. The metrics are averaged
+    over processes, so every process stops at the same update."""
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        named = ", ".join(f"{k} = {metrics[k]}" for k in bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        # on a line of its own, after the progress bar
+        print(f"\nerror: {where}: {named}; last good checkpoint: {last_checkpoint or 'none (none saved yet)'}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_NONFINITE)
+
+
+# Copied from train_policy.py
+class Checkpoints:
+    """A run's checkpoints: one every save_every updates (none after the last: the run then saves its models) and one
+    when SIGTERM or SIGINT asked the run to stop, which it then does, exit status 128 + the signal. `last` is the newest
+    (that of a resumed run at first)."""
+
+    def __init__(self, accelerator, run_dir: Path, save_every: int, keep: int, resume_command: str, last: Optional[Path]):
+        self.accelerator, self.run_dir, self.save_every, self.keep = accelerator, run_dir, save_every, keep
+        self.resume_command, self.last, self.stop = resume_command, last, StopRequest()
+
+    def after(self, step: int, num_steps: int, state_fn):
+        """At the end of update `step` of num_steps; state_fn() builds the state to save, only when one is saved."""
+        signum = self.stop.requested(self.accelerator)
+        if signum or (self.save_every and step % self.save_every == 0 and step < num_steps):
+            self.last = save_checkpoint(self.accelerator, self.run_dir, step, state_fn(), self.keep)
+        if signum:
+            print(f"stopped by {signal.Signals(signum).name} after update {step}; checkpoint {self.last}; continue with: "
+                  f"{self.resume_command}", flush=True)
+            sys.exit(128 + signum)
+
+    def close(self):
+        self.stop.close()
+
+
+# Copied from train_policy.py
+def resume_has_work(resume: Optional[str], world: int) -> bool:
+    """Whether the run folder given to --resume still has work: not once it finished (summary.json); an error when it ran
+    with another number of processes, since each process has its own random number generators."""
+    if resume is None:
+        return True
+    if (Path(resume) / "summary.json").is_file():
+        print(f"{resume} has finished (summary.json): nothing to resume")
+        return False
+    started = json.loads((Path(resume) / "args.json").read_text())["world_size"]
+    if started != world:
+        fail(f"--resume {resume}: the run had {started} process(es), not {world}")
+    return True
+
+
+# Copied from train_policy.py
+def write_summary(run_dir: Path, summary: dict, title: str):
+    """The run's headline figures: a table on the terminal and run_dir/summary.json, whose presence marks a finished run."""
+    table = Table(title=title)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for k, v in summary.items():
+        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    Console().print(table)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------
+
+
+def check_args(args: Args):
+    """The checks of the arguments that need no training (sizes, the models, the label file, the query data), run before
+    anything is trained or written."""
+    world = PartialState().num_processes
+    if args.batch_size % (world * args.local_micro_batch_size):
+        fail(f"--batch_size {args.batch_size} is not divisible by --local_micro_batch_size {args.local_micro_batch_size} x {world} processes")
+    if args.beta <= 0 or args.temperature <= 0:
+        fail(f"--beta {args.beta} and --temperature {args.temperature} must be positive")
+    if args.save_every < 0 or args.keep_checkpoints < 1 or args.eval_every < 1 or args.num_eval < world:
+        fail(f"--keep_checkpoints and --eval_every must be positive, --save_every at least 0, --num_eval at least {world} (one query per process)")
+    check_lora(args)
+    config, _ = load_base_model(args.base_model, weights=False)
+    length = args.query_length + max(args.response_length, args.sample_length or 0)
+    if length > getattr(config, "n_positions", getattr(config, "max_position_embeddings", 1 << 30)):
+        fail(f"--query_length + --response_length (or --sample_length) = {length} exceeds the model's positions")
+    if args.reward_model is not None and not os.path.isfile(os.path.join(args.reward_model, "reward_head.safetensors")):
+        fail(f"--reward_model {args.reward_model}: not a reward model folder (no reward_head.safetensors; train one with train_reward.py)")
+    read_label_file(args.label_dataset, args.label_config, args.label_split)
+    texts = load_texts(args.query_dataset, args.query_split)
+    if args.gold_labeler == "tldr_judge" and isinstance(texts[0], str):
+        fail(f"--gold_labeler tldr_judge needs TL;DR posts with reference summaries; --query_dataset {args.query_dataset} holds texts")
+    return texts
+
+
+def train(args: Args) -> Path:
+    start_time = time.time()
+    # cpu=True on a machine without a GPU: only then does accelerate join torchrun's processes with gloo
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    texts = check_args(args)
+    grad_accum = args.batch_size // (world * args.local_micro_batch_size)
+    if not resume_has_work(args.resume, world):
+        return Path(args.resume)
+
+    # 1. Models: the policy (under LoRA only its adapters train), the frozen reference (a copy of the initial policy, or
+    #    the policy with its adapters off), and the frozen reward model that only scores the fresh samples.
+    torch.manual_seed(args.seed)
+    lm, tokenizer = prepare_lm(*load_base_model(args.base_model, load_in_4bit=args.load_in_4bit))
+    frozen_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
+    lora = add_lora(lm, args)
+    reference = FrozenReference(lm, lora, device, frozen_dtype)
+    reward_model = None
+    if args.reward_model is not None:
+        reward_model, reward_tokenizer = load_reward_model(args.reward_model)
+        if len(reward_tokenizer) != len(tokenizer) or reward_tokenizer.pad_token_id != tokenizer.pad_token_id:
+            fail(f"--reward_model {args.reward_model}: its tokenizer ({len(reward_tokenizer)} tokens) differs from --base_model {args.base_model}'s ({len(tokenizer)})")
+        reward_model = reward_model.eval().requires_grad_(False).to(device, frozen_dtype)
+    pad = tokenizer.pad_token_id
+    gold_fn = gold_scorer(args.gold_labeler)
+
+    # 2. Pairs: one epoch over the training labels' pairs (SFD: num_updates = pairs // batch_size) in an order shared by
+    #    all processes; the held-out labels' pairs; the fixed queries of the fresh samples (with TL;DR references).
+    (train_q, train_s, train_b), (test_q, test_s, test_b), kind, _ = load_labels(args, tokenizer)
+    train_pairs, test_pairs = preference_pairs(train_q, train_s, train_b), preference_pairs(test_q, test_s, test_b)
+    num_updates = len(train_pairs[0]) // args.batch_size
+    if num_updates == 0:
+        fail(f"--num_train {args.num_train} labels give {len(train_pairs[0])} pairs, fewer than --batch_size {args.batch_size}")
+    order = torch.randperm(len(train_pairs[0]), generator=torch.Generator().manual_seed(args.seed))
+    length = args.sample_length or args.response_length
+    eval_queries, eval_references = next(query_batches(texts, tokenizer, args.query_length, length, min(args.num_eval, len(texts)), seed=0))
+    optimizer = make_optimizer([p for p in lm.parameters() if p.requires_grad], args.optimizer, args.lr, args.eps)
+    policy, optimizer = accelerator.prepare(lm, optimizer)
+    unwrapped = accelerator.unwrap_model(policy)
+    sampler = Sampler(unwrapped, pad, args.temperature)
+
+    # 3. Run folder, metrics file, wandb. A resumed run takes back the weights, optimizer and metrics of its last
+    #    checkpoint; the pair order is the seed's.
+    run_dir = Path(args.resume) if args.resume else shared_run_dir(accelerator, args.run_root, args.exp_name, args.seed)
+    resumed = load_checkpoint(accelerator, run_dir) if args.resume else None
+    if resumed is not None:
+        unwrapped.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+    first_update, samples_log = (resumed["update"], resumed["samples"]) if resumed else (0, [])
+    elapsed_before = resumed["elapsed_s"] if resumed else 0.0
+    metrics_file, wandb_id = None, resumed["wandb_id"] if resumed else None
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resumed is None:
+            (run_dir / "args.json").write_text(json.dumps({**asdict(args), "world_size": world, "grad_accum": grad_accum, "label_kind": kind[0]}, indent=2))
+        metrics_file = open(run_dir / "metrics.jsonl", "a" if resumed else "w")
+        if args.track:
+            import wandb
+
+            wandb_id = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
+                                  dir=str(run_dir), id=wandb_id, resume="allow").id
+        print(f"run folder {run_dir}; {len(train_pairs[0]):,} training and {len(test_pairs[0]):,} held-out pairs from {kind[0]} labels "
+              f"(n = {kind[1]}); {num_updates} updates of {args.batch_size} pairs ({world} process(es) x {grad_accum} micro-batch(es) "
+              f"of {args.local_micro_batch_size}); {sum(p.numel() for p in lm.parameters() if p.requires_grad):,} trained parameters"
+              + (f"; resumed after update {first_update} from {resumed['path']}" if resumed else ""))
+
+    def evaluate(update: int) -> dict:
+        """Held-out pairs and fresh samples, with the same random draws every time (their own RNG stream), so that what
+        changes is the policy."""
+        policy.eval()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast():
+            torch.manual_seed(args.seed + rank * 100003)
+            metrics, rows = fresh_samples(sampler, reference, reward_model, eval_queries, eval_references, tokenizer, args, gold_fn, accelerator)
+            if len(test_pairs[0]) and update > 0:  # at update 0 the policy is the reference: every implicit reward is 0
+                metrics.update(held_out_pairs(unwrapped, reference, test_pairs, args, accelerator, pad))
+        policy.train()
+        if accelerator.is_main_process:
+            print_samples(rows, update)
+            samples_log.extend({"update": update, **r} for r in rows)
+        return metrics
+
+    def log(metrics: dict):
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(metrics) + "\n")
+            metrics_file.flush()
+            if args.track:
+                wandb.log(metrics, step=metrics["update"])
+
+    if resumed is None:  # the initial policy: KL 0, and the scores every later evaluation is compared with
+        log({"update": 0, "pairs": 0, **evaluate(0)})
+
+    # 4. The loop. Each update takes the next batch_size pairs of the shared order, each process every world-th of them;
+    #    the reference's log-probs are computed on the fly; lr follows a cosine from lr to 0 (SFD).
+    if resumed is not None:
+        set_rng_state(resumed["rng"], device)
+    checkpoints = Checkpoints(accelerator, run_dir, args.save_every, args.keep_checkpoints, f"python train_dpo.py --resume {run_dir}",
+                              resumed["path"] if resumed else None)
+    policy.train()
+    shown = {}  # the progress bar's figures: the last update's loss and accuracy, the last evaluation's KL and gold
+    progress = tqdm(range(first_update, num_updates), initial=first_update, total=num_updates, disable=not accelerator.is_main_process, desc="dpo")
+    for update in progress:
+        t0 = time.perf_counter()
+        lr = args.lr * 0.5 * (1 + math.cos(math.pi * update / num_updates))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        ours = order[update * args.batch_size : (update + 1) * args.batch_size][rank::world]
+        stats = {}
+        for micro in range(grad_accum):
+            idx = ours[micro * args.local_micro_batch_size : (micro + 1) * args.local_micro_batch_size]
+            q, c, r = (t[idx].to(device) for t in train_pairs)  # (b, Q), (b, R), (b, R)
+            with accelerator.no_sync(policy) if micro < grad_accum - 1 else nullcontext(), accelerator.autocast():
+                ref_chosen, ref_rejected = reference_pair_logprobs(reference, q, c, r, args.temperature, pad)
+                loss, micro_stats = dpo_loss(*pair_logprobs(policy, q, c, r, args.temperature, pad), ref_chosen, ref_rejected, args.beta, args.loss)
+                accelerator.backward(loss / grad_accum)
+            for k, v in {"loss/dpo": loss.detach(), **micro_stats}.items():
+                stats[k] = stats.get(k, 0) + v.float() / grad_accum
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # 5. Statistics averaged over processes; every eval_every updates (and after the last) the held-out pairs and
+        #    the fresh samples' KL, reward and gold score.
+        names = sorted(stats)
+        means = accelerator.reduce(torch.stack([stats[k] for k in names]), reduction="mean").tolist()
+        metrics = {"update": update + 1, "pairs": (update + 1) * args.batch_size, **dict(zip(names, means)), "lr": lr,
+                   "timing/update_s": time.perf_counter() - t0}
+        if (update + 1) % args.eval_every == 0 or update + 1 == num_updates:
+            metrics.update(evaluate(update + 1))
+        log(metrics)
+        shown.update(loss=f"{metrics['loss/dpo']:.3f}", acc=f"{metrics['rewards/accuracy']:.2f}")
+        shown.update({name: f"{metrics[key]:.3f}" for name, key in (("kl", "objective/kl"), ("gold", "objective/gold_score")) if key in metrics})
+        progress.set_postfix(shown)
+
+        # 6. A NaN or inf stops the run (exit 3); a checkpoint every save_every updates and when SIGTERM or SIGINT came.
+        check_finite(metrics, f"update {update + 1}", checkpoints.last)
+        checkpoints.after(update + 1, num_updates, lambda: {
+            "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(), "update": update + 1, "samples": samples_log,
+            "elapsed_s": elapsed_before + time.time() - start_time, "wandb_id": wandb_id})
+    checkpoints.close()
+
+    # 7. Save the policy (adapters merged under LoRA) as a plain model folder, the samples and the summary.
+    if accelerator.is_main_process:
+        policy_dir = run_dir / "policy"
+        saved_lm(unwrapped, lora).save_pretrained(policy_dir)
+        tokenizer.save_pretrained(policy_dir)
+        (run_dir / "samples.json").write_text(json.dumps(samples_log, indent=2))
+        metrics_file.close()
+        print(f"policy saved to {policy_dir}")
+        write_summary(run_dir, summarize(run_dir / "metrics.jsonl", elapsed_before + time.time() - start_time), f"DPO: {run_dir}")
+        if args.track:
+            wandb.finish()
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def summarize(metrics_path: Path, wall_s: float) -> dict:
+    """Headline figures of a DPO run: training accuracy and margin over the last tenth of updates, the held-out pairs'
+    accuracy after training, and the fresh samples' KL, reward and gold score before and after training."""
+    metrics = [json.loads(line) for line in open(metrics_path)]
+    updates, evals = [m for m in metrics if "loss/dpo" in m], [m for m in metrics if "objective/kl" in m]
+    tenth = updates[-max(1, len(updates) // 10) :]
+    summary = {"updates": len(updates), "pairs": updates[-1]["pairs"]}
+    for key in ("rewards/accuracy", "rewards/margins"):
+        summary[f"{key}/last_tenth"] = sum(m[key] for m in tenth) / len(tenth)
+    if "test/rewards/accuracy" in evals[-1]:
+        summary["test/rewards/accuracy"] = evals[-1]["test/rewards/accuracy"]
+    for key in ("objective/kl", "objective/scores", "objective/gold_score"):
+        if key in evals[-1]:
+            summary[f"{key}/before"], summary[f"{key}/after"] = evals[0][key], evals[-1][key]
+    summary["wall_s"] = wall_s
+    return summary
+
+
+def print_samples(rows: list, update: int):
+    table = Table(title=f"fresh samples at update {update}", show_lines=True)
+    for column, width in [("query", 50), ("response", 50), ("gold", 7), ("kl", 6)]:
+        table.add_column(column, max_width=width)
+    for r in rows:
+        table.add_row(r["query"], r["response"], "" if r["gold_score"] is None else f"{r['gold_score']:+.2f}", f"{r['kl']:+.2f}")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    train(cli(Args, PRESETS, __doc__))
