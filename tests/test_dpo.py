@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import train_dpo
-from conftest import NANO, ROOT, read_metrics, run_script, run_torchrun
+from conftest import NANO, read_metrics, run_script, run_torchrun
 from test_resume import only_run, stable, stopped_midway, weights
 
 TINY_DPO = ["--num_train", "32", "--num_test", "8", "--batch_size", "16", "--local_micro_batch_size", "8", "--num_eval", "8",
