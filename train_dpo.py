@@ -91,7 +91,7 @@ class Args:
     """pad id inside the labels, dropped on reading; None reads <labels>.meta.json, else the label tokenizer's pad"""
     num_train: int = 2048
     """labels trained on, from the start of the file (as train_reward.py's default); one epoch over their pairs"""
-    num_test: int = 512
+    num_test: int = 256
     """held-out labels (the last ones of the file, or the first ones of test_split) whose pairs give test/* figures"""
     test_split: Optional[str] = None
     """split of a hub label dataset that holds the held-out labels (SFD: validation)"""
@@ -138,8 +138,8 @@ class Args:
     gold_labeler: Literal["vader", "tldr_judge", "none"] = "vader"
     """programmatic labeler of the fresh samples, logged as objective/gold_score: VADER (the sentiment labels' labeler) or
     the summarization twin's judge"""
-    eval_every: int = 20
-    """fresh samples and the held-out pairs every this many updates (and before the first and after the last)"""
+    eval_every: int = 24
+    """fresh samples and the held-out pairs every this many updates (fresh samples also before the first; both after the last)"""
     num_print_samples: int = 3
     """rows of the table of fresh samples printed at every evaluation"""
     local_rollout_forward_batch_size: int = 64
