@@ -973,40 +973,39 @@ def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Ten
     return losses.mean(), stats
 
 
-def pair_logprobs(lm, queries: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, temperature: float, pad_token_id: int) -> tuple:
-    """(chosen (b,), rejected (b,)) summed log-probs, chosen and rejected stacked into one forward pass of 2b sequences."""
+def pair_logprobs(logits_fn, queries: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, temperature: float,
+                  pad_token_id: int) -> tuple:
+    """(chosen (b,), rejected (b,)) summed log-probs, chosen and rejected stacked into one forward pass of 2b sequences.
+    logits_fn(tokens, pad_token_id, response_length) gives the response logits: the policy's (response_logits) or the
+    frozen reference's (FrozenReference, computed on the fly in training: for one epoch the same cost as precomputing)."""
     tokens = torch.cat([torch.cat([queries, chosen], 1), torch.cat([queries, rejected], 1)])  # (2b, Q+R)
     responses = torch.cat([chosen, rejected])  # (2b, R)
-    logps = sequence_logprobs(response_logits(lm, tokens, pad_token_id, responses.shape[1]), responses, temperature, pad_token_id)
+    logps = sequence_logprobs(logits_fn(tokens, pad_token_id, responses.shape[1]), responses, temperature, pad_token_id)
     return logps.chunk(2)
 
 
-@torch.no_grad()
-def reference_pair_logprobs(reference, queries: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, temperature: float,
-                            pad_token_id: int) -> tuple:
-    """pair_logprobs under the frozen reference (computed on the fly, micro-batch by micro-batch: the same cost as
-    precomputing them once for a single epoch, and no table to keep in step with the pair order)."""
-    tokens = torch.cat([torch.cat([queries, chosen], 1), torch.cat([queries, rejected], 1)])
-    responses = torch.cat([chosen, rejected])
-    return sequence_logprobs(reference(tokens, pad_token_id, responses.shape[1]), responses, temperature, pad_token_id).chunk(2)
-
-
-@torch.no_grad()
-def held_out_pairs(lm, reference, pairs: tuple, args: Args, accelerator, pad_token_id: int) -> dict:
-    """test/* means of dpo_loss's figures over the held-out pairs, each process taking every world-th pair."""
+def micro_batches(pairs: tuple, size: int, accelerator) -> list:
+    """This process's share of (queries, chosen, rejected) pairs (every world-th one), in micro-batches of `size`."""
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     queries, chosen, rejected = (t[rank::world] for t in pairs)
+    return [tuple(t[i : i + size].to(device) for t in (queries, chosen, rejected)) for i in range(0, len(queries), size)]
+
+
+@torch.no_grad()
+def held_out_pairs(lm, batches: list, ref_logps: list, args: Args, accelerator, pad_token_id: int) -> dict:
+    """test/* means of dpo_loss's figures over the held-out pairs: this process's micro_batches, with the reference's
+    log-probs of them (computed once: the reference never changes), summed over processes."""
     sums, count = {}, 0
-    for i in range(0, len(queries), args.local_micro_batch_size):
-        q, c, r = (t[i : i + args.local_micro_batch_size].to(device) for t in (queries, chosen, rejected))
+    policy_logits = lambda tokens, pad_id, length: response_logits(lm, tokens, pad_id, length)
+    for (q, c, r), (ref_chosen, ref_rejected) in zip(batches, ref_logps):
         with accelerator.autocast():
-            loss, stats = dpo_loss(*pair_logprobs(lm, q, c, r, args.temperature, pad_token_id),
-                                   *reference_pair_logprobs(reference, q, c, r, args.temperature, pad_token_id), args.beta, args.loss)
+            loss, stats = dpo_loss(*pair_logprobs(policy_logits, q, c, r, args.temperature, pad_token_id), ref_chosen, ref_rejected,
+                                   args.beta, args.loss)
         for k, v in {"loss": loss, **stats}.items():
             sums[k] = sums.get(k, 0.0) + v.float() * len(q)
         count += len(q)
     names = sorted(sums)
-    totals = accelerator.reduce(torch.stack([sums[k] for k in names] + [torch.tensor(float(count), device=device)]), reduction="sum")
+    totals = accelerator.reduce(torch.stack([sums[k] for k in names] + [torch.tensor(float(count), device=accelerator.device)]), reduction="sum")
     return {f"test/{k}": (v / totals[-1]).item() for k, v in zip(names, totals)}
 
 
@@ -1274,6 +1273,9 @@ def train(args: Args) -> Path:
     policy, optimizer = accelerator.prepare(lm, optimizer)
     unwrapped = accelerator.unwrap_model(policy)
     sampler = Sampler(unwrapped, pad, args.temperature)
+    test_batches = micro_batches(test_pairs, args.local_micro_batch_size, accelerator)
+    with accelerator.autocast():
+        test_ref_logps = [pair_logprobs(reference, q, c, r, args.temperature, pad) for q, c, r in test_batches]
 
     # 3. Run folder, metrics file, wandb. A resumed run takes back the weights, optimizer and metrics of its last
     #    checkpoint; the pair order is the seed's.
@@ -1308,7 +1310,7 @@ def train(args: Args) -> Path:
             torch.manual_seed(args.seed + rank * 100003)
             metrics, rows = fresh_samples(sampler, reference, reward_model, eval_queries, eval_references, tokenizer, args, gold_fn, accelerator)
             if len(test_pairs[0]) and update > 0:  # at update 0 the policy is the reference: every implicit reward is 0
-                metrics.update(held_out_pairs(unwrapped, reference, test_pairs, args, accelerator, pad))
+                metrics.update(held_out_pairs(unwrapped, test_batches, test_ref_logps, args, accelerator, pad))
         policy.train()
         if accelerator.is_main_process:
             print_samples(rows, update)
@@ -1331,6 +1333,7 @@ def train(args: Args) -> Path:
         set_rng_state(resumed["rng"], device)
     checkpoints = Checkpoints(accelerator, run_dir, args.save_every, args.keep_checkpoints, f"python train_dpo.py --resume {run_dir}",
                               resumed["path"] if resumed else None)
+    policy_logits = lambda tokens, pad_id, length: response_logits(policy, tokens, pad_id, length)  # through DDP: gradients sync
     policy.train()
     shown = {}  # the progress bar's figures: the last update's loss and accuracy, the last evaluation's KL and gold
     progress = tqdm(range(first_update, num_updates), initial=first_update, total=num_updates, disable=not accelerator.is_main_process, desc="dpo")
@@ -1345,8 +1348,9 @@ def train(args: Args) -> Path:
             idx = ours[micro * args.local_micro_batch_size : (micro + 1) * args.local_micro_batch_size]
             q, c, r = (t[idx].to(device) for t in train_pairs)  # (b, Q), (b, R), (b, R)
             with accelerator.no_sync(policy) if micro < grad_accum - 1 else nullcontext(), accelerator.autocast():
-                ref_chosen, ref_rejected = reference_pair_logprobs(reference, q, c, r, args.temperature, pad)
-                loss, micro_stats = dpo_loss(*pair_logprobs(policy, q, c, r, args.temperature, pad), ref_chosen, ref_rejected, args.beta, args.loss)
+                ref_chosen, ref_rejected = pair_logprobs(reference, q, c, r, args.temperature, pad)  # no_grad inside
+                loss, micro_stats = dpo_loss(*pair_logprobs(policy_logits, q, c, r, args.temperature, pad), ref_chosen, ref_rejected,
+                                             args.beta, args.loss)
                 accelerator.backward(loss / grad_accum)
             for k, v in {"loss/dpo": loss.detach(), **micro_stats}.items():
                 stats[k] = stats.get(k, 0) + v.float() / grad_accum

@@ -1115,7 +1115,7 @@ def write_summary(run_dir: Path, summary: dict, title: str):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def check_args(args: Args, reward_model_follows: bool = False) -> int:
+def check_args(args: Args, reward_model_follows: bool = False) -> tuple:
     """Every check of the arguments that needs no training (sizes, paths, the data, the truncate token), run before
     anything is trained or written; train_both.py runs it before its reward stage. Returns the number of updates and the
     query and evaluation texts it read."""

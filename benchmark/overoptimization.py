@@ -96,6 +96,7 @@ def main(a: Args):
     # method -> seed -> [(kl, proxy - proxy_0, gold - gold_0)], setting kept for the plot
     points = {"best-of-n": {}, "PPO": {}, "DPO": {}}
     settings = {"PPO": {}, "DPO": {}}
+    ends = {}  # (method, setting) -> per run (largest KL, proxy and gold at its end), relative to the initial policy
     for seed in seeds:
         bon = json.loads((root / f"bon_{seed}.json").read_text())["rows"]
         proxy0, gold0 = bon[0]["proxy"], bon[0]["gold"]
@@ -107,6 +108,7 @@ def main(a: Args):
                     pts = rel(extract(metrics))
                     points[method].setdefault(seed, []).extend(pts)
                     settings[method].setdefault(exp, []).extend(pts)
+                    ends.setdefault((method, exp), []).append((max(p[0] for p in pts), pts[-1][1], pts[-1][2]))
 
     # Gao et al.'s forms fitted per seed to the gold points (d > 0)
     fits = {}
@@ -161,16 +163,9 @@ def main(a: Args):
                 cells.append(mean_std([interpolate(pts, kl, index) for pts in points[method].values()]))
         lines.append(f"| {kl:g} | " + " | ".join(cells) + " |")
     lines += ["", "| run setting | seeds | largest KL reached | gold at the end - initial | proxy at the end - initial |", "|---|---|---|---|---|"]
-    for method in ("PPO", "DPO"):
-        for exp in sorted(settings[method]):
-            ends = [pts for (e, s), pts in (ppo if method == "PPO" else dpo).items() if e == exp]
-            finals = []
-            for (e, s), metrics in (ppo if method == "PPO" else dpo).items():
-                if e == exp:
-                    bon0 = json.loads((root / f"bon_{s}.json").read_text())["rows"][0]
-                    pts = ppo_points(metrics, a.bin_updates) if method == "PPO" else dpo_points(metrics)
-                    finals.append((max(p[0] for p in pts), pts[-1][1] - bon0["proxy"], pts[-1][2] - bon0["gold"]))
-            lines.append(f"| {exp} | {len(ends)} | {mean_std([f[0] for f in finals])} | {mean_std([f[2] for f in finals])} | {mean_std([f[1] for f in finals])} |")
+    for (method, exp), finals in sorted(ends.items(), key=lambda kv: (kv[0][0] != "PPO", kv[0][1])):
+        lines.append(f"| {exp} | {len(finals)} | {mean_std([f[0] for f in finals])} | {mean_std([f[2] for f in finals])} | "
+                     f"{mean_std([f[1] for f in finals])} |")
     table = "\n".join(lines)
     Path(a.out).with_suffix(".md").write_text(table + "\n")
     Path(a.out).with_suffix(".json").write_text(json.dumps({"points": {m: {str(s): p for s, p in v.items()} for m, v in points.items()},

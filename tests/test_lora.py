@@ -1,7 +1,7 @@
 """LoRA through peft in train_sft.py, train_reward.py and train_policy.py (train_dpo.py's in test_dpo.py): only the
 adapters of the language model train, the heads train in full, the saved model is merged (its weights differ from the
 base model's by a matrix of rank at most r), PPO's reference is the policy with its adapters off; --load_in_4bit on a
-CPU is one line."""
+CPU is one line, in all four scripts."""
 
 import sys
 
@@ -47,7 +47,7 @@ def test_sft_under_lora(tmp_path, small_corpus):
     assert 0 < rank_of_change(only_run(tmp_path) / "model") <= 2
 
 
-@pytest.mark.parametrize("script", ["train_sft.py", "train_reward.py", "train_policy.py"])
+@pytest.mark.parametrize("script", ["train_sft.py", "train_reward.py", "train_policy.py", "train_dpo.py"])
 def test_load_in_4bit_on_a_cpu_is_one_clear_line(tmp_path, script):
     extra = ["--base_model", str(NANO)] if script == "train_sft.py" else ["--reward_model", str(NANO)] if script == "train_policy.py" else []
     r = run_script([sys.executable, script, *extra, "--lora_r", "4", "--load_in_4bit", "--run_root", str(tmp_path)])
