@@ -621,6 +621,15 @@ def prepare_lm(model, tokenizer):
         for name, child in module.named_children():
             if isinstance(child, NewGELUActivation):
                 setattr(module, name, GELUTanh())
+    # Weights read from safetensors point into the memory-mapped file at the file's own offsets (16-byte aligned for the
+    # nano model); tensors PyTorch allocates are 64-byte aligned. MKL orders a matmul's floating-point sums by the
+    # alignment of its inputs on Intel CPUs (https://www.intel.com/content/www/us/en/developer/articles/technical/getting-reproducible-results-with-intel-mkl.html),
+    # so there a loaded model and its deep copy round the same logits differently. Copied into memory of their own,
+    # the weights of every model (loaded, copied, resumed) run the same kernels on every CPU.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.device.type == "cpu":
+                p.data = p.data.clone()
     return model, tokenizer
 
 

@@ -77,6 +77,10 @@ def test_lora_reference_with_adapters_off_equals_the_base_model():
     tokens = torch.randint(2, 4000, (3, 20))
     reference = train_dpo.FrozenReference(lm, lora, torch.device("cpu"), torch.float32)
     assert reference.lm is lm  # no second copy
+    # Bitwise equality needs the same kernels on both sides: Intel's MKL picks its matmul loop by the weights' alignment,
+    # and weights left in the safetensors file's mapping (16-byte aligned) rounded differently from the deep copy's
+    # (64-byte aligned) on an Intel Xeon; prepare_lm copies them out, so both models' weights are 64-byte aligned.
+    assert all(p.data_ptr() % 64 == 0 for model in (lm, base) for p in model.parameters())
     with torch.no_grad():
         expected = train_dpo.response_logits(base, tokens, tokenizer.pad_token_id, 8)
         policy = train_dpo.response_logits(lm, tokens, tokenizer.pad_token_id, 8)
