@@ -18,6 +18,7 @@ this process, Q = query_length, R = response_length.
 """
 
 import copy
+import functools
 import gzip
 import json
 import math
@@ -123,7 +124,7 @@ class Args:
 
     # ---- fresh samples (what PPO would see) ----
     query_dataset: str = "data/corpus.jsonl.gz"
-    """queries of the fresh samples (as train_policy.py's --query_dataset; TL;DR posts carry the gold labeler's references)"""
+    """queries of the fresh samples (as train_policy.py's --query_dataset; TL;DR posts carry reference summaries for ROUGE)"""
     query_split: str = "train"
     """split of a hub query dataset"""
     num_eval: int = 256
@@ -175,11 +176,12 @@ PRESETS = {
         sample_length=53, truncate_token="eos", truncate_after=0, gold_labeler="none", local_rollout_forward_batch_size=64,
     ),
 }
-# the summarization twin: the judge's comparisons of the twin SFT model's samples, SFD's beta, sized for two CPU cores
+# the summarization twin: the judge's comparisons of the twin SFT model's samples, SFD's beta, sized for two CPU cores;
+# lr 2e-5 keeps the KL near PPO's (at 1e-4 it reached 26 and the judge's score fell after update 8)
 PRESETS["tldr_twin"] = dict(
     exp_name="dpo", base_model="runs/tldr_twin/sft_model", label_dataset="data/tldr/comparisons.jsonl.gz", num_train=2048,
-    num_test=512, query_length=160, response_length=48, temperature=0.7, beta=0.05, batch_size=64, local_micro_batch_size=16,
-    lr=1e-4, optimizer="adamw", query_dataset="data/tldr/validation.jsonl.gz", sample_length=48, truncate_token="eos",
+    num_test=685, query_length=160, response_length=48, temperature=0.7, beta=0.05, batch_size=64, local_micro_batch_size=16,
+    lr=2e-5, optimizer="adamw", query_dataset="data/tldr/validation.jsonl.gz", sample_length=48, truncate_token="eos",
     truncate_after=0, gold_labeler="tldr_judge", eval_every=8,
 )
 
@@ -892,8 +894,9 @@ def make_optimizer(params, name: str, lr: float, eps: float):
 
 # Copied from train_policy.py
 def gold_scorer(name: str):
-    """The programmatic labeler behind the embedded data, scoring decoded responses (given their reference texts):
-    VADER's compound score (the sentiment labels), the summarization twin's judge, or None."""
+    """The programmatic labeler behind the embedded data, scoring decoded responses given the decoded queries they
+    answer: VADER's compound score of the response alone (the sentiment labels), the summarization twin's judge of a
+    summary against the post in its query, or None."""
     if name == "none":
         return None
     if name == "tldr_judge":
@@ -901,10 +904,7 @@ def gold_scorer(name: str):
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     analyzer = SentimentIntensityAnalyzer()
-    return lambda texts, references: [analyzer.polarity_scores(t)["compound"] for t in texts]
-
-
-JUDGE_LENGTH_PENALTY = 0.1
+    return lambda texts, queries: [analyzer.polarity_scores(t)["compound"] for t in texts]
 
 
 # Copied from train_policy.py
@@ -918,15 +918,70 @@ def rouge(summaries: list, references: list) -> list:
 
 
 # Copied from train_policy.py
-def tldr_judge(summaries: list, references: list) -> list:
-    """The summarization twin's stand-in for OpenAI's labelers: ROUGE-L F1 against the reference summary, minus
-    JUDGE_LENGTH_PENALTY per reference length by which the summary runs longer (in words): a summary must say what
-    the reference says, and not at greater length. data/README.md documents it."""
-    out = []
-    for r, summary, ref in zip(rouge(summaries, references), summaries, references):
-        excess = max(0.0, len(summary.split()) / max(1, len(ref.split())) - 1.0)
-        out.append(r["rougeL"] - JUDGE_LENGTH_PENALTY * excess)
-    return out
+STOP_WORDS = frozenset("""a about above after again against all also am an and any are as at away back be because been before
+being below between both but by can could did do does doing down during each even ever every few for from further had has
+have having he her here hers herself him himself his how i if in into is it its itself just like me more most much my myself
+no nor not now of off on once one only onto or other our ours ourselves out over own same she should so some still such than
+that the their theirs them themselves then there these they this those through to too under until up upon us very was we were
+what when where which while who whom why will with would yet you your yours yourself yourselves""".split())
+
+
+# Copied from train_policy.py
+def content_words(text: str) -> list:
+    """Lower-case words of three letters or more that are not stop words, each cut to its Porter stem (nltk's, which
+    rouge-score stems with), so that a summary may inflect the post's words: "twinkled" and "twinkling" both read "twinkl"."""
+    return [porter_stem(w) for w in re.findall(r"[a-z]+(?:'[a-z]+)?", text.lower()) if len(w) > 2 and w not in STOP_WORDS]
+
+
+# Copied from train_policy.py
+@functools.lru_cache(maxsize=None)
+def porter_stem(word: str) -> str:
+    from nltk.stem.porter import PorterStemmer
+
+    return PorterStemmer().stem(word.removesuffix("'s"))
+
+
+# Copied from train_policy.py
+def judge_summary(post: str, summary: str, key_words: int = 8, max_words: int = 30, length_penalty: float = 0.02,
+                  repeat_penalty: float = 1.0) -> dict:
+    """The twin's stand-in for OpenAI's labelers, who read a post (and its title) and rated a summary on 7-point scales for
+    accuracy, coverage, coherence and overall quality (Stiennon et al. 2020). It reads the post and the summary, nothing
+    else (no reference summary; the title is no source: a copy of it would score as high as the reference). Returns
+    {"score", "faithful", "coverage", "repeated", "words"}:
+    faithful (accuracy): the share of the summary's content words that occur in the post (nothing made up);
+    coverage: the share of the post's key words (its `key_words` most frequent content words used at least twice) that
+    the summary mentions (its faithfulness if no word is used twice); repeated (coherence): the share of the summary's
+    word bigrams that repeat an earlier one; score = (faithful + coverage) / 2 - repeat_penalty * repeated -
+    length_penalty per word past max_words (concision; SmolLM2's reference summaries: median 25 words, 95% at most 33)."""
+    said = content_words(summary)
+    counts = {}
+    for w in content_words(post):
+        counts[w] = counts.get(w, 0) + 1
+    faithful = sum(w in counts for w in said) / len(said) if said else 0.0
+    keys = [w for w, c in sorted(counts.items(), key=lambda kv: -kv[1])[:key_words] if c >= 2]  # sort is stable: first use breaks ties
+    coverage = sum(w in set(said) for w in keys) / len(keys) if keys else faithful
+    words = re.findall(r"[a-z]+(?:'[a-z]+)?", summary.lower())
+    bigrams = list(zip(words, words[1:]))
+    repeated = 1 - len(set(bigrams)) / len(bigrams) if bigrams else 0.0
+    n = len(summary.split())
+    score = (faithful + coverage) / 2 - repeat_penalty * repeated - length_penalty * max(0, n - max_words)
+    return dict(score=score, faithful=faithful, coverage=coverage, repeated=repeated, words=n)
+
+
+# Copied from train_policy.py
+def query_post(query: str) -> str:
+    """The post read back from a decoded TL;DR query (format_tldr_query's format, pads removed): the judge reads what the
+    policy was shown, a post cut to fit the query included."""
+    m = re.search(r"\n\nPOST: (.*)\n\nTL;DR:", query, flags=re.S)
+    if m is None:
+        raise ValueError(f"not a TL;DR query (SUBREDDIT/TITLE/POST/TL;DR): {query[:80]!r}")
+    return m.group(1)
+
+
+# Copied from train_policy.py
+def tldr_judge(summaries: list, queries: list) -> list:
+    """The twin's judge (judge_summary's score) of each summary against the post of its decoded TL;DR query."""
+    return [judge_summary(query_post(q), s)["score"] for s, q in zip(summaries, queries)]
 
 
 # Copied from train_policy.py
@@ -1024,7 +1079,8 @@ def fresh_samples(sampler, reference, reward_model, queries: torch.Tensor, refer
     """(metrics, rows of this process's first samples): the policy samples sample_length tokens for each of the fixed
     queries (every world-th one per process), as PPO's rollouts would; logged are the KL to the reference (the mean over
     samples of sum_t log pi - log ref, PPO's objective/kl), the reward model's score of the samples cut at the truncate
-    token (objective/scores, given --reward_model), the gold labeler's (objective/gold_score) and the entropy."""
+    token (objective/scores, given --reward_model), the gold labeler's (objective/gold_score), the entropy, and for TL;DR
+    queries ROUGE-1/2/L against their reference summaries (eval/rouge*)."""
     world, rank, device, pad = accelerator.num_processes, accelerator.process_index, accelerator.device, tokenizer.pad_token_id
     length, chunk = args.sample_length or args.response_length, args.local_rollout_forward_batch_size
     queries = queries[rank::world].to(device)
@@ -1043,9 +1099,13 @@ def fresh_samples(sampler, reference, reward_model, queries: torch.Tensor, refer
             sums["objective/scores"] = sums.get("objective/scores", 0.0) + reward_model(torch.cat([q, scored], 1), pad).sum()
         texts = tokenizer.batch_decode([r[r != pad] for r in scored], skip_special_tokens=references is not None)
         if gold_fn is not None:
-            refs = None if references is None else tokenizer.batch_decode([r[r != pad] for r in references[i : i + chunk]], skip_special_tokens=True)
-            gold = gold_fn(texts, refs)
+            gold = gold_fn(texts, tokenizer.batch_decode([x[x != pad] for x in q]))
             sums["objective/gold_score"] = sums.get("objective/gold_score", 0.0) + sum(gold)
+        if references is not None:  # TL;DR: ROUGE against the reference summaries, as PPO's evaluation reports it
+            refs = tokenizer.batch_decode([r[r != pad] for r in references[i : i + chunk]], skip_special_tokens=True)
+            for row in rouge(texts, refs):
+                for k, v in row.items():
+                    sums[f"eval/{k}"] = sums.get(f"eval/{k}", 0.0) + v
         for j in range(min(args.num_print_samples - len(rows), len(q))):
             rows.append({"query": tokenizer.decode(q[j][q[j] != pad]), "response": texts[j], "gold_score": gold[j] if gold_fn else None,
                          "kl": (logprobs[j] - ref_logprobs[j]).sum().item()})
@@ -1238,7 +1298,7 @@ def check_args(args: Args):
     read_label_file(args.label_dataset, args.label_config, args.label_split)
     texts = load_texts(args.query_dataset, args.query_split)
     if args.gold_labeler == "tldr_judge" and isinstance(texts[0], str):
-        fail(f"--gold_labeler tldr_judge needs TL;DR posts with reference summaries; --query_dataset {args.query_dataset} holds texts")
+        fail(f"--gold_labeler tldr_judge judges summaries of TL;DR posts; --query_dataset {args.query_dataset} holds texts")
     return texts
 
 
@@ -1403,7 +1463,7 @@ def train(args: Args) -> Path:
 
 def summarize(metrics_path: Path, wall_s: float) -> dict:
     """Headline figures of a DPO run: training accuracy and margin over the last tenth of updates, the held-out pairs'
-    accuracy after training, and the fresh samples' KL, reward and gold score before and after training."""
+    accuracy after training, and the fresh samples' KL, reward, gold score (and TL;DR ROUGE-L) before and after training."""
     metrics = [json.loads(line) for line in open(metrics_path)]
     updates, evals = [m for m in metrics if "loss/dpo" in m], [m for m in metrics if "objective/kl" in m]
     tenth = updates[-max(1, len(updates) // 10) :]
@@ -1412,7 +1472,7 @@ def summarize(metrics_path: Path, wall_s: float) -> dict:
         summary[f"{key}/last_tenth"] = sum(m[key] for m in tenth) / len(tenth)
     if "test/rewards/accuracy" in evals[-1]:
         summary["test/rewards/accuracy"] = evals[-1]["test/rewards/accuracy"]
-    for key in ("objective/kl", "objective/scores", "objective/gold_score"):
+    for key in ("objective/kl", "objective/scores", "objective/gold_score", "eval/rougeL"):
         if key in evals[-1]:
             summary[f"{key}/before"], summary[f"{key}/after"] = evals[0][key], evals[-1][key]
     summary["wall_s"] = wall_s

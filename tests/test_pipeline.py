@@ -189,16 +189,19 @@ def test_preset_word_picks_values_and_flags_still_override(tmp_path):
 
 
 def top_level_sources(path: Path) -> dict:
-    """name -> (source, the script it says it was copied from, or None) of every top-level function and class."""
+    """name -> (source, the script it says it was copied from, or None) of every top-level function and class, and of
+    every top-level constant that is marked as a copy."""
     source = path.read_text()
     tree = ast.parse(source)
     lines = source.splitlines()
     out = {}
     for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            start = (node.decorator_list[0].lineno if node.decorator_list else node.lineno) - 1
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Assign)):
+            start = (node.decorator_list[0].lineno if getattr(node, "decorator_list", None) else node.lineno) - 1
             marker = re.fullmatch(r"# Copied from (train_\w+\.py)", lines[start - 1].strip())
-            out[node.name] = ("\n".join(lines[start : node.end_lineno]), marker and marker.group(1))
+            name = node.targets[0].id if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) else getattr(node, "name", None)
+            if name and (not isinstance(node, ast.Assign) or marker or path.name in ("train_policy.py", "train_reward.py")):
+                out[name] = ("\n".join(lines[start : node.end_lineno]), marker and marker.group(1))
     return out
 
 
@@ -211,7 +214,7 @@ def test_copies_of_helpers_are_identical_to_their_originals():
                 assert source == originals[origin][name][0], f"{script}: {name} differs from {origin}"
                 assert not originals[origin][name][1], f"{script}: {name} is copied from a copy"
                 n += 1
-            else:
+            elif not name.isupper():  # constants (PRESETS, FLAG_PREFIX, ...) may differ; a marked one may not
                 assert name not in originals["train_policy.py"] or name in ("train", "Args", "check_args", "summarize", "print_samples"), \
                     f"{script}: {name} is a copy without its marker"
     assert n >= 60

@@ -112,17 +112,52 @@ def test_critic_is_initialised_from_the_reward_model_and_trains_apart_from_the_p
     assert policy.critic.lm is not policy.lm and policy.critic.lm is not reward_model.lm  # its own transformer
 
 
-def test_rouge_and_the_twin_judge_on_hand_examples():
+def test_rouge_on_hand_examples():
     r = tp.rouge(["the cat sat on the mat", "a dog ran"], ["the cat sat on the mat", "the cat sat"])
     assert r[0] == pytest.approx({"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}) and r[1]["rouge1"] == 0.0
     partial = tp.rouge(["the cat ran away"], ["the cat sat down"])[0]
     assert partial["rouge1"] == pytest.approx(0.5) and partial["rouge2"] == pytest.approx(1 / 3)
-    # judge: ROUGE-L F1, minus JUDGE_LENGTH_PENALTY per reference length of excess words
-    ref = "the cat sat on the mat"
-    same, longer = tp.tldr_judge([ref, ref + " " + ref], [ref, ref])
-    assert same == pytest.approx(1.0)
-    rl = tp.rouge([ref + " " + ref], [ref])[0]["rougeL"]
-    assert longer == pytest.approx(rl - tp.JUDGE_LENGTH_PENALTY * 1.0)
+
+
+POST = ("Mia found a stray kitten in the rain. She carried the kitten home out of the rain, dried the kitten and named it Pebble. "
+        "Pebble slept by the fire.")
+TITLE = "A kitten in the storm"
+
+
+def test_content_words_drop_stop_words_and_short_words_and_stem():
+    assert tp.content_words("She carried the kittens home; it was raining.") == ["carri", "kitten", "home", "rain"]
+    assert tp.content_words("twinkle twinkled twinkling Sarah's") == ["twinkl"] * 3 + ["sarah"]
+
+
+def test_the_twin_judge_on_hand_examples():
+    # the post's key words: content words used at least twice, most frequent first: kitten (3), rain (2), pebbl (2)
+    j = tp.judge_summary(POST, "Mia found a kitten in the rain and named it Pebble.")
+    # content words mia, found, kitten, rain, name, pebbl: all in the post; all three key words covered
+    assert j == pytest.approx(dict(score=1.0, faithful=1.0, coverage=1.0, repeated=0.0, words=11))
+    j = tp.judge_summary(POST, "A kitten danced on the moon.")
+    # kitten is in the post, danc and moon are not: faithful 1/3; coverage: kitten only, 1/3
+    assert j["faithful"] == pytest.approx(1 / 3) and j["coverage"] == pytest.approx(1 / 3) and j["score"] == pytest.approx(1 / 3)
+    # the title is no source: "storm" is only in it
+    assert tp.judge_summary(POST, "stray storm")["faithful"] == 0.5
+    # repetition: 9 bigrams of which 4 repeat an earlier one; the key words covered: kitten and rain of 3
+    j = tp.judge_summary(POST, "the kitten in the rain the kitten in the rain")
+    assert j["repeated"] == pytest.approx(4 / 9) and j["score"] == pytest.approx((1 + 2 / 3) / 2 - 4 / 9)
+    # concision: 0.02 off per word past 30
+    long = "Mia found a kitten in the rain and named it Pebble " + " ".join("x" + chr(97 + i) for i in range(25))  # xa .. xy
+    j = tp.judge_summary(POST, long)
+    assert j["words"] == 36 and j["score"] == pytest.approx(1.0 - 0.02 * 6)
+    assert tp.judge_summary(POST, "")["score"] == 0.0  # nothing said, nothing right
+    # a post without a word used twice: coverage is the faithfulness
+    assert tp.judge_summary("One cat sat.", "cat")["coverage"] == 1.0
+
+
+def test_tldr_judge_reads_the_post_from_the_query_and_needs_no_reference(tok):
+    query = tok.decode(tp.format_tldr_query({"subreddit": "pets", "title": TITLE, "post": POST}, tok, 160), skip_special_tokens=True)
+    assert tp.query_post(query) == POST
+    summary = "Mia named the kitten Pebble."
+    assert tp.tldr_judge([summary], [query]) == [tp.judge_summary(POST, summary)["score"]]
+    with pytest.raises(ValueError, match="not a TL;DR query"):
+        tp.tldr_judge([summary], ["Once upon a time"])
     assert tp.gold_scorer("tldr_judge") is tp.tldr_judge and tp.gold_scorer("none") is None
 
 
@@ -139,7 +174,8 @@ def test_evaluate_reports_rouge_win_rate_and_gold_on_held_out_posts(tiny, tok):
     assert len(texts) == 8 and set(metrics) >= {"eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/win_rate", "eval/gold_score"}
     ref_texts = tok.batch_decode([r[r != tok.pad_token_id] for r in references], skip_special_tokens=True)
     assert metrics["eval/rougeL"] == pytest.approx(sum(r["rougeL"] for r in tp.rouge(texts, ref_texts)) / 8)
-    assert metrics["eval/gold_score"] == pytest.approx(sum(tp.tldr_judge(texts, ref_texts)) / 8)
+    query_texts = tok.batch_decode([q[q != tok.pad_token_id] for q in queries])
+    assert metrics["eval/gold_score"] == pytest.approx(sum(tp.tldr_judge(texts, query_texts)) / 8)
     assert 0.0 <= metrics["eval/win_rate"] <= 1.0
 
 
@@ -165,3 +201,17 @@ def test_ppo_on_tldr_posts_with_sfd_details_runs_end_to_end(tiny, tmp_path):
     r = run_script([sys.executable, "train_policy.py", "--reward_model", str(folder / "reward_model"), "--reference_baseline",
                     "--run_root", str(tmp_path / "no")])
     assert r.returncode == 2 and "--reference_baseline needs TL;DR queries" in r.stderr
+
+
+def test_best_of_n_on_tldr_posts_cuts_at_eos_and_reports_the_judge(tiny, tmp_path):
+    folder, _ = tiny
+    out = tmp_path / "bon.json"
+    r = run_script([sys.executable, "benchmark/best_of_n.py", "--reward_model", str(folder / "reward_model"), "--base_model", str(folder / "base"),
+                    "--query_dataset", str(TLDR), "--query_length", "160", "--response_length", "8", "--truncate_token", "eos",
+                    "--gold_labeler", "tldr_judge", "--num_queries", "4", "--max_n", "4", "--batch_size", "8", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["n"] for row in rows] == [1, 2, 4]
+    assert all(row["gold"] <= 1 for row in rows) and all(a["proxy"] <= b["proxy"] + 1e-6 for a, b in zip(rows, rows[1:]))
+    # a random 1-layer model rarely samples EOS within 8 tokens: those samples get the penalty, -1, as PPO's rollouts do
+    assert rows[0]["proxy"] < -0.5
