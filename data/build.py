@@ -461,70 +461,108 @@ def stage_tldr_posts(force: bool = False):
 
 
 TWIN_SFT_MODEL = CACHE / "tldr_sft"  # the SFT model whose samples the comparisons compare (not committed)
+TWIN_SAMPLES = CACHE / "tldr_samples.jsonl"  # its samples, a batch of posts per line, so that the stage resumes
 COMPARISONS = TLDR / "comparisons.jsonl.gz"
+TWIN_SAMPLES_PER_POST = 4
 
 
 def comparison(post: dict, texts: list, policies: list, scores: list, split: str, batch: str) -> dict:
     """One record of OpenAI's summarize-from-feedback comparisons, the twin's judge as the worker: `choice` is the summary
-    with the higher judge score, `extra.confidence` (1-9) grows with the score gap."""
+    with the higher judge score, `extra.confidence` (1-9) grows with the score gap, 0.1 per step (the median gap of the
+    compared pairs is 0.4)."""
     gap = abs(scores[0] - scores[1])
     return {"info": {k: post[k] for k in ("id", "post", "title", "subreddit")},
             "summaries": [{"text": " " + t, "policy": p, "note": None} for t, p in zip(texts, policies)],
             "choice": int(scores[1] > scores[0]), "worker": "tldr_judge", "batch": batch, "split": split,
-            "extra": {"confidence": min(9, 1 + int(gap * 20))}}
+            "extra": {"confidence": min(9, 1 + int(gap / 0.1))}}
 
 
-def stage_tldr_labels(seed: int = 0, force: bool = False, batch_size: int = 128):
-    """Train the twin's SFT model (python train_sft.py tldr_twin), sample 4 summaries of every train and validation post
-    from it (temperature 0.7, cut after the first EOS), and write comparisons: the judge's best against its worst of the
-    four for every post (labelers are shown distinct candidates), and a middle one against a baseline policy, as
-    OpenAI's comparisons also pit samples against baselines: the reference summary for every second post, the lead (the
-    post's first sentence) for the others. The judge chooses; ties are skipped. Train pairs come first (shuffled), then
-    validation pairs ("split": "valid1"), so --num_test takes held-out labels from the end."""
+def twin_samples(split: str, posts: list, seed: int, batch_size: int) -> dict:
+    """id -> TWIN_SAMPLES_PER_POST summaries of every post of the split by the twin SFT model (temperature 0.7, 48 tokens,
+    cut after the first EOS). Each batch of posts is drawn from its own seed and appended to TWIN_SAMPLES as it is done:
+    a stopped stage resumes at the first missing batch and writes the same samples as an uninterrupted one."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    sys.path.insert(0, str(ROOT))
     import train_policy as tp
     import train_sft
+
+    done = {}
+    if TWIN_SAMPLES.exists():
+        for line in open(TWIN_SAMPLES):
+            row = json.loads(line)
+            done[(row["split"], row["batch"])] = row["samples"]
+    sft = train_sft.PRESETS["tldr_twin"]
+    model, tokenizer = tp.prepare_lm(AutoModelForCausalLM.from_pretrained(TWIN_SFT_MODEL).eval(), AutoTokenizer.from_pretrained(TWIN_SFT_MODEL))
+    sampler, pad, eos = tp.Sampler(model, tokenizer.pad_token_id, 0.7), tokenizer.pad_token_id, tokenizer.eos_token_id
+    start, out = time.time(), {}
+    with open(TWIN_SAMPLES, "a") as f:
+        for b, b0 in enumerate(range(0, len(posts), batch_size)):
+            batch = posts[b0 : b0 + batch_size]
+            if (split, b) not in done:
+                torch.manual_seed(seed * 1_000_003 + b + (0 if split == "train" else 500_000))
+                queries = torch.tensor([tp.format_tldr_query(p, tokenizer, sft["query_length"]) for p in batch])
+                samples = []
+                with torch.no_grad():
+                    for _ in range(TWIN_SAMPLES_PER_POST):
+                        responses = tp.truncate_responses(sampler(queries, sft["response_length"])[0], eos, 0, pad)
+                        texts = tokenizer.batch_decode([r[r != pad] for r in responses], skip_special_tokens=True)
+                        samples.append([t.strip() for t in texts])
+                done[(split, b)] = {p["id"]: [samples[k][i] for k in range(TWIN_SAMPLES_PER_POST)] for i, p in enumerate(batch)}
+                f.write(json.dumps({"split": split, "batch": b, "samples": done[(split, b)]}) + "\n")
+                f.flush()
+                print(f"[tldr_labels] {split}: {b0 + len(batch)}/{len(posts)} posts sampled, {time.time() - start:.0f}s", flush=True)
+            out.update(done[(split, b)])
+    return out
+
+
+def twin_pairs(scores: list, k: int, n: int) -> list:
+    """(a, b, batch) index pairs to compare for the n-th post, given the judge's scores of its k samples, its reference
+    summary (index k) and its lead (k + 1): the best sample against the worst, and on every second post a middle sample
+    against the reference (posts 0, 4, 8, ...) or the lead (posts 2, 6, 10, ...)."""
+    ranked = sorted(range(k), key=lambda i: scores[i])  # worst .. best of the samples
+    pairs = [(ranked[-1], ranked[0], "twin_samples")]
+    if n % 2 == 0:
+        pairs.append((ranked[1], k, "twin_reference") if n % 4 == 0 else (ranked[2], k + 1, "twin_lead"))
+    return pairs
+
+
+def stage_tldr_labels(seed: int = 0, force: bool = False, batch_size: int = 128):
+    """Train the twin's SFT model (python train_sft.py tldr_twin), sample TWIN_SAMPLES_PER_POST summaries of every train
+    and validation post from it, and have the judge (train_policy.judge_summary, which reads the post and the summary)
+    compare them, as OpenAI's labelers compared summaries of the policies they were training: for every post
+    the best sample against the worst (the pairs PPO needs its reward model to rank), and for every second post a
+    middle sample against a baseline policy, as OpenAI's comparisons also pit samples against baselines: the reference
+    summary or the lead (the post's first sentence), in turn. Ties and empty summaries are skipped. Train pairs come
+    first (shuffled), then the validation pairs ("split": "valid1"), so --num_test takes held-out labels from the end."""
+    sys.path.insert(0, str(ROOT))
+    import train_policy as tp
 
     if COMPARISONS.exists() and not force:
         print(f"[tldr_labels] {COMPARISONS} exists")
         return
-    sft = train_sft.PRESETS["tldr_twin"]
+    if force:
+        TWIN_SAMPLES.unlink(missing_ok=True)
     if not (TWIN_SFT_MODEL / "model.safetensors").exists() or force:
         cmd = [sys.executable, str(ROOT / "train_sft.py"), "tldr_twin", "--output_dir", str(TWIN_SFT_MODEL), "--run_root", str(CACHE / "runs")]
         print("[tldr_labels] " + " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
-    tokenizer = AutoTokenizer.from_pretrained(TWIN_SFT_MODEL)
-    model = AutoModelForCausalLM.from_pretrained(TWIN_SFT_MODEL).eval()
-    sampler, pad, eos = tp.Sampler(model, tokenizer.pad_token_id, 0.7), tokenizer.pad_token_id, tokenizer.eos_token_id
-    torch.manual_seed(seed)
-    rng, records, ties, start = random.Random(seed), {"train": [], "valid1": []}, 0, time.time()
+        TWIN_SAMPLES.unlink(missing_ok=True)  # samples of an earlier SFT model
+    rng, records, ties = random.Random(seed), {"train": [], "valid1": []}, 0
     for split, name in (("train", "train"), ("validation", "valid1")):
         posts = [json.loads(line) for line in gzip.open(TLDR / f"{split}.jsonl.gz", "rt", encoding="utf-8")]
-        for b0 in range(0, len(posts), batch_size):
-            batch = posts[b0 : b0 + batch_size]
-            queries = torch.tensor([tp.format_tldr_query(p, tokenizer, sft["query_length"]) for p in batch])
-            samples = []
-            with torch.no_grad():
-                for _ in range(4):
-                    responses = tp.truncate_responses(sampler(queries, sft["response_length"])[0], eos, 0, pad)
-                    samples.append(tokenizer.batch_decode([r[r != pad] for r in responses], skip_special_tokens=True))
-            for i, post in enumerate(batch):
-                # four SFT samples, then the two baselines: the reference summary and the lead (the post's first sentence)
-                texts = [samples[k][i].strip() for k in range(4)] + [post["summary"], first_sentence(post["post"])]
-                policies = ["twin_sft_t0.7"] * 4 + ["reference", "lead"]
-                scores = tp.tldr_judge(texts, [post["summary"]] * 6)
-                ranked = sorted(range(4), key=lambda k: scores[k])  # worst .. best of the four samples
-                other = (ranked[1], 4, "twin_reference") if (b0 + i) % 2 == 0 else (ranked[2], 5, "twin_lead")
-                for a, b, kind in [(ranked[-1], ranked[0], "twin_samples"), other]:
-                    if scores[a] == scores[b] or not texts[a] or not texts[b]:
-                        ties += 1
-                        continue
-                    records[name].append(comparison(post, [texts[a], texts[b]], [policies[a], policies[b]], [scores[a], scores[b]], name, kind))
-            print(f"[tldr_labels] {split}: {b0 + len(batch)}/{len(posts)} posts, {len(records[name])} comparisons, "
-                  f"{time.time() - start:.0f}s", flush=True)
+        samples = twin_samples(split, posts, seed, batch_size)
+        for n, post in enumerate(posts):
+            # the samples, then the two baselines: the reference summary and the lead (the post's first sentence)
+            texts = samples[post["id"]] + [post["summary"], first_sentence(post["post"])]
+            k = TWIN_SAMPLES_PER_POST
+            policies = ["twin_sft_t0.7"] * k + ["reference", "lead"]
+            scores = [tp.judge_summary(post["post"], t)["score"] for t in texts]
+            for a, b, kind in twin_pairs(scores, k, n):
+                if scores[a] == scores[b] or not texts[a] or not texts[b]:
+                    ties += 1
+                    continue
+                records[name].append(comparison(post, [texts[a], texts[b]], [policies[a], policies[b]], [scores[a], scores[b]], name, kind))
     rng.shuffle(records["train"])
     with gzip.open(COMPARISONS, "wt", encoding="utf-8", compresslevel=9) as f:
         f.writelines(json.dumps(r) + "\n" for r in records["train"] + records["valid1"])
