@@ -182,9 +182,9 @@ PRESETS["tldr"] = dict(
 # the summarization twin: the judge's comparisons of the twin's SFT samples (data/tldr/comparisons.jsonl.gz), as SFD trains
 PRESETS["tldr_twin"] = dict(
     exp_name="reward", base_model="runs/tldr_twin/sft_model", label_dataset="data/tldr/comparisons.jsonl.gz",
-    num_train=2048, num_test=512, query_length=160, response_length=48, query_dataset="data/tldr/train.jsonl.gz",
-    batch_size=16, local_micro_batch_size=16, lr=1e-4, lr_schedule="cosine", optimizer="adamw", normalize_before=False,
-    normalize_after=False, normalize_samples=512, rollout_batch_size=64, reference_bias=True, eval_every=64,
+    num_train=3072, num_test=685, query_length=160, response_length=48, query_dataset="data/tldr/train.jsonl.gz",
+    batch_size=16, local_micro_batch_size=16, lr=3e-4, lr_schedule="cosine", optimizer="adamw", normalize_before=False,
+    normalize_after=False, normalize_samples=512, rollout_batch_size=64, reference_bias=True, eval_every=192,
 )
 
 
@@ -1302,14 +1302,16 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
 
 
 def summarize(metrics_path: Path, wall_s: float) -> dict:
-    """Headline figures of a reward run: held-out accuracy before and after training, training accuracy over the last
-    tenth of updates, the normalization, wall time (every resumed part summed)."""
+    """Headline figures of a reward run: held-out accuracy before and after training (after training also by the labels'
+    batch, where they name one: the twin's sample-vs-sample, -reference and -lead comparisons), training accuracy over
+    the last tenth of updates, the normalization, wall time (every resumed part summed)."""
     metrics = [json.loads(line) for line in open(metrics_path)]
     updates, tests = [m for m in metrics if "train/loss" in m], [m for m in metrics if "test/accuracy" in m]
     tenth = updates[-max(1, len(updates) // 10) :]
     summary = {"labels": updates[-1]["label"]}
     if tests:
         summary["test/accuracy/before"], summary["test/accuracy/after"] = tests[0]["test/accuracy"], tests[-1]["test/accuracy"]
+        summary.update({k: v for k, v in tests[-1].items() if k.startswith("test/accuracy/batch/")})
     summary["train/accuracy/last_tenth"] = sum(m["train/accuracy"] for m in tenth) / len(tenth)
     summary.update({k: v for k, v in metrics[-1].items() if k.startswith(("reward/", "normalize/"))})
     summary["wall_s"] = wall_s

@@ -167,11 +167,13 @@ PRESETS = {
         local_micro_batch_size=16, lr=3e-6, warmup_steps=0, lr_schedule="cosine", weight_decay=0.01, max_grad_norm=float("inf"),
         num_eval=512, eval_temperature=0.01,
     ),
-    # the summarization twin (data/tldr/, made by data/build.py): the nano model fine-tuned on post -> reference summary
+    # the summarization twin (data/tldr/, made by data/build.py): the nano model fine-tuned on post -> reference summary,
+    # one epoch in 240 updates of 16 at lr 2e-3 (at 120 updates of 32 and lr 5e-4 its samples scored 0.03 by the judge and
+    # ROUGE-L 0.220, here 0.06 and 0.234, in the same time)
     "tldr_twin": dict(
         exp_name="sft_tldr_twin", task="tldr", base_model="data/nano", output_dir="runs/tldr_twin/sft_model",
-        dataset="data/tldr/train.jsonl.gz", query_length=160, response_length=48, total_steps=120, batch_size=32,
-        local_micro_batch_size=16, lr=5e-4, warmup_steps=10, lr_schedule="cosine", eval_every=40, num_eval=256,
+        dataset="data/tldr/train.jsonl.gz", query_length=160, response_length=48, total_steps=240, batch_size=16,
+        local_micro_batch_size=16, lr=2e-3, warmup_steps=10, lr_schedule="cosine", eval_every=80, num_eval=256,
         eval_temperature=0.7,  # as train_policy.py's tldr_twin evaluation: the nano model loops when decoding near-greedily
     ),
 }
