@@ -1,11 +1,14 @@
 """Best-of-n with a learned reward: for each query, n samples of the initial policy at the task's temperature, and the
 one the reward model scores highest kept. The kept sample's distribution is KL(best-of-n || policy) = log n - (n-1)/n
 away from the policy (Stiennon et al. 2020, appendix G.3; Gao, Schulman & Hilton 2022, section 2.2), so best-of-n
-traces the proxy (learned reward) and gold (VADER, the labeler behind the embedded labels) scores against the distance
-d = sqrt(KL) from the initial policy without any training: the first curve of Gao et al.'s over-optimization picture,
-with their best-of-n form R(d) = d (alpha - beta d) fitted to it.
+traces the proxy (learned reward) and gold (the labeler behind the embedded labels: VADER, or the summarization twin's
+judge) scores against the distance d = sqrt(KL) from the initial policy without any training: the first curve of Gao et
+al.'s over-optimization picture, with their best-of-n form R(d) = d (alpha - beta d) fitted to it.
 
     python benchmark/best_of_n.py --reward_model runs/both__1__<time>/reward/reward_model     # the embedded world
+    python benchmark/best_of_n.py --reward_model runs/tldr_twin__1__<time>/reward/reward_model \
+        --base_model runs/tldr_twin/sft_model --query_dataset data/tldr/validation.jsonl.gz --query_length 160 \
+        --response_length 48 --truncate_token eos --gold_labeler tldr_judge --num_queries 256 --max_n 8   # the twin
 
 Every n is estimated from the same --max_n samples per query: they are cut into max_n / n disjoint groups of n and the
 best of each group is kept, an unbiased estimate of best-of-n that uses every sample (and, since a group of 2n is two
@@ -17,7 +20,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import tyro
@@ -52,8 +55,14 @@ class Args:
     """the largest n, a power of 2; n = 1, 2, 4, ..., max_n are all estimated from these samples"""
     batch_size: int = 256
     """samples drawn and scored per forward pass"""
-    gold_labeler: Literal["vader", "none"] = "vader"
-    """the gold score of the kept samples: VADER (the embedded labels' labeler) or none"""
+    truncate_token: Optional[str] = None
+    """as train_policy.py's: responses are cut after it before they are scored ("eos" for TL;DR: SFD's EOS trick)"""
+    truncate_after: int = 0
+    """as train_policy.py's: the truncate token counts from this response index on"""
+    penalty_reward_value: float = -1.0
+    """as train_policy.py's: the proxy score of a response without the truncate token"""
+    gold_labeler: Literal["vader", "tldr_judge", "none"] = "vader"
+    """the gold score of the kept samples: VADER (the embedded labels' labeler), the summarization twin's judge, or none"""
     seed: int = 1
     """sampling seed"""
     out: str = "benchmark/best_of_n.json"
@@ -101,13 +110,19 @@ def sample_and_score(a: Args) -> tuple:
     torch.manual_seed(a.seed)
     repeated = queries.repeat_interleave(a.max_n, 0)  # (q * max_n, Q): query i's samples are rows i*max_n ...
     proxy, gold = [], []
+    truncate_token = tp.truncate_token_id(a.truncate_token, tokenizer)
     for start in tqdm(range(0, len(repeated), a.batch_size), desc="best-of-n samples"):
         chunk = repeated[start : start + a.batch_size]
         responses = sampler(chunk, a.response_length)[0]  # (b, R)
-        proxy.append(reward_model(torch.cat([chunk, responses], 1), pad))
+        if truncate_token is not None:  # scored as PPO scores its rollouts: cut, and penalized without the token
+            responses = tp.truncate_responses(responses, truncate_token, a.truncate_after, pad)
+        scores = reward_model(torch.cat([chunk, responses], 1), pad)
+        if truncate_token is not None:
+            scores = tp.penalize(scores, responses, truncate_token, a.truncate_after, a.penalty_reward_value)
+        proxy.append(scores)
         if gold_fn is not None:
-            decoded = tokenizer.batch_decode([r[r != pad] for r in responses])
-            gold.append(torch.tensor(gold_fn(decoded, None)))
+            decoded = tokenizer.batch_decode([r[r != pad] for r in responses], skip_special_tokens=truncate_token is not None)
+            gold.append(torch.tensor(gold_fn(decoded, tokenizer.batch_decode([q[q != pad] for q in chunk]))))
     proxy = torch.cat(proxy).view(a.num_queries, a.max_n)
     gold = torch.cat(gold).view(a.num_queries, a.max_n) if gold else torch.full_like(proxy, float("nan"))
     return proxy, gold

@@ -1,9 +1,9 @@
 """Compare summarization policies (base, SFT, PPO, ...) on the same held-out TL;DR posts: ROUGE-1/2/L against the
-reference summaries, the reward model's win rate against the reference and its mean score, the gold judge's score
-(where one exists) and the summaries' length; a table and a PNG.
+reference summaries, the reward model's win rate against the reference and its mean score, the gold judge's score and
+its parts (where one exists: the twin's) and the summaries' length; a table and a PNG.
 
-    python benchmark/evaluate.py --policy base=data/nano --policy sft=runs/tldr_twin/sft_model \\
-        --policy ppo=runs/tldr_twin__1__<time>/policy/policy --reward_model runs/tldr_twin__1__<time>/reward/reward_model \\
+    python benchmark/evaluate.py --policy base=data/nano sft=runs/tldr_twin/sft_model \\
+        ppo=runs/tldr_twin__1__<time>/policy/policy --reward_model runs/tldr_twin__1__<time>/reward/reward_model \\
         --eval_dataset data/tldr/validation.jsonl.gz --out benchmark/tldr_twin_eval.png
 
 Every policy summarizes the same --num_eval posts (the first ones of the shuffle with seed 0, as train_policy.py's
@@ -24,13 +24,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import train_policy as tp  # noqa: E402
 
-METRICS = ["eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/win_rate", "eval/score", "eval/gold_score", "eval/words"]
+METRICS = ["eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/win_rate", "eval/score", "eval/gold_score", "eval/faithful",
+           "eval/coverage", "eval/repeated", "eval/words"]
 
 
 @dataclass
 class Args:
     policy: List[str] = field(default_factory=list)
-    """NAME=MODEL: a policy to evaluate (a model folder, hub id or .gguf), repeatable, in the order of the table"""
+    """NAME=MODEL ...: the policies to evaluate (model folders, hub ids or .gguf files), space-separated, in the order of the table"""
     reward_model: Optional[str] = None
     """reward model folder (train_reward.py's reward_model/) for the win rate and score; None leaves them out"""
     eval_dataset: str = "data/tldr/validation.jsonl.gz"
@@ -69,6 +70,10 @@ def evaluate_policy(model_path: str, reward_model, a: Args, gold_fn) -> tuple:
         for k in ("eval/win_rate", "eval/score", "eval/reference_score"):
             metrics.pop(k)
     metrics["eval/words"] = sum(len(s.split()) for s in summaries) / len(summaries)
+    if gold_fn is tp.tldr_judge:  # the judge's parts, to see what moved its score
+        posts = [tp.query_post(q) for q in tokenizer.batch_decode([q[q != tokenizer.pad_token_id] for q in queries])]
+        parts = [tp.judge_summary(p, s) for p, s in zip(posts, summaries)]
+        metrics.update({f"eval/{k}": sum(x[k] for x in parts) / len(parts) for k in ("faithful", "coverage", "repeated")})
     return metrics, summaries
 
 
