@@ -12,6 +12,7 @@ https://github.com/vwxyzjn/summarize_from_feedback_details/blob/ee77a9abc31f5338
 them with their tests. Tensor shapes: b = episodes on this process, Q = query_length, R = response_length.
 """
 
+import collections
 import copy
 import functools
 import gzip
@@ -935,13 +936,10 @@ def judge_summary(post: str, summary: str, key_words: int = 8, max_words: int = 
     the summary mentions (its faithfulness if no word is used twice); repeated (coherence): the share of the summary's
     word bigrams that repeat an earlier one; score = (faithful + coverage) / 2 - repeat_penalty * repeated -
     length_penalty per word past max_words (concision; SmolLM2's reference summaries: median 25 words, 95% at most 33)."""
-    said = content_words(summary)
-    counts = {}
-    for w in content_words(post):
-        counts[w] = counts.get(w, 0) + 1
+    said, counts = content_words(summary), collections.Counter(content_words(post))
     faithful = sum(w in counts for w in said) / len(said) if said else 0.0
-    keys = [w for w, c in sorted(counts.items(), key=lambda kv: -kv[1])[:key_words] if c >= 2]  # sort is stable: first use breaks ties
-    coverage = sum(w in set(said) for w in keys) / len(keys) if keys else faithful
+    keys = [w for w, c in counts.most_common(key_words) if c >= 2]  # ties: the word used first comes first
+    coverage = len(set(keys) & set(said)) / len(keys) if keys else faithful
     words = re.findall(r"[a-z]+(?:'[a-z]+)?", summary.lower())
     bigrams = list(zip(words, words[1:]))
     repeated = 1 - len(set(bigrams)) / len(bigrams) if bigrams else 0.0

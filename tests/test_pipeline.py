@@ -189,8 +189,8 @@ def test_preset_word_picks_values_and_flags_still_override(tmp_path):
 
 
 def top_level_sources(path: Path) -> dict:
-    """name -> (source, the script it says it was copied from, or None) of every top-level function and class, and of
-    every top-level constant that is marked as a copy."""
+    """name -> (source, the script it says it was copied from, or None) of every top-level function, class and constant
+    (an upper-case name)."""
     source = path.read_text()
     tree = ast.parse(source)
     lines = source.splitlines()
@@ -199,8 +199,8 @@ def top_level_sources(path: Path) -> dict:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Assign)):
             start = (node.decorator_list[0].lineno if getattr(node, "decorator_list", None) else node.lineno) - 1
             marker = re.fullmatch(r"# Copied from (train_\w+\.py)", lines[start - 1].strip())
-            name = node.targets[0].id if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) else getattr(node, "name", None)
-            if name and (not isinstance(node, ast.Assign) or marker or path.name in ("train_policy.py", "train_reward.py")):
+            name = getattr(node.targets[0], "id", "") if isinstance(node, ast.Assign) else node.name
+            if not isinstance(node, ast.Assign) or name.isupper():
                 out[name] = ("\n".join(lines[start : node.end_lineno]), marker and marker.group(1))
     return out
 
