@@ -16,9 +16,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
-import torch
-from accelerate import PartialState
-
 import train_policy
 import train_reward
 
@@ -60,8 +57,8 @@ def train(args: Args) -> Path:
         train_policy.fail("--policy.reward_model is set by train_both.py (use train_policy.py to start from an existing reward model)")
     if args.reward.resume or args.policy.resume:
         train_policy.fail("--reward.resume and --policy.resume are set by train_both.py: use --resume <run folder>")
-    # one folder name on every process: accelerate's process group exists once PartialState is made
-    state = PartialState(cpu=not torch.cuda.is_available())
+    # one folder name on every process: accelerate's process group exists once PartialState is made (gloo on a CPU)
+    state = train_policy.start_processes()
     run_dir = Path(args.resume) if args.resume else train_policy.shared_run_dir(state, args.run_root, args.exp_name, args.policy.seed if args.seed is None else args.seed)
     seeds = {} if args.seed is None else {"seed": args.seed}
     tracks = {"track": True} if args.track else {}

@@ -31,7 +31,7 @@ import signal
 import sys
 import time
 import zlib
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Literal, Optional
@@ -48,6 +48,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig, StaticCache
 from transformers.activations import GELUTanh, NewGELUActivation
+from transformers.integrations import unset_hf_deepspeed_config
 from transformers.pytorch_utils import Conv1D
 
 
@@ -730,8 +731,9 @@ class RewardModel(nn.Module):
         self.head = nn.Linear(d, 1)
         nn.init.normal_(self.head.weight, std=1 / math.sqrt(d + 1))
         nn.init.zeros_(self.head.bias)
-        self.gain = nn.Parameter(torch.ones(()))
-        self.bias = nn.Parameter(torch.zeros(()))
+        # shape (1,), not (): DeepSpeed 0.19.8's ZeRO-3 cannot shard a 0-d parameter (a head file with () loads too)
+        self.gain = nn.Parameter(torch.ones(1))
+        self.bias = nn.Parameter(torch.zeros(1))
 
     def scores(self, tokens: torch.Tensor, pad_token_id: int) -> torch.Tensor:
         """(b, T) fp32 head outputs (gain and bias applied) at every position of (b, T) tokens: the reward at the last
@@ -806,12 +808,12 @@ def saved_lm(lm, lora):
 # Copied from train_policy.py
 class FrozenReference:
     """The frozen initial policy that KL penalties and DPO's log-ratios are measured against: a copy of the policy's
-    model made before training (kept in bf16 under --mixed_precision bf16), or, under LoRA, the policy's own model with
-    its adapters turned off, which is the initial model without a second copy in memory."""
+    model made before training (kept in bf16 under --mixed_precision bf16; sharded under ZeRO-3: place_frozen), or, under
+    LoRA, the policy's own model with its adapters turned off, which is the initial model without a second copy in memory."""
 
-    def __init__(self, lm, lora, device, dtype):
+    def __init__(self, lm, lora, accelerator, dtype):
         self.lora = lora
-        self.lm = lm if lora is not None else copy.deepcopy(lm).eval().requires_grad_(False).to(device, dtype)
+        self.lm = lm if lora is not None else place_frozen(copy.deepcopy(lm), accelerator, dtype)
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, pad_token_id: int, response_length: int) -> torch.Tensor:
@@ -1166,9 +1168,10 @@ def set_rng_state(state: dict, device: torch.device):
 
 
 # Copied from train_policy.py
-def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep: int) -> Path:
+def save_checkpoint(accelerator, model, run_dir: Path, step: int, state: dict, keep: int) -> Path:
     """run_dir/checkpoints/<step>/: state.pt (models, optimizer, counters: the same on every process, written by the
-    main one), rng_<rank>.pt (each process's generators) and metrics.jsonl as it stands. Written into a temporary
+    main one), rng_<rank>.pt (each process's generators), metrics.jsonl as it stands and, under DeepSpeed, deepspeed/
+    (the trained model's engine writes every process's shard of its weights and optimizer state). Written into a temporary
     folder that is then renamed, so a kill during the save leaves the earlier checkpoints whole; the last `keep` stay."""
     root = run_dir / "checkpoints"
     tmp, final = root / f"tmp_{step:08d}", root / f"{step:08d}"
@@ -1177,6 +1180,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep: in
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    if zero_stage(accelerator):
+        model.save_checkpoint(str(tmp / "deepspeed"), tag="engine")
     torch.save(rng_state(accelerator.device), tmp / f"rng_{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         torch.save(state, tmp / "state.pt")
@@ -1226,18 +1231,19 @@ class Checkpoints:
     when SIGTERM or SIGINT asked the run to stop, which it then does, exit status 128 + the signal. `last` is the newest
     (that of a resumed run at first)."""
 
-    def __init__(self, accelerator, run_dir: Path, save_every: int, keep: int, resume_command: str, last: Optional[Path]):
-        self.accelerator, self.run_dir, self.save_every, self.keep = accelerator, run_dir, save_every, keep
+    def __init__(self, accelerator, model, run_dir: Path, save_every: int, keep: int, resume_command: str, last: Optional[Path]):
+        self.accelerator, self.model, self.run_dir, self.save_every, self.keep = accelerator, model, run_dir, save_every, keep
         self.resume_command, self.last, self.stop = resume_command, last, StopRequest()
 
     def after(self, step: int, num_steps: int, state_fn):
         """At the end of update `step` of num_steps; state_fn() builds the state to save, only when one is saved."""
         signum = self.stop.requested(self.accelerator)
         if signum or (self.save_every and step % self.save_every == 0 and step < num_steps):
-            self.last = save_checkpoint(self.accelerator, self.run_dir, step, state_fn(), self.keep)
+            self.last = save_checkpoint(self.accelerator, self.model, self.run_dir, step, state_fn(), self.keep)
         if signum:
+            launch = " (launched as this run was)" if self.accelerator.num_processes > 1 else ""
             print(f"stopped by {signal.Signals(signum).name} after update {step}; checkpoint {self.last}; continue with: "
-                  f"{self.resume_command}", flush=True)
+                  f"{self.resume_command}{launch}", flush=True)
             sys.exit(128 + signum)
 
     def close(self):
@@ -1245,17 +1251,20 @@ class Checkpoints:
 
 
 # Copied from train_policy.py
-def resume_has_work(resume: Optional[str], world: int) -> bool:
+def resume_has_work(resume: Optional[str], world: int, stage: int) -> bool:
     """Whether the run folder given to --resume still has work: not once it finished (summary.json); an error when it ran
-    with another number of processes, since each process has its own random number generators."""
+    with another number of processes (each process has its own random number generators) or another ZeRO stage (0:
+    DDP; each keeps the weights and optimizer state in its own layout): relaunch it with the same accelerate config."""
     if resume is None:
         return True
     if (Path(resume) / "summary.json").is_file():
         print(f"{resume} has finished (summary.json): nothing to resume")
         return False
-    started = json.loads((Path(resume) / "args.json").read_text())["world_size"]
-    if started != world:
-        fail(f"--resume {resume}: the run had {started} process(es), not {world}")
+    started = json.loads((Path(resume) / "args.json").read_text())
+    if started["world_size"] != world:
+        fail(f"--resume {resume}: the run had {started['world_size']} process(es), not {world}")
+    if started.get("zero_stage", 0) != stage:
+        fail(f"--resume {resume}: the run had ZeRO stage {started.get('zero_stage', 0)}, not {stage} (0: plain DDP); launch it as it was launched")
     return True
 
 
@@ -1269,6 +1278,131 @@ def write_summary(run_dir: Path, summary: dict, title: str):
         table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
     Console().print(table)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Past one GPU: plain DDP, or DeepSpeed ZeRO-2/3 when launched with one of configs/zero*.yaml
+# ---------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_policy.py
+def start_processes() -> PartialState:
+    """Join the launch's processes (torchrun or accelerate launch) before anything asks for the world size. Without a GPU
+    they talk over gloo: plain DDP needs cpu=True for that, while under DeepSpeed cpu=True would drop DeepSpeed and
+    accelerate 1.15 leaves the group unset on a machine without a GPU, so the backend is named instead."""
+    if torch.cuda.is_available():
+        return PartialState()
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true":
+        return PartialState(backend="gloo")
+    return PartialState(cpu=True)
+
+
+# Copied from train_policy.py
+def make_accelerator(args, micro_batch_size: int, grad_accum: int, max_grad_norm: float = 0.0, compile: bool = False) -> Accelerator:
+    """The run's Accelerator: DDP, or DeepSpeed ZeRO when the launch's config asks for it. DeepSpeed is handed the
+    script's micro-batch, accumulation and clipping (0: none), so that an optimizer step sees the same gradient under
+    both; left to accelerate, it would clip at 1.0 (as SFD's DeepSpeed runs did). SFD sets the micro-batch the same way:
+    {SFD}/summarize_from_feedback_details/ppo.py#L517-L518. --compile: accelerate compiles the training forward."""
+    start_processes()
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=grad_accum,
+                              dynamo_backend="inductor" if compile else "no")
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        if compile:
+            fail("--compile does not combine with DeepSpeed (its engine wraps the forward that would be compiled); drop one")
+        if args.load_in_4bit and plugin.zero_stage == 3:
+            fail("--load_in_4bit (QLoRA) does not combine with ZeRO-3, which would shard the 4-bit weights; use configs/zero2.yaml")
+        if plugin.zero3_init_flag:
+            fail("zero3_init_flag: true in the accelerate config is not supported: the scripts load whole models, then shard them; set it false")
+        # accelerate registers its DeepSpeed config with transformers whatever zero3_init_flag says, and from_pretrained
+        # would then load models already sharded (zero.Init); unregistered, they load whole and prepare shards them
+        unset_hf_deepspeed_config()
+        # all set anew, for train_both.py's second stage shares the first one's plugin
+        plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=micro_batch_size, gradient_accumulation_steps=grad_accum,
+                                       train_batch_size=micro_batch_size * grad_accum * accelerator.num_processes,
+                                       gradient_clipping=max_grad_norm if math.isfinite(max_grad_norm) else 0.0)
+    return accelerator
+
+
+# Copied from train_policy.py
+def zero_stage(accelerator) -> int:
+    """The ZeRO stage of the run; 0 without DeepSpeed."""
+    plugin = accelerator.state.deepspeed_plugin
+    return 0 if plugin is None else plugin.zero_stage
+
+
+# Copied from train_policy.py
+def place_frozen(model: nn.Module, accelerator, dtype: torch.dtype) -> nn.Module:
+    """A frozen model (the reference, the reward model) ready for forward passes: a whole copy on every process under
+    DDP and ZeRO-2; under ZeRO-3 sharded over the processes by a DeepSpeed inference engine (no optimizer), each forward
+    gathering one layer at a time, with the parameter offload of the launch's config, as SFD's large runs place theirs:
+    {SFD}/summarize_from_feedback_details/ppo.py#L519-L536."""
+    model = model.eval().requires_grad_(False)
+    if zero_stage(accelerator) < 3:
+        return model.to(accelerator.device, dtype)
+    import deepspeed
+
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    offload = config["zero_optimization"].get("offload_param", {"device": "none"})
+    engine, *_ = deepspeed.initialize(model=model, config={
+        "train_micro_batch_size_per_gpu": config["train_micro_batch_size_per_gpu"], "bf16": {"enabled": dtype == torch.bfloat16},
+        "prescale_gradients": False, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1e4, "offload_param": offload}})
+    return engine
+
+
+# Copied from train_policy.py
+@contextmanager
+def full_weights(model, accelerator, edit: bool = False):
+    """Inside, a model prepared by accelerate or a frozen one from place_frozen (any other model, or None, is left as it
+    is) holds every weight whole on every process. Under ZeRO-3 its shards are gathered once (DeepSpeed's
+    GatheredParameters) and the per-layer gather hooks lifted until the end, so that token-by-token sampling runs as fast
+    as an unsharded model (TRL's unwrap_model_for_generation, PR #1483: about 10x), saving sees whole tensors, and
+    processes with unequal shares of held-out data need not run their forwards in lockstep. Every process enters
+    together; the sampler draws exactly response_length tokens everywhere (no stop at EOS), so the ranks decode in step,
+    which is what synced_gpus gives generate(). Yields the bare module (a DeepSpeed engine's own `config` hides the
+    model's). edit=True: weights set inside (the reward model's gain and bias) are kept: scattered back from the main
+    process, and DeepSpeed's fp32 master copy of them refreshed (ZeRO-2 too). Under DDP, nothing."""
+    stage = zero_stage(accelerator)
+    if stage == 3 and type(model).__name__ == "DeepSpeedEngine":
+        import deepspeed
+
+        offload = getattr(model.optimizer, "parameter_offload", model.optimizer)  # a trained engine's, or a frozen one's
+        start_hook = offload.module._forward_pre_hooks[offload.fwd_pre_hook.id]  # on the root: steps the ranks together
+        with deepspeed.zero.GatheredParameters(list(model.module.parameters()), modifier_rank=0 if edit else None):
+            for p in model.module.parameters():
+                p.ds_active_sub_modules.clear()
+            for hook in [offload.fwd_pre_hook, *offload.forward_hooks, *offload.backward_hooks]:
+                hook.remove()
+            offload.forward_hooks, offload.backward_hooks = [], []
+            try:
+                yield accelerator.unwrap_model(model)
+            finally:  # the hooks back, in their order
+                offload.fwd_pre_hook = offload.module.register_forward_pre_hook(start_hook)
+                offload._register_deepspeed_module(offload.module)
+    else:
+        yield model if model is None else accelerator.unwrap_model(model)
+    if edit and stage:
+        model.optimizer.refresh_fp32_params()
+
+
+# Copied from train_policy.py
+def trained_state(accelerator, model, optimizer) -> dict:
+    """The trained model's and optimizer's part of a checkpoint's state.pt: their state dicts (the same on every DDP
+    process); under DeepSpeed nothing, since each process holds only its shard: save_checkpoint has the engine write
+    them (DeepSpeed's own checkpoint, in the checkpoint's deepspeed/ folder)."""
+    if zero_stage(accelerator):
+        return {}
+    return {"model": accelerator.unwrap_model(model, keep_torch_compile=False).state_dict(), "optimizer": optimizer.state_dict()}
+
+
+# Copied from train_policy.py
+def load_trained_state(accelerator, model, optimizer, resumed: dict):
+    """The weights and optimizer state of the checkpoint `resumed` (load_checkpoint) put back into the prepared model."""
+    if zero_stage(accelerator):
+        model.load_checkpoint(str(resumed["path"] / "deepspeed"), tag="engine")
+    else:
+        accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1302,27 +1436,28 @@ def check_args(args: Args):
 
 def train(args: Args) -> Path:
     start_time = time.time()
-    # cpu=True on a machine without a GPU: only then does accelerate join torchrun's processes with gloo
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    world = start_processes().num_processes
     texts = check_args(args)
     grad_accum = args.batch_size // (world * args.local_micro_batch_size)
-    if not resume_has_work(args.resume, world):
+    accelerator = make_accelerator(args, args.local_micro_batch_size, grad_accum)
+    rank, device = accelerator.process_index, accelerator.device
+    if not resume_has_work(args.resume, world, zero_stage(accelerator)):
         return Path(args.resume)
 
     # 1. Models: the policy (under LoRA only its adapters train), the frozen reference (a copy of the initial policy, or
-    #    the policy with its adapters off), and the frozen reward model that only scores the fresh samples.
+    #    the policy with its adapters off), and the frozen reward model that only scores the fresh samples. The frozen
+    #    ones are sharded under ZeRO-3 (place_frozen).
     torch.manual_seed(args.seed)
     lm, tokenizer = prepare_lm(*load_base_model(args.base_model, load_in_4bit=args.load_in_4bit))
     frozen_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
     lora = add_lora(lm, args)
-    reference = FrozenReference(lm, lora, device, frozen_dtype)
+    reference = FrozenReference(lm, lora, accelerator, frozen_dtype)
     reward_model = None
     if args.reward_model is not None:
         reward_model, reward_tokenizer = load_reward_model(args.reward_model)
         if len(reward_tokenizer) != len(tokenizer) or reward_tokenizer.pad_token_id != tokenizer.pad_token_id:
             fail(f"--reward_model {args.reward_model}: its tokenizer ({len(reward_tokenizer)} tokens) differs from --base_model {args.base_model}'s ({len(tokenizer)})")
-        reward_model = reward_model.eval().requires_grad_(False).to(device, frozen_dtype)
+        reward_model = place_frozen(reward_model, accelerator, frozen_dtype)
     pad = tokenizer.pad_token_id
     gold_fn = gold_scorer(args.gold_labeler)
 
@@ -1336,12 +1471,14 @@ def train(args: Args) -> Path:
     order = torch.randperm(len(train_pairs[0]), generator=torch.Generator().manual_seed(args.seed))
     length = args.sample_length or args.response_length
     eval_queries, eval_references = next(query_batches(texts, tokenizer, args.query_length, length, min(args.num_eval, len(texts)), seed=0))
+    num_trained = sum(p.numel() for p in lm.parameters() if p.requires_grad)  # counted before ZeRO-3 shards them
     optimizer = make_optimizer([p for p in lm.parameters() if p.requires_grad], args.optimizer, args.lr, args.eps)
-    policy, optimizer = accelerator.prepare(lm, optimizer)
+    policy, optimizer = accelerator.prepare(lm, optimizer)  # DDP, or a DeepSpeed engine with its ZeRO optimizer
     unwrapped = accelerator.unwrap_model(policy)
     sampler = Sampler(unwrapped, pad, args.temperature)
     test_batches = micro_batches(test_pairs, args.local_micro_batch_size, accelerator)
-    with accelerator.autocast():
+    # ZeRO-3: the reference gathered (under LoRA it is the policy), so that unequal shares of pairs need no lockstep
+    with accelerator.autocast(), full_weights(policy, accelerator), full_weights(reference.lm, accelerator):
         test_ref_logps = [pair_logprobs(reference, q, c, r, args.temperature, pad) for q, c, r in test_batches]
 
     # 3. Run folder, metrics file, wandb. A resumed run takes back the weights, optimizer and metrics of its last
@@ -1349,15 +1486,14 @@ def train(args: Args) -> Path:
     run_dir = Path(args.resume) if args.resume else shared_run_dir(accelerator, args.run_root, args.exp_name, args.seed)
     resumed = load_checkpoint(accelerator, run_dir) if args.resume else None
     if resumed is not None:
-        unwrapped.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
+        load_trained_state(accelerator, policy, optimizer, resumed)
     first_update, samples_log = (resumed["update"], resumed["samples"]) if resumed else (0, [])
     elapsed_before = resumed["elapsed_s"] if resumed else 0.0
     metrics_file, wandb_id = None, resumed["wandb_id"] if resumed else None
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resumed is None:
-            (run_dir / "args.json").write_text(json.dumps({**asdict(args), "world_size": world, "grad_accum": grad_accum, "label_kind": kind[0]}, indent=2))
+            (run_dir / "args.json").write_text(json.dumps({**asdict(args), "world_size": world, "zero_stage": zero_stage(accelerator), "grad_accum": grad_accum, "label_kind": kind[0]}, indent=2))
         metrics_file = open(run_dir / "metrics.jsonl", "a" if resumed else "w")
         if args.track:
             import wandb
@@ -1366,14 +1502,15 @@ def train(args: Args) -> Path:
                                   dir=str(run_dir), id=wandb_id, resume="allow").id
         print(f"run folder {run_dir}; {len(train_pairs[0]):,} training and {len(test_pairs[0]):,} held-out pairs from {kind[0]} labels "
               f"(n = {kind[1]}); {num_updates} updates of {args.batch_size} pairs ({world} process(es) x {grad_accum} micro-batch(es) "
-              f"of {args.local_micro_batch_size}); {sum(p.numel() for p in lm.parameters() if p.requires_grad):,} trained parameters"
+              f"of {args.local_micro_batch_size}); {num_trained:,} trained parameters"
               + (f"; resumed after update {first_update} from {resumed['path']}" if resumed else ""))
 
     def evaluate(update: int) -> dict:
         """Held-out pairs and fresh samples, with the same random draws every time (their own RNG stream), so that what
-        changes is the policy."""
+        changes is the policy. Under ZeRO-3 every model is gathered (full_weights)."""
         policy.eval()
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast():
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast(), \
+                full_weights(policy, accelerator), full_weights(reference.lm, accelerator), full_weights(reward_model, accelerator):
             torch.manual_seed(args.seed + rank * 100003)
             metrics, rows = fresh_samples(sampler, reference, reward_model, eval_queries, eval_references, tokenizer, args, gold_fn, accelerator)
             if len(test_pairs[0]) and update > 0:  # at update 0 the policy is the reference: every implicit reward is 0
@@ -1398,7 +1535,7 @@ def train(args: Args) -> Path:
     #    the reference's log-probs are computed on the fly; lr follows a cosine from lr to 0 (SFD).
     if resumed is not None:
         set_rng_state(resumed["rng"], device)
-    checkpoints = Checkpoints(accelerator, run_dir, args.save_every, args.keep_checkpoints, f"python train_dpo.py --resume {run_dir}",
+    checkpoints = Checkpoints(accelerator, policy, run_dir, args.save_every, args.keep_checkpoints, f"python train_dpo.py --resume {run_dir}",
                               resumed["path"] if resumed else None)
     policy_logits = lambda tokens, pad_id, length: response_logits(policy, tokens, pad_id, length)  # through DDP: gradients sync
     policy.train()
@@ -1414,11 +1551,11 @@ def train(args: Args) -> Path:
         for micro in range(grad_accum):
             idx = ours[micro * args.local_micro_batch_size : (micro + 1) * args.local_micro_batch_size]
             q, c, r = (t[idx].to(device) for t in train_pairs)  # (b, Q), (b, R), (b, R)
-            with accelerator.no_sync(policy) if micro < grad_accum - 1 else nullcontext(), accelerator.autocast():
+            with accelerator.accumulate(policy), accelerator.autocast():  # loss / grad_accum; sync (DeepSpeed: step) at the last
                 ref_chosen, ref_rejected = pair_logprobs(reference, q, c, r, args.temperature, pad)  # no_grad inside
                 loss, micro_stats = dpo_loss(*pair_logprobs(policy_logits, q, c, r, args.temperature, pad), ref_chosen, ref_rejected,
                                              args.beta, args.loss)
-                accelerator.backward(loss / grad_accum)
+                accelerator.backward(loss)
             for k, v in {"loss/dpo": loss.detach(), **micro_stats}.items():
                 stats[k] = stats.get(k, 0) + v.float() / grad_accum
         optimizer.step()
@@ -1440,15 +1577,18 @@ def train(args: Args) -> Path:
         # 6. A NaN or inf stops the run (exit 3); a checkpoint every save_every updates and when SIGTERM or SIGINT came.
         check_finite(metrics, f"update {update + 1}", checkpoints.last)
         checkpoints.after(update + 1, num_updates, lambda: {
-            "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(), "update": update + 1, "samples": samples_log,
+            **trained_state(accelerator, policy, optimizer), "update": update + 1, "samples": samples_log,
             "elapsed_s": elapsed_before + time.time() - start_time, "wandb_id": wandb_id})
     checkpoints.close()
 
-    # 7. Save the policy (adapters merged under LoRA) as a plain model folder, the samples and the summary.
+    # 7. Save the policy (adapters merged under LoRA) as a plain model folder, the samples and the summary. Under ZeRO-3
+    #    every process gathers the weights; the main one writes them.
+    policy_dir = run_dir / "policy"
+    with full_weights(policy, accelerator):
+        if accelerator.is_main_process:
+            saved_lm(unwrapped, lora).save_pretrained(policy_dir)
+            tokenizer.save_pretrained(policy_dir)
     if accelerator.is_main_process:
-        policy_dir = run_dir / "policy"
-        saved_lm(unwrapped, lora).save_pretrained(policy_dir)
-        tokenizer.save_pretrained(policy_dir)
         (run_dir / "samples.json").write_text(json.dumps(samples_log, indent=2))
         metrics_file.close()
         print(f"policy saved to {policy_dir}")

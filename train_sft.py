@@ -27,7 +27,7 @@ import signal
 import sys
 import time
 import zlib
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Literal, Optional
@@ -43,6 +43,7 @@ from rich.table import Table
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig, GPT2Config, GPT2LMHeadModel, StaticCache
 from transformers.activations import GELUTanh, NewGELUActivation
+from transformers.integrations import unset_hf_deepspeed_config
 from transformers.pytorch_utils import Conv1D
 
 
@@ -563,9 +564,10 @@ def set_rng_state(state: dict, device: torch.device):
 
 
 # Copied from train_policy.py
-def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep: int) -> Path:
+def save_checkpoint(accelerator, model, run_dir: Path, step: int, state: dict, keep: int) -> Path:
     """run_dir/checkpoints/<step>/: state.pt (models, optimizer, counters: the same on every process, written by the
-    main one), rng_<rank>.pt (each process's generators) and metrics.jsonl as it stands. Written into a temporary
+    main one), rng_<rank>.pt (each process's generators), metrics.jsonl as it stands and, under DeepSpeed, deepspeed/
+    (the trained model's engine writes every process's shard of its weights and optimizer state). Written into a temporary
     folder that is then renamed, so a kill during the save leaves the earlier checkpoints whole; the last `keep` stay."""
     root = run_dir / "checkpoints"
     tmp, final = root / f"tmp_{step:08d}", root / f"{step:08d}"
@@ -574,6 +576,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep: in
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    if zero_stage(accelerator):
+        model.save_checkpoint(str(tmp / "deepspeed"), tag="engine")
     torch.save(rng_state(accelerator.device), tmp / f"rng_{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         torch.save(state, tmp / "state.pt")
@@ -623,18 +627,19 @@ class Checkpoints:
     when SIGTERM or SIGINT asked the run to stop, which it then does, exit status 128 + the signal. `last` is the newest
     (that of a resumed run at first)."""
 
-    def __init__(self, accelerator, run_dir: Path, save_every: int, keep: int, resume_command: str, last: Optional[Path]):
-        self.accelerator, self.run_dir, self.save_every, self.keep = accelerator, run_dir, save_every, keep
+    def __init__(self, accelerator, model, run_dir: Path, save_every: int, keep: int, resume_command: str, last: Optional[Path]):
+        self.accelerator, self.model, self.run_dir, self.save_every, self.keep = accelerator, model, run_dir, save_every, keep
         self.resume_command, self.last, self.stop = resume_command, last, StopRequest()
 
     def after(self, step: int, num_steps: int, state_fn):
         """At the end of update `step` of num_steps; state_fn() builds the state to save, only when one is saved."""
         signum = self.stop.requested(self.accelerator)
         if signum or (self.save_every and step % self.save_every == 0 and step < num_steps):
-            self.last = save_checkpoint(self.accelerator, self.run_dir, step, state_fn(), self.keep)
+            self.last = save_checkpoint(self.accelerator, self.model, self.run_dir, step, state_fn(), self.keep)
         if signum:
+            launch = " (launched as this run was)" if self.accelerator.num_processes > 1 else ""
             print(f"stopped by {signal.Signals(signum).name} after update {step}; checkpoint {self.last}; continue with: "
-                  f"{self.resume_command}", flush=True)
+                  f"{self.resume_command}{launch}", flush=True)
             sys.exit(128 + signum)
 
     def close(self):
@@ -642,17 +647,20 @@ class Checkpoints:
 
 
 # Copied from train_policy.py
-def resume_has_work(resume: Optional[str], world: int) -> bool:
+def resume_has_work(resume: Optional[str], world: int, stage: int) -> bool:
     """Whether the run folder given to --resume still has work: not once it finished (summary.json); an error when it ran
-    with another number of processes, since each process has its own random number generators."""
+    with another number of processes (each process has its own random number generators) or another ZeRO stage (0:
+    DDP; each keeps the weights and optimizer state in its own layout): relaunch it with the same accelerate config."""
     if resume is None:
         return True
     if (Path(resume) / "summary.json").is_file():
         print(f"{resume} has finished (summary.json): nothing to resume")
         return False
-    started = json.loads((Path(resume) / "args.json").read_text())["world_size"]
-    if started != world:
-        fail(f"--resume {resume}: the run had {started} process(es), not {world}")
+    started = json.loads((Path(resume) / "args.json").read_text())
+    if started["world_size"] != world:
+        fail(f"--resume {resume}: the run had {started['world_size']} process(es), not {world}")
+    if started.get("zero_stage", 0) != stage:
+        fail(f"--resume {resume}: the run had ZeRO stage {started.get('zero_stage', 0)}, not {stage} (0: plain DDP); launch it as it was launched")
     return True
 
 
@@ -669,15 +677,138 @@ def write_summary(run_dir: Path, summary: dict, title: str):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Past one GPU: plain DDP, or DeepSpeed ZeRO-2/3 when launched with one of configs/zero*.yaml
+# ---------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_policy.py
+def start_processes() -> PartialState:
+    """Join the launch's processes (torchrun or accelerate launch) before anything asks for the world size. Without a GPU
+    they talk over gloo: plain DDP needs cpu=True for that, while under DeepSpeed cpu=True would drop DeepSpeed and
+    accelerate 1.15 leaves the group unset on a machine without a GPU, so the backend is named instead."""
+    if torch.cuda.is_available():
+        return PartialState()
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true":
+        return PartialState(backend="gloo")
+    return PartialState(cpu=True)
+
+
+# Copied from train_policy.py
+def make_accelerator(args, micro_batch_size: int, grad_accum: int, max_grad_norm: float = 0.0, compile: bool = False) -> Accelerator:
+    """The run's Accelerator: DDP, or DeepSpeed ZeRO when the launch's config asks for it. DeepSpeed is handed the
+    script's micro-batch, accumulation and clipping (0: none), so that an optimizer step sees the same gradient under
+    both; left to accelerate, it would clip at 1.0 (as SFD's DeepSpeed runs did). SFD sets the micro-batch the same way:
+    {SFD}/summarize_from_feedback_details/ppo.py#L517-L518. --compile: accelerate compiles the training forward."""
+    start_processes()
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=grad_accum,
+                              dynamo_backend="inductor" if compile else "no")
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        if compile:
+            fail("--compile does not combine with DeepSpeed (its engine wraps the forward that would be compiled); drop one")
+        if args.load_in_4bit and plugin.zero_stage == 3:
+            fail("--load_in_4bit (QLoRA) does not combine with ZeRO-3, which would shard the 4-bit weights; use configs/zero2.yaml")
+        if plugin.zero3_init_flag:
+            fail("zero3_init_flag: true in the accelerate config is not supported: the scripts load whole models, then shard them; set it false")
+        # accelerate registers its DeepSpeed config with transformers whatever zero3_init_flag says, and from_pretrained
+        # would then load models already sharded (zero.Init); unregistered, they load whole and prepare shards them
+        unset_hf_deepspeed_config()
+        # all set anew, for train_both.py's second stage shares the first one's plugin
+        plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=micro_batch_size, gradient_accumulation_steps=grad_accum,
+                                       train_batch_size=micro_batch_size * grad_accum * accelerator.num_processes,
+                                       gradient_clipping=max_grad_norm if math.isfinite(max_grad_norm) else 0.0)
+    return accelerator
+
+
+# Copied from train_policy.py
+def zero_stage(accelerator) -> int:
+    """The ZeRO stage of the run; 0 without DeepSpeed."""
+    plugin = accelerator.state.deepspeed_plugin
+    return 0 if plugin is None else plugin.zero_stage
+
+
+# Copied from train_policy.py
+def place_frozen(model: nn.Module, accelerator, dtype: torch.dtype) -> nn.Module:
+    """A frozen model (the reference, the reward model) ready for forward passes: a whole copy on every process under
+    DDP and ZeRO-2; under ZeRO-3 sharded over the processes by a DeepSpeed inference engine (no optimizer), each forward
+    gathering one layer at a time, with the parameter offload of the launch's config, as SFD's large runs place theirs:
+    {SFD}/summarize_from_feedback_details/ppo.py#L519-L536."""
+    model = model.eval().requires_grad_(False)
+    if zero_stage(accelerator) < 3:
+        return model.to(accelerator.device, dtype)
+    import deepspeed
+
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    offload = config["zero_optimization"].get("offload_param", {"device": "none"})
+    engine, *_ = deepspeed.initialize(model=model, config={
+        "train_micro_batch_size_per_gpu": config["train_micro_batch_size_per_gpu"], "bf16": {"enabled": dtype == torch.bfloat16},
+        "prescale_gradients": False, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1e4, "offload_param": offload}})
+    return engine
+
+
+# Copied from train_policy.py
+@contextmanager
+def full_weights(model, accelerator, edit: bool = False):
+    """Inside, a model prepared by accelerate or a frozen one from place_frozen (any other model, or None, is left as it
+    is) holds every weight whole on every process. Under ZeRO-3 its shards are gathered once (DeepSpeed's
+    GatheredParameters) and the per-layer gather hooks lifted until the end, so that token-by-token sampling runs as fast
+    as an unsharded model (TRL's unwrap_model_for_generation, PR #1483: about 10x), saving sees whole tensors, and
+    processes with unequal shares of held-out data need not run their forwards in lockstep. Every process enters
+    together; the sampler draws exactly response_length tokens everywhere (no stop at EOS), so the ranks decode in step,
+    which is what synced_gpus gives generate(). Yields the bare module (a DeepSpeed engine's own `config` hides the
+    model's). edit=True: weights set inside (the reward model's gain and bias) are kept: scattered back from the main
+    process, and DeepSpeed's fp32 master copy of them refreshed (ZeRO-2 too). Under DDP, nothing."""
+    stage = zero_stage(accelerator)
+    if stage == 3 and type(model).__name__ == "DeepSpeedEngine":
+        import deepspeed
+
+        offload = getattr(model.optimizer, "parameter_offload", model.optimizer)  # a trained engine's, or a frozen one's
+        start_hook = offload.module._forward_pre_hooks[offload.fwd_pre_hook.id]  # on the root: steps the ranks together
+        with deepspeed.zero.GatheredParameters(list(model.module.parameters()), modifier_rank=0 if edit else None):
+            for p in model.module.parameters():
+                p.ds_active_sub_modules.clear()
+            for hook in [offload.fwd_pre_hook, *offload.forward_hooks, *offload.backward_hooks]:
+                hook.remove()
+            offload.forward_hooks, offload.backward_hooks = [], []
+            try:
+                yield accelerator.unwrap_model(model)
+            finally:  # the hooks back, in their order
+                offload.fwd_pre_hook = offload.module.register_forward_pre_hook(start_hook)
+                offload._register_deepspeed_module(offload.module)
+    else:
+        yield model if model is None else accelerator.unwrap_model(model)
+    if edit and stage:
+        model.optimizer.refresh_fp32_params()
+
+
+# Copied from train_policy.py
+def trained_state(accelerator, model, optimizer) -> dict:
+    """The trained model's and optimizer's part of a checkpoint's state.pt: their state dicts (the same on every DDP
+    process); under DeepSpeed nothing, since each process holds only its shard: save_checkpoint has the engine write
+    them (DeepSpeed's own checkpoint, in the checkpoint's deepspeed/ folder)."""
+    if zero_stage(accelerator):
+        return {}
+    return {"model": accelerator.unwrap_model(model, keep_torch_compile=False).state_dict(), "optimizer": optimizer.state_dict()}
+
+
+# Copied from train_policy.py
+def load_trained_state(accelerator, model, optimizer, resumed: dict):
+    """The weights and optimizer state of the checkpoint `resumed` (load_checkpoint) put back into the prepared model."""
+    if zero_stage(accelerator):
+        model.load_checkpoint(str(resumed["path"] / "deepspeed"), tag="engine")
+    else:
+        accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------
 
 
 def train(args: Args):
     start_time = time.time()
-    # cpu=True on a machine without a GPU: only then does accelerate join torchrun's processes with gloo
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
-    world = accelerator.num_processes
+    world = start_processes().num_processes
     if args.batch_size % (world * args.local_micro_batch_size):
         fail(f"--batch_size {args.batch_size} is not divisible by --local_micro_batch_size {args.local_micro_batch_size} x {world} processes")
     if args.save_every < 0 or args.keep_checkpoints < 1:
@@ -685,10 +816,12 @@ def train(args: Args):
     check_lora(args)
     if args.load_in_4bit and args.base_model is None:
         fail("--load_in_4bit quantizes a pretrained --base_model; a fresh nano model has nothing to quantize")
-    if not resume_has_work(args.resume, world):
-        return Path(args.resume)
     grad_accum = args.batch_size // (world * args.local_micro_batch_size)
     local_batch_size = args.batch_size // world
+    # gradient clipping at max_grad_norm: by accelerate under DDP, inside the optimizer step under DeepSpeed
+    accelerator = make_accelerator(args, args.local_micro_batch_size, grad_accum, args.max_grad_norm)
+    if not resume_has_work(args.resume, world, zero_stage(accelerator)):
+        return Path(args.resume)
 
     # 1. Model and tokenizer. The seed is the same on every process so that every copy starts identical.
     torch.manual_seed(args.seed)
@@ -724,7 +857,8 @@ def train(args: Args):
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.total_steps, args.lr_schedule))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    num_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)  # counted before ZeRO-3 shards them
+    model, optimizer = accelerator.prepare(model, optimizer)  # DDP, or a DeepSpeed engine (its optimizer keeps the scheduler's groups)
 
     # 4. Run folder, metrics file and (optionally) wandb. Nothing is written before the inputs were checked. A resumed
     #    run takes back the weights, optimizer, schedule, data position and metrics of its last checkpoint; its
@@ -732,22 +866,21 @@ def train(args: Args):
     run_dir = Path(args.resume) if args.resume else shared_run_dir(accelerator, args.run_root, args.exp_name, args.seed)
     resumed = load_checkpoint(accelerator, run_dir) if args.resume else None
     if resumed is not None:
-        accelerator.unwrap_model(model).load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
+        load_trained_state(accelerator, model, optimizer, resumed)
         scheduler.load_state_dict(resumed["scheduler"])
     elapsed_before = resumed["elapsed_s"] if resumed else 0.0
     metrics_file, wandb_id = None, resumed["wandb_id"] if resumed else None
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resumed is None:
-            (run_dir / "args.json").write_text(json.dumps({**asdict(args), "world_size": world, "grad_accum": grad_accum}, indent=2))
+            (run_dir / "args.json").write_text(json.dumps({**asdict(args), "world_size": world, "zero_stage": zero_stage(accelerator), "grad_accum": grad_accum}, indent=2))
         metrics_file = open(run_dir / "metrics.jsonl", "a" if resumed else "w")
         if args.track:
             import wandb
 
             wandb_id = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
                                   dir=str(run_dir), id=wandb_id, resume="allow").id
-        print(f"run folder {run_dir}; {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained parameters; "
+        print(f"run folder {run_dir}; {num_trained:,} trained parameters; "
               f"{len(train_data):,} training and {len(eval_data):,} held-out sequences of {train_data.shape[1]} tokens; "
               f"{world} process(es) x {grad_accum} micro-batch(es) of {args.local_micro_batch_size}"
               + (f"; resumed after step {resumed['step']} from {resumed['path']}" if resumed else ""))
@@ -760,7 +893,8 @@ def train(args: Args):
                 wandb.log(metrics, step=metrics["step"])
 
     # 5. The loop. Every process draws the same permutation of the data (same generator seed) and takes its
-    #    own slice of each global batch; gradients are averaged across processes by DDP at the last micro-batch.
+    #    own slice of each global batch; gradients are averaged across processes by DDP at the last micro-batch
+    #    (accelerator.accumulate divides each loss by grad_accum; under DeepSpeed the engine steps there).
     data_gen = torch.Generator().manual_seed(args.seed)
     order, cursor, epoch = torch.randperm(len(train_data), generator=data_gen), 0, 0
     first_step = 0
@@ -768,7 +902,7 @@ def train(args: Args):
         data_gen.set_state(resumed["data_gen"])
         order, cursor, epoch, first_step = resumed["order"], resumed["cursor"], resumed["epoch"], resumed["step"]
         set_rng_state(resumed["rng"], accelerator.device)
-    checkpoints = Checkpoints(accelerator, run_dir, args.save_every, args.keep_checkpoints, f"python train_sft.py --resume {run_dir}",
+    checkpoints = Checkpoints(accelerator, model, run_dir, args.save_every, args.keep_checkpoints, f"python train_sft.py --resume {run_dir}",
                               resumed["path"] if resumed else None)
     model.train()
     progress = tqdm(range(first_step, args.total_steps), initial=first_step, total=args.total_steps, disable=not accelerator.is_main_process, desc="sft")
@@ -783,9 +917,9 @@ def train(args: Args):
         for micro in range(grad_accum):
             idx = local_idx[micro * args.local_micro_batch_size : (micro + 1) * args.local_micro_batch_size]
             batch = inputs_and_labels(train_data[idx].to(accelerator.device), tokenizer.pad_token_id, query_length)
-            with accelerator.no_sync(model) if micro < grad_accum - 1 else nullcontext():
+            with accelerator.accumulate(model):
                 loss, _ = lm_loss(model, batch)  # mean over the micro-batch's labelled tokens
-                accelerator.backward(loss / grad_accum)
+                accelerator.backward(loss)
             loss_sum += loss.detach().float()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
@@ -800,11 +934,14 @@ def train(args: Args):
             "timing/step_s": step_s, "throughput/tokens_per_s": args.batch_size * train_data.shape[1] / step_s,
         }
         if (step + 1) % args.eval_every == 0 or step + 1 == args.total_steps:
-            metrics["eval/loss"] = heldout_loss(model, eval_data, args, tokenizer.pad_token_id, query_length, accelerator)
+            # ZeRO-3: the weights gathered on every process, so that unequal shards of held-out data (and the main
+            # process sampling alone) need no lockstep
+            with full_weights(model, accelerator) as bare:
+                metrics["eval/loss"] = heldout_loss(bare, eval_data, args, tokenizer.pad_token_id, query_length, accelerator)
+                if args.task == "tldr" and step + 1 == args.total_steps and accelerator.is_main_process:
+                    metrics.update(tldr_rouge(bare, tokenizer, eval_data, args, accelerator.device))
+            model.train()
             metrics["eval/perplexity"] = math.exp(metrics["eval/loss"])
-            if args.task == "tldr" and step + 1 == args.total_steps and accelerator.is_main_process:
-                metrics.update(tldr_rouge(accelerator.unwrap_model(model), tokenizer, eval_data, args, accelerator.device))
-                model.train()
             progress.set_postfix(loss=f"{train_loss:.3f}", eval_ppl=f"{metrics['eval/perplexity']:.1f}")
         else:
             progress.set_postfix(loss=f"{train_loss:.3f}")
@@ -812,26 +949,28 @@ def train(args: Args):
         # a NaN or inf stops the run (exit 3); a checkpoint every save_every steps and when SIGTERM or SIGINT came
         check_finite(metrics, f"step {step + 1}", checkpoints.last)
         checkpoints.after(step + 1, args.total_steps, lambda: {
-            "model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            **trained_state(accelerator, model, optimizer), "scheduler": scheduler.state_dict(),
             "step": step + 1, "data_gen": data_gen.get_state(), "order": order, "cursor": cursor, "epoch": epoch,
             "elapsed_s": elapsed_before + time.time() - start_time, "wandb_id": wandb_id})
     checkpoints.close()
 
-    # 6. Samples continuing held-out prompts, then the checkpoint.
-    unwrapped = accelerator.unwrap_model(model)
+    # 6. Samples continuing held-out prompts, then the model. Under ZeRO-3 every process gathers the weights; the main
+    #    one samples and writes them.
+    with full_weights(model, accelerator) as unwrapped:
+        if accelerator.is_main_process:
+            samples = sample(unwrapped, tokenizer, eval_data, args.query_length if args.task == "tldr" else 0, args, accelerator.device)
+            table = Table(title=f"samples (temperature {args.temperature})", show_lines=True)
+            table.add_column("prompt", max_width=60)
+            table.add_column("continuation", max_width=80)
+            for s in samples:
+                table.add_row(s["prompt"], s["continuation"])
+            Console().print(table)
+            (run_dir / "samples.json").write_text(json.dumps(samples, indent=2))
+            unwrapped = saved_lm(unwrapped, lora)  # adapters merged under LoRA
+            save_model(unwrapped, tokenizer, run_dir / "model")
+            if args.output_dir is not None:
+                save_model(unwrapped, tokenizer, Path(args.output_dir))
     if accelerator.is_main_process:
-        samples = sample(unwrapped, tokenizer, eval_data, args.query_length if args.task == "tldr" else 0, args, accelerator.device)
-        table = Table(title=f"samples (temperature {args.temperature})", show_lines=True)
-        table.add_column("prompt", max_width=60)
-        table.add_column("continuation", max_width=80)
-        for s in samples:
-            table.add_row(s["prompt"], s["continuation"])
-        Console().print(table)
-        (run_dir / "samples.json").write_text(json.dumps(samples, indent=2))
-        unwrapped = saved_lm(unwrapped, lora)  # adapters merged under LoRA
-        save_model(unwrapped, tokenizer, run_dir / "model")
-        if args.output_dir is not None:
-            save_model(unwrapped, tokenizer, Path(args.output_dir))
         metrics_file.close()
         summary = summarize(run_dir / "metrics.jsonl", elapsed_before + time.time() - start_time)
         rouge_scores = "".join(f", {k[5:]} {summary[k]:.3f}" for k in ("eval/rouge1", "eval/rouge2", "eval/rougeL") if k in summary)
