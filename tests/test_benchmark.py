@@ -65,7 +65,20 @@ def test_benchmark_writes_a_slurm_array_with_one_seed_per_task(tmp_path):
     (script,) = tmp_path.glob("sent__*/sent.slurm")
     text = script.read_text()
     assert "#SBATCH --array=0-2" in text and "SEEDS=(1 2 3)" in text
-    assert "train_both.py sentiment --seed $SEED --run_root" in text
+    assert "train_both.py sentiment --seed $SEED --run_root" in text and "#SBATCH --nodes=1" in text
+
+
+def test_benchmark_writes_a_multi_node_slurm_script_with_accelerates_flags(tmp_path):
+    command = "accelerate launch --config_file configs/multinode_zero3.yaml --num_processes 16 train_policy.py tldr"
+    r = run_script([sys.executable, "benchmark/benchmark.py", "--slurm", "--nodes", "2", "--seeds", "1", "--tag", "big",
+                    "--command", command, "--run_root", str(tmp_path)])
+    assert r.returncode == 0, r.stderr
+    text = next(tmp_path.glob("big__*/big.slurm")).read_text()
+    assert "#SBATCH --nodes=2" in text and "srun --nodes=2 --ntasks-per-node=1 bash -c '" in text
+    assert ("accelerate launch --num_machines $SLURM_NNODES --machine_rank $SLURM_NODEID --main_process_ip $MAIN_IP "
+            "--main_process_port 29500 --rdzv_backend c10d --config_file configs/multinode_zero3.yaml") in text
+    r = run_script([sys.executable, "benchmark/benchmark.py", "--nodes", "2", "--command", "python train_policy.py", "--run_root", str(tmp_path)])
+    assert r.returncode == 2 and r.stderr.startswith("error: --nodes")
 
 
 def test_benchmark_runs_each_seed_locally_and_records_it(tmp_path):
