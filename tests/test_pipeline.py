@@ -14,6 +14,7 @@ import train_both
 import train_dpo
 import train_policy
 import train_reward
+import train_rloo
 
 TINY_BOTH = [
     "--reward.num_train", "16", "--reward.num_test", "8", "--reward.batch_size", "8", "--reward.local_micro_batch_size", "4",
@@ -208,7 +209,7 @@ def top_level_sources(path: Path) -> dict:
 def test_copies_of_helpers_are_identical_to_their_originals():
     originals = {name: top_level_sources(ROOT / name) for name in ("train_policy.py", "train_reward.py")}
     n = 0
-    for script in ("train_reward.py", "train_sft.py", "train_dpo.py"):
+    for script in ("train_reward.py", "train_sft.py", "train_dpo.py", "train_rloo.py"):
         for name, (source, origin) in top_level_sources(ROOT / script).items():
             if origin:
                 assert source == originals[origin][name][0], f"{script}: {name} differs from {origin}"
@@ -220,7 +221,7 @@ def test_copies_of_helpers_are_identical_to_their_originals():
     assert n >= 60
 
 
-@pytest.mark.parametrize("module", [train_reward, train_policy, train_both, train_dpo])
+@pytest.mark.parametrize("module", [train_reward, train_policy, train_both, train_dpo, train_rloo])
 def test_every_argument_is_documented_and_read(module):
     script = Path(module.__file__).name
     help_text = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True).stdout

@@ -1,0 +1,122 @@
+"""train_rloo.py: each estimator against a hand computation, the k3 KL estimator, the losses at ratio 1, a tiny run per
+estimator, and a run stopped by SIGTERM and resumed that ends as an uninterrupted one, in one process and in two."""
+
+import json
+import math
+import signal
+import sys
+
+import pytest
+import torch
+from conftest import read_metrics, run_script
+from test_resume import only_run, stable, stopped_midway, weights
+
+import train_rloo as tr
+
+
+def test_rloo_baseline_is_the_mean_of_the_other_samples():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, 4.0, 4.0])
+    # prompt 1: 1 - (2 + 3) / 2, 2 - (1 + 3) / 2, 3 - (1 + 2) / 2; prompt 2: equal rewards, nothing to prefer
+    assert tr.rloo_advantages(rewards, 3).tolist() == [-1.5, 0.0, 1.5, 0.0, 0.0, 0.0]
+    assert tr.rloo_advantages(torch.tensor([0.0, 1.0]), 2).tolist() == [-1.0, 1.0]
+
+
+def test_grpo_normalises_by_the_group_std_and_handles_one_sample_and_equal_rewards():
+    adv = tr.grpo_advantages(torch.tensor([1.0, 3.0, 5.0, 5.0]), 2)
+    assert adv[:2].tolist() == pytest.approx([-1 / (math.sqrt(2) + 1e-4), 1 / (math.sqrt(2) + 1e-4)])  # unbiased std of (1, 3)
+    assert adv[2:].tolist() == [0.0, 0.0]
+    assert tr.grpo_advantages(torch.tensor([0.3, -2.0]), 1).tolist() == [0.0, 0.0]  # k = 1: no group, no advantage, no NaN
+
+
+def test_dr_grpo_keeps_the_scale_and_best_of_n_picks_the_first_best():
+    assert tr.dr_grpo_advantages(torch.tensor([1.0, 3.0, 5.0, 5.0]), 2).tolist() == [-1.0, 1.0, 0.0, 0.0]
+    assert tr.best_of_n_weights(torch.tensor([0.1, 0.5, 0.5, 0.2, -1.0, -3.0]), 3).tolist() == [0, 1, 0, 1, 0, 0]
+
+
+def test_k3_kl_estimator():
+    logp, ref = torch.tensor([-1.0, -0.5]), torch.tensor([-2.0, -0.5])
+    assert tr.k3_kl(logp, ref).tolist() == pytest.approx([math.exp(-1) + 1 - 1, 0.0])
+    # unbiased: its mean under samples of p is KL(p || q)
+    p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.4, 0.4, 0.2])
+    exact = (p * (p / q).log()).sum()
+    assert (p * tr.k3_kl(p.log(), q.log())).sum() == pytest.approx(exact.item(), rel=1e-6)
+
+
+def test_kl_goes_into_the_reward_or_into_the_loss():
+    scores, logp, ref = torch.tensor([1.0, 2.0]), torch.tensor([[-1.0, -1.0], [-2.0, -1.0]]), torch.tensor([[-1.5, -1.0], [-1.0, -1.0]])
+    valid = torch.tensor([[True, True], [True, False]])
+    assert tr.sequence_rewards(scores, logp, ref, valid, "rloo", 0.1).tolist() == pytest.approx([1.0 - 0.05, 2.0 + 0.1])
+    assert tr.sequence_rewards(scores, logp, ref, valid, "grpo", 0.1).tolist() == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("advantage", ["rloo", "grpo", "dr_grpo", "best_of_n"])
+def test_losses_at_the_sampling_policy(advantage):
+    """With the policy still the sampling one (ratio 1) each loss is the advantage-weighted log-likelihood, scaled as its
+    paper scales it; its gradient is -A x grad log pi."""
+    args = tr.Args(advantage=advantage, k=2, beta=0.0)
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, -1.1]])
+    new = old.clone().requires_grad_(True)
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    adv = torch.tensor([1.0, -2.0]) if advantage != "best_of_n" else torch.tensor([0.0, 1.0])
+    loss, stats = tr.policy_loss(new, old, old, adv, valid, args)
+    loss.backward()
+    n = valid.sum(1, keepdim=True).float()
+    expected_grad = {"rloo": -adv[:, None] / 2, "grpo": -adv[:, None] / n / 2, "dr_grpo": -adv[:, None] / 3 / 2,
+                     "best_of_n": -adv[:, None] * 2 / 3 / 2}[advantage] * valid
+    assert torch.allclose(new.grad, expected_grad)
+    assert stats["policy/approxkl"] == 0 and stats.get("policy/clipfrac", 0) == 0
+
+
+def test_rloo_clips_the_sequence_ratio():
+    args = tr.Args(advantage="rloo", cliprange=0.2)
+    old = torch.zeros(1, 2)
+    new = torch.tensor([[0.3, 0.2]])  # sequence ratio e^0.5 = 1.65, beyond 1.2
+    loss, stats = tr.policy_loss(new, old, old, torch.tensor([1.0]), torch.ones(1, 2, dtype=torch.bool), args)
+    assert loss.item() == pytest.approx(-1.2) and stats["policy/clipfrac"] == 1.0
+
+
+TINY_RLOO = ["--total_episodes", "32", "--batch_size", "16", "--k", "4", "--nminibatches", "2", "--local_micro_batch_size", "4",
+             "--noptepochs", "2", "--print_sample_every", "100", "--local_rollout_forward_batch_size", "8"]
+
+
+@pytest.mark.parametrize("advantage", ["rloo", "grpo", "dr_grpo", "best_of_n"])
+def test_tiny_run_per_estimator(advantage, tmp_path, tiny_reward_model):
+    r = run_script([sys.executable, "train_rloo.py", *TINY_RLOO, "--advantage", advantage, "--reward_model", str(tiny_reward_model),
+                    "--run_root", str(tmp_path)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = read_metrics(tmp_path)
+    assert len(metrics) == 2
+    for key in ("objective/kl", "objective/scores", "objective/gold_score", "objective/entropy", "loss/policy", "objective/advantage_std"):
+        assert math.isfinite(metrics[0][key]), key
+    assert metrics[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # the policy starts as the reference
+    if advantage in ("grpo", "dr_grpo"):
+        assert "policy/k3_kl" in metrics[0]
+    run_dir = only_run(tmp_path)
+    assert (run_dir / "policy" / "model.safetensors").is_file() and json.loads((run_dir / "summary.json").read_text())["updates"] == 2
+
+
+def test_rloo_needs_two_samples_per_prompt_and_whole_prompts_per_process(tmp_path, tiny_reward_model):
+    r = run_script([sys.executable, "train_rloo.py", "--k", "1", "--reward_model", str(tiny_reward_model), "--run_root", str(tmp_path)])
+    assert r.returncode == 2 and "--k 1" in r.stderr and "Traceback" not in r.stderr
+    r = run_script([sys.executable, "train_rloo.py", "--k", "3", "--reward_model", str(tiny_reward_model), "--run_root", str(tmp_path)])
+    assert r.returncode == 2 and "not divisible by --k 3" in r.stderr and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_stopped_and_resumed_run_ends_as_uninterrupted(processes, tmp_path, tiny_reward_model):
+    head = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                                    "--master_port", "29561"]
+    cmd = [*head, "train_rloo.py", *TINY_RLOO, "--total_episodes", "128", "--save_every", "2", "--advantage", "grpo",
+           "--reward_model", str(tiny_reward_model)]
+    whole = run_script([*cmd, "--run_root", str(tmp_path / "whole")])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    stopped = stopped_midway([*cmd, "--run_root", str(tmp_path / "parts")], tmp_path / "parts", "metrics.jsonl", after_lines=4)
+    assert "stopped by SIGTERM" in stopped.stdout, stopped.stderr[-3000:]
+    if processes == 1:
+        assert stopped.returncode == 128 + signal.SIGTERM
+    run_dir = only_run(tmp_path / "parts")
+    resumed = run_script([*head, "train_rloo.py", "--resume", str(run_dir)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = only_run(tmp_path / "whole")
+    assert stable(a / "metrics.jsonl") == stable(run_dir / "metrics.jsonl")
+    assert weights(a / "policy") == weights(run_dir / "policy")
