@@ -73,7 +73,7 @@ def reward_model_folder(tmp_path_factory) -> Path:
 
 # Per script: its tiny arguments, the saved model's folder and how to run it. DPO runs under LoRA (its reference is then
 # the policy with the adapters off, inside the sharded engine); PPO has a separate reference and reward model, each an
-# inference engine at ZeRO-3; the reward model sets its gain and bias by hand (normalization); SFT clips its gradients.
+# inference engine at ZeRO-3 (and train_rloo.py's GRPO the same way); the reward model sets its gain and bias by hand (normalization); SFT clips its gradients.
 SCRIPTS = {
     "policy": (["train_policy.py", "--total_episodes", "32", "--batch_size", "16", "--nminibatches", "1", "--local_micro_batch_size", "4",
                 "--noptepochs", "2", "--print_sample_every", "100"], "policy", lm_outputs),
@@ -81,6 +81,8 @@ SCRIPTS = {
                 "--normalize_samples", "16", "--rollout_batch_size", "16", "--eval_every", "1"], "reward_model", reward_outputs),
     "dpo": (["train_dpo.py", "--num_train", "32", "--num_test", "6", "--batch_size", "16", "--local_micro_batch_size", "4", "--num_eval", "6",
              "--eval_every", "1", "--local_rollout_forward_batch_size", "8", "--lora_r", "4"], "policy", lm_outputs),
+    "rloo": (["train_rloo.py", "--total_episodes", "32", "--batch_size", "16", "--k", "4", "--nminibatches", "2", "--local_micro_batch_size", "4",
+              "--advantage", "grpo", "--print_sample_every", "100"], "policy", lm_outputs),
     "sft": (["train_sft.py", *TINY, "--total_steps", "3", "--batch_size", "8", "--local_micro_batch_size", "2", "--max_grad_norm", "0.5"],
             "model", lm_outputs),
 }
@@ -89,7 +91,7 @@ SCRIPTS = {
 @pytest.mark.parametrize("name", list(SCRIPTS))
 def test_zero2_and_zero3_match_ddp(name, tmp_path, reward_model_folder, small_corpus):
     script_args, saved, outputs = SCRIPTS[name]
-    if name in ("policy", "dpo"):
+    if name in ("policy", "dpo", "rloo"):
         script_args = [*script_args, "--reward_model", str(reward_model_folder)]
     if name == "sft":
         script_args = [*script_args, "--dataset", str(small_corpus)]
