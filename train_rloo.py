@@ -6,7 +6,7 @@
 
 Every update samples k responses for each of batch_size / k prompts and scores them with the reward model. No value
 model: each sample's advantage is its reward against the other samples of its prompt, which is what the four methods
-share; they differ in the baseline, the scaling, where the KL penalty goes and the loss (the `advantages` and
+share; they differ in the baseline, the scaling, where the KL penalty goes and the loss (the `advantages_of` and
 `policy_loss` functions below, each with its paper). Sampling, truncation, the EOS trick, the reference baseline, the
 reward model, checkpoints, --resume and DeepSpeed are train_policy.py's, copied ({OAI} stands for
 https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66, {SFD} for
