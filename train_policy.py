@@ -914,10 +914,15 @@ that the their theirs them themselves then there these they this those through t
 what when where which while who whom why will with would yet you your yours yourself yourselves""".split())
 
 
+def words(text: str) -> list:
+    """The lower-case words of a text (letters, with an inner apostrophe: "don't", "post's")."""
+    return re.findall(r"[a-z]+(?:'[a-z]+)?", text.lower())
+
+
 def content_words(text: str) -> list:
-    """Lower-case words of three letters or more that are not stop words, each cut to its Porter stem (nltk's, which
-    rouge-score stems with), so that a summary may inflect the post's words: "twinkled" and "twinkling" both read "twinkl"."""
-    return [porter_stem(w) for w in re.findall(r"[a-z]+(?:'[a-z]+)?", text.lower()) if len(w) > 2 and w not in STOP_WORDS]
+    """Words of three letters or more that are not stop words, each cut to its Porter stem (nltk's, which rouge-score
+    stems with), so that a summary may inflect the post's words: "twinkled" and "twinkling" both read "twinkl"."""
+    return [porter_stem(w) for w in words(text) if len(w) > 2 and w not in STOP_WORDS]
 
 
 @functools.lru_cache(maxsize=None)
@@ -942,8 +947,8 @@ def judge_summary(post: str, summary: str, key_words: int = 8, max_words: int = 
     faithful = sum(w in counts for w in said) / len(said) if said else 0.0
     keys = [w for w, c in counts.most_common(key_words) if c >= 2]  # ties: the word used first comes first
     coverage = len(set(keys) & set(said)) / len(keys) if keys else faithful
-    words = re.findall(r"[a-z]+(?:'[a-z]+)?", summary.lower())
-    bigrams = list(zip(words, words[1:]))
+    tokens = words(summary)
+    bigrams = list(zip(tokens, tokens[1:]))
     repeated = 1 - len(set(bigrams)) / len(bigrams) if bigrams else 0.0
     n = len(summary.split())
     score = (faithful + coverage) / 2 - repeat_penalty * repeated - length_penalty * max(0, n - max_words)
@@ -1162,8 +1167,9 @@ def resume_has_work(resume: Optional[str], world: int, stage: int) -> bool:
     started = json.loads((Path(resume) / "args.json").read_text())
     if started["world_size"] != world:
         fail(f"--resume {resume}: the run had {started['world_size']} process(es), not {world}")
-    if started.get("zero_stage", 0) != stage:
-        fail(f"--resume {resume}: the run had ZeRO stage {started.get('zero_stage', 0)}, not {stage} (0: plain DDP); launch it as it was launched")
+    stage_then = started.get("zero_stage", 0)  # runs from before DeepSpeed ran under DDP
+    if stage_then != stage:
+        fail(f"--resume {resume}: the run had ZeRO stage {stage_then}, not {stage} (0: plain DDP); launch it as it was launched")
     return True
 
 
@@ -1198,8 +1204,8 @@ def make_accelerator(args, micro_batch_size: int, grad_accum: int, max_grad_norm
     """The run's Accelerator: DDP, or DeepSpeed ZeRO when the launch's config asks for it. DeepSpeed is handed the
     script's micro-batch, accumulation and clipping (0: none), so that an optimizer step sees the same gradient under
     both; left to accelerate, it would clip at 1.0 (as SFD's DeepSpeed runs did). SFD sets the micro-batch the same way:
-    {SFD}/summarize_from_feedback_details/ppo.py#L517-L518. --compile: accelerate compiles the training forward."""
-    start_processes()
+    {SFD}/summarize_from_feedback_details/ppo.py#L517-L518. --compile: accelerate compiles the training forward. Called
+    after start_processes (the sizes it is given depend on the world size)."""
     accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=grad_accum,
                               dynamo_backend="inductor" if compile else "no")
     plugin = accelerator.state.deepspeed_plugin

@@ -944,21 +944,22 @@ def reference_reward_mean(reward_model, batches, args: Args, accelerator, pad_to
 @torch.no_grad()
 def accuracy(reward_model, data: tuple, kind: str, args: Args, accelerator, pad_token_id: int) -> tuple:
     """(held-out accuracy, loss, whether each held-out label was predicted right), each process scoring a shard; sums
-    reduced over processes."""
-    reward_model.eval()
+    reduced over processes. Under ZeRO-3 on gathered weights (full_weights), so that unequal shards need no lockstep."""
     queries, samples, best = data
     device = accelerator.device
     total, correct = torch.zeros(2, device=device), torch.zeros(len(queries), device=device)  # [loss sum, count]; per label
     shard = range(accelerator.process_index, len(queries), accelerator.num_processes)
     idx = torch.tensor(list(shard), dtype=torch.long)
-    for i in range(0, len(idx), args.local_micro_batch_size):
-        j = idx[i : i + args.local_micro_batch_size]
-        r = label_rewards(reward_model, queries[j].to(device), samples[j].to(device), pad_token_id)
-        loss, _ = choice_loss(r, best[j].to(device), kind)
-        correct[j.to(device)] = (r.argmax(1) == best[j].to(device)).float()
-        total += torch.stack([loss * len(j), torch.tensor(float(len(j)), device=device)])
+    with full_weights(reward_model, accelerator) as model:
+        model.eval()
+        for i in range(0, len(idx), args.local_micro_batch_size):
+            j = idx[i : i + args.local_micro_batch_size]
+            r = label_rewards(model, queries[j].to(device), samples[j].to(device), pad_token_id)
+            loss, _ = choice_loss(r, best[j].to(device), kind)
+            correct[j.to(device)] = (r.argmax(1) == best[j].to(device)).float()
+            total += torch.stack([loss * len(j), torch.tensor(float(len(j)), device=device)])
+        model.train()
     total, correct = accelerator.reduce(total, reduction="sum"), accelerator.reduce(correct, reduction="sum")
-    reward_model.train()
     return correct.mean().item(), (total[0] / total[1]).item(), correct.bool().tolist()
 
 
@@ -1124,8 +1125,9 @@ def resume_has_work(resume: Optional[str], world: int, stage: int) -> bool:
     started = json.loads((Path(resume) / "args.json").read_text())
     if started["world_size"] != world:
         fail(f"--resume {resume}: the run had {started['world_size']} process(es), not {world}")
-    if started.get("zero_stage", 0) != stage:
-        fail(f"--resume {resume}: the run had ZeRO stage {started.get('zero_stage', 0)}, not {stage} (0: plain DDP); launch it as it was launched")
+    stage_then = started.get("zero_stage", 0)  # runs from before DeepSpeed ran under DDP
+    if stage_then != stage:
+        fail(f"--resume {resume}: the run had ZeRO stage {stage_then}, not {stage} (0: plain DDP); launch it as it was launched")
     return True
 
 
@@ -1163,8 +1165,8 @@ def make_accelerator(args, micro_batch_size: int, grad_accum: int, max_grad_norm
     """The run's Accelerator: DDP, or DeepSpeed ZeRO when the launch's config asks for it. DeepSpeed is handed the
     script's micro-batch, accumulation and clipping (0: none), so that an optimizer step sees the same gradient under
     both; left to accelerate, it would clip at 1.0 (as SFD's DeepSpeed runs did). SFD sets the micro-batch the same way:
-    {SFD}/summarize_from_feedback_details/ppo.py#L517-L518. --compile: accelerate compiles the training forward."""
-    start_processes()
+    {SFD}/summarize_from_feedback_details/ppo.py#L517-L518. --compile: accelerate compiles the training forward. Called
+    after start_processes (the sizes it is given depend on the world size)."""
     accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=grad_accum,
                               dynamo_backend="inductor" if compile else "no")
     plugin = accelerator.state.deepspeed_plugin
@@ -1368,8 +1370,7 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
             with full_weights(reward_model, accelerator, edit=True):
                 before["normalize/before_training/mean"], before["normalize/before_training/std"] = normalize(unwrapped, stats_fn)
         if len(test_data[0]):
-            with full_weights(reward_model, accelerator) as bare:  # ZeRO-3: gathered, so that unequal shards need no lockstep
-                before["test/accuracy"], before["test/loss"], _ = accuracy(bare, test_data, kind[0], args, accelerator, pad)
+            before["test/accuracy"], before["test/loss"], _ = accuracy(reward_model, test_data, kind[0], args, accelerator, pad)
         log(before)
 
     # 5. One epoch over the labels in an order shared by all processes; each process takes every world-th label
@@ -1402,8 +1403,7 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
         train_loss, train_acc = accelerator.reduce(sums, reduction="mean").tolist()
         metrics = {"update": update + 1, "label": start + args.batch_size, "train/loss": train_loss, "train/accuracy": train_acc, "train/lr": lr}
         if len(test_data[0]) and ((update + 1) % args.eval_every == 0 or update + 1 == num_updates):
-            with full_weights(reward_model, accelerator) as bare:
-                metrics["test/accuracy"], metrics["test/loss"], correct = accuracy(bare, test_data, kind[0], args, accelerator, pad)
+            metrics["test/accuracy"], metrics["test/loss"], correct = accuracy(reward_model, test_data, kind[0], args, accelerator, pad)
             if update + 1 == num_updates:  # by split / batch / confidence, where the labels carry them (SFD)
                 metrics.update(accuracy_breakdown(correct, test_meta))
             progress.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{metrics['test/accuracy']:.3f}")

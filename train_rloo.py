@@ -760,7 +760,7 @@ def grpo_advantages(rewards: torch.Tensor, k: int, eps: float = 1e-4) -> torch.T
     equal rewards (nothing to prefer). Shao et al. 2024, section 4.1.2, https://arxiv.org/abs/2402.03300"""
     r = rewards.view(-1, k)
     std = r.std(1, keepdim=True) if k > 1 else torch.zeros_like(r[:, :1])
-    return ((r - r.mean(1, keepdim=True)) / (std + eps)).flatten()
+    return (dr_grpo_advantages(rewards, k).view(-1, k) / (std + eps)).flatten()
 
 
 def dr_grpo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
@@ -790,6 +790,12 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return delta.exp() - delta - 1
 
 
+def clipped_surrogate(adv: torch.Tensor, ratio: torch.Tensor, cliprange: float) -> torch.Tensor:
+    """PPO's pessimistic clipped objective, elementwise: max(-A r, -A clip(r, 1 - c, 1 + c)).
+    {OAI}/lm_human_preferences/train_policy.py#L343-L357"""
+    return torch.max(-adv * ratio, -adv * ratio.clamp(1 - cliprange, 1 + cliprange))
+
+
 def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, adv: torch.Tensor,
                 valid: torch.Tensor, args) -> tuple:
     """(loss, stats) of a micro-batch: (b, R) log-probs of the current policy, of the sampling policy and of the reference,
@@ -805,12 +811,12 @@ def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logp
     stats = {"policy/approxkl": 0.5 * masked_mean(log_ratio**2, valid)}
     if args.advantage == "rloo":
         ratio = log_ratio.sum(1).exp()  # (b,)
-        losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.cliprange, 1 + args.cliprange))
+        losses = clipped_surrogate(adv, ratio, args.cliprange)
         stats["policy/clipfrac"] = ((ratio - 1).abs() > args.cliprange).float().mean()
         loss = losses.mean()
     elif args.advantage in ("grpo", "dr_grpo"):
         ratio = log_ratio.exp()  # (b, R)
-        token = torch.max(-adv[:, None] * ratio, -adv[:, None] * ratio.clamp(1 - args.cliprange, 1 + args.cliprange))
+        token = clipped_surrogate(adv[:, None], ratio, args.cliprange)
         kl = k3_kl(new_logprobs, ref_logprobs)
         token = (token + args.beta * kl) * valid
         length = valid.sum(1).clamp(min=1) if args.advantage == "grpo" else R
@@ -861,10 +867,16 @@ what when where which while who whom why will with would yet you your yours your
 
 
 # Copied from train_policy.py
+def words(text: str) -> list:
+    """The lower-case words of a text (letters, with an inner apostrophe: "don't", "post's")."""
+    return re.findall(r"[a-z]+(?:'[a-z]+)?", text.lower())
+
+
+# Copied from train_policy.py
 def content_words(text: str) -> list:
-    """Lower-case words of three letters or more that are not stop words, each cut to its Porter stem (nltk's, which
-    rouge-score stems with), so that a summary may inflect the post's words: "twinkled" and "twinkling" both read "twinkl"."""
-    return [porter_stem(w) for w in re.findall(r"[a-z]+(?:'[a-z]+)?", text.lower()) if len(w) > 2 and w not in STOP_WORDS]
+    """Words of three letters or more that are not stop words, each cut to its Porter stem (nltk's, which rouge-score
+    stems with), so that a summary may inflect the post's words: "twinkled" and "twinkling" both read "twinkl"."""
+    return [porter_stem(w) for w in words(text) if len(w) > 2 and w not in STOP_WORDS]
 
 
 # Copied from train_policy.py
@@ -891,8 +903,8 @@ def judge_summary(post: str, summary: str, key_words: int = 8, max_words: int = 
     faithful = sum(w in counts for w in said) / len(said) if said else 0.0
     keys = [w for w, c in counts.most_common(key_words) if c >= 2]  # ties: the word used first comes first
     coverage = len(set(keys) & set(said)) / len(keys) if keys else faithful
-    words = re.findall(r"[a-z]+(?:'[a-z]+)?", summary.lower())
-    bigrams = list(zip(words, words[1:]))
+    tokens = words(summary)
+    bigrams = list(zip(tokens, tokens[1:]))
     repeated = 1 - len(set(bigrams)) / len(bigrams) if bigrams else 0.0
     n = len(summary.split())
     score = (faithful + coverage) / 2 - repeat_penalty * repeated - length_penalty * max(0, n - max_words)
@@ -1127,8 +1139,9 @@ def resume_has_work(resume: Optional[str], world: int, stage: int) -> bool:
     started = json.loads((Path(resume) / "args.json").read_text())
     if started["world_size"] != world:
         fail(f"--resume {resume}: the run had {started['world_size']} process(es), not {world}")
-    if started.get("zero_stage", 0) != stage:
-        fail(f"--resume {resume}: the run had ZeRO stage {started.get('zero_stage', 0)}, not {stage} (0: plain DDP); launch it as it was launched")
+    stage_then = started.get("zero_stage", 0)  # runs from before DeepSpeed ran under DDP
+    if stage_then != stage:
+        fail(f"--resume {resume}: the run had ZeRO stage {stage_then}, not {stage} (0: plain DDP); launch it as it was launched")
     return True
 
 
@@ -1166,8 +1179,8 @@ def make_accelerator(args, micro_batch_size: int, grad_accum: int, max_grad_norm
     """The run's Accelerator: DDP, or DeepSpeed ZeRO when the launch's config asks for it. DeepSpeed is handed the
     script's micro-batch, accumulation and clipping (0: none), so that an optimizer step sees the same gradient under
     both; left to accelerate, it would clip at 1.0 (as SFD's DeepSpeed runs did). SFD sets the micro-batch the same way:
-    {SFD}/summarize_from_feedback_details/ppo.py#L517-L518. --compile: accelerate compiles the training forward."""
-    start_processes()
+    {SFD}/summarize_from_feedback_details/ppo.py#L517-L518. --compile: accelerate compiles the training forward. Called
+    after start_processes (the sizes it is given depend on the world size)."""
     accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=grad_accum,
                               dynamo_backend="inductor" if compile else "no")
     plugin = accelerator.state.deepspeed_plugin

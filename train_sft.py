@@ -659,8 +659,9 @@ def resume_has_work(resume: Optional[str], world: int, stage: int) -> bool:
     started = json.loads((Path(resume) / "args.json").read_text())
     if started["world_size"] != world:
         fail(f"--resume {resume}: the run had {started['world_size']} process(es), not {world}")
-    if started.get("zero_stage", 0) != stage:
-        fail(f"--resume {resume}: the run had ZeRO stage {started.get('zero_stage', 0)}, not {stage} (0: plain DDP); launch it as it was launched")
+    stage_then = started.get("zero_stage", 0)  # runs from before DeepSpeed ran under DDP
+    if stage_then != stage:
+        fail(f"--resume {resume}: the run had ZeRO stage {stage_then}, not {stage} (0: plain DDP); launch it as it was launched")
     return True
 
 
@@ -698,8 +699,8 @@ def make_accelerator(args, micro_batch_size: int, grad_accum: int, max_grad_norm
     """The run's Accelerator: DDP, or DeepSpeed ZeRO when the launch's config asks for it. DeepSpeed is handed the
     script's micro-batch, accumulation and clipping (0: none), so that an optimizer step sees the same gradient under
     both; left to accelerate, it would clip at 1.0 (as SFD's DeepSpeed runs did). SFD sets the micro-batch the same way:
-    {SFD}/summarize_from_feedback_details/ppo.py#L517-L518. --compile: accelerate compiles the training forward."""
-    start_processes()
+    {SFD}/summarize_from_feedback_details/ppo.py#L517-L518. --compile: accelerate compiles the training forward. Called
+    after start_processes (the sizes it is given depend on the world size)."""
     accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=grad_accum,
                               dynamo_backend="inductor" if compile else "no")
     plugin = accelerator.state.deepspeed_plugin
