@@ -44,6 +44,10 @@ class Args:
     """python of the virtual environment with trl 1.12.0"""
     out: str = "runs/side_by_side"
     """folder for the runs and result.json"""
+    ours_flags: str = ""
+    """more flags for our train_policy.py, to align one setting with TRL's (e.g. "--value_model reward")"""
+    systems: List[str] = field(default_factory=lambda: ["ours", "trl"])
+    """which of the two to run (ours alone measures an aligned setting against an earlier TRL result)"""
 
 
 def run(cmd: list, log: Path) -> dict:
@@ -70,7 +74,6 @@ def main(a: Args):
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "data" / "nano")
     texts = tp.load_texts(str(ROOT / "data" / "corpus.jsonl.gz"), "train")
-    common = ["--total_episodes", str(a.episodes)]
     results = []
     for r, seed in enumerate(a.seeds):
         # our train_policy.py --seed s draws its queries in this order: the first `episodes` of them are its training
@@ -82,32 +85,45 @@ def main(a: Args):
         ours_dir, trl_dir = out / f"ours_{r}", out / f"trl_{r}"
         for d in (ours_dir, trl_dir):  # this script's own outputs of an earlier measurement
             shutil.rmtree(d, ignore_errors=True)
-        res = run([sys.executable, "train_policy.py", "--reward_model", a.reward_model, *common, "--seed", str(seed),
-                   "--no_adaptive_kl", "--kl_coef", "0.15", "--nminibatches", str(a.nminibatches),
-                   "--local_micro_batch_size", str(64 // a.nminibatches), "--run_root", str(ours_dir),
-                   "--print_sample_every", "100000"], out / f"ours_{r}.log")
-        (run_dir,) = [p for p in ours_dir.iterdir() if p.is_dir()]
-        metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-        train_s = sum(m["timing/generation_s"] + m["timing/scoring_s"] + m["timing/update_s"] for m in metrics)
-        update_flops = statistics.median(m["throughput/update_flops_per_s"] for m in metrics)
-        results.append({"system": "ours", "round": r, "seed": seed, "episodes_per_s": a.episodes / train_s, **res,
-                        "gold": gold(str(run_dir / "policy"), heldout), "update_flops_per_s": update_flops})
-        print(json.dumps(results[-1]), flush=True)
-        res = run([a.trl_python, "benchmark/trl_ppo.py", "--reward_model", a.reward_model, "--queries", str(queries_file),
-                   "--output_dir", str(trl_dir), *common, "--seed", str(seed), "--nminibatches", str(a.nminibatches)],
-                  out / f"trl_{r}.log")
-        trl = json.loads((trl_dir / "result.json").read_text())
-        results.append({"system": "trl", "round": r, "seed": seed, "episodes_per_s": trl["episodes_per_s"], **res,
-                        "gold": gold(str(trl_dir / "policy"), heldout)})
-        print(json.dumps(results[-1]), flush=True)
+        if "ours" in a.systems:
+            results.append(run_ours(a, seed, r, ours_dir, out, heldout))
+            print(json.dumps(results[-1]), flush=True)
+        if "trl" in a.systems:
+            results.append(run_trl(a, seed, r, queries_file, trl_dir, out, heldout))
+            print(json.dumps(results[-1]), flush=True)
     summary = {}
-    for system in ("ours", "trl"):
+    for system in a.systems:
         rows = [x for x in results if x["system"] == system]
-        summary[system] = {k: statistics.mean(x[k] for x in rows) for k in ("episodes_per_s", "peak_rss_gb", "gold")}
+        summary[system] = {k: statistics.mean(x[k] for x in rows) for k in ("episodes_per_s", "train_s", "peak_rss_gb", "gold")}
         summary[system]["gold_std"] = statistics.stdev(x["gold"] for x in rows) if len(rows) > 1 else 0.0
-    summary["ratio_ours_over_trl"] = {k: summary["ours"][k] / summary["trl"][k] for k in ("episodes_per_s", "peak_rss_gb")}
-    (out / "result.json").write_text(json.dumps({"runs": results, "summary": summary}, indent=2))
+    if len(a.systems) == 2:
+        summary["ratio_ours_over_trl"] = {k: summary["ours"][k] / summary["trl"][k] for k in ("episodes_per_s", "peak_rss_gb")}
+    (out / "result.json").write_text(json.dumps({"ours_flags": a.ours_flags, "runs": results, "summary": summary}, indent=2))
     print(json.dumps(summary, indent=2))
+
+
+def run_ours(a: Args, seed: int, r: int, ours_dir: Path, out: Path, heldout: torch.Tensor) -> dict:
+    """One run of our train_policy.py on the side-by-side setup; its training time from the logged timing/* keys."""
+    res = run([sys.executable, "train_policy.py", "--reward_model", a.reward_model, "--total_episodes", str(a.episodes),
+               "--seed", str(seed), "--no_adaptive_kl", "--kl_coef", "0.15", "--nminibatches", str(a.nminibatches),
+               "--local_micro_batch_size", str(64 // a.nminibatches), "--run_root", str(ours_dir),
+               "--print_sample_every", "100000", *a.ours_flags.split()], out / f"ours_{r}.log")
+    (run_dir,) = [p for p in ours_dir.iterdir() if p.is_dir()]
+    metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    train_s = sum(m["timing/generation_s"] + m["timing/scoring_s"] + m["timing/update_s"] for m in metrics)
+    update_flops = statistics.median(m["throughput/update_flops_per_s"] for m in metrics)
+    return {"system": "ours", "round": r, "seed": seed, "episodes_per_s": a.episodes / train_s, "train_s": train_s, **res,
+            "gold": gold(str(run_dir / "policy"), heldout), "update_flops_per_s": update_flops}
+
+
+def run_trl(a: Args, seed: int, r: int, queries_file: Path, trl_dir: Path, out: Path, heldout: torch.Tensor) -> dict:
+    """One run of TRL's PPOTrainer (benchmark/trl_ppo.py in TRL's environment) on the same queries."""
+    res = run([a.trl_python, "benchmark/trl_ppo.py", "--reward_model", a.reward_model, "--queries", str(queries_file),
+               "--output_dir", str(trl_dir), "--total_episodes", str(a.episodes), "--seed", str(seed),
+               "--nminibatches", str(a.nminibatches)], out / f"trl_{r}.log")
+    trl = json.loads((trl_dir / "result.json").read_text())
+    return {"system": "trl", "round": r, "seed": seed, "episodes_per_s": trl["episodes_per_s"], "train_s": trl["train_s"],
+            **res, "gold": gold(str(trl_dir / "policy"), heldout)}
 
 
 if __name__ == "__main__":
