@@ -127,8 +127,9 @@ class Args:
     mask_after_truncate: bool = False
     """SFD: what follows the truncate token leaves the losses and the KL (values one token later), and the score goes right
     after the truncate token; OAI trains on whole responses, the score at the last token"""
-    value_model: Literal["shared", "reward"] = "shared"
-    """shared: a value head on the policy's transformer (OAI); reward: a separate critic initialised from the reward model (SFD)"""
+    value_model: Literal["shared", "reward", "base"] = "shared"
+    """shared: a value head on the policy's transformer (OAI); reward: a separate critic initialised from the reward model
+    (SFD); base: a separate critic initialised from the base model with a fresh head (TRL's PPOTrainer)"""
     reference_baseline: bool = False
     """trlX: the score is r(query, response) - r(query, reference summary) (TL;DR queries, which carry references)"""
 
@@ -598,7 +599,8 @@ def load_reward_model(folder: str):
 class PolicyAndValue(nn.Module):
     """The policy's language model and its value function: a head on the policy's own last hidden state (one shared
     transformer, as OAI's Policy with scalar head 'value'; init 0, {OAI}/lm_human_preferences/language/model.py#L368),
-    or a separate critic initialised from the reward model (SFD, {SFD}/summarize_from_feedback_details/ppo.py#L478-L488)."""
+    or a separate critic initialised from the reward model (SFD, {SFD}/summarize_from_feedback_details/ppo.py#L478-L488)
+    or from the base model with a fresh head (TRL's PPOTrainer, whose value model is a second copy of the base)."""
 
     def __init__(self, lm, critic: Optional[RewardModel] = None):
         super().__init__()
@@ -1331,6 +1333,9 @@ def check_args(args: Args, reward_model_follows: bool = False) -> tuple:
     if not reward_model_follows and not os.path.isdir(args.reward_model):
         fail(f"--reward_model {args.reward_model}: folder not found")
     check_lora(args)
+    if args.value_model == "base" and args.load_in_4bit:
+        fail("--value_model base copies the base model into a critic that trains in full, which a 4-bit (QLoRA) base cannot; "
+             "use --value_model shared or reward")
     config, tokenizer = load_base_model(args.base_model, weights=False)
     if args.query_length + args.response_length > getattr(config, "n_positions", getattr(config, "max_position_embeddings", 1 << 30)):
         fail(f"--query_length + --response_length = {args.query_length + args.response_length} exceeds the model's positions")
@@ -1363,7 +1368,7 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
     if not resume_has_work(args.resume, world, zero_stage(accelerator)):
         return Path(args.resume)
 
-    # 1. Models: policy with its value function (a head, or a critic copied from the reward model), frozen reference
+    # 1. Models: policy with its value function (a head, or a critic copied from the reward or base model), frozen reference
     #    policy, frozen reward model. Same init on every process. The frozen ones are sharded under ZeRO-3 (place_frozen).
     torch.manual_seed(args.seed)
     lm, tokenizer = prepare_lm(*load_base_model(args.base_model, load_in_4bit=args.load_in_4bit))
@@ -1374,15 +1379,16 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
     truncate_token = truncate_token_id(args.truncate_token, tokenizer)
     # the frozen models are kept in bf16 under --mixed_precision bf16; the policy's weights stay fp32 (autocast)
     frozen_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
+    base_critic = RewardModel(copy.deepcopy(lm)) if args.value_model == "base" else None  # copied before LoRA wraps lm
     lora = add_lora(lm, args)  # under LoRA only the adapters of lm train; the value head (or critic) trains in full
     reference = FrozenReference(lm, lora, accelerator, frozen_dtype)
-    policy = PolicyAndValue(lm, copy.deepcopy(reward_model) if args.value_model == "reward" else None)
+    policy = PolicyAndValue(lm, copy.deepcopy(reward_model) if args.value_model == "reward" else base_critic)
     reward_model = place_frozen(reward_model, accelerator, frozen_dtype)
     trained = [p for p in policy.parameters() if p.requires_grad]
     num_trained = sum(p.numel() for p in trained)  # counted before ZeRO-3 shards them
     # FLOPs of one PPO update on this process: noptepochs passes of forward + backward (3x a forward) over the batch
     update_flops = args.noptepochs * local_batch_size * 3 * forward_flops(lm, args.query_length + args.response_length, args.response_length + 1)
-    if args.value_model == "reward":
+    if args.value_model != "shared":
         update_flops += args.noptepochs * local_batch_size * 3 * forward_flops(lm, args.query_length + args.response_length, 0)
     optimizer = make_optimizer(trained, args.optimizer, args.lr, args.eps)
     policy, optimizer = accelerator.prepare(policy, optimizer)  # DDP, or a DeepSpeed engine with its ZeRO optimizer

@@ -17,6 +17,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List
@@ -51,13 +52,21 @@ class Args:
 
 
 def run(cmd: list, log: Path) -> dict:
-    """Run a child; its own peak resident memory comes from wait4's rusage."""
+    """Run a child to its end; its peak resident memory is the largest VmHWM (the resident high-water mark of the
+    program it runs) read from /proc/<pid>/status every 0.1 s. Not wait4's ru_maxrss: Linux carries the forking
+    parent's high-water mark into the child across exec, so a child smaller than this script reported this script's peak."""
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "WANDB_MODE": "disabled"})
-        _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        sys.exit(f"error: {' '.join(cmd[:3])} failed, see {log}")
-    return {"peak_rss_gb": usage.ru_maxrss / 1e6}
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"})
+        peak_kb = 0
+        while proc.poll() is None:
+            status = Path(f"/proc/{proc.pid}/status")
+            lines = status.read_text().splitlines() if status.exists() else []  # gone once the child is reaped
+            peak_kb = max([peak_kb] + [int(line.split()[1]) for line in lines if line.startswith("VmHWM:")])  # none in a zombie
+            time.sleep(0.1)
+    if proc.returncode != 0:
+        sys.exit(f"error: {' '.join(map(str, cmd[:4]))} failed, see {log}")
+    return {"peak_rss_gb": peak_kb / 1e6}
 
 
 @torch.no_grad()

@@ -52,10 +52,8 @@ What differs (TRL 1.16 cannot be set to ours):
 """
 
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -69,6 +67,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import train_policy as tp  # noqa: E402
+from side_by_side import run  # noqa: E402  (a child's peak memory, read from /proc)
 
 METHODS = ("rloo", "grpo", "dpo", "reward")
 
@@ -98,17 +97,6 @@ class Args:
     """python of the virtual environment with trl 1.16.0 (benchmark/trl116-requirements.txt)"""
     out: str = "runs/side_by_side_trl116"
     """folder for the runs, result.json and result.md"""
-
-
-def run(cmd: list, log: Path) -> dict:
-    """Run a child; its own peak resident memory comes from wait4's rusage."""
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                env={**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"})
-        _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        sys.exit(f"error: {' '.join(map(str, cmd[:4]))} failed, see {log}")
-    return {"peak_rss_gb": usage.ru_maxrss / 1e6}
 
 
 def run_dir_of(root: Path) -> Path:

@@ -112,6 +112,27 @@ def test_critic_is_initialised_from_the_reward_model_and_trains_apart_from_the_p
     assert policy.critic.lm is not policy.lm and policy.critic.lm is not reward_model.lm  # its own transformer
 
 
+def test_base_critic_starts_as_the_base_model_and_trains_apart_from_the_policy(tiny, tmp_path):
+    # --value_model base: TRL PPOTrainer's value model, a second copy of the base model with a fresh head
+    folder, _ = tiny
+    r = run_script([sys.executable, "train_policy.py", "--base_model", str(folder / "base"), "--reward_model", str(folder / "reward_model"),
+                    "--query_dataset", str(TLDR), "--query_length", "160", "--response_length", "8", "--value_model", "base",
+                    "--gold_labeler", "none", "--total_episodes", "16", "--batch_size", "8", "--nminibatches", "1",
+                    "--local_micro_batch_size", "4", "--noptepochs", "1", "--run_root", str(tmp_path)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run_dir,) = tmp_path.iterdir()
+    critic = tp.load_reward_model(str(run_dir / "critic"))[0]
+    base, policy, reward_model = (tp.AutoModelForCausalLM.from_pretrained(folder / "base"), tp.AutoModelForCausalLM.from_pretrained(run_dir / "policy"),
+                                  tp.load_reward_model(str(folder / "reward_model"))[0])
+    weights = lambda m: torch.cat([p.detach().flatten() for p in m.base_model.parameters()])
+    # trained from the base's weights (close to them after two small steps), apart from the policy's, with its own head (not
+    # the reward model's: the tiny reward model shares the base's transformer, so only the heads tell the two apart)
+    assert 0 < (weights(critic.lm) - weights(base)).abs().max() < 0.01
+    assert (critic.head.weight - reward_model.head.weight).abs().max() > 0.05
+    assert (weights(critic.lm) - weights(policy)).abs().max() > 0
+    assert not (run_dir / "policy" / "value_head.safetensors").exists()
+
+
 def test_rouge_on_hand_examples():
     r = tp.rouge(["the cat sat on the mat", "a dog ran"], ["the cat sat on the mat", "the cat sat"])
     assert r[0] == pytest.approx({"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}) and r[1]["rouge1"] == 0.0
