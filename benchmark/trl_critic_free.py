@@ -24,27 +24,14 @@ What TRL gets, and how (trl/trainer/{rloo,grpo}_trainer.py of trl 1.16.0):
 
 import argparse
 import json
-import resource
 import time
 
 import torch
 from datasets import Dataset
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-
-def reward_model_for_trl(folder: str):
-    """Our reward model folder (backbone + reward_head.safetensors) as a sequence-classification model whose `score`
-    layer is Linear(d, 1) with gain * w and gain * b + bias (as benchmark/trl_ppo.py)."""
-    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1)
-    head = load_file(f"{folder}/reward_head.safetensors")
-    score = torch.nn.Linear(head["head.weight"].shape[1], 1)
-    with torch.no_grad():
-        score.weight.copy_(head["gain"] * head["head.weight"])
-        score.bias.copy_(head["gain"] * head["head.bias"] + head["bias"])
-    model.score = score
-    return model.eval()
+from trl_common import reward_model_for_trl, write_result
 
 
 def with_our_prompt_ids(trainer_class, ids_of: dict):
@@ -142,12 +129,11 @@ def main():
     tokenizer.save_pretrained(f"{a.output_dir}/policy")
     steps = [h for h in trainer.state.log_history if "completions/min_length" in h]
     result = {"system": "trl", "trainer": a.trainer, "episodes": a.total_episodes, "train_s": wall,
-              "episodes_per_s": a.total_episodes / wall, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+              "episodes_per_s": a.total_episodes / wall,
               "optimizer_steps": trainer.state.global_step,
               "completion_min_length": min(h["completions/min_length"] for h in steps),
               "kl_last_step": steps[-1].get("kl")}
-    json.dump(result, open(f"{a.output_dir}/result.json", "w"))
-    print(json.dumps(result))
+    write_result(a.output_dir, result)
 
 
 if __name__ == "__main__":

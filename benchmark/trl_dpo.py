@@ -13,13 +13,14 @@ one pass of pairs // batch_size steps.
 
 import argparse
 import json
-import resource
 import time
 
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
+
+from trl_common import write_result
 
 
 class DPOTrainerOnIds(DPOTrainer):
@@ -70,10 +71,9 @@ def main():
     tokenizer.save_pretrained(f"{a.output_dir}/policy")
     logged = [h for h in trainer.state.log_history if "loss" in h]
     result = {"system": "trl", "trainer": "dpo", "pairs": steps * a.batch_size, "train_s": wall,
-              "pairs_per_s": steps * a.batch_size / wall, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+              "pairs_per_s": steps * a.batch_size / wall,
               "optimizer_steps": trainer.state.global_step, "loss_last_step": logged[-1]["loss"] if logged else None}
-    json.dump(result, open(f"{a.output_dir}/result.json", "w"))
-    print(json.dumps(result))
+    write_result(a.output_dir, result)
 
 
 if __name__ == "__main__":

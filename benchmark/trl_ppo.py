@@ -8,26 +8,14 @@ token. The value model is a second copy of the base model with a fresh score hea
 
 import argparse
 import json
-import resource
 import time
 
 import torch
 from datasets import Dataset
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-
-def reward_model_for_trl(folder: str):
-    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1)
-    head = load_file(f"{folder}/reward_head.safetensors")
-    d = head["head.weight"].shape[1]
-    score = torch.nn.Linear(d, 1)
-    with torch.no_grad():
-        score.weight.copy_(head["gain"] * head["head.weight"])
-        score.bias.copy_(head["gain"] * head["head.bias"] + head["bias"])
-    model.score = score
-    return model
+from trl_common import reward_model_for_trl, write_result
 
 
 def main():
@@ -82,10 +70,8 @@ def main():
     wall = time.time() - start
     trainer.model.policy.save_pretrained(f"{a.output_dir}/policy")
     tokenizer.save_pretrained(f"{a.output_dir}/policy")
-    result = {"system": "trl", "episodes": a.total_episodes, "train_s": wall, "episodes_per_s": a.total_episodes / wall,
-              "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
-    json.dump(result, open(f"{a.output_dir}/result.json", "w"))
-    print(json.dumps(result))
+    result = {"system": "trl", "episodes": a.total_episodes, "train_s": wall, "episodes_per_s": a.total_episodes / wall}
+    write_result(a.output_dir, result)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,14 @@ reward is the argmax of the two (a tie counts as right).
 
 import argparse
 import json
-import resource
 import time
 
 import torch
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trl import RewardConfig, RewardTrainer
+
+from trl_common import write_result
 
 
 @torch.no_grad()
@@ -77,10 +78,9 @@ def main():
     model.save_pretrained(f"{a.output_dir}/reward_model")
     tokenizer.save_pretrained(f"{a.output_dir}/reward_model")
     result = {"system": "trl", "trainer": "reward", "pairs": steps * a.batch_size, "train_s": wall,
-              "pairs_per_s": steps * a.batch_size / wall, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+              "pairs_per_s": steps * a.batch_size / wall,
               "optimizer_steps": trainer.state.global_step, "test_accuracy": accuracy, "test_pairs": len(pairs["test"]["query"])}
-    json.dump(result, open(f"{a.output_dir}/result.json", "w"))
-    print(json.dumps(result))
+    write_result(a.output_dir, result)
 
 
 if __name__ == "__main__":

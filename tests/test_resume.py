@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import NANO, ROOT, TINY, run_script
+from conftest import ROOT, TINY, run_script
 from safetensors.torch import load_file, save_file
 from test_pipeline import TINY_BOTH
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import NANO, ROOT, run_script
+from conftest import NANO, run_script
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 import train_policy as tp
