@@ -97,6 +97,9 @@ class Args:
     """python of the virtual environment with trl 1.16.0 (benchmark/trl116-requirements.txt)"""
     out: str = "runs/side_by_side_trl116"
     """folder for the runs, result.json and result.md"""
+    previous: List[str] = field(default_factory=list)
+    """result.json files of earlier runs of this script with other seeds and the same settings: their rounds join this
+    run's in the summary (the seeds, run one call at a time, as one table)"""
 
 
 def run_dir_of(root: Path) -> Path:
@@ -276,8 +279,10 @@ def main(a: Args):
         rows = [dict(zip(("query", "chosen", "rejected"), x)) for p in pairs for x in zip(*(t.tolist() for t in p))]
         labels.write_text(json.dumps(rows))
         shutil.copy(ROOT / "data" / "labels" / "sentiment_offline_5k.meta.json", labels.with_suffix(".meta.json"))
-    results = []
-    for r, seed in enumerate(a.seeds):
+    results = [row for path in a.previous for row in json.loads(Path(path).read_text())["runs"]]
+    if {row["seed"] for row in results} & set(a.seeds):
+        sys.exit(f"error: --previous already holds a round of one of the --seeds {a.seeds}")
+    for r, seed in enumerate(a.seeds, start=len({row["seed"] for row in results})):  # rounds go on from --previous
         # our train_rloo.py --seed s trains on the first episodes / k queries of this order (batch_size / k per update);
         # TRL gets exactly these; the next `heldout` ones measure every final policy of this seed
         prompts = a.episodes // a.k
