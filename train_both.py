@@ -52,14 +52,16 @@ SHARED_TASK = ("base_model", "query_length", "query_dataset", "query_split", "te
 def train(args: Args) -> Path:
     for name in SHARED_TASK:  # {OAI}/lm_human_preferences/train_policy.py#L410-L411
         if getattr(args.reward, name) != getattr(args.policy, name):
-            train_policy.fail(f"--reward.{name} {getattr(args.reward, name)} and --policy.{name} {getattr(args.policy, name)} differ: both stages share one task")
+            train_policy.fail(f"--reward.{name} {getattr(args.reward, name)} and --policy.{name} {getattr(args.policy, name)} differ: "
+                              "both stages share one task")
     if args.policy.reward_model is not None:
         train_policy.fail("--policy.reward_model is set by train_both.py (use train_policy.py to start from an existing reward model)")
     if args.reward.resume or args.policy.resume:
         train_policy.fail("--reward.resume and --policy.resume are set by train_both.py: use --resume <run folder>")
     # one folder name on every process: accelerate's process group exists once PartialState is made (gloo on a CPU)
     state = train_policy.start_processes()
-    run_dir = Path(args.resume) if args.resume else train_policy.shared_run_dir(state, args.run_root, args.exp_name, args.policy.seed if args.seed is None else args.seed)
+    folder_seed = args.policy.seed if args.seed is None else args.seed
+    run_dir = Path(args.resume) if args.resume else train_policy.shared_run_dir(state, args.run_root, args.exp_name, folder_seed)
     seeds = {} if args.seed is None else {"seed": args.seed}
     tracks = {"track": True} if args.track else {}
     stages = {"reward": (train_reward, replace(args.reward, **seeds, **tracks)),

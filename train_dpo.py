@@ -178,6 +178,8 @@ PRESETS = {
         sample_length=53, truncate_token="eos", truncate_after=0, gold_labeler="none", local_rollout_forward_batch_size=64,
     ),
 }
+
+
 # the summarization twin: the judge's comparisons of the twin SFT model's samples, SFD's beta, sized for two CPU cores;
 # lr 2e-5 keeps the KL near PPO's (at 1e-4 it reached 26 and the judge's score fell after update 8)
 PRESETS["tldr_twin"] = dict(
@@ -186,6 +188,284 @@ PRESETS["tldr_twin"] = dict(
     lr=2e-5, optimizer="adamw", query_dataset="data/tldr/validation.jsonl.gz", sample_length=48, truncate_token="eos",
     truncate_after=0, gold_labeler="tldr_judge", eval_every=8,
 )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DPO's pieces: the pairs, log-probs, the loss; the held-out pairs and fresh samples it is measured on
+# ---------------------------------------------------------------------------------------------------------
+
+
+def preference_pairs(queries: torch.Tensor, samples: torch.Tensor, best: torch.Tensor) -> tuple:
+    """(queries (P, Q), chosen (P, R), rejected (P, R)) from N labels with (N, Q) queries, (N, n, R) samples and (N,)
+    indices of the preferred sample. A pairwise label (n = 2, column 0 chosen) is one pair; a best-of-n label is n - 1
+    pairs, its best sample against each other one, in the labels' order. The DPO paper's Plackett-Luce loss over a full
+    ranking reduces to these pairs when the label only says which sample is best."""
+    N, n, R = samples.shape
+    chosen = samples[torch.arange(N), best]  # (N, R)
+    others = torch.arange(n)[None, :] != best[:, None]  # (N, n): every sample but the best
+    rejected = samples[others].view(N * (n - 1), R)
+    return queries.repeat_interleave(n - 1, 0), chosen.repeat_interleave(n - 1, 0), rejected
+
+
+def token_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float, pad_token_id: int) -> torch.Tensor:
+    """(b, R) log-probs of the response tokens from the (b, R, V) logits that predict them, divided by the temperature."""
+    logp = torch.log_softmax(sampling_logits(logits, temperature, pad_token_id), -1)  # (b, R, V), fp32
+    return logp.gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+
+
+def sequence_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float, pad_token_id: int) -> torch.Tensor:
+    """(b,) log-probability of each whole response: the sum of token_logprobs over its real tokens (the pads after its
+    end excluded). {SFD}/summarize_from_feedback_details/dpo.py#L169-L185"""
+    return (token_logprobs(logits, responses, temperature, pad_token_id) * (responses != pad_token_id)).sum(1)
+
+
+def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float,
+             kind: str) -> tuple:
+    """(loss, statistics) from (b,) summed log-probs of the chosen and rejected responses under the policy and the
+    reference. h = (log pi(y_w) - log pi(y_l)) - (log ref(y_w) - log ref(y_l)); sigmoid: -log sigmoid(beta h) (DPO's Eq. 7);
+    ipo: (h - 1 / (2 beta))^2 (IPO's Eq. 17). The implicit rewards beta (log pi - log ref) of each response are logged,
+    as SFD does. {SFD}/summarize_from_feedback_details/dpo.py#L466-L484"""
+    h = (chosen - rejected) - (ref_chosen - ref_rejected)  # (b,)
+    losses = (h - 1 / (2 * beta)) ** 2 if kind == "ipo" else -nn.functional.logsigmoid(beta * h)
+    reward_chosen, reward_rejected = beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach()
+    stats = {"rewards/chosen": reward_chosen.mean(), "rewards/rejected": reward_rejected.mean(),
+             "rewards/margins": (reward_chosen - reward_rejected).mean(), "rewards/accuracy": (reward_chosen > reward_rejected).float().mean(),
+             "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean()}
+    return losses.mean(), stats
+
+
+def pair_logprobs(logits_fn, queries: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, temperature: float,
+                  pad_token_id: int) -> tuple:
+    """(chosen (b,), rejected (b,)) summed log-probs, chosen and rejected stacked into one forward pass of 2b sequences.
+    logits_fn(tokens, pad_token_id, response_length) gives the response logits: the policy's (response_logits) or the
+    frozen reference's (FrozenReference, computed on the fly in training: for one epoch the same cost as precomputing)."""
+    tokens = torch.cat([torch.cat([queries, chosen], 1), torch.cat([queries, rejected], 1)])  # (2b, Q+R)
+    responses = torch.cat([chosen, rejected])  # (2b, R)
+    logps = sequence_logprobs(logits_fn(tokens, pad_token_id, responses.shape[1]), responses, temperature, pad_token_id)
+    return logps.chunk(2)
+
+
+def micro_batches(pairs: tuple, size: int, accelerator) -> list:
+    """This process's share of (queries, chosen, rejected) pairs (every world-th one), in micro-batches of `size`."""
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    queries, chosen, rejected = (t[rank::world] for t in pairs)
+    return [tuple(t[i : i + size].to(device) for t in (queries, chosen, rejected)) for i in range(0, len(queries), size)]
+
+
+@torch.no_grad()
+def held_out_pairs(lm, batches: list, ref_logps: list, args: Args, accelerator, pad_token_id: int) -> dict:
+    """test/* means of dpo_loss's figures over the held-out pairs: this process's micro_batches, with the reference's
+    log-probs of them (computed once: the reference never changes), summed over processes."""
+    sums, count = {}, 0
+    policy_logits = lambda tokens, pad_id, length: response_logits(lm, tokens, pad_id, length)
+    for (q, c, r), (ref_chosen, ref_rejected) in zip(batches, ref_logps):
+        with accelerator.autocast():
+            loss, stats = dpo_loss(*pair_logprobs(policy_logits, q, c, r, args.temperature, pad_token_id), ref_chosen, ref_rejected,
+                                   args.beta, args.loss)
+        for k, v in {"loss": loss, **stats}.items():
+            sums[k] = sums.get(k, 0.0) + v.float() * len(q)
+        count += len(q)
+    names = sorted(sums)
+    totals = accelerator.reduce(torch.stack([sums[k] for k in names] + [torch.tensor(float(count), device=accelerator.device)]), reduction="sum")
+    return {f"test/{k}": (v / totals[-1]).item() for k, v in zip(names, totals)}
+
+
+@torch.no_grad()
+def fresh_samples(sampler, reference, reward_model, queries: torch.Tensor, references: Optional[torch.Tensor], tokenizer, args: Args,
+                  gold_fn, accelerator) -> tuple:
+    """(metrics, rows of this process's first samples): the policy samples sample_length tokens for each of the fixed
+    queries (every world-th one per process), as PPO's rollouts would; logged are the KL to the reference (the mean over
+    samples of sum_t log pi - log ref, PPO's objective/kl), the reward model's score of the samples cut at the truncate
+    token (objective/scores, given --reward_model), the gold labeler's (objective/gold_score), the entropy, and for TL;DR
+    queries ROUGE-1/2/L against their reference summaries (eval/rouge*)."""
+    world, rank, device, pad = accelerator.num_processes, accelerator.process_index, accelerator.device, tokenizer.pad_token_id
+    length, chunk = args.sample_length or args.response_length, args.local_rollout_forward_batch_size
+    queries = queries[rank::world].to(device)
+    references = None if references is None else references[rank::world].to(device)
+    sums = {"objective/kl": 0.0, "objective/entropy": 0.0}
+    truncate_token = truncate_token_id(args.truncate_token, tokenizer)
+    rows = []
+    for i in range(0, len(queries), chunk):
+        q = queries[i : i + chunk]
+        responses, logprobs = sampler(q, length)[:2]  # (b, L) each
+        ref_logprobs = token_logprobs(reference(torch.cat([q, responses], 1), pad, length), responses, args.temperature, pad)
+        sums["objective/kl"] += (logprobs - ref_logprobs).sum(1).sum()
+        sums["objective/entropy"] += (-logprobs).sum(1).sum()
+        scored = responses if truncate_token is None else truncate_responses(responses, truncate_token, args.truncate_after, pad)
+        if reward_model is not None:
+            sums["objective/scores"] = sums.get("objective/scores", 0.0) + reward_model(torch.cat([q, scored], 1), pad).sum()
+        texts = tokenizer.batch_decode([r[r != pad] for r in scored], skip_special_tokens=references is not None)
+        if gold_fn is not None:
+            gold = gold_fn(texts, tokenizer.batch_decode([x[x != pad] for x in q]))
+            sums["objective/gold_score"] = sums.get("objective/gold_score", 0.0) + sum(gold)
+        if references is not None:  # TL;DR: ROUGE against the reference summaries, as PPO's evaluation reports it
+            refs = tokenizer.batch_decode([r[r != pad] for r in references[i : i + chunk]], skip_special_tokens=True)
+            for row in rouge(texts, refs):
+                for k, v in row.items():
+                    sums[f"eval/{k}"] = sums.get(f"eval/{k}", 0.0) + v
+        for j in range(min(args.num_print_samples - len(rows), len(q))):
+            rows.append({"query": tokenizer.decode(q[j][q[j] != pad]), "response": texts[j], "gold_score": gold[j] if gold_fn else None,
+                         "kl": (logprobs[j] - ref_logprobs[j]).sum().item()})
+    names = sorted(sums)
+    totals = accelerator.reduce(torch.tensor([float(sums[k]) for k in names] + [float(len(queries))], device=device), reduction="sum")
+    return {k: (v / totals[-1]).item() for k, v in zip(names, totals)}, rows
+
+
+def train(args: Args) -> Path:
+    """DPO (or IPO) on preference labels against the frozen initial policy; returns the run folder."""
+    start_time = time.time()
+    world = start_processes().num_processes
+    texts = check_args(args)
+    grad_accum = args.batch_size // (world * args.local_micro_batch_size)
+    accelerator = make_accelerator(args, args.local_micro_batch_size, grad_accum)
+    rank, device = accelerator.process_index, accelerator.device
+    if not resume_has_work(args.resume, world, zero_stage(accelerator)):
+        return Path(args.resume)
+
+    # 1. Models: the policy (under LoRA only its adapters train), the frozen reference (a copy of the initial policy, or
+    #    the policy with its adapters off), and the frozen reward model that only scores the fresh samples. The frozen
+    #    ones are sharded under ZeRO-3 (place_frozen).
+    torch.manual_seed(args.seed)
+    lm, tokenizer = prepare_lm(*load_base_model(args.base_model, load_in_4bit=args.load_in_4bit))
+    frozen_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
+    lora = add_lora(lm, args)
+    reference = FrozenReference(lm, lora, accelerator, frozen_dtype)
+    reward_model = None
+    if args.reward_model is not None:
+        reward_model, reward_tokenizer = load_reward_model(args.reward_model)
+        if len(reward_tokenizer) != len(tokenizer) or reward_tokenizer.pad_token_id != tokenizer.pad_token_id:
+            fail(f"--reward_model {args.reward_model}: its tokenizer ({len(reward_tokenizer)} tokens) "
+                 f"differs from --base_model {args.base_model}'s ({len(tokenizer)})")
+        reward_model = place_frozen(reward_model, accelerator, frozen_dtype)
+    pad = tokenizer.pad_token_id
+    gold_fn = gold_scorer(args.gold_labeler)
+
+    # 2. Pairs: one epoch over the training labels' pairs (SFD: num_updates = pairs // batch_size) in an order shared by
+    #    all processes; the held-out labels' pairs; the fixed queries of the fresh samples (with TL;DR references).
+    (train_q, train_s, train_b), (test_q, test_s, test_b), kind, _ = load_labels(args, tokenizer)
+    train_pairs, test_pairs = preference_pairs(train_q, train_s, train_b), preference_pairs(test_q, test_s, test_b)
+    num_updates = len(train_pairs[0]) // args.batch_size
+    if num_updates == 0:
+        fail(f"--num_train {args.num_train} labels give {len(train_pairs[0])} pairs, fewer than --batch_size {args.batch_size}")
+    order = torch.randperm(len(train_pairs[0]), generator=torch.Generator().manual_seed(args.seed))
+    length = args.sample_length or args.response_length
+    eval_queries, eval_references = next(query_batches(texts, tokenizer, args.query_length, length, min(args.num_eval, len(texts)), seed=0))
+    num_trained = sum(p.numel() for p in lm.parameters() if p.requires_grad)  # counted before ZeRO-3 shards them
+    optimizer = make_optimizer([p for p in lm.parameters() if p.requires_grad], args.optimizer, args.lr, args.eps)
+    policy, optimizer = accelerator.prepare(lm, optimizer)  # DDP, or a DeepSpeed engine with its ZeRO optimizer
+    unwrapped = accelerator.unwrap_model(policy)
+    sampler = Sampler(unwrapped, pad, args.temperature)
+    test_batches = micro_batches(test_pairs, args.local_micro_batch_size, accelerator)
+    # ZeRO-3: the reference gathered (under LoRA it is the policy), so that unequal shares of pairs need no lockstep
+    with accelerator.autocast(), full_weights(policy, accelerator), full_weights(reference.lm, accelerator):
+        test_ref_logps = [pair_logprobs(reference, q, c, r, args.temperature, pad) for q, c, r in test_batches]
+
+    # 3. Run folder, metrics file, wandb. A resumed run takes back the weights, optimizer and metrics of its last
+    #    checkpoint; the pair order is the seed's.
+    run_dir = Path(args.resume) if args.resume else shared_run_dir(accelerator, args.run_root, args.exp_name, args.seed)
+    resumed = load_checkpoint(accelerator, run_dir) if args.resume else None
+    if resumed is not None:
+        load_trained_state(accelerator, policy, optimizer, resumed)
+    first_update = resumed["update"] if resumed else 0
+    elapsed_before = resumed["elapsed_s"] if resumed else 0.0
+    layout = {"world_size": world, "zero_stage": zero_stage(accelerator), "grad_accum": grad_accum, "label_kind": kind[0]}
+    run_log = RunLog(accelerator, args, run_dir, resumed, layout, step_key="update", keep_samples=True)
+    if accelerator.is_main_process:
+        print(f"run folder {run_dir}; {len(train_pairs[0]):,} training and {len(test_pairs[0]):,} held-out pairs from {kind[0]} labels "
+              f"(n = {kind[1]}); {num_updates} updates of {args.batch_size} pairs ({world} process(es) x {grad_accum} micro-batch(es) "
+              f"of {args.local_micro_batch_size}); {num_trained:,} trained parameters"
+              + (f"; resumed after update {first_update} from {resumed['path']}" if resumed else ""))
+
+    def evaluate(update: int) -> dict:
+        """Held-out pairs and fresh samples, with the same random draws every time (their own RNG stream), so that what
+        changes is the policy. Under ZeRO-3 every model is gathered (full_weights)."""
+        policy.eval()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast(), \
+                full_weights(policy, accelerator), full_weights(reference.lm, accelerator), full_weights(reward_model, accelerator):
+            torch.manual_seed(args.seed + rank * 100003)
+            metrics, rows = fresh_samples(sampler, reference, reward_model, eval_queries, eval_references, tokenizer, args, gold_fn, accelerator)
+            if len(test_pairs[0]) and update > 0:  # at update 0 the policy is the reference: every implicit reward is 0
+                metrics.update(held_out_pairs(unwrapped, test_batches, test_ref_logps, args, accelerator, pad))
+        policy.train()
+        if accelerator.is_main_process:
+            print_samples(rows, update)
+            run_log.samples.extend({"update": update, **r} for r in rows)
+        return metrics
+
+    if resumed is None:  # the initial policy: KL 0, and the scores every later evaluation is compared with
+        run_log.write({"update": 0, "pairs": 0, **evaluate(0)})
+
+    # 4. The loop. Each update takes the next batch_size pairs of the shared order, each process every world-th of them;
+    #    the reference's log-probs are computed on the fly; lr follows a cosine from lr to 0 (SFD).
+    if resumed is not None:
+        set_rng_state(resumed["rng"], device)
+    checkpoints = Checkpoints(accelerator, policy, run_dir, args.save_every, args.keep_checkpoints, f"python train_dpo.py --resume {run_dir}",
+                              resumed["path"] if resumed else None)
+    policy_logits = lambda tokens, pad_id, length: response_logits(policy, tokens, pad_id, length)  # through DDP: gradients sync
+    policy.train()
+    shown = {}  # the progress bar's figures: the last update's loss and accuracy, the last evaluation's KL and gold
+    progress = tqdm(range(first_update, num_updates), initial=first_update, total=num_updates,
+                    disable=not accelerator.is_main_process, desc="dpo")
+    for update in progress:
+        t0 = time.perf_counter()
+        lr = args.lr * 0.5 * (1 + math.cos(math.pi * update / num_updates))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        ours = order[update * args.batch_size : (update + 1) * args.batch_size][rank::world]
+        stats = {}
+        for micro in range(grad_accum):
+            idx = ours[micro * args.local_micro_batch_size : (micro + 1) * args.local_micro_batch_size]
+            q, c, r = (t[idx].to(device) for t in train_pairs)  # (b, Q), (b, R), (b, R)
+            with accelerator.accumulate(policy), accelerator.autocast():  # loss / grad_accum; sync (DeepSpeed: step) at the last
+                ref_chosen, ref_rejected = pair_logprobs(reference, q, c, r, args.temperature, pad)  # no_grad inside
+                loss, micro_stats = dpo_loss(*pair_logprobs(policy_logits, q, c, r, args.temperature, pad), ref_chosen, ref_rejected,
+                                             args.beta, args.loss)
+                accelerator.backward(loss)
+            for k, v in {"loss/dpo": loss.detach(), **micro_stats}.items():
+                stats[k] = stats.get(k, 0) + v.float() / grad_accum
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # 5. Statistics averaged over processes; every eval_every updates (and after the last) the held-out pairs and
+        #    the fresh samples' KL, reward and gold score.
+        names = sorted(stats)
+        means = accelerator.reduce(torch.stack([stats[k] for k in names]), reduction="mean").tolist()
+        metrics = {"update": update + 1, "pairs": (update + 1) * args.batch_size, **dict(zip(names, means)), "lr": lr,
+                   "timing/update_s": time.perf_counter() - t0}
+        if (update + 1) % args.eval_every == 0 or update + 1 == num_updates:
+            metrics.update(evaluate(update + 1))
+        run_log.write(metrics)
+        shown.update(loss=f"{metrics['loss/dpo']:.3f}", acc=f"{metrics['rewards/accuracy']:.2f}")
+        shown.update({name: f"{metrics[key]:.3f}" for name, key in (("kl", "objective/kl"), ("gold", "objective/gold_score")) if key in metrics})
+        progress.set_postfix(shown)
+
+        # 6. A NaN or inf stops the run (exit 3); a checkpoint every save_every updates and when SIGTERM or SIGINT came.
+        check_finite(metrics, f"update {update + 1}", checkpoints.last)
+        checkpoints.after(update + 1, num_updates, lambda: {
+            **trained_state(accelerator, policy, optimizer), "update": update + 1, "samples": run_log.samples,
+            "elapsed_s": elapsed_before + time.time() - start_time, "wandb_id": run_log.wandb_id})
+    checkpoints.close()
+
+    # 7. Save the policy (adapters merged under LoRA) as a plain model folder, the samples and the summary. Under ZeRO-3
+    #    every process gathers the weights; the main one writes them.
+    with full_weights(policy, accelerator):
+        write_model_folder(accelerator, unwrapped, lora, tokenizer, run_dir / "policy")
+    run_log.finish(lambda: summarize(run_dir / "metrics.jsonl", elapsed_before + time.time() - start_time), f"DPO: {run_dir}")
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+# =========================================================================================================
+# Plumbing. Everything below serves train() above and is not the algorithm: reading the data, loading the
+# models, LoRA, sampling, measuring, checkpoints and resume, signals, DeepSpeed, the checks of the
+# arguments, the command line, the summary. The `# Copied from` blocks are shared with the other scripts
+# and kept identical by tests/test_pipeline.py.
+# =========================================================================================================
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------------------
 
 
 FLAG_PREFIX = "--"  # how messages spell a flag (train_both.py's convention; train_dpo.py runs alone)
@@ -281,8 +561,8 @@ def read_label_file(path: str, config: Optional[str], split: str) -> tuple:
     return items, local
 
 
-# Copied from train_reward.py
 # Pairwise label formats, told apart by a key only they have: format -> (that key, the keys every record needs).
+# Copied from train_reward.py
 PAIR_FORMATS = {
     "comparisons": ("summaries", ["info", "summaries", "choice"]),  # OpenAI's summarize-from-feedback
     "prompt_answers": ("answer1", ["prompt", "answer1", "answer2"]),  # answer1 preferred
@@ -290,6 +570,9 @@ PAIR_FORMATS = {
     "pairwise": ("query", ["query", "chosen", "rejected"]),  # token ids or text
     "conversations": ("chosen", ["chosen", "rejected"]),  # Anthropic HH-RLHF
 }
+
+
+# Copied from train_reward.py
 ASSISTANT = "\n\nAssistant:"
 
 
@@ -456,6 +739,7 @@ def load_labels(args: Args, tokenizer) -> tuple:
     return train, held_out, kind, [label_meta(test_items[i]) for i in test]
 
 
+# Copied from train_policy.py
 TLDR_KEYS = ("subreddit", "title", "post", "summary")
 
 
@@ -717,7 +1001,7 @@ class Sampler:
         return torch.cat(tokens, 1), torch.cat(logprobs, 1), torch.cat(entropies, 1), values
 
 
-# Copied from train_policy.py
+# Copied from train_reward.py
 class RewardModel(nn.Module):
     """The language model's transformer with a scalar head read at the last real token, then gain and bias.
     Head init N(0, 1/sqrt(d_model + 1)), bias 0 ({OAI}/lm_human_preferences/language/model.py#L248-L258);
@@ -829,6 +1113,11 @@ def response_logits(lm, tokens: torch.Tensor, pad_token_id: int, response_length
     return lm(**model_inputs(tokens, pad_token_id), logits_to_keep=response_length + 1).logits[:, :-1]
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Truncation and the optimizer
+# ---------------------------------------------------------------------------------------------------------
+
+
 # Copied from train_policy.py
 def truncate_token_id(name: Optional[str], tokenizer) -> Optional[int]:
     """The id of --truncate_token: None, "eos" (the tokenizer's EOS, SFD's truncate_token) or a text of one token."""
@@ -893,6 +1182,11 @@ def make_optimizer(params, name: str, lr: float, eps: float):
     if name == "adam_tf":
         return AdamTensorFlowStyle(params, lr=lr, eps=eps)
     return torch.optim.Adam(params, lr=lr, eps=eps) if name == "adam_pytorch" else torch.optim.AdamW(params, lr=lr, eps=eps)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measuring: the gold labelers, ROUGE, the judge; the run folder
+# ---------------------------------------------------------------------------------------------------------
 
 
 # Copied from train_policy.py
@@ -1000,132 +1294,11 @@ def shared_run_dir(accelerator, run_root: str, exp_name: str, seed: int) -> Path
 
 
 # ---------------------------------------------------------------------------------------------------------
-# DPO's pieces (pure functions)
+# Runs that survive: checkpoints, resume, a stop on SIGTERM/SIGINT or on a NaN; the run's log and closing summary
 # ---------------------------------------------------------------------------------------------------------
 
 
-def preference_pairs(queries: torch.Tensor, samples: torch.Tensor, best: torch.Tensor) -> tuple:
-    """(queries (P, Q), chosen (P, R), rejected (P, R)) from N labels with (N, Q) queries, (N, n, R) samples and (N,)
-    indices of the preferred sample. A pairwise label (n = 2, column 0 chosen) is one pair; a best-of-n label is n - 1
-    pairs, its best sample against each other one, in the labels' order. The DPO paper's Plackett-Luce loss over a full
-    ranking reduces to these pairs when the label only says which sample is best."""
-    N, n, R = samples.shape
-    chosen = samples[torch.arange(N), best]  # (N, R)
-    others = torch.arange(n)[None, :] != best[:, None]  # (N, n): every sample but the best
-    rejected = samples[others].view(N * (n - 1), R)
-    return queries.repeat_interleave(n - 1, 0), chosen.repeat_interleave(n - 1, 0), rejected
-
-
-def token_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float, pad_token_id: int) -> torch.Tensor:
-    """(b, R) log-probs of the response tokens from the (b, R, V) logits that predict them, divided by the temperature."""
-    logp = torch.log_softmax(sampling_logits(logits, temperature, pad_token_id), -1)  # (b, R, V), fp32
-    return logp.gather(-1, responses.unsqueeze(-1)).squeeze(-1)
-
-
-def sequence_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float, pad_token_id: int) -> torch.Tensor:
-    """(b,) log-probability of each whole response: the sum of token_logprobs over its real tokens (the pads after its
-    end excluded). {SFD}/summarize_from_feedback_details/dpo.py#L169-L185"""
-    return (token_logprobs(logits, responses, temperature, pad_token_id) * (responses != pad_token_id)).sum(1)
-
-
-def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float,
-             kind: str) -> tuple:
-    """(loss, statistics) from (b,) summed log-probs of the chosen and rejected responses under the policy and the
-    reference. h = (log pi(y_w) - log pi(y_l)) - (log ref(y_w) - log ref(y_l)); sigmoid: -log sigmoid(beta h) (DPO's Eq. 7);
-    ipo: (h - 1 / (2 beta))^2 (IPO's Eq. 17). The implicit rewards beta (log pi - log ref) of each response are logged,
-    as SFD does. {SFD}/summarize_from_feedback_details/dpo.py#L466-L484"""
-    h = (chosen - rejected) - (ref_chosen - ref_rejected)  # (b,)
-    losses = (h - 1 / (2 * beta)) ** 2 if kind == "ipo" else -nn.functional.logsigmoid(beta * h)
-    reward_chosen, reward_rejected = beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach()
-    stats = {"rewards/chosen": reward_chosen.mean(), "rewards/rejected": reward_rejected.mean(),
-             "rewards/margins": (reward_chosen - reward_rejected).mean(), "rewards/accuracy": (reward_chosen > reward_rejected).float().mean(),
-             "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean()}
-    return losses.mean(), stats
-
-
-def pair_logprobs(logits_fn, queries: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, temperature: float,
-                  pad_token_id: int) -> tuple:
-    """(chosen (b,), rejected (b,)) summed log-probs, chosen and rejected stacked into one forward pass of 2b sequences.
-    logits_fn(tokens, pad_token_id, response_length) gives the response logits: the policy's (response_logits) or the
-    frozen reference's (FrozenReference, computed on the fly in training: for one epoch the same cost as precomputing)."""
-    tokens = torch.cat([torch.cat([queries, chosen], 1), torch.cat([queries, rejected], 1)])  # (2b, Q+R)
-    responses = torch.cat([chosen, rejected])  # (2b, R)
-    logps = sequence_logprobs(logits_fn(tokens, pad_token_id, responses.shape[1]), responses, temperature, pad_token_id)
-    return logps.chunk(2)
-
-
-def micro_batches(pairs: tuple, size: int, accelerator) -> list:
-    """This process's share of (queries, chosen, rejected) pairs (every world-th one), in micro-batches of `size`."""
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    queries, chosen, rejected = (t[rank::world] for t in pairs)
-    return [tuple(t[i : i + size].to(device) for t in (queries, chosen, rejected)) for i in range(0, len(queries), size)]
-
-
-@torch.no_grad()
-def held_out_pairs(lm, batches: list, ref_logps: list, args: Args, accelerator, pad_token_id: int) -> dict:
-    """test/* means of dpo_loss's figures over the held-out pairs: this process's micro_batches, with the reference's
-    log-probs of them (computed once: the reference never changes), summed over processes."""
-    sums, count = {}, 0
-    policy_logits = lambda tokens, pad_id, length: response_logits(lm, tokens, pad_id, length)
-    for (q, c, r), (ref_chosen, ref_rejected) in zip(batches, ref_logps):
-        with accelerator.autocast():
-            loss, stats = dpo_loss(*pair_logprobs(policy_logits, q, c, r, args.temperature, pad_token_id), ref_chosen, ref_rejected,
-                                   args.beta, args.loss)
-        for k, v in {"loss": loss, **stats}.items():
-            sums[k] = sums.get(k, 0.0) + v.float() * len(q)
-        count += len(q)
-    names = sorted(sums)
-    totals = accelerator.reduce(torch.stack([sums[k] for k in names] + [torch.tensor(float(count), device=accelerator.device)]), reduction="sum")
-    return {f"test/{k}": (v / totals[-1]).item() for k, v in zip(names, totals)}
-
-
-@torch.no_grad()
-def fresh_samples(sampler, reference, reward_model, queries: torch.Tensor, references: Optional[torch.Tensor], tokenizer, args: Args,
-                  gold_fn, accelerator) -> tuple:
-    """(metrics, rows of this process's first samples): the policy samples sample_length tokens for each of the fixed
-    queries (every world-th one per process), as PPO's rollouts would; logged are the KL to the reference (the mean over
-    samples of sum_t log pi - log ref, PPO's objective/kl), the reward model's score of the samples cut at the truncate
-    token (objective/scores, given --reward_model), the gold labeler's (objective/gold_score), the entropy, and for TL;DR
-    queries ROUGE-1/2/L against their reference summaries (eval/rouge*)."""
-    world, rank, device, pad = accelerator.num_processes, accelerator.process_index, accelerator.device, tokenizer.pad_token_id
-    length, chunk = args.sample_length or args.response_length, args.local_rollout_forward_batch_size
-    queries = queries[rank::world].to(device)
-    references = None if references is None else references[rank::world].to(device)
-    sums = {"objective/kl": 0.0, "objective/entropy": 0.0}
-    truncate_token = truncate_token_id(args.truncate_token, tokenizer)
-    rows = []
-    for i in range(0, len(queries), chunk):
-        q = queries[i : i + chunk]
-        responses, logprobs = sampler(q, length)[:2]  # (b, L) each
-        ref_logprobs = token_logprobs(reference(torch.cat([q, responses], 1), pad, length), responses, args.temperature, pad)
-        sums["objective/kl"] += (logprobs - ref_logprobs).sum(1).sum()
-        sums["objective/entropy"] += (-logprobs).sum(1).sum()
-        scored = responses if truncate_token is None else truncate_responses(responses, truncate_token, args.truncate_after, pad)
-        if reward_model is not None:
-            sums["objective/scores"] = sums.get("objective/scores", 0.0) + reward_model(torch.cat([q, scored], 1), pad).sum()
-        texts = tokenizer.batch_decode([r[r != pad] for r in scored], skip_special_tokens=references is not None)
-        if gold_fn is not None:
-            gold = gold_fn(texts, tokenizer.batch_decode([x[x != pad] for x in q]))
-            sums["objective/gold_score"] = sums.get("objective/gold_score", 0.0) + sum(gold)
-        if references is not None:  # TL;DR: ROUGE against the reference summaries, as PPO's evaluation reports it
-            refs = tokenizer.batch_decode([r[r != pad] for r in references[i : i + chunk]], skip_special_tokens=True)
-            for row in rouge(texts, refs):
-                for k, v in row.items():
-                    sums[f"eval/{k}"] = sums.get(f"eval/{k}", 0.0) + v
-        for j in range(min(args.num_print_samples - len(rows), len(q))):
-            rows.append({"query": tokenizer.decode(q[j][q[j] != pad]), "response": texts[j], "gold_score": gold[j] if gold_fn else None,
-                         "kl": (logprobs[j] - ref_logprobs[j]).sum().item()})
-    names = sorted(sums)
-    totals = accelerator.reduce(torch.tensor([float(sums[k]) for k in names] + [float(len(queries))], device=device), reduction="sum")
-    return {k: (v / totals[-1]).item() for k, v in zip(names, totals)}, rows
-
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Runs that survive: checkpoints, resume, a stop on SIGTERM/SIGINT or on a NaN, the closing summary
-# ---------------------------------------------------------------------------------------------------------
-
-
+# Copied from train_policy.py
 EXIT_NONFINITE = 3  # exit status of a run stopped by a NaN or inf (bad input: 2; stopped by a signal: 128 + its number)
 
 
@@ -1287,6 +1460,55 @@ def write_summary(run_dir: Path, summary: dict, title: str):
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
+# Copied from train_policy.py
+class RunLog:
+    """What a run writes besides its checkpoints and weights, all of it on the main process (on the others every method
+    does nothing): args.json (a fresh run's arguments and process layout), metrics.jsonl (a resumed run appends to it),
+    wandb under --track (a resumed run continues its wandb run), the sample tables' rows (samples.json, for the scripts
+    that keep them: `keep_samples`), and at the end summary.json with its table on the terminal."""
+
+    def __init__(self, accelerator, args, run_dir: Path, resumed: Optional[dict], layout: dict, step_key: str, keep_samples: bool):
+        self.main, self.track, self.step_key, self.run_dir = accelerator.is_main_process, args.track, step_key, run_dir
+        self.samples = (resumed["samples"] if resumed else []) if keep_samples else None
+        self.wandb_id = resumed["wandb_id"] if resumed else None
+        if not self.main:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resumed is None:
+            (run_dir / "args.json").write_text(json.dumps({**asdict(args), **layout}, indent=2))
+        self.file = open(run_dir / "metrics.jsonl", "a" if resumed else "w")
+        if args.track:
+            import wandb
+
+            self.wandb_id = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
+                                       dir=str(run_dir), id=self.wandb_id, resume="allow").id
+
+    def write(self, metrics: dict):
+        """One line of metrics.jsonl, and a wandb step when the metrics have the step key (an evaluation before training
+        without one, as PPO's and RLOO's, goes to the file only)."""
+        if self.main:
+            self.file.write(json.dumps(metrics) + "\n")
+            self.file.flush()
+            if self.track and self.step_key in metrics:
+                import wandb
+
+                wandb.log(metrics, step=metrics[self.step_key])
+
+    def finish(self, summary_fn, title: str):
+        """samples.json, the metrics file closed, summary.json from summary_fn() (which reads metrics.jsonl) with its
+        table, wandb closed."""
+        if not self.main:
+            return
+        if self.samples is not None:
+            (self.run_dir / "samples.json").write_text(json.dumps(self.samples, indent=2))
+        self.file.close()
+        write_summary(self.run_dir, summary_fn(), title)
+        if self.track:
+            import wandb
+
+            wandb.finish()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Past one GPU: plain DDP, or DeepSpeed ZeRO-2/3 when launched with one of configs/zero*.yaml
 # ---------------------------------------------------------------------------------------------------------
@@ -1413,7 +1635,7 @@ def load_trained_state(accelerator, model, optimizer, resumed: dict):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Training
+# Checks of the arguments, the run's summary and sample tables, saving the policy
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -1441,171 +1663,6 @@ def check_args(args: Args):
     return texts
 
 
-def train(args: Args) -> Path:
-    start_time = time.time()
-    world = start_processes().num_processes
-    texts = check_args(args)
-    grad_accum = args.batch_size // (world * args.local_micro_batch_size)
-    accelerator = make_accelerator(args, args.local_micro_batch_size, grad_accum)
-    rank, device = accelerator.process_index, accelerator.device
-    if not resume_has_work(args.resume, world, zero_stage(accelerator)):
-        return Path(args.resume)
-
-    # 1. Models: the policy (under LoRA only its adapters train), the frozen reference (a copy of the initial policy, or
-    #    the policy with its adapters off), and the frozen reward model that only scores the fresh samples. The frozen
-    #    ones are sharded under ZeRO-3 (place_frozen).
-    torch.manual_seed(args.seed)
-    lm, tokenizer = prepare_lm(*load_base_model(args.base_model, load_in_4bit=args.load_in_4bit))
-    frozen_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
-    lora = add_lora(lm, args)
-    reference = FrozenReference(lm, lora, accelerator, frozen_dtype)
-    reward_model = None
-    if args.reward_model is not None:
-        reward_model, reward_tokenizer = load_reward_model(args.reward_model)
-        if len(reward_tokenizer) != len(tokenizer) or reward_tokenizer.pad_token_id != tokenizer.pad_token_id:
-            fail(f"--reward_model {args.reward_model}: its tokenizer ({len(reward_tokenizer)} tokens) differs from --base_model {args.base_model}'s ({len(tokenizer)})")
-        reward_model = place_frozen(reward_model, accelerator, frozen_dtype)
-    pad = tokenizer.pad_token_id
-    gold_fn = gold_scorer(args.gold_labeler)
-
-    # 2. Pairs: one epoch over the training labels' pairs (SFD: num_updates = pairs // batch_size) in an order shared by
-    #    all processes; the held-out labels' pairs; the fixed queries of the fresh samples (with TL;DR references).
-    (train_q, train_s, train_b), (test_q, test_s, test_b), kind, _ = load_labels(args, tokenizer)
-    train_pairs, test_pairs = preference_pairs(train_q, train_s, train_b), preference_pairs(test_q, test_s, test_b)
-    num_updates = len(train_pairs[0]) // args.batch_size
-    if num_updates == 0:
-        fail(f"--num_train {args.num_train} labels give {len(train_pairs[0])} pairs, fewer than --batch_size {args.batch_size}")
-    order = torch.randperm(len(train_pairs[0]), generator=torch.Generator().manual_seed(args.seed))
-    length = args.sample_length or args.response_length
-    eval_queries, eval_references = next(query_batches(texts, tokenizer, args.query_length, length, min(args.num_eval, len(texts)), seed=0))
-    num_trained = sum(p.numel() for p in lm.parameters() if p.requires_grad)  # counted before ZeRO-3 shards them
-    optimizer = make_optimizer([p for p in lm.parameters() if p.requires_grad], args.optimizer, args.lr, args.eps)
-    policy, optimizer = accelerator.prepare(lm, optimizer)  # DDP, or a DeepSpeed engine with its ZeRO optimizer
-    unwrapped = accelerator.unwrap_model(policy)
-    sampler = Sampler(unwrapped, pad, args.temperature)
-    test_batches = micro_batches(test_pairs, args.local_micro_batch_size, accelerator)
-    # ZeRO-3: the reference gathered (under LoRA it is the policy), so that unequal shares of pairs need no lockstep
-    with accelerator.autocast(), full_weights(policy, accelerator), full_weights(reference.lm, accelerator):
-        test_ref_logps = [pair_logprobs(reference, q, c, r, args.temperature, pad) for q, c, r in test_batches]
-
-    # 3. Run folder, metrics file, wandb. A resumed run takes back the weights, optimizer and metrics of its last
-    #    checkpoint; the pair order is the seed's.
-    run_dir = Path(args.resume) if args.resume else shared_run_dir(accelerator, args.run_root, args.exp_name, args.seed)
-    resumed = load_checkpoint(accelerator, run_dir) if args.resume else None
-    if resumed is not None:
-        load_trained_state(accelerator, policy, optimizer, resumed)
-    first_update, samples_log = (resumed["update"], resumed["samples"]) if resumed else (0, [])
-    elapsed_before = resumed["elapsed_s"] if resumed else 0.0
-    metrics_file, wandb_id = None, resumed["wandb_id"] if resumed else None
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resumed is None:
-            (run_dir / "args.json").write_text(json.dumps({**asdict(args), "world_size": world, "zero_stage": zero_stage(accelerator), "grad_accum": grad_accum, "label_kind": kind[0]}, indent=2))
-        metrics_file = open(run_dir / "metrics.jsonl", "a" if resumed else "w")
-        if args.track:
-            import wandb
-
-            wandb_id = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
-                                  dir=str(run_dir), id=wandb_id, resume="allow").id
-        print(f"run folder {run_dir}; {len(train_pairs[0]):,} training and {len(test_pairs[0]):,} held-out pairs from {kind[0]} labels "
-              f"(n = {kind[1]}); {num_updates} updates of {args.batch_size} pairs ({world} process(es) x {grad_accum} micro-batch(es) "
-              f"of {args.local_micro_batch_size}); {num_trained:,} trained parameters"
-              + (f"; resumed after update {first_update} from {resumed['path']}" if resumed else ""))
-
-    def evaluate(update: int) -> dict:
-        """Held-out pairs and fresh samples, with the same random draws every time (their own RNG stream), so that what
-        changes is the policy. Under ZeRO-3 every model is gathered (full_weights)."""
-        policy.eval()
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast(), \
-                full_weights(policy, accelerator), full_weights(reference.lm, accelerator), full_weights(reward_model, accelerator):
-            torch.manual_seed(args.seed + rank * 100003)
-            metrics, rows = fresh_samples(sampler, reference, reward_model, eval_queries, eval_references, tokenizer, args, gold_fn, accelerator)
-            if len(test_pairs[0]) and update > 0:  # at update 0 the policy is the reference: every implicit reward is 0
-                metrics.update(held_out_pairs(unwrapped, test_batches, test_ref_logps, args, accelerator, pad))
-        policy.train()
-        if accelerator.is_main_process:
-            print_samples(rows, update)
-            samples_log.extend({"update": update, **r} for r in rows)
-        return metrics
-
-    def log(metrics: dict):
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(metrics) + "\n")
-            metrics_file.flush()
-            if args.track:
-                wandb.log(metrics, step=metrics["update"])
-
-    if resumed is None:  # the initial policy: KL 0, and the scores every later evaluation is compared with
-        log({"update": 0, "pairs": 0, **evaluate(0)})
-
-    # 4. The loop. Each update takes the next batch_size pairs of the shared order, each process every world-th of them;
-    #    the reference's log-probs are computed on the fly; lr follows a cosine from lr to 0 (SFD).
-    if resumed is not None:
-        set_rng_state(resumed["rng"], device)
-    checkpoints = Checkpoints(accelerator, policy, run_dir, args.save_every, args.keep_checkpoints, f"python train_dpo.py --resume {run_dir}",
-                              resumed["path"] if resumed else None)
-    policy_logits = lambda tokens, pad_id, length: response_logits(policy, tokens, pad_id, length)  # through DDP: gradients sync
-    policy.train()
-    shown = {}  # the progress bar's figures: the last update's loss and accuracy, the last evaluation's KL and gold
-    progress = tqdm(range(first_update, num_updates), initial=first_update, total=num_updates, disable=not accelerator.is_main_process, desc="dpo")
-    for update in progress:
-        t0 = time.perf_counter()
-        lr = args.lr * 0.5 * (1 + math.cos(math.pi * update / num_updates))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        ours = order[update * args.batch_size : (update + 1) * args.batch_size][rank::world]
-        stats = {}
-        for micro in range(grad_accum):
-            idx = ours[micro * args.local_micro_batch_size : (micro + 1) * args.local_micro_batch_size]
-            q, c, r = (t[idx].to(device) for t in train_pairs)  # (b, Q), (b, R), (b, R)
-            with accelerator.accumulate(policy), accelerator.autocast():  # loss / grad_accum; sync (DeepSpeed: step) at the last
-                ref_chosen, ref_rejected = pair_logprobs(reference, q, c, r, args.temperature, pad)  # no_grad inside
-                loss, micro_stats = dpo_loss(*pair_logprobs(policy_logits, q, c, r, args.temperature, pad), ref_chosen, ref_rejected,
-                                             args.beta, args.loss)
-                accelerator.backward(loss)
-            for k, v in {"loss/dpo": loss.detach(), **micro_stats}.items():
-                stats[k] = stats.get(k, 0) + v.float() / grad_accum
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        # 5. Statistics averaged over processes; every eval_every updates (and after the last) the held-out pairs and
-        #    the fresh samples' KL, reward and gold score.
-        names = sorted(stats)
-        means = accelerator.reduce(torch.stack([stats[k] for k in names]), reduction="mean").tolist()
-        metrics = {"update": update + 1, "pairs": (update + 1) * args.batch_size, **dict(zip(names, means)), "lr": lr,
-                   "timing/update_s": time.perf_counter() - t0}
-        if (update + 1) % args.eval_every == 0 or update + 1 == num_updates:
-            metrics.update(evaluate(update + 1))
-        log(metrics)
-        shown.update(loss=f"{metrics['loss/dpo']:.3f}", acc=f"{metrics['rewards/accuracy']:.2f}")
-        shown.update({name: f"{metrics[key]:.3f}" for name, key in (("kl", "objective/kl"), ("gold", "objective/gold_score")) if key in metrics})
-        progress.set_postfix(shown)
-
-        # 6. A NaN or inf stops the run (exit 3); a checkpoint every save_every updates and when SIGTERM or SIGINT came.
-        check_finite(metrics, f"update {update + 1}", checkpoints.last)
-        checkpoints.after(update + 1, num_updates, lambda: {
-            **trained_state(accelerator, policy, optimizer), "update": update + 1, "samples": samples_log,
-            "elapsed_s": elapsed_before + time.time() - start_time, "wandb_id": wandb_id})
-    checkpoints.close()
-
-    # 7. Save the policy (adapters merged under LoRA) as a plain model folder, the samples and the summary. Under ZeRO-3
-    #    every process gathers the weights; the main one writes them.
-    policy_dir = run_dir / "policy"
-    with full_weights(policy, accelerator):
-        if accelerator.is_main_process:
-            saved_lm(unwrapped, lora).save_pretrained(policy_dir)
-            tokenizer.save_pretrained(policy_dir)
-    if accelerator.is_main_process:
-        (run_dir / "samples.json").write_text(json.dumps(samples_log, indent=2))
-        metrics_file.close()
-        print(f"policy saved to {policy_dir}")
-        write_summary(run_dir, summarize(run_dir / "metrics.jsonl", elapsed_before + time.time() - start_time), f"DPO: {run_dir}")
-        if args.track:
-            wandb.finish()
-    accelerator.wait_for_everyone()
-    return run_dir
-
-
 def summarize(metrics_path: Path, wall_s: float) -> dict:
     """Headline figures of a DPO run: training accuracy and margin over the last tenth of updates, the held-out pairs'
     accuracy after training, and the fresh samples' KL, reward, gold score (and TL;DR ROUGE-L) before and after training."""
@@ -1631,6 +1688,16 @@ def print_samples(rows: list, update: int):
     for r in rows:
         table.add_row(r["query"], r["response"], "" if r["gold_score"] is None else f"{r['gold_score']:+.2f}", f"{r['kl']:+.2f}")
     Console().print(table)
+
+
+# Copied from train_policy.py
+def write_model_folder(accelerator, lm, lora, tokenizer, folder: Path):
+    """The trained language model (adapters merged under LoRA) and its tokenizer as a plain model folder, written by the
+    main process; under ZeRO-3 called inside full_weights, which every process enters."""
+    if accelerator.is_main_process:
+        saved_lm(lm, lora).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        print(f"policy saved to {folder}")
 
 
 if __name__ == "__main__":

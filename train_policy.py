@@ -46,6 +46,7 @@ from transformers.activations import GELUTanh, NewGELUActivation
 from transformers.integrations import unset_hf_deepspeed_config
 from transformers.pytorch_utils import Conv1D
 
+
 @dataclass
 class Args:
     # ---- experiment ----
@@ -201,12 +202,17 @@ PRESETS = {
         kl_coef=0.15, adaptive_kl=True, kl_target=6.0, kl_horizon=10000, gold_labeler="vader",
     ),
 }
+
+
 # the same task and hyperparameters; only the labels (hence the reward model) differ. VADER is no judge of it.
 PRESETS["descriptiveness"] = {**PRESETS["sentiment"], "exp_name": "descriptiveness", "gold_labeler": "none"}
+
+
 # SFD's 1B PPO recipe on its TL;DR data: {SFD}/summarize_from_feedback_details/ppo.py#L41-L157, sbatches/ppo.sbatch
 # (pythia-1b-deduped: 8 GPUs x micro-batch 16 x 4 accumulation = 512). base_model is the tldr SFT run's model.
 PRESETS["tldr"] = dict(
-    exp_name="tldr", base_model="models/sft_tldr", query_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
+    exp_name="tldr", base_model="models/sft_tldr",
+    query_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
     query_length=512, response_length=53, truncate_token="eos", truncate_after=0, penalty_reward_value=-1.0, temperature=0.7,
     total_episodes=1_000_000, batch_size=512, nminibatches=1, noptepochs=4, local_micro_batch_size=16,
     local_rollout_forward_batch_size=64, lr=3e-6, eps=1e-5, optimizer="adamw", vf_coef=0.1, cliprange=0.2, cliprange_value=0.2,
@@ -214,6 +220,8 @@ PRESETS["tldr"] = dict(
     gold_labeler="none", eval_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
     eval_split="validation", eval_temperature=0.01,
 )
+
+
 # the summarization twin: SFD's details on the nano SFT model and data/tldr/, sized for two CPU cores (2 PPO epochs at
 # lr 3e-5 instead of 4 at 3e-6: the same judge gain as 4 epochs at 2e-5 in 60% of the time)
 PRESETS["tldr_twin"] = {**PRESETS["tldr"], **dict(
@@ -222,6 +230,477 @@ PRESETS["tldr_twin"] = {**PRESETS["tldr"], **dict(
     noptepochs=2, lr=3e-5, kl_coef=0.05, reference_baseline=True, gold_labeler="tldr_judge", eval_dataset="data/tldr/validation.jsonl.gz",
     num_eval=256, eval_every=4, eval_temperature=0.7, print_sample_every=8,  # the nano model loops when decoding near-greedily
 )}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PPO's pieces: the policy and its value, truncation, rewards with the KL penalty, KL control, GAE, the loss, TF Adam
+# ---------------------------------------------------------------------------------------------------------
+
+
+class PolicyAndValue(nn.Module):
+    """The policy's language model and its value function: a head on the policy's own last hidden state (one shared
+    transformer, as OAI's Policy with scalar head 'value'; init 0, {OAI}/lm_human_preferences/language/model.py#L368),
+    or a separate critic initialised from the reward model (SFD, {SFD}/summarize_from_feedback_details/ppo.py#L478-L488)
+    or from the base model with a fresh head (TRL's PPOTrainer, whose value model is a second copy of the base)."""
+
+    def __init__(self, lm, critic: Optional["RewardModel"] = None):
+        super().__init__()
+        self.lm, self.critic = lm, critic
+        if critic is None:
+            self.value_head = nn.Linear(lm.config.hidden_size, 1)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+
+    def critic_values(self, tokens: torch.Tensor, pad_token_id: int, response_length: int) -> torch.Tensor:
+        """(b, R) values of the separate critic at the R positions Q-1 .. Q+R-2 (the state before each response token)."""
+        return self.critic.scores(tokens, pad_token_id)[:, -response_length - 1 : -1]
+
+    def forward(self, tokens: torch.Tensor, pad_token_id: int, response_length: int) -> tuple:
+        """(logits (b, R, V), values (b, R)) at the R positions Q-1 .. Q+R-2 of (b, Q+R) query+response tokens:
+        position Q-1+t predicts response token t and holds the state before it."""
+        shared = self.critic is None
+        out = self.lm(**model_inputs(tokens, pad_token_id), output_hidden_states=shared, logits_to_keep=response_length + 1)
+        if shared:
+            values = self.value_head(out.hidden_states[-1][:, -response_length - 1 : -1]).squeeze(-1)  # after the final layer norm
+        else:
+            values = self.critic_values(tokens, pad_token_id, response_length)
+        return out.logits[:, :-1], values
+
+
+def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float, pad_token_id: int) -> tuple:
+    """(log-probs (b, R) of the response tokens, entropies (b, R)) from the (b, R, V) logits that predict them.
+    {OAI}/lm_human_preferences/policy.py#L114-L126"""
+    logp = torch.log_softmax(sampling_logits(logits, temperature, pad_token_id), -1)  # (b, R, V)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return logp.gather(-1, responses.unsqueeze(-1)).squeeze(-1), entropy
+
+
+def truncate_token_id(name: Optional[str], tokenizer) -> Optional[int]:
+    """The id of --truncate_token: None, "eos" (the tokenizer's EOS, SFD's truncate_token) or a text of one token."""
+    if name is None or name == "eos":
+        return None if name is None else tokenizer.eos_token_id
+    ids = tokenizer.encode(name)
+    if len(ids) != 1:
+        fail(f"--truncate_token {name!r} is not a single token")
+    return ids[0]
+
+
+def truncate_responses(responses: torch.Tensor, truncate_token: int, truncate_after: int, pad_token_id: int) -> torch.Tensor:
+    """Replace every token after the first truncate_token at or after index truncate_after with the pad token.
+    {OAI}/lm_human_preferences/lm_tasks.py#L39-L50"""
+    hit = responses == truncate_token
+    hit[:, :truncate_after] = False
+    after = (hit.long().cumsum(1) - hit.long()).bool()  # strictly after the first hit
+    return responses.masked_fill(after, pad_token_id)
+
+
+def penalize(scores: torch.Tensor, responses: torch.Tensor, truncate_token: int, truncate_after: int, penalty: float) -> torch.Tensor:
+    """A response with no truncate_token at or after truncate_after gets `penalty` instead of its score.
+    {OAI}/lm_human_preferences/lm_tasks.py#L58-L65 and {OAI}/lm_human_preferences/train_policy.py#L384-L390"""
+    valid = (responses[:, truncate_after:] == truncate_token).any(1)
+    return torch.where(valid, scores, torch.full_like(scores, penalty))
+
+
+INVALID_LOGPROB = 1.0  # SFD's log-prob of a masked token: the same in the policy and the reference, so no KL
+
+
+def response_masks(scored: torch.Tensor, pad_token_id: int, mask_after_truncate: bool) -> tuple:
+    """(valid (b, R), value_valid (b, R), score index (b,)) for (b, R) truncated responses. OAI trains on whole responses:
+    everything valid, the score at the last token. SFD masks what follows the truncate token: log-probs are valid up to
+    it, values one position further, and the score goes one position after it (or on it, when it is the last token).
+    {SFD}/summarize_from_feedback_details/ppo.py#L669-L685"""
+    R = scored.shape[1]
+    if not mask_after_truncate:
+        valid = torch.ones_like(scored, dtype=torch.bool)
+        return valid, valid, torch.full((len(scored),), R - 1, device=scored.device)
+    last = (scored != pad_token_id).sum(1) - 1  # (b,): the truncate token, or R - 1 (sampled responses hold no pads)
+    idx = torch.arange(R, device=scored.device)
+    return idx <= last[:, None], idx <= last[:, None] + 1, torch.where(last + 1 < R, last + 1, last)
+
+
+def compute_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_coef: float, score_index: torch.Tensor) -> tuple:
+    """Per-token rewards (b, R): -kl_coef * (logp - logp_ref) at every token, plus the score at score_index (OAI: the last
+    token). {OAI}/lm_human_preferences/train_policy.py#L149-L154"""
+    non_score_reward = -kl_coef * (logprobs - ref_logprobs)
+    rewards = non_score_reward.clone()
+    rewards[torch.arange(len(scores), device=scores.device), score_index] += scores
+    return rewards, non_score_reward
+
+
+class AdaptiveKLController:
+    """kl_coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon. {OAI}/lm_human_preferences/train_policy.py#L115-L124"""
+
+    def __init__(self, init_kl_coef: float, hparams):
+        self.value = init_kl_coef
+        self.hparams = hparams  # has .target and .horizon (episodes)
+
+    def update(self, current: float, n_steps: int):
+        proportional_error = min(max(current / self.hparams.target - 1, -0.2), 0.2)
+        self.value *= 1 + proportional_error * n_steps / self.hparams.horizon
+
+
+class FixedKLController:
+    """{OAI}/lm_human_preferences/train_policy.py#L107-L112"""
+
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current: float, n_steps: int):
+        pass
+
+
+@dataclass
+class AdaptiveKLParams:
+    target: float
+    """KL target (nats per response)"""
+    horizon: int
+    """episodes over which a full proportional error is corrected"""
+
+
+def whiten(values: torch.Tensor, shift_mean: bool = True, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(x - mean) / sqrt(var + 1e-8) over all (or the valid) elements with the biased variance (tf.nn.moments); with
+    shift_mean=False the mean is added back (rewards keep their mean). {OAI}/lm_human_preferences/utils/core.py#L336-L341,
+    masked as {SFD}/summarize_from_feedback_details/ppo.py#L235-L241"""
+    valid = torch.ones_like(values, dtype=torch.bool) if valid is None else valid
+    mean = masked_mean(values, valid)
+    var = masked_mean((values - mean) ** 2, valid)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over the valid elements. {SFD}/summarize_from_feedback_details/ppo.py#L208-L213"""
+    return (values * valid).sum() / valid.sum()
+
+
+def compute_gae(values: torch.Tensor, rewards: torch.Tensor, gamma: float, lam: float) -> tuple:
+    """(advantages, returns), each (b, R): generalized advantage estimation backwards over the response tokens,
+    the value after the last token being 0. {OAI}/lm_human_preferences/train_policy.py#L327-L336"""
+    lastgaelam, reversed_advantages = 0.0, []
+    R = rewards.shape[1]
+    for t in reversed(range(R)):
+        nextvalues = values[:, t + 1] if t < R - 1 else 0.0
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        reversed_advantages.append(lastgaelam)
+    advantages = torch.stack(reversed_advantages[::-1], 1)
+    return advantages, advantages + values
+
+
+def ppo_loss(logprobs, values, old_logprobs, old_values, advantages, returns, args, valid, value_valid) -> tuple:
+    """Clipped policy loss + vf_coef * clipped value loss (the max of clipped and unclipped squared errors), averaged over
+    the valid tokens (all of them, unless SFD's mask after the truncate token is on). {OAI}/lm_human_preferences/train_policy.py#L343-L357,
+    {SFD}/summarize_from_feedback_details/ppo.py#L740-L755"""
+    vpredclipped = old_values + (values - old_values).clamp(-args.cliprange_value, args.cliprange_value)
+    vf_losses1, vf_losses2 = (values - returns) ** 2, (vpredclipped - returns) ** 2
+    vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), value_valid)
+    ratio = torch.exp(logprobs - old_logprobs)
+    pg_losses, pg_losses2 = -advantages * ratio, -advantages * ratio.clamp(1.0 - args.cliprange, 1.0 + args.cliprange)
+    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), valid)
+    stats = {
+        "ppo/loss/policy": pg_loss, "ppo/loss/value": vf_loss,
+        "ppo/policy/approxkl": 0.5 * masked_mean((logprobs - old_logprobs) ** 2, valid),
+        "ppo/policy/clipfrac": masked_mean((pg_losses2 > pg_losses).float(), valid),
+        "ppo/val/vpred": masked_mean(values, value_valid), "ppo/val/error": masked_mean((values - returns) ** 2, value_valid),
+        "ppo/val/clipfrac": masked_mean((vf_losses2 > vf_losses1).float(), value_valid),
+    }
+    return pg_loss + args.vf_coef * vf_loss, stats
+
+
+class AdamTensorFlowStyle(torch.optim.Optimizer):
+    """Adam as TF1's AdamOptimizer computes it, which OAI used (lr 1e-5-ish, epsilon 1e-5): the bias corrections
+    go into the step size and epsilon is added to sqrt(v) uncorrected ("epsilon hat"):
+        lr_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t);  p -= lr_t * m / (sqrt(v) + eps)
+    torch.optim.Adam instead adds eps to sqrt(v / (1 - beta2^t)): early in training, where 1 - beta2^t is small,
+    TF's epsilon is effectively larger by 1 / sqrt(1 - beta2^t), so TF-style takes smaller steps on
+    parameters with tiny gradients. {OAI}/lm_human_preferences/utils/core.py#L627"""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["step"], state["m"], state["v"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+                state["step"] += 1
+            if not params:
+                continue
+            # every parameter at once: foreach ops launch a few kernels per step, not a few per parameter
+            grads, m, v = [p.grad for p in params], [self.state[p]["m"] for p in params], [self.state[p]["v"] for p in params]
+            torch._foreach_mul_(m, beta1)
+            torch._foreach_add_(m, grads, alpha=1 - beta1)  # m = beta1 m + (1 - beta1) g
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)  # v = beta2 v + (1 - beta2) g^2
+            denom = torch._foreach_add(torch._foreach_sqrt(v), group["eps"])  # sqrt(v) + eps, uncorrected
+            steps = [self.state[p]["step"] for p in params]
+            lr_t = [-group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t) for t in steps]
+            torch._foreach_addcdiv_(params, m, denom, lr_t)
+        return None
+
+
+def make_optimizer(params, name: str, lr: float, eps: float):
+    """TF-style Adam, torch's Adam, or torch's AdamW (its default weight decay 0.01, as SFD ran it)."""
+    if name == "adam_tf":
+        return AdamTensorFlowStyle(params, lr=lr, eps=eps)
+    return torch.optim.Adam(params, lr=lr, eps=eps) if name == "adam_pytorch" else torch.optim.AdamW(params, lr=lr, eps=eps)
+
+
+def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[str] = None) -> Path:
+    """PPO. run_dir: the run folder (train_both.py gives its stage folder; --resume the folder to continue);
+    resume_command: what the message of a run stopped by a signal tells the user to type."""
+    start_time = time.time()
+    world = start_processes().num_processes
+    num_updates, texts, eval_texts = check_args(args)
+    local_batch_size = args.batch_size // world
+    local_minibatch_size = local_batch_size // args.nminibatches
+    grad_accum = local_minibatch_size // args.local_micro_batch_size
+    accelerator = make_accelerator(args, args.local_micro_batch_size, grad_accum, compile=args.compile)
+    rank, device = accelerator.process_index, accelerator.device
+    if not resume_has_work(args.resume, world, zero_stage(accelerator)):
+        return Path(args.resume)
+
+    # 1. Models: policy with its value function (a head, or a critic copied from the reward or base model), frozen reference
+    #    policy, frozen reward model. Same init on every process. The frozen ones are sharded under ZeRO-3 (place_frozen).
+    torch.manual_seed(args.seed)
+    lm, tokenizer = prepare_lm(*load_base_model(args.base_model, load_in_4bit=args.load_in_4bit))
+    reward_model, reward_tokenizer = load_reward_model(args.reward_model)
+    if len(reward_tokenizer) != len(tokenizer) or reward_tokenizer.pad_token_id != tokenizer.pad_token_id:
+        # {OAI}/lm_human_preferences/rewards.py#L119
+        fail(f"--reward_model {args.reward_model}: its tokenizer ({len(reward_tokenizer)} tokens) "
+             f"differs from --base_model {args.base_model}'s ({len(tokenizer)})")
+    truncate_token = truncate_token_id(args.truncate_token, tokenizer)
+    # the frozen models are kept in bf16 under --mixed_precision bf16; the policy's weights stay fp32 (autocast)
+    frozen_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
+    base_critic = RewardModel(copy.deepcopy(lm)) if args.value_model == "base" else None  # copied before LoRA wraps lm
+    lora = add_lora(lm, args)  # under LoRA only the adapters of lm train; the value head (or critic) trains in full
+    reference = FrozenReference(lm, lora, accelerator, frozen_dtype)
+    policy = PolicyAndValue(lm, copy.deepcopy(reward_model) if args.value_model == "reward" else base_critic)
+    reward_model = place_frozen(reward_model, accelerator, frozen_dtype)
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    num_trained = sum(p.numel() for p in trained)  # counted before ZeRO-3 shards them
+    # FLOPs of one PPO update on this process: noptepochs passes of forward + backward (3x a forward) over the batch
+    update_flops = args.noptepochs * local_batch_size * 3 * forward_flops(lm, args.query_length + args.response_length, args.response_length + 1)
+    if args.value_model != "shared":
+        update_flops += args.noptepochs * local_batch_size * 3 * forward_flops(lm, args.query_length + args.response_length, 0)
+    optimizer = make_optimizer(trained, args.optimizer, args.lr, args.eps)
+    policy, optimizer = accelerator.prepare(policy, optimizer)  # DDP, or a DeepSpeed engine with its ZeRO optimizer
+    unwrapped = accelerator.unwrap_model(policy, keep_torch_compile=False)
+    pad = tokenizer.pad_token_id
+    sampler = Sampler(unwrapped.lm, pad, args.temperature, compile=args.compile)
+    gold_fn = gold_scorer(args.gold_labeler)
+
+    # 2. Queries (TL;DR ones with their reference summaries), held-out posts for the evaluation, and a seed per
+    #    process for sampling and minibatch shuffles. {OAI}/lm_human_preferences/utils/core.py#L108-L113
+    batches = query_batches(texts, tokenizer, args.query_length, args.response_length, args.batch_size, args.seed)
+    if args.eval_dataset is not None:
+        # the same held-out posts whatever the seed
+        eval_queries, eval_references = next(query_batches(eval_texts, tokenizer, args.query_length, args.response_length,
+                                                           min(args.num_eval, len(eval_texts)), seed=0))
+        eval_sampler = Sampler(unwrapped.lm, pad, args.eval_temperature)
+    torch.manual_seed(args.seed + rank * 100003)
+    kl_ctl = (AdaptiveKLController(args.kl_coef, AdaptiveKLParams(args.kl_target, args.kl_horizon)) if args.adaptive_kl
+              else FixedKLController(args.kl_coef))
+
+    # 3. Run folder, metrics file, wandb. Nothing was written before the inputs were checked. A resumed run takes back
+    #    the weights, optimizer, KL coefficient, query position and metrics of its last checkpoint; its generators are
+    #    restored where the loop starts.
+    run_dir = Path(args.resume) if args.resume else run_dir or shared_run_dir(accelerator, args.run_root, args.exp_name, args.seed)
+    resumed = load_checkpoint(accelerator, run_dir) if args.resume else None
+    if resumed is not None:
+        load_trained_state(accelerator, policy, optimizer, resumed)
+        kl_ctl.value = resumed["kl_coef"]
+    first_update = resumed["update"] if resumed else 0
+    batches = Stream(batches, skip=first_update)
+    elapsed_before = resumed["elapsed_s"] if resumed else 0.0
+    layout = {"world_size": world, "zero_stage": zero_stage(accelerator), "grad_accum": grad_accum}
+    run_log = RunLog(accelerator, args, run_dir, resumed, layout, step_key="episode", keep_samples=True)
+    if accelerator.is_main_process:
+        print(f"run folder {run_dir}; {num_updates} updates of {args.batch_size} episodes ({world} process(es) x "
+              f"{args.nminibatches} minibatch(es) x {grad_accum} micro-batch(es) of {args.local_micro_batch_size}); "
+              f"{num_trained:,} trained policy and value parameters"
+              + (f"; resumed after update {first_update} from {resumed['path']}" if resumed else ""))
+
+    def run_eval() -> tuple:
+        """The same random draws at every evaluation (its own RNG stream), so its changes are the policy's."""
+        policy.eval()
+        # ZeRO-3: the policy and the reward model gathered, so that unequal shares of the held-out posts need no lockstep
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast(), \
+                full_weights(policy, accelerator), full_weights(reward_model, accelerator):
+            torch.manual_seed(args.seed + rank * 100003)
+            return evaluate(eval_sampler, reward_model, eval_queries.to(device), eval_references.to(device), tokenizer, args,
+                            gold_fn, accelerator, args.local_rollout_forward_batch_size)
+
+    if args.eval_dataset is not None and resumed is None:  # the initial policy on held-out posts, the baseline of later evaluations
+        start_metrics = {"update": 0, **run_eval()[0]}
+        run_log.write(start_metrics)
+        if accelerator.is_main_process:
+            print("before training: " + ", ".join(f"{k} {v:.3f}" for k, v in start_metrics.items() if k.startswith("eval/")))
+
+    if resumed is not None:
+        set_rng_state(resumed["rng"], device)
+    checkpoints = Checkpoints(accelerator, policy, run_dir, args.save_every, args.keep_checkpoints,
+                              resume_command or f"python train_policy.py --resume {run_dir}", resumed["path"] if resumed else None)
+    progress = tqdm(range(first_update, num_updates), initial=first_update, total=num_updates,
+                    disable=not accelerator.is_main_process, desc="ppo")
+    for update in progress:
+        t0 = now(device)
+        # lr annealed linearly to 0, constant within an update. {OAI}/lm_human_preferences/train_policy.py#L172-L173
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * (1 - update / num_updates)
+
+        # 4. Rollouts: sample with the policy, keeping the log-probs (and the shared head's values) of the samples from
+        #    the sampling pass itself, as OAI's respond_op ({OAI}/lm_human_preferences/policy.py#L97-L112); then, in chunks
+        #    of local_rollout_forward_batch_size episodes, the separate critic's values and the reference's log-probs.
+        #    Under ZeRO-3 the policy's weights are gathered for the whole rollout (full_weights).
+        queries, references = next(batches)
+        queries = queries[rank * local_batch_size : (rank + 1) * local_batch_size].to(device)  # (b, Q)
+        references = None if references is None else references[rank * local_batch_size : (rank + 1) * local_batch_size].to(device)
+        policy.eval()
+        chunk = args.local_rollout_forward_batch_size
+        with torch.no_grad(), accelerator.autocast(), full_weights(policy, accelerator):
+            value_head = unwrapped.value_head if unwrapped.critic is None else None
+            responses, logprobs, entropies, values = sampler(queries, args.response_length, value_head)  # (b, R) each
+            query_responses = torch.cat([queries, responses], 1)  # (b, Q+R)
+            if unwrapped.critic is not None:  # {SFD}/summarize_from_feedback_details/ppo.py#L637-L640
+                values = in_chunks(lambda qr: unwrapped.critic_values(qr, pad, args.response_length), chunk, query_responses)
+            t_gen = now(device)
+            ref_logprobs = in_chunks(lambda qr, r: response_logprobs(reference(qr, pad, args.response_length),
+                                                                     r, args.temperature, pad)[0], chunk, query_responses, responses)
+
+            # 5. Scores of the (truncated) responses by the reward model, less the reference summary's with trlX's
+            #    baseline; the penalty for no truncate token; the gold labeler's score. OAI trains on whole responses and
+            #    only the score sees the truncated ones; SFD masks what follows the truncate token.
+            scored = responses
+            if truncate_token is not None:
+                scored = truncate_responses(responses, truncate_token, args.truncate_after, pad)
+            scores = in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, scored], 1))  # (b,)
+            if args.reference_baseline:  # trlX's reward_fn: r(post + sample) - r(post + reference summary)
+                # https://github.com/CarperAI/trlx/blob/7c8f1aad17de6f89dabd20ddf51dbe5e76fa09a1/examples/summarize_rlhf/trlx_gptj_text_summarization.py
+                scores = scores - in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, references], 1))
+            if truncate_token is not None:
+                scores = penalize(scores, scored, truncate_token, args.truncate_after, args.penalty_reward_value)
+            texts_out = tokenizer.batch_decode([r[r != pad] for r in scored], skip_special_tokens=references is not None)
+            query_texts = tokenizer.batch_decode([q[q != pad] for q in queries]) if gold_fn else None
+            gold = torch.tensor(gold_fn(texts_out, query_texts), device=device) if gold_fn else None
+            valid, value_valid, score_index = response_masks(scored, pad, args.mask_after_truncate)  # (b, R), (b, R), (b,)
+            # SFD: masked log-probs take one constant value, so they add no KL. {SFD}/summarize_from_feedback_details/ppo.py#L673-L677
+            logprobs, ref_logprobs = logprobs.masked_fill(~valid, INVALID_LOGPROB), ref_logprobs.masked_fill(~valid, INVALID_LOGPROB)
+            values = values.masked_fill(~value_valid, 0.0)
+            rewards, non_score_reward = compute_rewards(scores, logprobs, ref_logprobs, kl_ctl.value, score_index)  # (b, R)
+        t_score = now(device)
+
+        # 6. PPO: noptepochs passes over the batch, reshuffled each time; per minibatch the rewards are whitened
+        #    (mean kept), GAE computed and advantages whitened, as inside OAI's loss; micro-batches accumulate
+        #    gradients (accelerator.accumulate divides each loss by grad_accum), and DDP averages them across processes
+        #    at the last one (DeepSpeed: reduces them and steps there; optimizer.step() is then a no-op).
+        policy.train()
+        train_stats = []
+        for _ in range(args.noptepochs):
+            order = torch.randperm(local_batch_size, device=device)
+            for mb_start in range(0, local_batch_size, local_minibatch_size):
+                mb = order[mb_start : mb_start + local_minibatch_size]
+                mb_rewards = rewards[mb]
+                if args.whiten_rewards:
+                    mb_rewards = whiten(mb_rewards, shift_mean=False, valid=value_valid[mb]).masked_fill(~value_valid[mb], 0.0)
+                advantages, returns = compute_gae(values[mb], mb_rewards, args.gamma, args.lam)
+                advantages = whiten(advantages, valid=valid[mb]).masked_fill(~valid[mb], 0.0)
+                mb_stats = {"ppo/returns/mean": returns.mean(), "ppo/returns/var": returns.var(unbiased=False),
+                            "ppo/val/mean": values[mb].mean(), "ppo/val/var": values[mb].var(unbiased=False)}
+                for micro in range(grad_accum):
+                    mi = slice(micro * args.local_micro_batch_size, (micro + 1) * args.local_micro_batch_size)
+                    with accelerator.accumulate(policy):
+                        new_logits, new_values = policy(query_responses[mb[mi]], pad, args.response_length)
+                        new_logprobs, entropy = response_logprobs(new_logits, responses[mb[mi]], args.temperature, pad)
+                        new_logprobs = new_logprobs.masked_fill(~valid[mb[mi]], INVALID_LOGPROB)
+                        new_values = new_values.masked_fill(~value_valid[mb[mi]], 0.0)
+                        loss, stats = ppo_loss(new_logprobs, new_values, logprobs[mb[mi]], values[mb[mi]], advantages[mi],
+                                               returns[mi], args, valid[mb[mi]], value_valid[mb[mi]])
+                        accelerator.backward(loss)
+                    stats.update({"ppo/loss/total": loss, "ppo/policy/entropy": masked_mean(entropy, valid[mb[mi]])})
+                    for k, v in stats.items():
+                        mb_stats[k] = mb_stats.get(k, 0) + v.detach() / grad_accum
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                train_stats.append(mb_stats)
+        t_update = now(device)
+
+        # 7. Statistics (OAI's names), averaged over minibatches and processes; the evaluation on held-out posts every
+        #    eval_every updates; then the KL controller steps. {OAI}/lm_human_preferences/train_policy.py#L217-L261
+        kl = (logprobs - ref_logprobs).sum(1)  # (b,)
+        local = {k: torch.stack([s[k] for s in train_stats]).mean() for k in train_stats[0]}
+        local.update({
+            "objective/kl": kl.mean(), "objective/entropy": (-logprobs * valid).sum(1).mean(), "objective/scores": scores.mean(),
+            "objective/entropy_exact": (entropies * valid).sum(1).mean(),  # the same quantity without sampling noise
+            "objective/score_total": scores.mean() + non_score_reward.sum(1).mean(),
+        })
+        if truncate_token is not None:
+            local["objective/truncated_fraction"] = (scored == pad).any(1).float().mean()  # how many responses ended early
+        if gold is not None:
+            local["objective/gold_score"] = gold.mean()
+        names = sorted(local)
+        means = accelerator.reduce(torch.stack([local[k].float() for k in names]), reduction="mean").tolist()
+        metrics = {"episode": (update + 1) * args.batch_size, "update": update + 1, **dict(zip(names, means))}
+        metrics["objective/kl_coef"] = kl_ctl.value
+        metrics["ppo/val/var_explained"] = 1 - metrics["ppo/val/error"] / max(metrics["ppo/returns/var"], 1e-8)
+        metrics["lr"] = args.lr * (1 - update / num_updates)
+        metrics.update({"timing/generation_s": t_gen - t0, "timing/scoring_s": t_score - t_gen, "timing/update_s": t_update - t_score,
+                        "throughput/episodes_per_s": args.batch_size / (now(device) - t0),
+                        "throughput/update_flops_per_s": update_flops / (t_update - t_score)})  # per process
+        if args.peak_flops:
+            metrics["throughput/update_peak_fraction"] = metrics["throughput/update_flops_per_s"] / args.peak_flops
+        if device.type == "cuda":
+            metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        eval_texts_out = None
+        if args.eval_dataset is not None and ((update + 1) % args.eval_every == 0 or update + 1 == num_updates):
+            eval_metrics, eval_texts_out = run_eval()
+            metrics.update(eval_metrics)
+        kl_ctl.update(metrics["objective/kl"], args.batch_size)  # {OAI}/lm_human_preferences/train_policy.py#L305
+
+        run_log.write(metrics)
+        if accelerator.is_main_process:
+            progress.set_postfix(score=f"{metrics['objective/scores']:+.2f}", kl=f"{metrics['objective/kl']:.2f}",
+                                 **({"gold": f"{metrics['objective/gold_score']:+.2f}"} if gold is not None else {}),
+                                 **({"rougeL": f"{metrics['eval/rougeL']:.3f}"} if "eval/rougeL" in metrics else {}))
+            if update % args.print_sample_every == 0 or update + 1 == num_updates:
+                n = min(args.num_print_samples, local_batch_size)
+                rows = sample_rows(update + 1, queries, texts_out, scores, gold, kl, n, tokenizer)
+                print_samples(rows, update + 1)
+                run_log.samples.extend(rows)
+            if eval_texts_out is not None:
+                run_log.samples.append({"update": update + 1, "eval_summaries": eval_texts_out[: args.num_print_samples]})
+
+        # 8. A NaN or inf stops the run (exit 3). A checkpoint every save_every updates and when SIGTERM or SIGINT came
+        #    (then the run stops: exit 128 + signal): all a resumed run needs to go on exactly as this one would.
+        check_finite(metrics, f"update {update + 1}", checkpoints.last)
+        checkpoints.after(update + 1, num_updates, lambda: {
+            **trained_state(accelerator, policy, optimizer), "update": update + 1, "kl_coef": kl_ctl.value,
+            "samples": run_log.samples, "elapsed_s": elapsed_before + time.time() - start_time, "wandb_id": run_log.wandb_id})
+    checkpoints.close()
+
+    # 9. Save the policy (language model + value head, or the critic as a reward-model folder), the sample tables and
+    #    the summary of the run. Under ZeRO-3 every process gathers the weights; the main one writes them.
+    save_policy(accelerator, policy, unwrapped, lora, tokenizer, run_dir)
+    run_log.finish(lambda: summarize(run_dir / "metrics.jsonl", elapsed_before + time.time() - start_time), f"PPO: {run_dir}")
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+# =========================================================================================================
+# Plumbing. Everything below serves train() above and is not the algorithm: reading the data, loading the
+# models, LoRA, sampling, measuring, checkpoints and resume, signals, DeepSpeed, the checks of the
+# arguments, the command line, the summary. The `# Copied from` blocks are shared with the other scripts
+# and kept identical by tests/test_pipeline.py.
+# =========================================================================================================
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------------------
 
 
 FLAG_PREFIX = "--"  # how messages spell a flag: train_both.py sets "--reward." / "--policy." while a stage runs
@@ -527,6 +1006,7 @@ def in_chunks(fn, size: int, *tensors: torch.Tensor) -> torch.Tensor:
     return torch.cat([fn(*(t[i : i + size] for t in tensors)) for i in range(0, n, size)])
 
 
+# Copied from train_reward.py
 class RewardModel(nn.Module):
     """The language model's transformer with a scalar head read at the last real token, then gain and bias.
     Head init N(0, 1/sqrt(d_model + 1)), bias 0 ({OAI}/lm_human_preferences/language/model.py#L248-L258);
@@ -596,36 +1076,6 @@ def load_reward_model(folder: str):
     return model, tokenizer
 
 
-class PolicyAndValue(nn.Module):
-    """The policy's language model and its value function: a head on the policy's own last hidden state (one shared
-    transformer, as OAI's Policy with scalar head 'value'; init 0, {OAI}/lm_human_preferences/language/model.py#L368),
-    or a separate critic initialised from the reward model (SFD, {SFD}/summarize_from_feedback_details/ppo.py#L478-L488)
-    or from the base model with a fresh head (TRL's PPOTrainer, whose value model is a second copy of the base)."""
-
-    def __init__(self, lm, critic: Optional[RewardModel] = None):
-        super().__init__()
-        self.lm, self.critic = lm, critic
-        if critic is None:
-            self.value_head = nn.Linear(lm.config.hidden_size, 1)
-            nn.init.zeros_(self.value_head.weight)
-            nn.init.zeros_(self.value_head.bias)
-
-    def critic_values(self, tokens: torch.Tensor, pad_token_id: int, response_length: int) -> torch.Tensor:
-        """(b, R) values of the separate critic at the R positions Q-1 .. Q+R-2 (the state before each response token)."""
-        return self.critic.scores(tokens, pad_token_id)[:, -response_length - 1 : -1]
-
-    def forward(self, tokens: torch.Tensor, pad_token_id: int, response_length: int) -> tuple:
-        """(logits (b, R, V), values (b, R)) at the R positions Q-1 .. Q+R-2 of (b, Q+R) query+response tokens:
-        position Q-1+t predicts response token t and holds the state before it."""
-        shared = self.critic is None
-        out = self.lm(**model_inputs(tokens, pad_token_id), output_hidden_states=shared, logits_to_keep=response_length + 1)
-        if shared:
-            values = self.value_head(out.hidden_states[-1][:, -response_length - 1 : -1]).squeeze(-1)  # after the final layer norm
-        else:
-            values = self.critic_values(tokens, pad_token_id, response_length)
-        return out.logits[:, :-1], values
-
-
 def response_logits(lm, tokens: torch.Tensor, pad_token_id: int, response_length: int) -> torch.Tensor:
     """(b, R, V) logits that predict the R response tokens of (b, Q+R) query+response tokens. The output projection
     (d x V, the largest matmul of a small model) runs on these R positions only, not on the Q query positions."""
@@ -685,192 +1135,9 @@ class FrozenReference:
             return response_logits(self.lm, tokens, pad_token_id, response_length)
 
 
-def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float, pad_token_id: int) -> tuple:
-    """(log-probs (b, R) of the response tokens, entropies (b, R)) from the (b, R, V) logits that predict them.
-    {OAI}/lm_human_preferences/policy.py#L114-L126"""
-    logp = torch.log_softmax(sampling_logits(logits, temperature, pad_token_id), -1)  # (b, R, V)
-    entropy = -(logp.exp() * logp).sum(-1)
-    return logp.gather(-1, responses.unsqueeze(-1)).squeeze(-1), entropy
-
-
 # ---------------------------------------------------------------------------------------------------------
-# The algorithm's pieces (pure functions)
+# Measuring: FLOPs, the gold labelers, the held-out evaluation, the clock, the run folder
 # ---------------------------------------------------------------------------------------------------------
-
-
-def truncate_token_id(name: Optional[str], tokenizer) -> Optional[int]:
-    """The id of --truncate_token: None, "eos" (the tokenizer's EOS, SFD's truncate_token) or a text of one token."""
-    if name is None or name == "eos":
-        return None if name is None else tokenizer.eos_token_id
-    ids = tokenizer.encode(name)
-    if len(ids) != 1:
-        fail(f"--truncate_token {name!r} is not a single token")
-    return ids[0]
-
-
-def truncate_responses(responses: torch.Tensor, truncate_token: int, truncate_after: int, pad_token_id: int) -> torch.Tensor:
-    """Replace every token after the first truncate_token at or after index truncate_after with the pad token.
-    {OAI}/lm_human_preferences/lm_tasks.py#L39-L50"""
-    hit = responses == truncate_token
-    hit[:, :truncate_after] = False
-    after = (hit.long().cumsum(1) - hit.long()).bool()  # strictly after the first hit
-    return responses.masked_fill(after, pad_token_id)
-
-
-def penalize(scores: torch.Tensor, responses: torch.Tensor, truncate_token: int, truncate_after: int, penalty: float) -> torch.Tensor:
-    """A response with no truncate_token at or after truncate_after gets `penalty` instead of its score.
-    {OAI}/lm_human_preferences/lm_tasks.py#L58-L65 and {OAI}/lm_human_preferences/train_policy.py#L384-L390"""
-    valid = (responses[:, truncate_after:] == truncate_token).any(1)
-    return torch.where(valid, scores, torch.full_like(scores, penalty))
-
-
-INVALID_LOGPROB = 1.0  # SFD's log-prob of a masked token: the same in the policy and the reference, so no KL
-
-
-def response_masks(scored: torch.Tensor, pad_token_id: int, mask_after_truncate: bool) -> tuple:
-    """(valid (b, R), value_valid (b, R), score index (b,)) for (b, R) truncated responses. OAI trains on whole responses:
-    everything valid, the score at the last token. SFD masks what follows the truncate token: log-probs are valid up to
-    it, values one position further, and the score goes one position after it (or on it, when it is the last token).
-    {SFD}/summarize_from_feedback_details/ppo.py#L669-L685"""
-    R = scored.shape[1]
-    if not mask_after_truncate:
-        valid = torch.ones_like(scored, dtype=torch.bool)
-        return valid, valid, torch.full((len(scored),), R - 1, device=scored.device)
-    last = (scored != pad_token_id).sum(1) - 1  # (b,): the truncate token, or R - 1 (sampled responses hold no pads)
-    idx = torch.arange(R, device=scored.device)
-    return idx <= last[:, None], idx <= last[:, None] + 1, torch.where(last + 1 < R, last + 1, last)
-
-
-def compute_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_coef: float, score_index: torch.Tensor) -> tuple:
-    """Per-token rewards (b, R): -kl_coef * (logp - logp_ref) at every token, plus the score at score_index (OAI: the last
-    token). {OAI}/lm_human_preferences/train_policy.py#L149-L154"""
-    non_score_reward = -kl_coef * (logprobs - ref_logprobs)
-    rewards = non_score_reward.clone()
-    rewards[torch.arange(len(scores), device=scores.device), score_index] += scores
-    return rewards, non_score_reward
-
-
-class AdaptiveKLController:
-    """kl_coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon. {OAI}/lm_human_preferences/train_policy.py#L115-L124"""
-
-    def __init__(self, init_kl_coef: float, hparams):
-        self.value = init_kl_coef
-        self.hparams = hparams  # has .target and .horizon (episodes)
-
-    def update(self, current: float, n_steps: int):
-        proportional_error = min(max(current / self.hparams.target - 1, -0.2), 0.2)
-        self.value *= 1 + proportional_error * n_steps / self.hparams.horizon
-
-
-class FixedKLController:
-    """{OAI}/lm_human_preferences/train_policy.py#L107-L112"""
-
-    def __init__(self, kl_coef: float):
-        self.value = kl_coef
-
-    def update(self, current: float, n_steps: int):
-        pass
-
-
-@dataclass
-class AdaptiveKLParams:
-    target: float
-    """KL target (nats per response)"""
-    horizon: int
-    """episodes over which a full proportional error is corrected"""
-
-
-def whiten(values: torch.Tensor, shift_mean: bool = True, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(x - mean) / sqrt(var + 1e-8) over all (or the valid) elements with the biased variance (tf.nn.moments); with
-    shift_mean=False the mean is added back (rewards keep their mean). {OAI}/lm_human_preferences/utils/core.py#L336-L341,
-    masked as {SFD}/summarize_from_feedback_details/ppo.py#L235-L241"""
-    valid = torch.ones_like(values, dtype=torch.bool) if valid is None else valid
-    mean = masked_mean(values, valid)
-    var = masked_mean((values - mean) ** 2, valid)
-    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
-    return whitened if shift_mean else whitened + mean
-
-
-def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean over the valid elements. {SFD}/summarize_from_feedback_details/ppo.py#L208-L213"""
-    return (values * valid).sum() / valid.sum()
-
-
-def compute_gae(values: torch.Tensor, rewards: torch.Tensor, gamma: float, lam: float) -> tuple:
-    """(advantages, returns), each (b, R): generalized advantage estimation backwards over the response tokens,
-    the value after the last token being 0. {OAI}/lm_human_preferences/train_policy.py#L327-L336"""
-    lastgaelam, reversed_advantages = 0.0, []
-    R = rewards.shape[1]
-    for t in reversed(range(R)):
-        nextvalues = values[:, t + 1] if t < R - 1 else 0.0
-        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
-        lastgaelam = delta + gamma * lam * lastgaelam
-        reversed_advantages.append(lastgaelam)
-    advantages = torch.stack(reversed_advantages[::-1], 1)
-    return advantages, advantages + values
-
-
-def ppo_loss(logprobs, values, old_logprobs, old_values, advantages, returns, args, valid, value_valid) -> tuple:
-    """Clipped policy loss + vf_coef * clipped value loss (the max of clipped and unclipped squared errors), averaged over
-    the valid tokens (all of them, unless SFD's mask after the truncate token is on). {OAI}/lm_human_preferences/train_policy.py#L343-L357,
-    {SFD}/summarize_from_feedback_details/ppo.py#L740-L755"""
-    vpredclipped = old_values + (values - old_values).clamp(-args.cliprange_value, args.cliprange_value)
-    vf_losses1, vf_losses2 = (values - returns) ** 2, (vpredclipped - returns) ** 2
-    vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), value_valid)
-    ratio = torch.exp(logprobs - old_logprobs)
-    pg_losses, pg_losses2 = -advantages * ratio, -advantages * ratio.clamp(1.0 - args.cliprange, 1.0 + args.cliprange)
-    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), valid)
-    stats = {
-        "ppo/loss/policy": pg_loss, "ppo/loss/value": vf_loss,
-        "ppo/policy/approxkl": 0.5 * masked_mean((logprobs - old_logprobs) ** 2, valid),
-        "ppo/policy/clipfrac": masked_mean((pg_losses2 > pg_losses).float(), valid),
-        "ppo/val/vpred": masked_mean(values, value_valid), "ppo/val/error": masked_mean((values - returns) ** 2, value_valid),
-        "ppo/val/clipfrac": masked_mean((vf_losses2 > vf_losses1).float(), value_valid),
-    }
-    return pg_loss + args.vf_coef * vf_loss, stats
-
-
-class AdamTensorFlowStyle(torch.optim.Optimizer):
-    """Adam as TF1's AdamOptimizer computes it, which OAI used (lr 1e-5-ish, epsilon 1e-5): the bias corrections
-    go into the step size and epsilon is added to sqrt(v) uncorrected ("epsilon hat"):
-        lr_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t);  p -= lr_t * m / (sqrt(v) + eps)
-    torch.optim.Adam instead adds eps to sqrt(v / (1 - beta2^t)): early in training, where 1 - beta2^t is small,
-    TF's epsilon is effectively larger by 1 / sqrt(1 - beta2^t), so TF-style takes smaller steps on
-    parameters with tiny gradients. {OAI}/lm_human_preferences/utils/core.py#L627"""
-
-    def __init__(self, params, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state["step"], state["m"], state["v"] = 0, torch.zeros_like(p), torch.zeros_like(p)
-                state["step"] += 1
-            if not params:
-                continue
-            # every parameter at once: foreach ops launch a few kernels per step, not a few per parameter
-            grads, m, v = [p.grad for p in params], [self.state[p]["m"] for p in params], [self.state[p]["v"] for p in params]
-            torch._foreach_mul_(m, beta1)
-            torch._foreach_add_(m, grads, alpha=1 - beta1)  # m = beta1 m + (1 - beta1) g
-            torch._foreach_mul_(v, beta2)
-            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)  # v = beta2 v + (1 - beta2) g^2
-            denom = torch._foreach_add(torch._foreach_sqrt(v), group["eps"])  # sqrt(v) + eps, uncorrected
-            steps = [self.state[p]["step"] for p in params]
-            lr_t = [-group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t) for t in steps]
-            torch._foreach_addcdiv_(params, m, denom, lr_t)
-        return None
-
-
-def make_optimizer(params, name: str, lr: float, eps: float):
-    """TF-style Adam, torch's Adam, or torch's AdamW (its default weight decay 0.01, as SFD ran it)."""
-    if name == "adam_tf":
-        return AdamTensorFlowStyle(params, lr=lr, eps=eps)
-    return torch.optim.Adam(params, lr=lr, eps=eps) if name == "adam_pytorch" else torch.optim.AdamW(params, lr=lr, eps=eps)
 
 
 def forward_flops(lm, seq_len: int, logit_positions: int) -> float:
@@ -1015,8 +1282,9 @@ def shared_run_dir(accelerator, run_root: str, exp_name: str, seed: int) -> Path
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Runs that survive: checkpoints, resume, a stop on SIGTERM/SIGINT or on a NaN, the closing summary
+# Runs that survive: checkpoints, resume, a stop on SIGTERM/SIGINT or on a NaN; the run's log and closing summary
 # ---------------------------------------------------------------------------------------------------------
+
 
 EXIT_NONFINITE = 3  # exit status of a run stopped by a NaN or inf (bad input: 2; stopped by a signal: 128 + its number)
 
@@ -1186,6 +1454,54 @@ def write_summary(run_dir: Path, summary: dict, title: str):
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
+class RunLog:
+    """What a run writes besides its checkpoints and weights, all of it on the main process (on the others every method
+    does nothing): args.json (a fresh run's arguments and process layout), metrics.jsonl (a resumed run appends to it),
+    wandb under --track (a resumed run continues its wandb run), the sample tables' rows (samples.json, for the scripts
+    that keep them: `keep_samples`), and at the end summary.json with its table on the terminal."""
+
+    def __init__(self, accelerator, args, run_dir: Path, resumed: Optional[dict], layout: dict, step_key: str, keep_samples: bool):
+        self.main, self.track, self.step_key, self.run_dir = accelerator.is_main_process, args.track, step_key, run_dir
+        self.samples = (resumed["samples"] if resumed else []) if keep_samples else None
+        self.wandb_id = resumed["wandb_id"] if resumed else None
+        if not self.main:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resumed is None:
+            (run_dir / "args.json").write_text(json.dumps({**asdict(args), **layout}, indent=2))
+        self.file = open(run_dir / "metrics.jsonl", "a" if resumed else "w")
+        if args.track:
+            import wandb
+
+            self.wandb_id = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
+                                       dir=str(run_dir), id=self.wandb_id, resume="allow").id
+
+    def write(self, metrics: dict):
+        """One line of metrics.jsonl, and a wandb step when the metrics have the step key (an evaluation before training
+        without one, as PPO's and RLOO's, goes to the file only)."""
+        if self.main:
+            self.file.write(json.dumps(metrics) + "\n")
+            self.file.flush()
+            if self.track and self.step_key in metrics:
+                import wandb
+
+                wandb.log(metrics, step=metrics[self.step_key])
+
+    def finish(self, summary_fn, title: str):
+        """samples.json, the metrics file closed, summary.json from summary_fn() (which reads metrics.jsonl) with its
+        table, wandb closed."""
+        if not self.main:
+            return
+        if self.samples is not None:
+            (self.run_dir / "samples.json").write_text(json.dumps(self.samples, indent=2))
+        self.file.close()
+        write_summary(self.run_dir, summary_fn(), title)
+        if self.track:
+            import wandb
+
+            wandb.finish()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Past one GPU: plain DDP, or DeepSpeed ZeRO-2/3 when launched with one of configs/zero*.yaml
 # ---------------------------------------------------------------------------------------------------------
@@ -1305,7 +1621,7 @@ def load_trained_state(accelerator, model, optimizer, resumed: dict):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Training
+# Checks of the arguments, the run's summary and sample tables, saving the policy
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -1354,273 +1670,8 @@ def check_args(args: Args, reward_model_follows: bool = False) -> tuple:
     return num_updates, texts, eval_texts
 
 
-def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[str] = None) -> Path:
-    """PPO. run_dir: the run folder (train_both.py gives its stage folder; --resume the folder to continue);
-    resume_command: what the message of a run stopped by a signal tells the user to type."""
-    start_time = time.time()
-    world = start_processes().num_processes
-    num_updates, texts, eval_texts = check_args(args)
-    local_batch_size = args.batch_size // world
-    local_minibatch_size = local_batch_size // args.nminibatches
-    grad_accum = local_minibatch_size // args.local_micro_batch_size
-    accelerator = make_accelerator(args, args.local_micro_batch_size, grad_accum, compile=args.compile)
-    rank, device = accelerator.process_index, accelerator.device
-    if not resume_has_work(args.resume, world, zero_stage(accelerator)):
-        return Path(args.resume)
-
-    # 1. Models: policy with its value function (a head, or a critic copied from the reward or base model), frozen reference
-    #    policy, frozen reward model. Same init on every process. The frozen ones are sharded under ZeRO-3 (place_frozen).
-    torch.manual_seed(args.seed)
-    lm, tokenizer = prepare_lm(*load_base_model(args.base_model, load_in_4bit=args.load_in_4bit))
-    reward_model, reward_tokenizer = load_reward_model(args.reward_model)
-    if len(reward_tokenizer) != len(tokenizer) or reward_tokenizer.pad_token_id != tokenizer.pad_token_id:
-        # {OAI}/lm_human_preferences/rewards.py#L119
-        fail(f"--reward_model {args.reward_model}: its tokenizer ({len(reward_tokenizer)} tokens) differs from --base_model {args.base_model}'s ({len(tokenizer)})")
-    truncate_token = truncate_token_id(args.truncate_token, tokenizer)
-    # the frozen models are kept in bf16 under --mixed_precision bf16; the policy's weights stay fp32 (autocast)
-    frozen_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
-    base_critic = RewardModel(copy.deepcopy(lm)) if args.value_model == "base" else None  # copied before LoRA wraps lm
-    lora = add_lora(lm, args)  # under LoRA only the adapters of lm train; the value head (or critic) trains in full
-    reference = FrozenReference(lm, lora, accelerator, frozen_dtype)
-    policy = PolicyAndValue(lm, copy.deepcopy(reward_model) if args.value_model == "reward" else base_critic)
-    reward_model = place_frozen(reward_model, accelerator, frozen_dtype)
-    trained = [p for p in policy.parameters() if p.requires_grad]
-    num_trained = sum(p.numel() for p in trained)  # counted before ZeRO-3 shards them
-    # FLOPs of one PPO update on this process: noptepochs passes of forward + backward (3x a forward) over the batch
-    update_flops = args.noptepochs * local_batch_size * 3 * forward_flops(lm, args.query_length + args.response_length, args.response_length + 1)
-    if args.value_model != "shared":
-        update_flops += args.noptepochs * local_batch_size * 3 * forward_flops(lm, args.query_length + args.response_length, 0)
-    optimizer = make_optimizer(trained, args.optimizer, args.lr, args.eps)
-    policy, optimizer = accelerator.prepare(policy, optimizer)  # DDP, or a DeepSpeed engine with its ZeRO optimizer
-    unwrapped = accelerator.unwrap_model(policy, keep_torch_compile=False)
-    pad = tokenizer.pad_token_id
-    sampler = Sampler(unwrapped.lm, pad, args.temperature, compile=args.compile)
-    gold_fn = gold_scorer(args.gold_labeler)
-
-    # 2. Queries (TL;DR ones with their reference summaries), held-out posts for the evaluation, and a seed per
-    #    process for sampling and minibatch shuffles. {OAI}/lm_human_preferences/utils/core.py#L108-L113
-    batches = query_batches(texts, tokenizer, args.query_length, args.response_length, args.batch_size, args.seed)
-    if args.eval_dataset is not None:
-        # the same held-out posts whatever the seed
-        eval_queries, eval_references = next(query_batches(eval_texts, tokenizer, args.query_length, args.response_length,
-                                                           min(args.num_eval, len(eval_texts)), seed=0))
-        eval_sampler = Sampler(unwrapped.lm, pad, args.eval_temperature)
-    torch.manual_seed(args.seed + rank * 100003)
-    kl_ctl = (AdaptiveKLController(args.kl_coef, AdaptiveKLParams(args.kl_target, args.kl_horizon)) if args.adaptive_kl
-              else FixedKLController(args.kl_coef))
-
-    # 3. Run folder, metrics file, wandb. Nothing was written before the inputs were checked. A resumed run takes back
-    #    the weights, optimizer, KL coefficient, query position and metrics of its last checkpoint; its generators are
-    #    restored where the loop starts.
-    run_dir = Path(args.resume) if args.resume else run_dir or shared_run_dir(accelerator, args.run_root, args.exp_name, args.seed)
-    resumed = load_checkpoint(accelerator, run_dir) if args.resume else None
-    if resumed is not None:
-        load_trained_state(accelerator, policy, optimizer, resumed)
-        kl_ctl.value = resumed["kl_coef"]
-    first_update, samples_log = (resumed["update"], resumed["samples"]) if resumed else (0, [])
-    batches = Stream(batches, skip=first_update)
-    elapsed_before = resumed["elapsed_s"] if resumed else 0.0
-    metrics_file, wandb_id = None, resumed["wandb_id"] if resumed else None
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resumed is None:
-            (run_dir / "args.json").write_text(json.dumps({**asdict(args), "world_size": world, "zero_stage": zero_stage(accelerator), "grad_accum": grad_accum}, indent=2))
-        metrics_file = open(run_dir / "metrics.jsonl", "a" if resumed else "w")
-        if args.track:
-            import wandb
-
-            wandb_id = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
-                                  dir=str(run_dir), id=wandb_id, resume="allow").id
-        print(f"run folder {run_dir}; {num_updates} updates of {args.batch_size} episodes ({world} process(es) x "
-              f"{args.nminibatches} minibatch(es) x {grad_accum} micro-batch(es) of {args.local_micro_batch_size}); "
-              f"{num_trained:,} trained policy and value parameters"
-              + (f"; resumed after update {first_update} from {resumed['path']}" if resumed else ""))
-
-    def run_eval() -> tuple:
-        """The same random draws at every evaluation (its own RNG stream), so its changes are the policy's."""
-        policy.eval()
-        # ZeRO-3: the policy and the reward model gathered, so that unequal shares of the held-out posts need no lockstep
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast(), \
-                full_weights(policy, accelerator), full_weights(reward_model, accelerator):
-            torch.manual_seed(args.seed + rank * 100003)
-            return evaluate(eval_sampler, reward_model, eval_queries.to(device), eval_references.to(device), tokenizer, args,
-                            gold_fn, accelerator, args.local_rollout_forward_batch_size)
-
-    if args.eval_dataset is not None and resumed is None:  # the initial policy on held-out posts, the baseline of later evaluations
-        start_metrics = {"update": 0, **run_eval()[0]}
-        if accelerator.is_main_process:
-            metrics_file.write(json.dumps(start_metrics) + "\n")
-            print("before training: " + ", ".join(f"{k} {v:.3f}" for k, v in start_metrics.items() if k.startswith("eval/")))
-
-    if resumed is not None:
-        set_rng_state(resumed["rng"], device)
-    checkpoints = Checkpoints(accelerator, policy, run_dir, args.save_every, args.keep_checkpoints,
-                              resume_command or f"python train_policy.py --resume {run_dir}", resumed["path"] if resumed else None)
-    progress = tqdm(range(first_update, num_updates), initial=first_update, total=num_updates, disable=not accelerator.is_main_process, desc="ppo")
-    for update in progress:
-        t0 = now(device)
-        # lr annealed linearly to 0, constant within an update. {OAI}/lm_human_preferences/train_policy.py#L172-L173
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr * (1 - update / num_updates)
-
-        # 4. Rollouts: sample with the policy, keeping the log-probs (and the shared head's values) of the samples from
-        #    the sampling pass itself, as OAI's respond_op ({OAI}/lm_human_preferences/policy.py#L97-L112); then, in chunks
-        #    of local_rollout_forward_batch_size episodes, the separate critic's values and the reference's log-probs.
-        #    Under ZeRO-3 the policy's weights are gathered for the whole rollout (full_weights).
-        queries, references = next(batches)
-        queries = queries[rank * local_batch_size : (rank + 1) * local_batch_size].to(device)  # (b, Q)
-        references = None if references is None else references[rank * local_batch_size : (rank + 1) * local_batch_size].to(device)
-        policy.eval()
-        chunk = args.local_rollout_forward_batch_size
-        with torch.no_grad(), accelerator.autocast(), full_weights(policy, accelerator):
-            value_head = unwrapped.value_head if unwrapped.critic is None else None
-            responses, logprobs, entropies, values = sampler(queries, args.response_length, value_head)  # (b, R) each
-            query_responses = torch.cat([queries, responses], 1)  # (b, Q+R)
-            if unwrapped.critic is not None:  # {SFD}/summarize_from_feedback_details/ppo.py#L637-L640
-                values = in_chunks(lambda qr: unwrapped.critic_values(qr, pad, args.response_length), chunk, query_responses)
-            t_gen = now(device)
-            ref_logprobs = in_chunks(lambda qr, r: response_logprobs(reference(qr, pad, args.response_length),
-                                                                     r, args.temperature, pad)[0], chunk, query_responses, responses)
-
-            # 5. Scores of the (truncated) responses by the reward model, less the reference summary's with trlX's
-            #    baseline; the penalty for no truncate token; the gold labeler's score. OAI trains on whole responses and
-            #    only the score sees the truncated ones; SFD masks what follows the truncate token.
-            scored = responses
-            if truncate_token is not None:
-                scored = truncate_responses(responses, truncate_token, args.truncate_after, pad)
-            scores = in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, scored], 1))  # (b,)
-            if args.reference_baseline:  # trlX's reward_fn: r(post + sample) - r(post + reference summary)
-                # https://github.com/CarperAI/trlx/blob/7c8f1aad17de6f89dabd20ddf51dbe5e76fa09a1/examples/summarize_rlhf/trlx_gptj_text_summarization.py
-                scores = scores - in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, references], 1))
-            if truncate_token is not None:
-                scores = penalize(scores, scored, truncate_token, args.truncate_after, args.penalty_reward_value)
-            texts_out = tokenizer.batch_decode([r[r != pad] for r in scored], skip_special_tokens=references is not None)
-            query_texts = tokenizer.batch_decode([q[q != pad] for q in queries]) if gold_fn else None
-            gold = torch.tensor(gold_fn(texts_out, query_texts), device=device) if gold_fn else None
-            valid, value_valid, score_index = response_masks(scored, pad, args.mask_after_truncate)  # (b, R), (b, R), (b,)
-            # SFD: masked log-probs take one constant value, so they add no KL. {SFD}/summarize_from_feedback_details/ppo.py#L673-L677
-            logprobs, ref_logprobs = logprobs.masked_fill(~valid, INVALID_LOGPROB), ref_logprobs.masked_fill(~valid, INVALID_LOGPROB)
-            values = values.masked_fill(~value_valid, 0.0)
-            rewards, non_score_reward = compute_rewards(scores, logprobs, ref_logprobs, kl_ctl.value, score_index)  # (b, R)
-        t_score = now(device)
-
-        # 6. PPO: noptepochs passes over the batch, reshuffled each time; per minibatch the rewards are whitened
-        #    (mean kept), GAE computed and advantages whitened, as inside OAI's loss; micro-batches accumulate
-        #    gradients (accelerator.accumulate divides each loss by grad_accum), and DDP averages them across processes
-        #    at the last one (DeepSpeed: reduces them and steps there; optimizer.step() is then a no-op).
-        policy.train()
-        train_stats = []
-        for _ in range(args.noptepochs):
-            order = torch.randperm(local_batch_size, device=device)
-            for mb_start in range(0, local_batch_size, local_minibatch_size):
-                mb = order[mb_start : mb_start + local_minibatch_size]
-                mb_rewards = rewards[mb]
-                if args.whiten_rewards:
-                    mb_rewards = whiten(mb_rewards, shift_mean=False, valid=value_valid[mb]).masked_fill(~value_valid[mb], 0.0)
-                advantages, returns = compute_gae(values[mb], mb_rewards, args.gamma, args.lam)
-                advantages = whiten(advantages, valid=valid[mb]).masked_fill(~valid[mb], 0.0)
-                mb_stats = {"ppo/returns/mean": returns.mean(), "ppo/returns/var": returns.var(unbiased=False),
-                            "ppo/val/mean": values[mb].mean(), "ppo/val/var": values[mb].var(unbiased=False)}
-                for micro in range(grad_accum):
-                    mi = slice(micro * args.local_micro_batch_size, (micro + 1) * args.local_micro_batch_size)
-                    with accelerator.accumulate(policy):
-                        new_logits, new_values = policy(query_responses[mb[mi]], pad, args.response_length)
-                        new_logprobs, entropy = response_logprobs(new_logits, responses[mb[mi]], args.temperature, pad)
-                        new_logprobs = new_logprobs.masked_fill(~valid[mb[mi]], INVALID_LOGPROB)
-                        new_values = new_values.masked_fill(~value_valid[mb[mi]], 0.0)
-                        loss, stats = ppo_loss(new_logprobs, new_values, logprobs[mb[mi]], values[mb[mi]], advantages[mi],
-                                               returns[mi], args, valid[mb[mi]], value_valid[mb[mi]])
-                        accelerator.backward(loss)
-                    stats.update({"ppo/loss/total": loss, "ppo/policy/entropy": masked_mean(entropy, valid[mb[mi]])})
-                    for k, v in stats.items():
-                        mb_stats[k] = mb_stats.get(k, 0) + v.detach() / grad_accum
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                train_stats.append(mb_stats)
-        t_update = now(device)
-
-        # 7. Statistics (OAI's names), averaged over minibatches and processes; the evaluation on held-out posts every
-        #    eval_every updates; then the KL controller steps. {OAI}/lm_human_preferences/train_policy.py#L217-L261
-        kl = (logprobs - ref_logprobs).sum(1)  # (b,)
-        local = {k: torch.stack([s[k] for s in train_stats]).mean() for k in train_stats[0]}
-        local.update({
-            "objective/kl": kl.mean(), "objective/entropy": (-logprobs * valid).sum(1).mean(), "objective/scores": scores.mean(),
-            "objective/entropy_exact": (entropies * valid).sum(1).mean(),  # the same quantity without sampling noise
-            "objective/score_total": scores.mean() + non_score_reward.sum(1).mean(),
-        })
-        if truncate_token is not None:
-            local["objective/truncated_fraction"] = (scored == pad).any(1).float().mean()  # how many responses ended early
-        if gold is not None:
-            local["objective/gold_score"] = gold.mean()
-        names = sorted(local)
-        means = accelerator.reduce(torch.stack([local[k].float() for k in names]), reduction="mean").tolist()
-        metrics = {"episode": (update + 1) * args.batch_size, "update": update + 1, **dict(zip(names, means))}
-        metrics["objective/kl_coef"] = kl_ctl.value
-        metrics["ppo/val/var_explained"] = 1 - metrics["ppo/val/error"] / max(metrics["ppo/returns/var"], 1e-8)
-        metrics["lr"] = args.lr * (1 - update / num_updates)
-        metrics.update({"timing/generation_s": t_gen - t0, "timing/scoring_s": t_score - t_gen, "timing/update_s": t_update - t_score,
-                        "throughput/episodes_per_s": args.batch_size / (now(device) - t0),
-                        "throughput/update_flops_per_s": update_flops / (t_update - t_score)})  # per process
-        if args.peak_flops:
-            metrics["throughput/update_peak_fraction"] = metrics["throughput/update_flops_per_s"] / args.peak_flops
-        if device.type == "cuda":
-            metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-        eval_texts_out = None
-        if args.eval_dataset is not None and ((update + 1) % args.eval_every == 0 or update + 1 == num_updates):
-            eval_metrics, eval_texts_out = run_eval()
-            metrics.update(eval_metrics)
-        kl_ctl.update(metrics["objective/kl"], args.batch_size)  # {OAI}/lm_human_preferences/train_policy.py#L305
-
-        if accelerator.is_main_process:
-            metrics_file.write(json.dumps(metrics) + "\n")
-            metrics_file.flush()
-            if args.track:
-                wandb.log(metrics, step=metrics["episode"])
-            progress.set_postfix(score=f"{metrics['objective/scores']:+.2f}", kl=f"{metrics['objective/kl']:.2f}",
-                                 **({"gold": f"{metrics['objective/gold_score']:+.2f}"} if gold is not None else {}),
-                                 **({"rougeL": f"{metrics['eval/rougeL']:.3f}"} if "eval/rougeL" in metrics else {}))
-            if update % args.print_sample_every == 0 or update + 1 == num_updates:
-                rows = []
-                for i in range(min(args.num_print_samples, local_batch_size)):
-                    rows.append({"update": update + 1, "query": tokenizer.decode(queries[i][queries[i] != pad]), "response": texts_out[i],
-                                 "score": scores[i].item(), "gold_score": gold[i].item() if gold is not None else None, "kl": kl[i].item()})
-                print_samples(rows, update + 1)
-                samples_log.extend(rows)
-            if eval_texts_out is not None:
-                samples_log.append({"update": update + 1, "eval_summaries": eval_texts_out[: args.num_print_samples]})
-
-        # 8. A NaN or inf stops the run (exit 3). A checkpoint every save_every updates and when SIGTERM or SIGINT came
-        #    (then the run stops: exit 128 + signal): all a resumed run needs to go on exactly as this one would.
-        check_finite(metrics, f"update {update + 1}", checkpoints.last)
-        checkpoints.after(update + 1, num_updates, lambda: {
-            **trained_state(accelerator, policy, optimizer), "update": update + 1, "kl_coef": kl_ctl.value,
-            "samples": samples_log, "elapsed_s": elapsed_before + time.time() - start_time, "wandb_id": wandb_id})
-    checkpoints.close()
-
-    # 9. Save the policy (language model + value head, or the critic as a reward-model folder), the sample tables and
-    #    the summary of the run. Under ZeRO-3 every process gathers the weights; the main one writes them.
-    policy_dir = run_dir / "policy"
-    with full_weights(policy, accelerator):
-        if accelerator.is_main_process:
-            saved_lm(unwrapped.lm, lora).save_pretrained(policy_dir)  # adapters merged under LoRA
-            tokenizer.save_pretrained(policy_dir)
-            if unwrapped.critic is None:
-                save_file({k: v.detach().cpu().contiguous() for k, v in unwrapped.value_head.state_dict().items()}, policy_dir / "value_head.safetensors")
-            else:
-                save_reward_model(unwrapped.critic, tokenizer, run_dir / "critic")
-    if accelerator.is_main_process:
-        (run_dir / "samples.json").write_text(json.dumps(samples_log, indent=2))
-        metrics_file.close()
-        print(f"policy saved to {policy_dir}")
-        write_summary(run_dir, summarize(run_dir / "metrics.jsonl", elapsed_before + time.time() - start_time), f"PPO: {run_dir}")
-        if args.track:
-            wandb.finish()
-    accelerator.wait_for_everyone()
-    return run_dir
-
-
 def summarize(metrics_path: Path, wall_s: float) -> dict:
-    """Headline figures of a PPO run: score, gold and KL at the first update and over the last tenth of updates (as the
+    """Headline figures of a PPO or RLOO run: score, gold and KL at the first update and over the last tenth of updates (as the
     README reports them), the held-out evaluation before and after, episodes/s, wall time (every resumed part summed)."""
     metrics = [json.loads(line) for line in open(metrics_path)]
     updates, evals = [m for m in metrics if "objective/scores" in m], [m for m in metrics if "eval/win_rate" in m]
@@ -1646,6 +1697,36 @@ def print_samples(rows: list, update: int):
         gold = "" if r["gold_score"] is None else f"{r['gold_score']:+.2f}"
         table.add_row(r["query"], r["response"], f"{r['score']:+.2f}", gold, f"{r['kl']:+.2f}")
     Console().print(table)
+
+
+def sample_rows(update: int, queries: torch.Tensor, texts: list, scores: torch.Tensor, gold: Optional[torch.Tensor], kl: torch.Tensor,
+                n: int, tokenizer) -> list:
+    """The first n episodes of a batch as rows of the sample table: query, response, score, gold score, KL."""
+    pad = tokenizer.pad_token_id
+    return [{"update": update, "query": tokenizer.decode(queries[i][queries[i] != pad]), "response": texts[i], "score": scores[i].item(),
+             "gold_score": gold[i].item() if gold is not None else None, "kl": kl[i].item()} for i in range(n)]
+
+
+def write_model_folder(accelerator, lm, lora, tokenizer, folder: Path):
+    """The trained language model (adapters merged under LoRA) and its tokenizer as a plain model folder, written by the
+    main process; under ZeRO-3 called inside full_weights, which every process enters."""
+    if accelerator.is_main_process:
+        saved_lm(lm, lora).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        print(f"policy saved to {folder}")
+
+
+def save_policy(accelerator, policy, unwrapped, lora, tokenizer, run_dir: Path):
+    """PPO's trained models: the policy's language model in run_dir/policy with its value head beside it
+    (value_head.safetensors), or a separate critic as a reward-model folder (run_dir/critic). Under ZeRO-3 every process
+    gathers the weights; the main one writes them."""
+    with full_weights(policy, accelerator):
+        write_model_folder(accelerator, unwrapped.lm, lora, tokenizer, run_dir / "policy")
+        if accelerator.is_main_process and unwrapped.critic is None:
+            value_head = {k: v.detach().cpu().contiguous() for k, v in unwrapped.value_head.state_dict().items()}
+            save_file(value_head, run_dir / "policy" / "value_head.safetensors")
+        elif accelerator.is_main_process:
+            save_reward_model(unwrapped.critic, tokenizer, run_dir / "critic")
 
 
 if __name__ == "__main__":

@@ -168,8 +168,12 @@ PRESETS = {
         normalize_before=True, normalize_after=True, normalize_samples=256, rollout_batch_size=512,
     ),
 }
+
+
 PRESETS["descriptiveness"] = {**PRESETS["sentiment"], "exp_name": "descriptiveness_reward",
                               "label_dataset": "vwxyzjn/lm-human-preferences/descriptiveness/offline_5k.json"}
+
+
 # SFD's 1B reward model: {SFD}/summarize_from_feedback_details/reward.py#L40-L124 and sbatches/reward.sbatch (8 GPUs x
 # micro-batch 1 x 8 accumulation = 64; one epoch of 92,832 comparisons; AdamW, lr 3e-6 cosine; responses up to 169 tokens,
 # tldr_dataset.py's max_rm_response_length; the reference summaries' mean reward as the bias, no gain/bias normalization)
@@ -180,6 +184,8 @@ PRESETS["tldr"] = dict(
     batch_size=64, local_micro_batch_size=8, lr=3e-6, lr_schedule="cosine", eps=1e-5, optimizer="adamw",
     normalize_before=False, normalize_after=False, normalize_samples=4096, rollout_batch_size=512, reference_bias=True,
 )
+
+
 # the summarization twin: the judge's comparisons of the twin's SFT samples (data/tldr/comparisons.jsonl.gz), as SFD trains
 PRESETS["tldr_twin"] = dict(
     exp_name="reward", base_model="runs/tldr_twin/sft_model", label_dataset="data/tldr/comparisons.jsonl.gz",
@@ -189,6 +195,274 @@ PRESETS["tldr_twin"] = dict(
 )
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The reward model, its losses and the normalization
+# ---------------------------------------------------------------------------------------------------------
+
+
+class RewardModel(nn.Module):
+    """The language model's transformer with a scalar head read at the last real token, then gain and bias.
+    Head init N(0, 1/sqrt(d_model + 1)), bias 0 ({OAI}/lm_human_preferences/language/model.py#L248-L258);
+    gain and bias are parameters as in OAI (trained with the rest; set by normalization before and after
+    training, {OAI}/lm_human_preferences/rewards.py#L47-L57)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        d = lm.config.hidden_size
+        self.head = nn.Linear(d, 1)
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(d + 1))
+        nn.init.zeros_(self.head.bias)
+        # shape (1,), not (): DeepSpeed 0.19.8's ZeRO-3 cannot shard a 0-d parameter (a head file with () loads too)
+        self.gain = nn.Parameter(torch.ones(1))
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def scores(self, tokens: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+        """(b, T) fp32 head outputs (gain and bias applied) at every position of (b, T) tokens: the reward at the last
+        real token, or, for a critic initialised from the reward model, the value of every state."""
+        hidden = self.lm.base_model(**model_inputs(tokens, pad_token_id)).last_hidden_state  # (b, T, d)
+        return (self.gain * self.head(hidden).squeeze(-1) + self.bias).float()  # fp32 even from a model kept in bf16
+
+    def forward(self, tokens: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+        """(b,) rewards of (b, T) query+response tokens, read at the last real token: the EOS of a response truncated
+        there (SFD reads the reward at the EOS token, {SFD}/summarize_from_feedback_details/ppo.py#L282-L300), else its
+        last token. OAI reads the last position; a masked pad makes it independent of right padding. {OAI}/lm_human_preferences/rewards.py#L47"""
+        last = (tokens != pad_token_id).long().cumsum(1).argmax(1)  # (b,): the last real token
+        return self.scores(tokens, pad_token_id)[torch.arange(len(tokens), device=tokens.device), last]
+
+
+def label_rewards(reward_model, queries: torch.Tensor, samples: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """(b, n) rewards of each label's n samples, each read with its query: (b, Q) and (b, n, R) tokens."""
+    b, n, _ = samples.shape
+    tokens = torch.cat([queries.unsqueeze(1).expand(b, n, -1), samples], 2).reshape(b * n, -1)  # (b*n, Q+R)
+    return reward_model(tokens, pad_token_id).view(b, n)
+
+
+def choice_loss(rewards: torch.Tensor, best: torch.Tensor, kind: str) -> tuple:
+    """(loss, accuracy). best_of_n: softmax cross-entropy of the n rewards against `best`
+    ({OAI}/lm_human_preferences/label_types.py#L44-L49); pairwise (column 0 chosen, 1 rejected):
+    -log sigmoid(r_chosen - r_rejected), the same thing for n = 2."""
+    if kind == "pairwise":
+        loss = -nn.functional.logsigmoid(rewards[:, 0] - rewards[:, 1]).mean()
+    else:
+        loss = nn.functional.cross_entropy(rewards, best)
+    return loss, (rewards.argmax(1) == best).float().mean()
+
+
+@torch.no_grad()
+def reward_stats(reward_model, policy_lm, batches, args: Args, accelerator, pad_token_id: int) -> tuple:
+    """(mean, std) of the rewards of normalize_samples base-policy responses (full length, unprocessed, as OAI),
+    summed over processes. {OAI}/lm_human_preferences/train_reward.py#L162-L168"""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    local = args.rollout_batch_size // world
+    sums = torch.zeros(3, device=accelerator.device)  # [sum r, sum r^2, count]
+    sampler = Sampler(policy_lm, pad_token_id, args.temperature)
+    for _ in range(math.ceil(args.normalize_samples / args.rollout_batch_size)):
+        queries = next(batches)[0][rank * local : (rank + 1) * local].to(accelerator.device)
+        responses = sampler(queries, args.response_length)[0]
+        r = reward_model(torch.cat([queries, responses], 1), pad_token_id).float()
+        sums += torch.stack([r.sum(), (r**2).sum(), torch.tensor(float(len(r)), device=r.device)])
+    sums = accelerator.reduce(sums, reduction="sum")
+    mean = (sums[0] / sums[2]).item()
+    return mean, math.sqrt(max((sums[1] / sums[2]).item() - mean**2, 0.0))
+
+
+def normalize(reward_model, stats_fn, target_mean: float = 0.0, target_std: float = 1.0) -> tuple:
+    """Reset gain/bias to 1/0, measure the rewards' (mean, std), then set gain = target_std / std and
+    bias = target_mean - gain * mean. Returns the measured (mean, std). {OAI}/lm_human_preferences/rewards.py#L73-L89"""
+    with torch.no_grad():
+        reward_model.gain.fill_(1.0)
+        reward_model.bias.fill_(0.0)
+        mean, std = stats_fn()
+        gain = target_std / std
+        reward_model.gain.fill_(gain)
+        reward_model.bias.fill_(target_mean - gain * mean)
+    return mean, std
+
+
+@torch.no_grad()
+def reference_reward_mean(reward_model, batches, args: Args, accelerator, pad_token_id: int) -> float:
+    """Mean reward of normalize_samples reference summaries (query + ' {summary}<|endoftext|>') of TL;DR posts, over
+    processes: SFD's bias, so that reference summaries score 0 on average. {SFD}/summarize_from_feedback_details/reward.py#L456-L520"""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    local = args.rollout_batch_size // world
+    sums = torch.zeros(2, device=accelerator.device)  # [sum r, count]
+    for _ in range(math.ceil(args.normalize_samples / args.rollout_batch_size)):
+        queries, references = (t[rank * local : (rank + 1) * local].to(accelerator.device) for t in next(batches))
+        r = reward_model(torch.cat([queries, references], 1), pad_token_id)
+        sums += torch.stack([r.sum(), torch.tensor(float(len(r)), device=r.device)])
+    sums = accelerator.reduce(sums, reduction="sum")
+    return (sums[0] / sums[1]).item()
+
+
+@torch.no_grad()
+def accuracy(reward_model, data: tuple, kind: str, args: Args, accelerator, pad_token_id: int) -> tuple:
+    """(held-out accuracy, loss, whether each held-out label was predicted right), each process scoring a shard; sums
+    reduced over processes. Under ZeRO-3 on gathered weights (full_weights), so that unequal shards need no lockstep."""
+    queries, samples, best = data
+    device = accelerator.device
+    total, correct = torch.zeros(2, device=device), torch.zeros(len(queries), device=device)  # [loss sum, count]; per label
+    shard = range(accelerator.process_index, len(queries), accelerator.num_processes)
+    idx = torch.tensor(list(shard), dtype=torch.long)
+    with full_weights(reward_model, accelerator) as model:
+        model.eval()
+        for i in range(0, len(idx), args.local_micro_batch_size):
+            j = idx[i : i + args.local_micro_batch_size]
+            r = label_rewards(model, queries[j].to(device), samples[j].to(device), pad_token_id)
+            loss, _ = choice_loss(r, best[j].to(device), kind)
+            correct[j.to(device)] = (r.argmax(1) == best[j].to(device)).float()
+            total += torch.stack([loss * len(j), torch.tensor(float(len(j)), device=device)])
+        model.train()
+    total, correct = accelerator.reduce(total, reduction="sum"), accelerator.reduce(correct, reduction="sum")
+    return correct.mean().item(), (total[0] / total[1]).item(), correct.bool().tolist()
+
+
+def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[str] = None) -> Path:
+    """The reward model. run_dir: the run folder (train_both.py gives its stage folder; --resume the folder to continue);
+    resume_command: what the message of a run stopped by a signal tells the user to type."""
+    start_time = time.time()
+    world = start_processes().num_processes
+    check_args(args)
+    grad_accum = args.batch_size // (world * args.local_micro_batch_size)
+    accelerator = make_accelerator(args, args.local_micro_batch_size, grad_accum)
+    rank, device = accelerator.process_index, accelerator.device
+    if not resume_has_work(args.resume, world, zero_stage(accelerator)):
+        return Path(args.resume)
+
+    # 1. Models: the reward model (base LM + head, gain, bias) and the frozen base policy that samples for the
+    #    normalization (sharded under ZeRO-3: place_frozen). The seed is the same on every process, so every copy of the
+    #    head starts identical.
+    torch.manual_seed(args.seed)
+    lm, tokenizer = prepare_lm(*load_base_model(args.base_model, load_in_4bit=args.load_in_4bit))
+    # the frozen sampler is kept in bf16 under --mixed_precision bf16; the trained reward model multiplies in bf16 by autocast
+    if args.load_in_4bit:  # a 4-bit model is neither copied nor moved: the sampler is a second 4-bit load
+        policy_lm = prepare_lm(*load_base_model(args.base_model, load_in_4bit=True))[0].eval().requires_grad_(False)
+    else:
+        policy_lm = place_frozen(copy.deepcopy(lm), accelerator, torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32)
+    lora = add_lora(lm, args)  # under LoRA only the adapters of lm train; the head, gain and bias train in full
+    reward_model = RewardModel(lm)
+    pad = tokenizer.pad_token_id
+
+    # 2. Labels (checked before anything is written) and queries for the normalization samples.
+    train_data, test_data, kind, test_meta = load_labels(args, tokenizer)
+    texts = load_texts(args.query_dataset, args.query_split)
+    batches = query_batches(texts, tokenizer, args.query_length, args.response_length, args.rollout_batch_size, args.seed)
+    optimizer = make_optimizer([p for p in reward_model.parameters() if p.requires_grad], args.optimizer, args.lr, args.eps)
+    reward_model, optimizer = accelerator.prepare(reward_model, optimizer)  # DDP, or a DeepSpeed engine with its ZeRO optimizer
+    unwrapped = accelerator.unwrap_model(reward_model)
+    torch.manual_seed(args.seed + rank * 100003)  # {OAI}/lm_human_preferences/utils/core.py#L108-L113
+
+    # 3. Run folder, metrics file, wandb. A resumed run takes back the weights, optimizer, query position and metrics of
+    #    its last checkpoint; its generators are restored where the loop starts.
+    run_dir = Path(args.resume) if args.resume else run_dir or shared_run_dir(accelerator, args.run_root, args.exp_name, args.seed)
+    resumed = load_checkpoint(accelerator, run_dir) if args.resume else None
+    if resumed is not None:
+        load_trained_state(accelerator, reward_model, optimizer, resumed)
+    first_update, elapsed_before = (resumed["update"], resumed["elapsed_s"]) if resumed else (0, 0.0)
+    batches = Stream(batches, skip=resumed["batches"] if resumed else 0)
+    layout = {"world_size": world, "zero_stage": zero_stage(accelerator), "grad_accum": grad_accum, "label_kind": kind[0]}
+    run_log = RunLog(accelerator, args, run_dir, resumed, layout, step_key="update", keep_samples=False)
+    if accelerator.is_main_process:
+        print(f"run folder {run_dir}; {len(train_data[0]):,} training and {len(test_data[0]):,} held-out {kind[0]} labels "
+              f"(n = {kind[1]}); {world} process(es) x {grad_accum} micro-batch(es) of {args.local_micro_batch_size}"
+              + (f"; resumed after update {first_update} from {resumed['path']}" if resumed else ""))
+
+    def stats_fn():
+        with full_weights(policy_lm, accelerator) as sampler_lm:  # ZeRO-3: the frozen sampler gathered while it samples
+            return reward_stats(unwrapped, sampler_lm, batches, args, accelerator, pad)
+
+    # 4. Normalize before training: base-policy rewards to mean 0, std 1 (best-of-n labels carry no scale of their
+    #    own). {OAI}/lm_human_preferences/train_reward.py#L232-L234. Under DeepSpeed gain and bias are set whole and the
+    #    optimizer's fp32 copy follows (full_weights(edit=True)).
+    if resumed is None:
+        before = {"update": 0, "label": 0}
+        if args.normalize_before:
+            with full_weights(reward_model, accelerator, edit=True):
+                before["normalize/before_training/mean"], before["normalize/before_training/std"] = normalize(unwrapped, stats_fn)
+        if len(test_data[0]):
+            before["test/accuracy"], before["test/loss"], _ = accuracy(reward_model, test_data, kind[0], args, accelerator, pad)
+        run_log.write(before)
+
+    # 5. One epoch over the labels in an order shared by all processes; each process takes every world-th label
+    #    of a batch; lr annealed to 0, linearly (OAI) or by a cosine (SFD). {OAI}/lm_human_preferences/train_reward.py#L236-L250
+    order = torch.randperm(args.num_train, generator=torch.Generator().manual_seed(args.seed))
+    num_updates = args.num_train // args.batch_size
+    reward_model.train()
+    if resumed is not None:
+        set_rng_state(resumed["rng"], device)
+    checkpoints = Checkpoints(accelerator, reward_model, run_dir, args.save_every, args.keep_checkpoints,
+                              resume_command or f"python train_reward.py --resume {run_dir}", resumed["path"] if resumed else None)
+    progress = tqdm(range(first_update, num_updates), initial=first_update, total=num_updates,
+                    disable=not accelerator.is_main_process, desc="reward")
+    for update in progress:
+        start = update * args.batch_size
+        done = start / args.num_train
+        lr = args.lr * (1 - done if args.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * done)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        ours = order[start : start + args.batch_size][rank::world]
+        sums = torch.zeros(2, device=device)
+        for micro in range(grad_accum):
+            idx = ours[micro * args.local_micro_batch_size : (micro + 1) * args.local_micro_batch_size]
+            q, s, b = (t[idx].to(device) for t in train_data)
+            with accelerator.accumulate(reward_model):  # divides the loss by grad_accum; syncs (DeepSpeed: steps) at the last
+                loss, acc = choice_loss(label_rewards(reward_model, q, s, pad), b, kind[0])
+                accelerator.backward(loss)
+            sums += torch.stack([loss.detach(), acc]) / grad_accum
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_loss, train_acc = accelerator.reduce(sums, reduction="mean").tolist()
+        metrics = {"update": update + 1, "label": start + args.batch_size, "train/loss": train_loss, "train/accuracy": train_acc, "train/lr": lr}
+        if len(test_data[0]) and ((update + 1) % args.eval_every == 0 or update + 1 == num_updates):
+            metrics["test/accuracy"], metrics["test/loss"], correct = accuracy(reward_model, test_data, kind[0], args, accelerator, pad)
+            if update + 1 == num_updates:  # by split / batch / confidence, where the labels carry them (SFD)
+                metrics.update(accuracy_breakdown(correct, test_meta))
+            progress.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{metrics['test/accuracy']:.3f}")
+        else:
+            progress.set_postfix(loss=f"{train_loss:.3f}")
+        run_log.write(metrics)
+        # a NaN or inf stops the run (exit 3); a checkpoint every save_every updates and when SIGTERM or SIGINT came
+        check_finite(metrics, f"update {update + 1}", checkpoints.last)
+        checkpoints.after(update + 1, num_updates, lambda: {
+            **trained_state(accelerator, reward_model, optimizer), "update": update + 1, "batches": batches.position,
+            "elapsed_s": elapsed_before + time.time() - start_time, "wandb_id": run_log.wandb_id})
+    checkpoints.close()
+
+    # 6. Normalize after training (so that the policy's KL coefficient keeps its meaning), {OAI}/lm_human_preferences/train_reward.py#L252-L254;
+    #    then SFD's reference bias; then save. Under ZeRO-3 all of it on the gathered weights; the main process writes them.
+    final = {"update": num_updates, "label": args.num_train}
+    with full_weights(reward_model, accelerator):
+        if args.normalize_after:
+            final["normalize/after_training/mean"], final["normalize/after_training/std"] = normalize(unwrapped, stats_fn)
+        if args.reference_bias:
+            final["normalize/reference_mean"] = reference_reward_mean(unwrapped, batches, args, accelerator, pad)
+            with torch.no_grad():
+                unwrapped.bias -= final["normalize/reference_mean"]
+        final["reward/gain"], final["reward/bias"] = unwrapped.gain.item(), unwrapped.bias.item()
+        run_log.write(final)
+        unwrapped.lm = saved_lm(unwrapped.lm, lora)  # adapters merged under LoRA
+        if accelerator.is_main_process:
+            save_reward_model(unwrapped, tokenizer, run_dir / "reward_model")
+            print(f"reward model saved to {run_dir / 'reward_model'}")
+    run_log.finish(lambda: summarize(run_dir / "metrics.jsonl", elapsed_before + time.time() - start_time), f"reward model: {run_dir}")
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+# =========================================================================================================
+# Plumbing. Everything below serves train() above and is not the algorithm: reading the data, loading the
+# models, LoRA, sampling, measuring, checkpoints and resume, signals, DeepSpeed, the checks of the
+# arguments, the command line, the summary. The `# Copied from` blocks are shared with the other scripts
+# and kept identical by tests/test_pipeline.py.
+# =========================================================================================================
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_policy.py
 FLAG_PREFIX = "--"  # how messages spell a flag: train_both.py sets "--reward." / "--policy." while a stage runs
 
 
@@ -289,6 +563,8 @@ PAIR_FORMATS = {
     "pairwise": ("query", ["query", "chosen", "rejected"]),  # token ids or text
     "conversations": ("chosen", ["chosen", "rejected"]),  # Anthropic HH-RLHF
 }
+
+
 ASSISTANT = "\n\nAssistant:"
 
 
@@ -460,6 +736,7 @@ def load_labels(args: Args, tokenizer) -> tuple:
     return train, held_out, kind, [label_meta(test_items[i]) for i in test]
 
 
+# Copied from train_policy.py
 TLDR_KEYS = ("subreddit", "title", "post", "summary")
 
 
@@ -579,7 +856,7 @@ def query_batches(texts, tokenizer, query_length: int, response_length: int, bat
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Models
+# Models, the optimizer, the run folder
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -722,38 +999,6 @@ class Sampler:
 
 
 # Copied from train_policy.py
-class RewardModel(nn.Module):
-    """The language model's transformer with a scalar head read at the last real token, then gain and bias.
-    Head init N(0, 1/sqrt(d_model + 1)), bias 0 ({OAI}/lm_human_preferences/language/model.py#L248-L258);
-    gain and bias are parameters as in OAI (trained with the rest; set by normalization before and after
-    training, {OAI}/lm_human_preferences/rewards.py#L47-L57)."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-        d = lm.config.hidden_size
-        self.head = nn.Linear(d, 1)
-        nn.init.normal_(self.head.weight, std=1 / math.sqrt(d + 1))
-        nn.init.zeros_(self.head.bias)
-        # shape (1,), not (): DeepSpeed 0.19.8's ZeRO-3 cannot shard a 0-d parameter (a head file with () loads too)
-        self.gain = nn.Parameter(torch.ones(1))
-        self.bias = nn.Parameter(torch.zeros(1))
-
-    def scores(self, tokens: torch.Tensor, pad_token_id: int) -> torch.Tensor:
-        """(b, T) fp32 head outputs (gain and bias applied) at every position of (b, T) tokens: the reward at the last
-        real token, or, for a critic initialised from the reward model, the value of every state."""
-        hidden = self.lm.base_model(**model_inputs(tokens, pad_token_id)).last_hidden_state  # (b, T, d)
-        return (self.gain * self.head(hidden).squeeze(-1) + self.bias).float()  # fp32 even from a model kept in bf16
-
-    def forward(self, tokens: torch.Tensor, pad_token_id: int) -> torch.Tensor:
-        """(b,) rewards of (b, T) query+response tokens, read at the last real token: the EOS of a response truncated
-        there (SFD reads the reward at the EOS token, {SFD}/summarize_from_feedback_details/ppo.py#L282-L300), else its
-        last token. OAI reads the last position; a masked pad makes it independent of right padding. {OAI}/lm_human_preferences/rewards.py#L47"""
-        last = (tokens != pad_token_id).long().cumsum(1).argmax(1)  # (b,): the last real token
-        return self.scores(tokens, pad_token_id)[torch.arange(len(tokens), device=tokens.device), last]
-
-
-# Copied from train_policy.py
 def save_reward_model(model: RewardModel, tokenizer, folder: Path):
     """A Hugging Face folder of the language model (backbone) plus reward_head.safetensors (head, gain, bias)."""
     tmp = folder.with_name(folder.name + ".tmp")
@@ -873,101 +1118,14 @@ def shared_run_dir(accelerator, run_root: str, exp_name: str, seed: int) -> Path
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The losses and the normalization
+# Runs that survive: checkpoints, resume, a stop on SIGTERM/SIGINT or on a NaN; the run's log and closing summary
 # ---------------------------------------------------------------------------------------------------------
 
 
-def label_rewards(reward_model, queries: torch.Tensor, samples: torch.Tensor, pad_token_id: int) -> torch.Tensor:
-    """(b, n) rewards of each label's n samples, each read with its query: (b, Q) and (b, n, R) tokens."""
-    b, n, R = samples.shape
-    tokens = torch.cat([queries.unsqueeze(1).expand(b, n, -1), samples], 2).reshape(b * n, -1)  # (b*n, Q+R)
-    return reward_model(tokens, pad_token_id).view(b, n)
-
-
-def choice_loss(rewards: torch.Tensor, best: torch.Tensor, kind: str) -> tuple:
-    """(loss, accuracy). best_of_n: softmax cross-entropy of the n rewards against `best`
-    ({OAI}/lm_human_preferences/label_types.py#L44-L49); pairwise (column 0 chosen, 1 rejected):
-    -log sigmoid(r_chosen - r_rejected), the same thing for n = 2."""
-    if kind == "pairwise":
-        loss = -nn.functional.logsigmoid(rewards[:, 0] - rewards[:, 1]).mean()
-    else:
-        loss = nn.functional.cross_entropy(rewards, best)
-    return loss, (rewards.argmax(1) == best).float().mean()
-
-
-@torch.no_grad()
-def reward_stats(reward_model, policy_lm, batches, args: Args, accelerator, pad_token_id: int) -> tuple:
-    """(mean, std) of the rewards of normalize_samples base-policy responses (full length, unprocessed, as OAI),
-    summed over processes. {OAI}/lm_human_preferences/train_reward.py#L162-L168"""
-    world, rank = accelerator.num_processes, accelerator.process_index
-    local = args.rollout_batch_size // world
-    sums = torch.zeros(3, device=accelerator.device)  # [sum r, sum r^2, count]
-    sampler = Sampler(policy_lm, pad_token_id, args.temperature)
-    for _ in range(math.ceil(args.normalize_samples / args.rollout_batch_size)):
-        queries = next(batches)[0][rank * local : (rank + 1) * local].to(accelerator.device)
-        responses = sampler(queries, args.response_length)[0]
-        r = reward_model(torch.cat([queries, responses], 1), pad_token_id).float()
-        sums += torch.stack([r.sum(), (r**2).sum(), torch.tensor(float(len(r)), device=r.device)])
-    sums = accelerator.reduce(sums, reduction="sum")
-    mean = (sums[0] / sums[2]).item()
-    return mean, math.sqrt(max((sums[1] / sums[2]).item() - mean**2, 0.0))
-
-
-def normalize(reward_model, stats_fn, target_mean: float = 0.0, target_std: float = 1.0) -> tuple:
-    """Reset gain/bias to 1/0, measure the rewards' (mean, std), then set gain = target_std / std and
-    bias = target_mean - gain * mean. Returns the measured (mean, std). {OAI}/lm_human_preferences/rewards.py#L73-L89"""
-    with torch.no_grad():
-        reward_model.gain.fill_(1.0)
-        reward_model.bias.fill_(0.0)
-        mean, std = stats_fn()
-        gain = target_std / std
-        reward_model.gain.fill_(gain)
-        reward_model.bias.fill_(target_mean - gain * mean)
-    return mean, std
-
-
-@torch.no_grad()
-def reference_reward_mean(reward_model, batches, args: Args, accelerator, pad_token_id: int) -> float:
-    """Mean reward of normalize_samples reference summaries (query + ' {summary}<|endoftext|>') of TL;DR posts, over
-    processes: SFD's bias, so that reference summaries score 0 on average. {SFD}/summarize_from_feedback_details/reward.py#L456-L520"""
-    world, rank = accelerator.num_processes, accelerator.process_index
-    local = args.rollout_batch_size // world
-    sums = torch.zeros(2, device=accelerator.device)  # [sum r, count]
-    for _ in range(math.ceil(args.normalize_samples / args.rollout_batch_size)):
-        queries, references = (t[rank * local : (rank + 1) * local].to(accelerator.device) for t in next(batches))
-        r = reward_model(torch.cat([queries, references], 1), pad_token_id)
-        sums += torch.stack([r.sum(), torch.tensor(float(len(r)), device=r.device)])
-    sums = accelerator.reduce(sums, reduction="sum")
-    return (sums[0] / sums[1]).item()
-
-
-@torch.no_grad()
-def accuracy(reward_model, data: tuple, kind: str, args: Args, accelerator, pad_token_id: int) -> tuple:
-    """(held-out accuracy, loss, whether each held-out label was predicted right), each process scoring a shard; sums
-    reduced over processes. Under ZeRO-3 on gathered weights (full_weights), so that unequal shards need no lockstep."""
-    queries, samples, best = data
-    device = accelerator.device
-    total, correct = torch.zeros(2, device=device), torch.zeros(len(queries), device=device)  # [loss sum, count]; per label
-    shard = range(accelerator.process_index, len(queries), accelerator.num_processes)
-    idx = torch.tensor(list(shard), dtype=torch.long)
-    with full_weights(reward_model, accelerator) as model:
-        model.eval()
-        for i in range(0, len(idx), args.local_micro_batch_size):
-            j = idx[i : i + args.local_micro_batch_size]
-            r = label_rewards(model, queries[j].to(device), samples[j].to(device), pad_token_id)
-            loss, _ = choice_loss(r, best[j].to(device), kind)
-            correct[j.to(device)] = (r.argmax(1) == best[j].to(device)).float()
-            total += torch.stack([loss * len(j), torch.tensor(float(len(j)), device=device)])
-        model.train()
-    total, correct = accelerator.reduce(total, reduction="sum"), accelerator.reduce(correct, reduction="sum")
-    return correct.mean().item(), (total[0] / total[1]).item(), correct.bool().tolist()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Runs that survive: checkpoints, resume, a stop on SIGTERM/SIGINT or on a NaN, the closing summary
-# ---------------------------------------------------------------------------------------------------------
-
+# Copied from train_policy.py
 EXIT_NONFINITE = 3  # exit status of a run stopped by a NaN or inf (bad input: 2; stopped by a signal: 128 + its number)
+
+
 # Copied from train_policy.py
 class Stream:
     """An iterator that counts what it has handed out: its position, which a checkpoint stores and a resumed run skips."""
@@ -1143,6 +1301,55 @@ def write_summary(run_dir: Path, summary: dict, title: str):
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
+# Copied from train_policy.py
+class RunLog:
+    """What a run writes besides its checkpoints and weights, all of it on the main process (on the others every method
+    does nothing): args.json (a fresh run's arguments and process layout), metrics.jsonl (a resumed run appends to it),
+    wandb under --track (a resumed run continues its wandb run), the sample tables' rows (samples.json, for the scripts
+    that keep them: `keep_samples`), and at the end summary.json with its table on the terminal."""
+
+    def __init__(self, accelerator, args, run_dir: Path, resumed: Optional[dict], layout: dict, step_key: str, keep_samples: bool):
+        self.main, self.track, self.step_key, self.run_dir = accelerator.is_main_process, args.track, step_key, run_dir
+        self.samples = (resumed["samples"] if resumed else []) if keep_samples else None
+        self.wandb_id = resumed["wandb_id"] if resumed else None
+        if not self.main:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resumed is None:
+            (run_dir / "args.json").write_text(json.dumps({**asdict(args), **layout}, indent=2))
+        self.file = open(run_dir / "metrics.jsonl", "a" if resumed else "w")
+        if args.track:
+            import wandb
+
+            self.wandb_id = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
+                                       dir=str(run_dir), id=self.wandb_id, resume="allow").id
+
+    def write(self, metrics: dict):
+        """One line of metrics.jsonl, and a wandb step when the metrics have the step key (an evaluation before training
+        without one, as PPO's and RLOO's, goes to the file only)."""
+        if self.main:
+            self.file.write(json.dumps(metrics) + "\n")
+            self.file.flush()
+            if self.track and self.step_key in metrics:
+                import wandb
+
+                wandb.log(metrics, step=metrics[self.step_key])
+
+    def finish(self, summary_fn, title: str):
+        """samples.json, the metrics file closed, summary.json from summary_fn() (which reads metrics.jsonl) with its
+        table, wandb closed."""
+        if not self.main:
+            return
+        if self.samples is not None:
+            (self.run_dir / "samples.json").write_text(json.dumps(self.samples, indent=2))
+        self.file.close()
+        write_summary(self.run_dir, summary_fn(), title)
+        if self.track:
+            import wandb
+
+            wandb.finish()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Past one GPU: plain DDP, or DeepSpeed ZeRO-2/3 when launched with one of configs/zero*.yaml
 # ---------------------------------------------------------------------------------------------------------
@@ -1269,7 +1476,7 @@ def load_trained_state(accelerator, model, optimizer, resumed: dict):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Training
+# Checks of the arguments, the run's summary
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -1290,156 +1497,6 @@ def check_args(args: Args):
     read_label_file(args.label_dataset, args.label_config, args.label_split)
     if args.reference_bias and isinstance(load_texts(args.query_dataset, args.query_split)[0], str):
         fail(f"--reference_bias needs TL;DR posts with reference summaries; --query_dataset {args.query_dataset} holds texts")
-
-
-def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[str] = None) -> Path:
-    """The reward model. run_dir: the run folder (train_both.py gives its stage folder; --resume the folder to continue);
-    resume_command: what the message of a run stopped by a signal tells the user to type."""
-    start_time = time.time()
-    world = start_processes().num_processes
-    check_args(args)
-    grad_accum = args.batch_size // (world * args.local_micro_batch_size)
-    accelerator = make_accelerator(args, args.local_micro_batch_size, grad_accum)
-    rank, device = accelerator.process_index, accelerator.device
-    if not resume_has_work(args.resume, world, zero_stage(accelerator)):
-        return Path(args.resume)
-
-    # 1. Models: the reward model (base LM + head, gain, bias) and the frozen base policy that samples for the
-    #    normalization (sharded under ZeRO-3: place_frozen). The seed is the same on every process, so every copy of the
-    #    head starts identical.
-    torch.manual_seed(args.seed)
-    lm, tokenizer = prepare_lm(*load_base_model(args.base_model, load_in_4bit=args.load_in_4bit))
-    # the frozen sampler is kept in bf16 under --mixed_precision bf16; the trained reward model multiplies in bf16 by autocast
-    if args.load_in_4bit:  # a 4-bit model is neither copied nor moved: the sampler is a second 4-bit load
-        policy_lm = prepare_lm(*load_base_model(args.base_model, load_in_4bit=True))[0].eval().requires_grad_(False)
-    else:
-        policy_lm = place_frozen(copy.deepcopy(lm), accelerator, torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32)
-    lora = add_lora(lm, args)  # under LoRA only the adapters of lm train; the head, gain and bias train in full
-    reward_model = RewardModel(lm)
-    pad = tokenizer.pad_token_id
-
-    # 2. Labels (checked before anything is written) and queries for the normalization samples.
-    train_data, test_data, kind, test_meta = load_labels(args, tokenizer)
-    texts = load_texts(args.query_dataset, args.query_split)
-    batches = query_batches(texts, tokenizer, args.query_length, args.response_length, args.rollout_batch_size, args.seed)
-    optimizer = make_optimizer([p for p in reward_model.parameters() if p.requires_grad], args.optimizer, args.lr, args.eps)
-    reward_model, optimizer = accelerator.prepare(reward_model, optimizer)  # DDP, or a DeepSpeed engine with its ZeRO optimizer
-    unwrapped = accelerator.unwrap_model(reward_model)
-    torch.manual_seed(args.seed + rank * 100003)  # {OAI}/lm_human_preferences/utils/core.py#L108-L113
-
-    # 3. Run folder, metrics file, wandb. A resumed run takes back the weights, optimizer, query position and metrics of
-    #    its last checkpoint; its generators are restored where the loop starts.
-    run_dir = Path(args.resume) if args.resume else run_dir or shared_run_dir(accelerator, args.run_root, args.exp_name, args.seed)
-    resumed = load_checkpoint(accelerator, run_dir) if args.resume else None
-    if resumed is not None:
-        load_trained_state(accelerator, reward_model, optimizer, resumed)
-    first_update, elapsed_before = (resumed["update"], resumed["elapsed_s"]) if resumed else (0, 0.0)
-    batches = Stream(batches, skip=resumed["batches"] if resumed else 0)
-    metrics_file, wandb_id = None, resumed["wandb_id"] if resumed else None
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resumed is None:
-            (run_dir / "args.json").write_text(json.dumps({**asdict(args), "world_size": world, "zero_stage": zero_stage(accelerator), "grad_accum": grad_accum, "label_kind": kind[0]}, indent=2))
-        metrics_file = open(run_dir / "metrics.jsonl", "a" if resumed else "w")
-        if args.track:
-            import wandb
-
-            wandb_id = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
-                                  dir=str(run_dir), id=wandb_id, resume="allow").id
-        print(f"run folder {run_dir}; {len(train_data[0]):,} training and {len(test_data[0]):,} held-out {kind[0]} labels "
-              f"(n = {kind[1]}); {world} process(es) x {grad_accum} micro-batch(es) of {args.local_micro_batch_size}"
-              + (f"; resumed after update {first_update} from {resumed['path']}" if resumed else ""))
-
-    def log(metrics: dict):
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(metrics) + "\n")
-            metrics_file.flush()
-            if args.track:
-                wandb.log(metrics, step=metrics["update"])
-
-    def stats_fn():
-        with full_weights(policy_lm, accelerator) as sampler_lm:  # ZeRO-3: the frozen sampler gathered while it samples
-            return reward_stats(unwrapped, sampler_lm, batches, args, accelerator, pad)
-
-    # 4. Normalize before training: base-policy rewards to mean 0, std 1 (best-of-n labels carry no scale of their
-    #    own). {OAI}/lm_human_preferences/train_reward.py#L232-L234. Under DeepSpeed gain and bias are set whole and the
-    #    optimizer's fp32 copy follows (full_weights(edit=True)).
-    if resumed is None:
-        before = {"update": 0, "label": 0}
-        if args.normalize_before:
-            with full_weights(reward_model, accelerator, edit=True):
-                before["normalize/before_training/mean"], before["normalize/before_training/std"] = normalize(unwrapped, stats_fn)
-        if len(test_data[0]):
-            before["test/accuracy"], before["test/loss"], _ = accuracy(reward_model, test_data, kind[0], args, accelerator, pad)
-        log(before)
-
-    # 5. One epoch over the labels in an order shared by all processes; each process takes every world-th label
-    #    of a batch; lr annealed to 0, linearly (OAI) or by a cosine (SFD). {OAI}/lm_human_preferences/train_reward.py#L236-L250
-    order = torch.randperm(args.num_train, generator=torch.Generator().manual_seed(args.seed))
-    num_updates = args.num_train // args.batch_size
-    reward_model.train()
-    if resumed is not None:
-        set_rng_state(resumed["rng"], device)
-    checkpoints = Checkpoints(accelerator, reward_model, run_dir, args.save_every, args.keep_checkpoints,
-                              resume_command or f"python train_reward.py --resume {run_dir}", resumed["path"] if resumed else None)
-    progress = tqdm(range(first_update, num_updates), initial=first_update, total=num_updates, disable=not accelerator.is_main_process, desc="reward")
-    for update in progress:
-        start = update * args.batch_size
-        done = start / args.num_train
-        lr = args.lr * (1 - done if args.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * done)))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        ours = order[start : start + args.batch_size][rank::world]
-        sums = torch.zeros(2, device=device)
-        for micro in range(grad_accum):
-            idx = ours[micro * args.local_micro_batch_size : (micro + 1) * args.local_micro_batch_size]
-            q, s, b = (t[idx].to(device) for t in train_data)
-            with accelerator.accumulate(reward_model):  # divides the loss by grad_accum; syncs (DeepSpeed: steps) at the last
-                loss, acc = choice_loss(label_rewards(reward_model, q, s, pad), b, kind[0])
-                accelerator.backward(loss)
-            sums += torch.stack([loss.detach(), acc]) / grad_accum
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_loss, train_acc = accelerator.reduce(sums, reduction="mean").tolist()
-        metrics = {"update": update + 1, "label": start + args.batch_size, "train/loss": train_loss, "train/accuracy": train_acc, "train/lr": lr}
-        if len(test_data[0]) and ((update + 1) % args.eval_every == 0 or update + 1 == num_updates):
-            metrics["test/accuracy"], metrics["test/loss"], correct = accuracy(reward_model, test_data, kind[0], args, accelerator, pad)
-            if update + 1 == num_updates:  # by split / batch / confidence, where the labels carry them (SFD)
-                metrics.update(accuracy_breakdown(correct, test_meta))
-            progress.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{metrics['test/accuracy']:.3f}")
-        else:
-            progress.set_postfix(loss=f"{train_loss:.3f}")
-        log(metrics)
-        # a NaN or inf stops the run (exit 3); a checkpoint every save_every updates and when SIGTERM or SIGINT came
-        check_finite(metrics, f"update {update + 1}", checkpoints.last)
-        checkpoints.after(update + 1, num_updates, lambda: {
-            **trained_state(accelerator, reward_model, optimizer), "update": update + 1, "batches": batches.position,
-            "elapsed_s": elapsed_before + time.time() - start_time, "wandb_id": wandb_id})
-    checkpoints.close()
-
-    # 6. Normalize after training (so that the policy's KL coefficient keeps its meaning), {OAI}/lm_human_preferences/train_reward.py#L252-L254;
-    #    then SFD's reference bias; then save. Under ZeRO-3 all of it on the gathered weights; the main process writes them.
-    final = {"update": num_updates, "label": args.num_train}
-    with full_weights(reward_model, accelerator):
-        if args.normalize_after:
-            final["normalize/after_training/mean"], final["normalize/after_training/std"] = normalize(unwrapped, stats_fn)
-        if args.reference_bias:
-            final["normalize/reference_mean"] = reference_reward_mean(unwrapped, batches, args, accelerator, pad)
-            with torch.no_grad():
-                unwrapped.bias -= final["normalize/reference_mean"]
-        final["reward/gain"], final["reward/bias"] = unwrapped.gain.item(), unwrapped.bias.item()
-        log(final)
-        unwrapped.lm = saved_lm(unwrapped.lm, lora)  # adapters merged under LoRA
-        if accelerator.is_main_process:
-            save_reward_model(unwrapped, tokenizer, run_dir / "reward_model")
-    if accelerator.is_main_process:
-        metrics_file.close()
-        print(f"reward model saved to {run_dir / 'reward_model'}")
-        write_summary(run_dir, summarize(run_dir / "metrics.jsonl", elapsed_before + time.time() - start_time), f"reward model: {run_dir}")
-        if args.track:
-            wandb.finish()
-    accelerator.wait_for_everyone()
-    return run_dir
 
 
 def summarize(metrics_path: Path, wall_s: float) -> dict:

@@ -8,7 +8,7 @@ Every update samples k responses for each of batch_size / k prompts and scores t
 model: each sample's advantage is its reward against the other samples of its prompt, which is what the four methods
 share; they differ in the baseline, the scaling, where the KL penalty goes and the loss (the `advantages_of` and
 `policy_loss` functions below, each with its paper). Sampling, truncation, the EOS trick, the reference baseline, the
-reward model, checkpoints, --resume and DeepSpeed are train_policy.py's, copied ({OAI} stands for
+reward model, checkpoints, --resume and DeepSpeed are train_policy.py's (the reward model train_reward.py's), copied ({OAI} stands for
 https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66, {SFD} for
 https://github.com/vwxyzjn/summarize_from_feedback_details/blob/ee77a9abc31f5338365ee087945c5bcafac7f1ca). Metrics carry
 PPO's names where they mean the same (objective/kl, objective/scores, objective/gold_score, objective/entropy). Tensor
@@ -48,6 +48,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 from transformers.activations import GELUTanh, NewGELUActivation
 from transformers.integrations import unset_hf_deepspeed_config
 from transformers.pytorch_utils import Conv1D
+
 
 @dataclass
 class Args:
@@ -175,7 +176,8 @@ PRESETS = {
     # TRL's RLOO TL;DR run (docs, "RLOO Trainer": pythia-1b, k 2, 2 epochs, 2 minibatches, lr 3e-6, kl 0.03) with SFD's
     # task and details as train_policy.py's tldr preset has them. base_model is the tldr SFT run's model.
     "tldr": dict(
-        exp_name="rloo_tldr", base_model="models/sft_tldr", query_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
+        exp_name="rloo_tldr", base_model="models/sft_tldr",
+        query_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
         query_length=512, response_length=53, truncate_token="eos", truncate_after=0, penalty_reward_value=-1.0, temperature=0.7,
         mask_after_truncate=True, advantage="rloo", k=2, beta=0.03, total_episodes=1_000_000, batch_size=512, nminibatches=2,
         noptepochs=2, local_micro_batch_size=16, local_rollout_forward_batch_size=64, lr=3e-6, eps=1e-5, optimizer="adamw",
@@ -183,6 +185,8 @@ PRESETS = {
         eval_split="validation", eval_temperature=0.01,
     ),
 }
+
+
 # the summarization twin: train_policy.py's tldr_twin sizes (data/tldr/, the nano SFT model, the judge as gold)
 PRESETS["tldr_twin"] = {**PRESETS["tldr"], **dict(
     exp_name="rloo_twin", base_model="runs/tldr_twin/sft_model", query_dataset="data/tldr/train.jsonl.gz", query_length=160,
@@ -190,6 +194,297 @@ PRESETS["tldr_twin"] = {**PRESETS["tldr"], **dict(
     reference_baseline=True, gold_labeler="tldr_judge", eval_dataset="data/tldr/validation.jsonl.gz", num_eval=256,
     eval_every=4, eval_temperature=0.7, print_sample_every=8,
 )}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The estimators (pure functions). Rewards and advantages are (n,) with each prompt's k samples consecutive.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def sequence_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, valid: torch.Tensor,
+                     advantage: str, beta: float) -> torch.Tensor:
+    """(b,) rewards the advantages are built from: score - beta * sum_t (log pi - log ref) over the valid tokens for rloo
+    and best_of_n, whose KL penalty is part of the reward (RLOO: Ahmadian et al. 2024, section 3, https://arxiv.org/abs/2402.14740);
+    the bare score for grpo and dr_grpo, which put the KL in the loss (Shao et al. 2024, eq. 3, https://arxiv.org/abs/2402.03300)."""
+    if advantage in ("grpo", "dr_grpo"):
+        return scores
+    return scores - beta * ((logprobs - ref_logprobs) * valid).sum(1)
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """Each reward minus the mean of the other k - 1 rewards of its prompt (the leave-one-out baseline: unbiased, since
+    it does not depend on the sample itself). Ahmadian et al. 2024, eq. 7, https://arxiv.org/abs/2402.14740"""
+    r = rewards.view(-1, k)  # (prompts, k)
+    return (r - (r.sum(1, keepdim=True) - r) / (k - 1)).flatten()
+
+
+def grpo_advantages(rewards: torch.Tensor, k: int, eps: float = 1e-4) -> torch.Tensor:
+    """(reward - group mean) / (group std + eps), the std unbiased as torch's and TRL's; 0 for a group of one sample or of
+    equal rewards (nothing to prefer). Shao et al. 2024, section 4.1.2, https://arxiv.org/abs/2402.03300"""
+    r = rewards.view(-1, k)
+    std = r.std(1, keepdim=True) if k > 1 else torch.zeros_like(r[:, :1])
+    return (dr_grpo_advantages(rewards, k).view(-1, k) / (std + eps)).flatten()
+
+
+def dr_grpo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """Reward - group mean, without GRPO's division by the std, which favours prompts that are too easy or too hard
+    (Liu et al. 2025, "Understanding R1-Zero-Like Training", section 3.1, https://arxiv.org/abs/2503.20783)."""
+    r = rewards.view(-1, k)
+    return (r - r.mean(1, keepdim=True)).flatten()
+
+
+def best_of_n_weights(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """1 for each prompt's best sample (the first of equal ones), 0 for the others: online best-of-n, trained on with the
+    log-likelihood loss (RAFT, Dong et al. 2023, https://arxiv.org/abs/2304.06767; ReST's improve step with one threshold,
+    Gulcehre et al. 2023, https://arxiv.org/abs/2308.08998)."""
+    r = rewards.view(-1, k)
+    return torch.zeros_like(r).scatter_(1, r.argmax(1, keepdim=True), 1.0).flatten()
+
+
+def advantages_of(rewards: torch.Tensor, advantage: str, k: int) -> torch.Tensor:
+    """(b,) advantages (best_of_n: its weights) of --advantage."""
+    return {"rloo": rloo_advantages, "grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, "best_of_n": best_of_n_weights}[advantage](rewards, k)
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate exp(ref - logp) - (ref - logp) - 1: unbiased, never negative (Schulman 2020,
+    http://joschu.net/blog/kl-approx.html), GRPO's KL term (Shao et al. 2024, eq. 4)."""
+    delta = ref_logprobs - logprobs
+    return delta.exp() - delta - 1
+
+
+def clipped_surrogate(adv: torch.Tensor, ratio: torch.Tensor, cliprange: float) -> torch.Tensor:
+    """PPO's pessimistic clipped objective, elementwise: max(-A r, -A clip(r, 1 - c, 1 + c)).
+    {OAI}/lm_human_preferences/train_policy.py#L343-L357"""
+    return torch.max(-adv * ratio, -adv * ratio.clamp(1 - cliprange, 1 + cliprange))
+
+
+def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, adv: torch.Tensor,
+                valid: torch.Tensor, args) -> tuple:
+    """(loss, stats) of a micro-batch: (b, R) log-probs of the current policy, of the sampling policy and of the reference,
+    (b,) advantages (best_of_n: weights), (b, R) valid tokens.
+    - rloo: -A * ratio of the whole response, clipped (TRL's RLOOTrainer, https://huggingface.co/docs/trl/rloo_trainer);
+    - grpo: PPO's clipped token loss with A on every token, + beta * k3 KL, averaged over each response's tokens, then
+      over responses (Shao et al. 2024, eq. 3);
+    - dr_grpo: the same sum over tokens divided by the constant response_length instead (Liu et al. 2025, eq. 7);
+    - best_of_n: -log-likelihood of the selected samples, per response_length token, averaged over the prompts
+      (k x the mean over the batch of weight x log-likelihood)."""
+    R = valid.shape[1]
+    log_ratio = (new_logprobs - old_logprobs) * valid  # (b, R)
+    stats = {"policy/approxkl": 0.5 * masked_mean(log_ratio**2, valid)}
+    if args.advantage == "rloo":
+        ratio = log_ratio.sum(1).exp()  # (b,)
+        losses = clipped_surrogate(adv, ratio, args.cliprange)
+        stats["policy/clipfrac"] = ((ratio - 1).abs() > args.cliprange).float().mean()
+        loss = losses.mean()
+    elif args.advantage in ("grpo", "dr_grpo"):
+        ratio = log_ratio.exp()  # (b, R)
+        token = clipped_surrogate(adv[:, None], ratio, args.cliprange)
+        kl = k3_kl(new_logprobs, ref_logprobs)
+        token = (token + args.beta * kl) * valid
+        length = valid.sum(1).clamp(min=1) if args.advantage == "grpo" else R
+        loss = (token.sum(1) / length).mean()
+        stats.update({"policy/clipfrac": masked_mean(((ratio - 1).abs() > args.cliprange).float(), valid), "policy/k3_kl": masked_mean(kl, valid)})
+    else:
+        loss = -(adv * (new_logprobs * valid).sum(1)).mean() * args.k / R
+    return loss, {"loss/policy": loss.detach(), **{k: v.detach() for k, v in stats.items()}}
+
+
+def train(args: Args) -> Path:
+    """RLOO, GRPO, Dr. GRPO or online best-of-n (--advantage) against a frozen reward model; returns the run folder."""
+    start_time = time.time()
+    world = start_processes().num_processes
+    num_updates, texts, eval_texts = check_args(args)
+    local_batch_size = args.batch_size // world
+    local_minibatch_size = local_batch_size // args.nminibatches
+    grad_accum = local_minibatch_size // args.local_micro_batch_size
+    accelerator = make_accelerator(args, args.local_micro_batch_size, grad_accum)
+    rank, device = accelerator.process_index, accelerator.device
+    if not resume_has_work(args.resume, world, zero_stage(accelerator)):
+        return Path(args.resume)
+
+    # 1. Models: the policy (no value model), the frozen reference and the frozen reward model; the same init on every
+    #    process, the frozen ones sharded under ZeRO-3 (place_frozen).
+    torch.manual_seed(args.seed)
+    lm, tokenizer = prepare_lm(*load_base_model(args.base_model, load_in_4bit=args.load_in_4bit))
+    reward_model, reward_tokenizer = load_reward_model(args.reward_model)
+    if len(reward_tokenizer) != len(tokenizer) or reward_tokenizer.pad_token_id != tokenizer.pad_token_id:
+        fail(f"--reward_model {args.reward_model}: its tokenizer ({len(reward_tokenizer)} tokens) "
+             f"differs from --base_model {args.base_model}'s ({len(tokenizer)})")
+    truncate_token = truncate_token_id(args.truncate_token, tokenizer)
+    frozen_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
+    lora = add_lora(lm, args)
+    reference = FrozenReference(lm, lora, accelerator, frozen_dtype)
+    reward_model = place_frozen(reward_model, accelerator, frozen_dtype)
+    trained = [p for p in lm.parameters() if p.requires_grad]
+    num_trained = sum(p.numel() for p in trained)  # counted before ZeRO-3 shards them
+    optimizer = make_optimizer(trained, args.optimizer, args.lr, args.eps)
+    policy, optimizer = accelerator.prepare(lm, optimizer)  # DDP, or a DeepSpeed engine with its ZeRO optimizer
+    unwrapped = accelerator.unwrap_model(policy)
+    pad = tokenizer.pad_token_id
+    sampler = Sampler(unwrapped, pad, args.temperature)
+    gold_fn = gold_scorer(args.gold_labeler)
+
+    # 2. Prompts: batch_size / k per update (every process takes whole prompts, so that each group of k samples lies on
+    #    one process), held-out posts for the evaluation, a seed per process for sampling and shuffles.
+    batches = query_batches(texts, tokenizer, args.query_length, args.response_length, args.batch_size // args.k, args.seed)
+    local_prompts = local_batch_size // args.k
+    if args.eval_dataset is not None:
+        eval_queries, eval_references = next(query_batches(eval_texts, tokenizer, args.query_length, args.response_length,
+                                                           min(args.num_eval, len(eval_texts)), seed=0))
+        eval_sampler = Sampler(unwrapped, pad, args.eval_temperature)
+    torch.manual_seed(args.seed + rank * 100003)
+
+    # 3. Run folder, metrics file, wandb; a resumed run takes back its last checkpoint (generators where the loop starts).
+    run_dir = Path(args.resume) if args.resume else shared_run_dir(accelerator, args.run_root, args.exp_name, args.seed)
+    resumed = load_checkpoint(accelerator, run_dir) if args.resume else None
+    if resumed is not None:
+        load_trained_state(accelerator, policy, optimizer, resumed)
+    first_update = resumed["update"] if resumed else 0
+    batches = Stream(batches, skip=first_update)
+    elapsed_before = resumed["elapsed_s"] if resumed else 0.0
+    layout = {"world_size": world, "zero_stage": zero_stage(accelerator), "grad_accum": grad_accum}
+    run_log = RunLog(accelerator, args, run_dir, resumed, layout, step_key="episode", keep_samples=True)
+    if accelerator.is_main_process:
+        print(f"run folder {run_dir}; {args.advantage}: {num_updates} updates of {args.batch_size // args.k} prompts x k = {args.k} "
+              f"({world} process(es) x {args.nminibatches} minibatch(es) x {grad_accum} micro-batch(es) of {args.local_micro_batch_size}); "
+              f"{num_trained:,} trained parameters" + (f"; resumed after update {first_update} from {resumed['path']}" if resumed else ""))
+
+    def run_eval() -> tuple:
+        """The same random draws at every evaluation (its own RNG stream), so its changes are the policy's."""
+        policy.eval()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast(), \
+                full_weights(policy, accelerator), full_weights(reward_model, accelerator):
+            torch.manual_seed(args.seed + rank * 100003)
+            return evaluate(eval_sampler, reward_model, eval_queries.to(device), eval_references.to(device), tokenizer, args,
+                            gold_fn, accelerator, args.local_rollout_forward_batch_size)
+
+    if args.eval_dataset is not None and resumed is None:
+        run_log.write({"update": 0, **run_eval()[0]})
+
+    if resumed is not None:
+        set_rng_state(resumed["rng"], device)
+    checkpoints = Checkpoints(accelerator, policy, run_dir, args.save_every, args.keep_checkpoints,
+                              f"python train_rloo.py --resume {run_dir}", resumed["path"] if resumed else None)
+    progress = tqdm(range(first_update, num_updates), initial=first_update, total=num_updates,
+                    disable=not accelerator.is_main_process, desc=args.advantage)
+    for update in progress:
+        t0 = now(device)
+        for group in optimizer.param_groups:  # lr annealed linearly to 0, as train_policy.py
+            group["lr"] = args.lr * (1 - update / num_updates)
+
+        # 4. Rollouts: k samples of each of this process's prompts, with their log-probs from the sampling pass; the
+        #    reference's log-probs; the scores of the (truncated) responses, as train_policy.py's steps 4 and 5.
+        queries, references = next(batches)
+        queries = queries[rank * local_prompts : (rank + 1) * local_prompts].repeat_interleave(args.k, 0).to(device)  # (b, Q)
+        if references is not None:
+            references = references[rank * local_prompts : (rank + 1) * local_prompts].repeat_interleave(args.k, 0).to(device)
+        policy.eval()
+        chunk = args.local_rollout_forward_batch_size
+        with torch.no_grad(), accelerator.autocast(), full_weights(policy, accelerator):
+            responses, logprobs, entropies, _ = sampler(queries, args.response_length)  # (b, R) each
+            query_responses = torch.cat([queries, responses], 1)
+            ref_logprobs = in_chunks(lambda qr, r: response_logprobs(reference(qr, pad, args.response_length), r, args.temperature, pad)[0],
+                                     chunk, query_responses, responses)
+            t_gen = now(device)
+            scored = responses if truncate_token is None else truncate_responses(responses, truncate_token, args.truncate_after, pad)
+            scores = in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, scored], 1))  # (b,)
+            if args.reference_baseline:  # trlX's baseline, as train_policy.py
+                scores = scores - in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, references], 1))
+            if truncate_token is not None:
+                scores = penalize(scores, scored, truncate_token, args.truncate_after, args.penalty_reward_value)
+            texts_out = tokenizer.batch_decode([r[r != pad] for r in scored], skip_special_tokens=references is not None)
+            query_texts = tokenizer.batch_decode([q[q != pad] for q in queries]) if gold_fn else None
+            gold = torch.tensor(gold_fn(texts_out, query_texts), device=device) if gold_fn else None
+            valid = response_masks(scored, pad, args.mask_after_truncate)[0]  # (b, R)
+
+            # 5. Rewards and advantages within each prompt's k samples: the estimator's only work.
+            rewards = sequence_rewards(scores, logprobs, ref_logprobs, valid, args.advantage, args.beta)  # (b,)
+            advantages = advantages_of(rewards, args.advantage, args.k)  # (b,)
+        t_score = now(device)
+
+        # 6. noptepochs passes over the batch in nminibatches minibatches, reshuffled each time; micro-batches accumulate
+        #    gradients (accelerator.accumulate divides each loss by grad_accum; DDP averages, DeepSpeed steps, at the last).
+        policy.train()
+        train_stats = []
+        for _ in range(args.noptepochs):
+            order = torch.randperm(local_batch_size, device=device)
+            for mb_start in range(0, local_batch_size, local_minibatch_size):
+                mb_stats = {}
+                for micro in range(grad_accum):
+                    i = order[mb_start + micro * args.local_micro_batch_size : mb_start + (micro + 1) * args.local_micro_batch_size]
+                    with accelerator.accumulate(policy):
+                        new_logprobs, entropy = response_logprobs(response_logits(policy, query_responses[i], pad, args.response_length),
+                                                                  responses[i], args.temperature, pad)
+                        loss, stats = policy_loss(new_logprobs, logprobs[i], ref_logprobs[i], advantages[i], valid[i], args)
+                        accelerator.backward(loss)
+                    stats["policy/entropy"] = masked_mean(entropy.detach(), valid[i])
+                    for key, value in stats.items():
+                        mb_stats[key] = mb_stats.get(key, 0) + value / grad_accum
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                train_stats.append(mb_stats)
+        t_update = now(device)
+
+        # 7. Statistics (PPO's names where they mean the same), averaged over minibatches and processes; the evaluation.
+        kl = ((logprobs - ref_logprobs) * valid).sum(1)  # (b,)
+        local = {k: torch.stack([s[k] for s in train_stats]).mean() for k in train_stats[0]}
+        local.update({"objective/kl": kl.mean(), "objective/entropy": (-logprobs * valid).sum(1).mean(), "objective/scores": scores.mean(),
+                      "objective/entropy_exact": (entropies * valid).sum(1).mean(), "objective/rewards": rewards.mean(),
+                      "objective/advantage_std": advantages.std() if len(advantages) > 1 else torch.zeros((), device=device)})
+        if truncate_token is not None:
+            local["objective/truncated_fraction"] = (scored == pad).any(1).float().mean()
+        if gold is not None:
+            local["objective/gold_score"] = gold.mean()
+        names = sorted(local)
+        means = accelerator.reduce(torch.stack([local[k].float() for k in names]), reduction="mean").tolist()
+        metrics = {"episode": (update + 1) * args.batch_size, "update": update + 1, **dict(zip(names, means)),
+                   "lr": args.lr * (1 - update / num_updates), "timing/generation_s": t_gen - t0, "timing/scoring_s": t_score - t_gen,
+                   "timing/update_s": t_update - t_score, "throughput/episodes_per_s": args.batch_size / (now(device) - t0)}
+        if device.type == "cuda":
+            metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        eval_texts_out = None
+        if args.eval_dataset is not None and ((update + 1) % args.eval_every == 0 or update + 1 == num_updates):
+            eval_metrics, eval_texts_out = run_eval()
+            metrics.update(eval_metrics)
+        run_log.write(metrics)
+        if accelerator.is_main_process:
+            progress.set_postfix(score=f"{metrics['objective/scores']:+.2f}", kl=f"{metrics['objective/kl']:.2f}",
+                                 **({"gold": f"{metrics['objective/gold_score']:+.2f}"} if gold is not None else {}))
+            if update % args.print_sample_every == 0 or update + 1 == num_updates:
+                n = min(args.num_print_samples, local_batch_size)
+                rows = sample_rows(update + 1, queries, texts_out, scores, gold, kl, n, tokenizer)
+                print_samples(rows, update + 1)
+                run_log.samples.extend(rows)
+            if eval_texts_out is not None:
+                run_log.samples.append({"update": update + 1, "eval_summaries": eval_texts_out[: args.num_print_samples]})
+
+        # 8. A NaN or inf stops the run (exit 3); a checkpoint every save_every updates and when SIGTERM or SIGINT came.
+        check_finite(metrics, f"update {update + 1}", checkpoints.last)
+        checkpoints.after(update + 1, num_updates, lambda: {
+            **trained_state(accelerator, policy, optimizer), "update": update + 1, "samples": run_log.samples,
+            "elapsed_s": elapsed_before + time.time() - start_time, "wandb_id": run_log.wandb_id})
+    checkpoints.close()
+
+    # 9. Save the policy (a plain model folder, adapters merged under LoRA), the samples and the summary.
+    with full_weights(policy, accelerator):
+        write_model_folder(accelerator, unwrapped, lora, tokenizer, run_dir / "policy")
+    run_log.finish(lambda: summarize(run_dir / "metrics.jsonl", elapsed_before + time.time() - start_time), f"{args.advantage}: {run_dir}")
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+# =========================================================================================================
+# Plumbing. Everything below serves train() above and is not the algorithm: reading the data, loading the
+# models, LoRA, sampling, measuring, checkpoints and resume, signals, DeepSpeed, the checks of the
+# arguments, the command line, the summary. The `# Copied from` blocks are shared with the other scripts
+# and kept identical by tests/test_pipeline.py.
+# =========================================================================================================
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------------------
 
 
 # Copied from train_policy.py
@@ -512,7 +807,7 @@ def in_chunks(fn, size: int, *tensors: torch.Tensor) -> torch.Tensor:
     return torch.cat([fn(*(t[i : i + size] for t in tensors)) for i in range(0, n, size)])
 
 
-# Copied from train_policy.py
+# Copied from train_reward.py
 class RewardModel(nn.Module):
     """The language model's transformer with a scalar head read at the last real token, then gain and bias.
     Head init N(0, 1/sqrt(d_model + 1)), bias 0 ({OAI}/lm_human_preferences/language/model.py#L248-L258);
@@ -624,6 +919,11 @@ class FrozenReference:
             return response_logits(self.lm, tokens, pad_token_id, response_length)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Pieces shared with PPO: log-probs, truncation, masks, the optimizer
+# ---------------------------------------------------------------------------------------------------------
+
+
 # Copied from train_policy.py
 def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float, pad_token_id: int) -> tuple:
     """(log-probs (b, R) of the response tokens, entropies (b, R)) from the (b, R, V) logits that predict them.
@@ -631,11 +931,6 @@ def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature
     logp = torch.log_softmax(sampling_logits(logits, temperature, pad_token_id), -1)  # (b, R, V)
     entropy = -(logp.exp() * logp).sum(-1)
     return logp.gather(-1, responses.unsqueeze(-1)).squeeze(-1), entropy
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Pieces shared with PPO (pure functions)
-# ---------------------------------------------------------------------------------------------------------
 
 
 # Copied from train_policy.py
@@ -734,101 +1029,7 @@ def make_optimizer(params, name: str, lr: float, eps: float):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The estimators (pure functions). Rewards and advantages are (n,) with each prompt's k samples consecutive.
-# ---------------------------------------------------------------------------------------------------------
-
-
-def sequence_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, valid: torch.Tensor,
-                     advantage: str, beta: float) -> torch.Tensor:
-    """(b,) rewards the advantages are built from: score - beta * sum_t (log pi - log ref) over the valid tokens for rloo
-    and best_of_n, whose KL penalty is part of the reward (RLOO: Ahmadian et al. 2024, section 3, https://arxiv.org/abs/2402.14740);
-    the bare score for grpo and dr_grpo, which put the KL in the loss (Shao et al. 2024, eq. 3, https://arxiv.org/abs/2402.03300)."""
-    if advantage in ("grpo", "dr_grpo"):
-        return scores
-    return scores - beta * ((logprobs - ref_logprobs) * valid).sum(1)
-
-
-def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
-    """Each reward minus the mean of the other k - 1 rewards of its prompt (the leave-one-out baseline: unbiased, since
-    it does not depend on the sample itself). Ahmadian et al. 2024, eq. 7, https://arxiv.org/abs/2402.14740"""
-    r = rewards.view(-1, k)  # (prompts, k)
-    return (r - (r.sum(1, keepdim=True) - r) / (k - 1)).flatten()
-
-
-def grpo_advantages(rewards: torch.Tensor, k: int, eps: float = 1e-4) -> torch.Tensor:
-    """(reward - group mean) / (group std + eps), the std unbiased as torch's and TRL's; 0 for a group of one sample or of
-    equal rewards (nothing to prefer). Shao et al. 2024, section 4.1.2, https://arxiv.org/abs/2402.03300"""
-    r = rewards.view(-1, k)
-    std = r.std(1, keepdim=True) if k > 1 else torch.zeros_like(r[:, :1])
-    return (dr_grpo_advantages(rewards, k).view(-1, k) / (std + eps)).flatten()
-
-
-def dr_grpo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
-    """Reward - group mean, without GRPO's division by the std, which favours prompts that are too easy or too hard
-    (Liu et al. 2025, "Understanding R1-Zero-Like Training", section 3.1, https://arxiv.org/abs/2503.20783)."""
-    r = rewards.view(-1, k)
-    return (r - r.mean(1, keepdim=True)).flatten()
-
-
-def best_of_n_weights(rewards: torch.Tensor, k: int) -> torch.Tensor:
-    """1 for each prompt's best sample (the first of equal ones), 0 for the others: online best-of-n, trained on with the
-    log-likelihood loss (RAFT, Dong et al. 2023, https://arxiv.org/abs/2304.06767; ReST's improve step with one threshold,
-    Gulcehre et al. 2023, https://arxiv.org/abs/2308.08998)."""
-    r = rewards.view(-1, k)
-    return torch.zeros_like(r).scatter_(1, r.argmax(1, keepdim=True), 1.0).flatten()
-
-
-def advantages_of(rewards: torch.Tensor, advantage: str, k: int) -> torch.Tensor:
-    """(b,) advantages (best_of_n: its weights) of --advantage."""
-    return {"rloo": rloo_advantages, "grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, "best_of_n": best_of_n_weights}[advantage](rewards, k)
-
-
-def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(pi || ref) estimate exp(ref - logp) - (ref - logp) - 1: unbiased, never negative (Schulman 2020,
-    http://joschu.net/blog/kl-approx.html), GRPO's KL term (Shao et al. 2024, eq. 4)."""
-    delta = ref_logprobs - logprobs
-    return delta.exp() - delta - 1
-
-
-def clipped_surrogate(adv: torch.Tensor, ratio: torch.Tensor, cliprange: float) -> torch.Tensor:
-    """PPO's pessimistic clipped objective, elementwise: max(-A r, -A clip(r, 1 - c, 1 + c)).
-    {OAI}/lm_human_preferences/train_policy.py#L343-L357"""
-    return torch.max(-adv * ratio, -adv * ratio.clamp(1 - cliprange, 1 + cliprange))
-
-
-def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, adv: torch.Tensor,
-                valid: torch.Tensor, args) -> tuple:
-    """(loss, stats) of a micro-batch: (b, R) log-probs of the current policy, of the sampling policy and of the reference,
-    (b,) advantages (best_of_n: weights), (b, R) valid tokens.
-    - rloo: -A * ratio of the whole response, clipped (TRL's RLOOTrainer, https://huggingface.co/docs/trl/rloo_trainer);
-    - grpo: PPO's clipped token loss with A on every token, + beta * k3 KL, averaged over each response's tokens, then
-      over responses (Shao et al. 2024, eq. 3);
-    - dr_grpo: the same sum over tokens divided by the constant response_length instead (Liu et al. 2025, eq. 7);
-    - best_of_n: -log-likelihood of the selected samples, per response_length token, averaged over the prompts
-      (k x the mean over the batch of weight x log-likelihood)."""
-    R = valid.shape[1]
-    log_ratio = (new_logprobs - old_logprobs) * valid  # (b, R)
-    stats = {"policy/approxkl": 0.5 * masked_mean(log_ratio**2, valid)}
-    if args.advantage == "rloo":
-        ratio = log_ratio.sum(1).exp()  # (b,)
-        losses = clipped_surrogate(adv, ratio, args.cliprange)
-        stats["policy/clipfrac"] = ((ratio - 1).abs() > args.cliprange).float().mean()
-        loss = losses.mean()
-    elif args.advantage in ("grpo", "dr_grpo"):
-        ratio = log_ratio.exp()  # (b, R)
-        token = clipped_surrogate(adv[:, None], ratio, args.cliprange)
-        kl = k3_kl(new_logprobs, ref_logprobs)
-        token = (token + args.beta * kl) * valid
-        length = valid.sum(1).clamp(min=1) if args.advantage == "grpo" else R
-        loss = (token.sum(1) / length).mean()
-        stats.update({"policy/clipfrac": masked_mean(((ratio - 1).abs() > args.cliprange).float(), valid), "policy/k3_kl": masked_mean(kl, valid)})
-    else:
-        loss = -(adv * (new_logprobs * valid).sum(1)).mean() * args.k / R
-    return loss, {"loss/policy": loss.detach(), **{k: v.detach() for k, v in stats.items()}}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Gold labelers and the held-out evaluation
+# Gold labelers and the held-out evaluation, the clock, the run folder
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -974,7 +1175,7 @@ def shared_run_dir(accelerator, run_root: str, exp_name: str, seed: int) -> Path
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Runs that survive: checkpoints, resume, a stop on SIGTERM/SIGINT or on a NaN, the closing summary
+# Runs that survive: checkpoints, resume, a stop on SIGTERM/SIGINT or on a NaN; the run's log and closing summary
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -1157,6 +1358,55 @@ def write_summary(run_dir: Path, summary: dict, title: str):
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
+# Copied from train_policy.py
+class RunLog:
+    """What a run writes besides its checkpoints and weights, all of it on the main process (on the others every method
+    does nothing): args.json (a fresh run's arguments and process layout), metrics.jsonl (a resumed run appends to it),
+    wandb under --track (a resumed run continues its wandb run), the sample tables' rows (samples.json, for the scripts
+    that keep them: `keep_samples`), and at the end summary.json with its table on the terminal."""
+
+    def __init__(self, accelerator, args, run_dir: Path, resumed: Optional[dict], layout: dict, step_key: str, keep_samples: bool):
+        self.main, self.track, self.step_key, self.run_dir = accelerator.is_main_process, args.track, step_key, run_dir
+        self.samples = (resumed["samples"] if resumed else []) if keep_samples else None
+        self.wandb_id = resumed["wandb_id"] if resumed else None
+        if not self.main:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resumed is None:
+            (run_dir / "args.json").write_text(json.dumps({**asdict(args), **layout}, indent=2))
+        self.file = open(run_dir / "metrics.jsonl", "a" if resumed else "w")
+        if args.track:
+            import wandb
+
+            self.wandb_id = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
+                                       dir=str(run_dir), id=self.wandb_id, resume="allow").id
+
+    def write(self, metrics: dict):
+        """One line of metrics.jsonl, and a wandb step when the metrics have the step key (an evaluation before training
+        without one, as PPO's and RLOO's, goes to the file only)."""
+        if self.main:
+            self.file.write(json.dumps(metrics) + "\n")
+            self.file.flush()
+            if self.track and self.step_key in metrics:
+                import wandb
+
+                wandb.log(metrics, step=metrics[self.step_key])
+
+    def finish(self, summary_fn, title: str):
+        """samples.json, the metrics file closed, summary.json from summary_fn() (which reads metrics.jsonl) with its
+        table, wandb closed."""
+        if not self.main:
+            return
+        if self.samples is not None:
+            (self.run_dir / "samples.json").write_text(json.dumps(self.samples, indent=2))
+        self.file.close()
+        write_summary(self.run_dir, summary_fn(), title)
+        if self.track:
+            import wandb
+
+            wandb.finish()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Past one GPU: plain DDP, or DeepSpeed ZeRO-2/3 when launched with one of configs/zero*.yaml
 # ---------------------------------------------------------------------------------------------------------
@@ -1283,7 +1533,7 @@ def load_trained_state(accelerator, model, optimizer, resumed: dict):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Training
+# Checks of the arguments, the run's summary and sample tables, saving the policy
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -1323,213 +1573,9 @@ def check_args(args: Args) -> tuple:
     return num_updates, texts, eval_texts
 
 
-def train(args: Args) -> Path:
-    start_time = time.time()
-    world = start_processes().num_processes
-    num_updates, texts, eval_texts = check_args(args)
-    local_batch_size = args.batch_size // world
-    local_minibatch_size = local_batch_size // args.nminibatches
-    grad_accum = local_minibatch_size // args.local_micro_batch_size
-    accelerator = make_accelerator(args, args.local_micro_batch_size, grad_accum)
-    rank, device = accelerator.process_index, accelerator.device
-    if not resume_has_work(args.resume, world, zero_stage(accelerator)):
-        return Path(args.resume)
-
-    # 1. Models: the policy (no value model), the frozen reference and the frozen reward model; the same init on every
-    #    process, the frozen ones sharded under ZeRO-3 (place_frozen).
-    torch.manual_seed(args.seed)
-    lm, tokenizer = prepare_lm(*load_base_model(args.base_model, load_in_4bit=args.load_in_4bit))
-    reward_model, reward_tokenizer = load_reward_model(args.reward_model)
-    if len(reward_tokenizer) != len(tokenizer) or reward_tokenizer.pad_token_id != tokenizer.pad_token_id:
-        fail(f"--reward_model {args.reward_model}: its tokenizer ({len(reward_tokenizer)} tokens) differs from --base_model {args.base_model}'s ({len(tokenizer)})")
-    truncate_token = truncate_token_id(args.truncate_token, tokenizer)
-    frozen_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
-    lora = add_lora(lm, args)
-    reference = FrozenReference(lm, lora, accelerator, frozen_dtype)
-    reward_model = place_frozen(reward_model, accelerator, frozen_dtype)
-    trained = [p for p in lm.parameters() if p.requires_grad]
-    num_trained = sum(p.numel() for p in trained)  # counted before ZeRO-3 shards them
-    optimizer = make_optimizer(trained, args.optimizer, args.lr, args.eps)
-    policy, optimizer = accelerator.prepare(lm, optimizer)  # DDP, or a DeepSpeed engine with its ZeRO optimizer
-    unwrapped = accelerator.unwrap_model(policy)
-    pad = tokenizer.pad_token_id
-    sampler = Sampler(unwrapped, pad, args.temperature)
-    gold_fn = gold_scorer(args.gold_labeler)
-
-    # 2. Prompts: batch_size / k per update (every process takes whole prompts, so that each group of k samples lies on
-    #    one process), held-out posts for the evaluation, a seed per process for sampling and shuffles.
-    batches = query_batches(texts, tokenizer, args.query_length, args.response_length, args.batch_size // args.k, args.seed)
-    local_prompts = local_batch_size // args.k
-    if args.eval_dataset is not None:
-        eval_queries, eval_references = next(query_batches(eval_texts, tokenizer, args.query_length, args.response_length,
-                                                           min(args.num_eval, len(eval_texts)), seed=0))
-        eval_sampler = Sampler(unwrapped, pad, args.eval_temperature)
-    torch.manual_seed(args.seed + rank * 100003)
-
-    # 3. Run folder, metrics file, wandb; a resumed run takes back its last checkpoint (generators where the loop starts).
-    run_dir = Path(args.resume) if args.resume else shared_run_dir(accelerator, args.run_root, args.exp_name, args.seed)
-    resumed = load_checkpoint(accelerator, run_dir) if args.resume else None
-    if resumed is not None:
-        load_trained_state(accelerator, policy, optimizer, resumed)
-    first_update, samples_log = (resumed["update"], resumed["samples"]) if resumed else (0, [])
-    batches = Stream(batches, skip=first_update)
-    elapsed_before = resumed["elapsed_s"] if resumed else 0.0
-    metrics_file, wandb_id = None, resumed["wandb_id"] if resumed else None
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resumed is None:
-            (run_dir / "args.json").write_text(json.dumps({**asdict(args), "world_size": world, "zero_stage": zero_stage(accelerator), "grad_accum": grad_accum}, indent=2))
-        metrics_file = open(run_dir / "metrics.jsonl", "a" if resumed else "w")
-        if args.track:
-            import wandb
-
-            wandb_id = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
-                                  dir=str(run_dir), id=wandb_id, resume="allow").id
-        print(f"run folder {run_dir}; {args.advantage}: {num_updates} updates of {args.batch_size // args.k} prompts x k = {args.k} "
-              f"({world} process(es) x {args.nminibatches} minibatch(es) x {grad_accum} micro-batch(es) of {args.local_micro_batch_size}); "
-              f"{num_trained:,} trained parameters" + (f"; resumed after update {first_update} from {resumed['path']}" if resumed else ""))
-
-    def run_eval() -> tuple:
-        """The same random draws at every evaluation (its own RNG stream), so its changes are the policy's."""
-        policy.eval()
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast(), \
-                full_weights(policy, accelerator), full_weights(reward_model, accelerator):
-            torch.manual_seed(args.seed + rank * 100003)
-            return evaluate(eval_sampler, reward_model, eval_queries.to(device), eval_references.to(device), tokenizer, args,
-                            gold_fn, accelerator, args.local_rollout_forward_batch_size)
-
-    if args.eval_dataset is not None and resumed is None:
-        start_metrics = {"update": 0, **run_eval()[0]}
-        if accelerator.is_main_process:
-            metrics_file.write(json.dumps(start_metrics) + "\n")
-
-    if resumed is not None:
-        set_rng_state(resumed["rng"], device)
-    checkpoints = Checkpoints(accelerator, policy, run_dir, args.save_every, args.keep_checkpoints,
-                              f"python train_rloo.py --resume {run_dir}", resumed["path"] if resumed else None)
-    progress = tqdm(range(first_update, num_updates), initial=first_update, total=num_updates, disable=not accelerator.is_main_process, desc=args.advantage)
-    for update in progress:
-        t0 = now(device)
-        for group in optimizer.param_groups:  # lr annealed linearly to 0, as train_policy.py
-            group["lr"] = args.lr * (1 - update / num_updates)
-
-        # 4. Rollouts: k samples of each of this process's prompts, with their log-probs from the sampling pass; the
-        #    reference's log-probs; the scores of the (truncated) responses, as train_policy.py's steps 4 and 5.
-        queries, references = next(batches)
-        queries = queries[rank * local_prompts : (rank + 1) * local_prompts].repeat_interleave(args.k, 0).to(device)  # (b, Q)
-        if references is not None:
-            references = references[rank * local_prompts : (rank + 1) * local_prompts].repeat_interleave(args.k, 0).to(device)
-        policy.eval()
-        chunk = args.local_rollout_forward_batch_size
-        with torch.no_grad(), accelerator.autocast(), full_weights(policy, accelerator):
-            responses, logprobs, entropies, _ = sampler(queries, args.response_length)  # (b, R) each
-            query_responses = torch.cat([queries, responses], 1)
-            ref_logprobs = in_chunks(lambda qr, r: response_logprobs(reference(qr, pad, args.response_length), r, args.temperature, pad)[0],
-                                     chunk, query_responses, responses)
-            t_gen = now(device)
-            scored = responses if truncate_token is None else truncate_responses(responses, truncate_token, args.truncate_after, pad)
-            scores = in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, scored], 1))  # (b,)
-            if args.reference_baseline:  # trlX's baseline, as train_policy.py
-                scores = scores - in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, references], 1))
-            if truncate_token is not None:
-                scores = penalize(scores, scored, truncate_token, args.truncate_after, args.penalty_reward_value)
-            texts_out = tokenizer.batch_decode([r[r != pad] for r in scored], skip_special_tokens=references is not None)
-            query_texts = tokenizer.batch_decode([q[q != pad] for q in queries]) if gold_fn else None
-            gold = torch.tensor(gold_fn(texts_out, query_texts), device=device) if gold_fn else None
-            valid = response_masks(scored, pad, args.mask_after_truncate)[0]  # (b, R)
-
-            # 5. Rewards and advantages within each prompt's k samples: the estimator's only work.
-            rewards = sequence_rewards(scores, logprobs, ref_logprobs, valid, args.advantage, args.beta)  # (b,)
-            advantages = advantages_of(rewards, args.advantage, args.k)  # (b,)
-        t_score = now(device)
-
-        # 6. noptepochs passes over the batch in nminibatches minibatches, reshuffled each time; micro-batches accumulate
-        #    gradients (accelerator.accumulate divides each loss by grad_accum; DDP averages, DeepSpeed steps, at the last).
-        policy.train()
-        train_stats = []
-        for _ in range(args.noptepochs):
-            order = torch.randperm(local_batch_size, device=device)
-            for mb_start in range(0, local_batch_size, local_minibatch_size):
-                mb_stats = {}
-                for micro in range(grad_accum):
-                    i = order[mb_start + micro * args.local_micro_batch_size : mb_start + (micro + 1) * args.local_micro_batch_size]
-                    with accelerator.accumulate(policy):
-                        new_logprobs, entropy = response_logprobs(response_logits(policy, query_responses[i], pad, args.response_length),
-                                                                  responses[i], args.temperature, pad)
-                        loss, stats = policy_loss(new_logprobs, logprobs[i], ref_logprobs[i], advantages[i], valid[i], args)
-                        accelerator.backward(loss)
-                    stats["policy/entropy"] = masked_mean(entropy.detach(), valid[i])
-                    for key, value in stats.items():
-                        mb_stats[key] = mb_stats.get(key, 0) + value / grad_accum
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                train_stats.append(mb_stats)
-        t_update = now(device)
-
-        # 7. Statistics (PPO's names where they mean the same), averaged over minibatches and processes; the evaluation.
-        kl = ((logprobs - ref_logprobs) * valid).sum(1)  # (b,)
-        local = {k: torch.stack([s[k] for s in train_stats]).mean() for k in train_stats[0]}
-        local.update({"objective/kl": kl.mean(), "objective/entropy": (-logprobs * valid).sum(1).mean(), "objective/scores": scores.mean(),
-                      "objective/entropy_exact": (entropies * valid).sum(1).mean(), "objective/rewards": rewards.mean(),
-                      "objective/advantage_std": advantages.std() if len(advantages) > 1 else torch.zeros((), device=device)})
-        if truncate_token is not None:
-            local["objective/truncated_fraction"] = (scored == pad).any(1).float().mean()
-        if gold is not None:
-            local["objective/gold_score"] = gold.mean()
-        names = sorted(local)
-        means = accelerator.reduce(torch.stack([local[k].float() for k in names]), reduction="mean").tolist()
-        metrics = {"episode": (update + 1) * args.batch_size, "update": update + 1, **dict(zip(names, means)),
-                   "lr": args.lr * (1 - update / num_updates), "timing/generation_s": t_gen - t0, "timing/scoring_s": t_score - t_gen,
-                   "timing/update_s": t_update - t_score, "throughput/episodes_per_s": args.batch_size / (now(device) - t0)}
-        if device.type == "cuda":
-            metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-        eval_texts_out = None
-        if args.eval_dataset is not None and ((update + 1) % args.eval_every == 0 or update + 1 == num_updates):
-            eval_metrics, eval_texts_out = run_eval()
-            metrics.update(eval_metrics)
-        if accelerator.is_main_process:
-            metrics_file.write(json.dumps(metrics) + "\n")
-            metrics_file.flush()
-            if args.track:
-                wandb.log(metrics, step=metrics["episode"])
-            progress.set_postfix(score=f"{metrics['objective/scores']:+.2f}", kl=f"{metrics['objective/kl']:.2f}",
-                                 **({"gold": f"{metrics['objective/gold_score']:+.2f}"} if gold is not None else {}))
-            if update % args.print_sample_every == 0 or update + 1 == num_updates:
-                rows = [{"update": update + 1, "query": tokenizer.decode(queries[i][queries[i] != pad]), "response": texts_out[i],
-                         "score": scores[i].item(), "gold_score": gold[i].item() if gold is not None else None, "kl": kl[i].item()}
-                        for i in range(min(args.num_print_samples, local_batch_size))]
-                print_samples(rows, update + 1)
-                samples_log.extend(rows)
-            if eval_texts_out is not None:
-                samples_log.append({"update": update + 1, "eval_summaries": eval_texts_out[: args.num_print_samples]})
-
-        # 8. A NaN or inf stops the run (exit 3); a checkpoint every save_every updates and when SIGTERM or SIGINT came.
-        check_finite(metrics, f"update {update + 1}", checkpoints.last)
-        checkpoints.after(update + 1, num_updates, lambda: {
-            **trained_state(accelerator, policy, optimizer), "update": update + 1, "samples": samples_log,
-            "elapsed_s": elapsed_before + time.time() - start_time, "wandb_id": wandb_id})
-    checkpoints.close()
-
-    # 9. Save the policy (a plain model folder, adapters merged under LoRA), the samples and the summary.
-    policy_dir = run_dir / "policy"
-    with full_weights(policy, accelerator):
-        if accelerator.is_main_process:
-            saved_lm(unwrapped, lora).save_pretrained(policy_dir)
-            tokenizer.save_pretrained(policy_dir)
-    if accelerator.is_main_process:
-        (run_dir / "samples.json").write_text(json.dumps(samples_log, indent=2))
-        metrics_file.close()
-        print(f"policy saved to {policy_dir}")
-        write_summary(run_dir, summarize(run_dir / "metrics.jsonl", elapsed_before + time.time() - start_time), f"{args.advantage}: {run_dir}")
-        if args.track:
-            wandb.finish()
-    accelerator.wait_for_everyone()
-    return run_dir
-
-
 # Copied from train_policy.py
 def summarize(metrics_path: Path, wall_s: float) -> dict:
-    """Headline figures of a PPO run: score, gold and KL at the first update and over the last tenth of updates (as the
+    """Headline figures of a PPO or RLOO run: score, gold and KL at the first update and over the last tenth of updates (as the
     README reports them), the held-out evaluation before and after, episodes/s, wall time (every resumed part summed)."""
     metrics = [json.loads(line) for line in open(metrics_path)]
     updates, evals = [m for m in metrics if "objective/scores" in m], [m for m in metrics if "eval/win_rate" in m]
@@ -1556,6 +1602,25 @@ def print_samples(rows: list, update: int):
         gold = "" if r["gold_score"] is None else f"{r['gold_score']:+.2f}"
         table.add_row(r["query"], r["response"], f"{r['score']:+.2f}", gold, f"{r['kl']:+.2f}")
     Console().print(table)
+
+
+# Copied from train_policy.py
+def sample_rows(update: int, queries: torch.Tensor, texts: list, scores: torch.Tensor, gold: Optional[torch.Tensor], kl: torch.Tensor,
+                n: int, tokenizer) -> list:
+    """The first n episodes of a batch as rows of the sample table: query, response, score, gold score, KL."""
+    pad = tokenizer.pad_token_id
+    return [{"update": update, "query": tokenizer.decode(queries[i][queries[i] != pad]), "response": texts[i], "score": scores[i].item(),
+             "gold_score": gold[i].item() if gold is not None else None, "kl": kl[i].item()} for i in range(n)]
+
+
+# Copied from train_policy.py
+def write_model_folder(accelerator, lm, lora, tokenizer, folder: Path):
+    """The trained language model (adapters merged under LoRA) and its tokenizer as a plain model folder, written by the
+    main process; under ZeRO-3 called inside full_weights, which every process enters."""
+    if accelerator.is_main_process:
+        saved_lm(lm, lora).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        print(f"policy saved to {folder}")
 
 
 if __name__ == "__main__":

@@ -179,6 +179,235 @@ PRESETS = {
     ),
 }
 
+
+# ---------------------------------------------------------------------------------------------------------
+# SFT's pieces: packing the corpus, TL;DR examples, the loss on summary tokens, the schedule, the held-out loss
+# ---------------------------------------------------------------------------------------------------------
+
+
+def pack_corpus(texts: list, tokenizer, block_size: int) -> torch.Tensor:
+    """Join passages with <|endoftext|> and cut the stream into (n_blocks, block_size) token ids."""
+    ids = []
+    for ids_ in tokenizer(texts)["input_ids"]:
+        ids.extend(ids_ + [tokenizer.eos_token_id])
+    n = len(ids) // block_size
+    return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+def tldr_examples(rows: list, tokenizer, query_length: int, response_length: int) -> torch.Tensor:
+    """(n, query_length + response_length) token ids: left-padded query, then ' {summary}<|endoftext|>' right-padded."""
+    out = [format_tldr_query(row, tokenizer, query_length) + format_tldr_response(row["summary"], tokenizer, response_length) for row in rows]
+    return torch.tensor(out, dtype=torch.long)
+
+
+def inputs_and_labels(batch: torch.Tensor, pad_token_id: int, query_length: int) -> dict:
+    """Model inputs for a batch of token ids (b, t). Pads are masked out and positions count only real tokens
+    (left padding with explicit position ids, as OAI). Labels are -100 on pads and, if query_length > 0, on
+    the query, so that the loss covers only the response."""
+    inputs = model_inputs(batch, pad_token_id)
+    labels = batch.masked_fill(inputs["attention_mask"] == 0, -100)
+    labels[:, :query_length] = -100
+    return dict(**inputs, labels=labels)
+
+
+def lm_loss(model, batch: dict) -> tuple:
+    """(mean next-token cross-entropy over labelled tokens, number of labelled tokens): the logits at position
+    t predict the token at t + 1."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]).logits
+    targets = batch["labels"][:, 1:]  # (b, t-1)
+    loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    return loss, (targets != -100).sum()
+
+
+def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate: linear warm-up, then linear or cosine decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def heldout_loss(model, blocks: torch.Tensor, args: Args, pad_token_id: int, query_length: int, accelerator) -> float:
+    """Mean token loss over the held-out blocks; each process takes a shard and the sums are reduced."""
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device)  # [sum of token losses, number of tokens]
+    shard = blocks[accelerator.process_index :: accelerator.num_processes]
+    for i in range(0, len(shard), args.local_micro_batch_size):
+        batch = inputs_and_labels(shard[i : i + args.local_micro_batch_size].to(accelerator.device), pad_token_id, query_length)
+        loss, n_tokens = lm_loss(model, batch)
+        total += torch.stack([loss * n_tokens, n_tokens.float()])
+    total = accelerator.reduce(total, reduction="sum")
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def train(args: Args) -> Path:
+    """Supervised fine-tuning (or pretraining from scratch) on a corpus or TL;DR; returns the run folder."""
+    start_time = time.time()
+    world = start_processes().num_processes
+    if args.batch_size % (world * args.local_micro_batch_size):
+        fail(f"--batch_size {args.batch_size} is not divisible by --local_micro_batch_size {args.local_micro_batch_size} x {world} processes")
+    if args.save_every < 0 or args.keep_checkpoints < 1:
+        fail("--keep_checkpoints must be positive, --save_every at least 0")
+    check_lora(args)
+    if args.load_in_4bit and args.base_model is None:
+        fail("--load_in_4bit quantizes a pretrained --base_model; a fresh nano model has nothing to quantize")
+    grad_accum = args.batch_size // (world * args.local_micro_batch_size)
+    local_batch_size = args.batch_size // world
+    # gradient clipping at max_grad_norm: by accelerate under DDP, inside the optimizer step under DeepSpeed
+    accelerator = make_accelerator(args, args.local_micro_batch_size, grad_accum, args.max_grad_norm)
+    if not resume_has_work(args.resume, world, zero_stage(accelerator)):
+        return Path(args.resume)
+
+    # 1. Model and tokenizer. The seed is the same on every process so that every copy starts identical.
+    torch.manual_seed(args.seed)
+    if args.base_model is None:
+        if not os.path.isfile(os.path.join(args.tokenizer, "tokenizer.json")):
+            fail(f"--tokenizer {args.tokenizer}: no tokenizer.json there (build it with: python data/build.py tokenizer)")
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        model = new_nano_model(args, tokenizer)
+    else:
+        model, tokenizer = load_base_model(args.base_model, load_in_4bit=args.load_in_4bit)
+    model, tokenizer = prepare_lm(model, tokenizer)  # a dedicated pad token (not EOS); dropout is set next
+    set_dropout(model, args.dropout)
+    lora = add_lora(model, args)  # under LoRA only the adapters train (--dropout still sets the model's own dropout)
+
+    # 2. Data: (n, T) token ids; `query_length` tokens at the front of each row carry no loss.
+    if args.task == "corpus":
+        train_rows, eval_rows = load_rows(args, ("text",))
+        train_data = pack_corpus([r["text"] for r in train_rows], tokenizer, args.block_size)
+        eval_data = pack_corpus([r["text"] for r in eval_rows], tokenizer, args.block_size)
+        query_length = 0
+    else:
+        train_rows, eval_rows = load_rows(args, TLDR_KEYS)
+        train_data = tldr_examples(train_rows, tokenizer, args.query_length, args.response_length)
+        eval_data = tldr_examples(eval_rows, tokenizer, args.query_length, args.response_length)
+        query_length = 0 if args.train_on_query else args.query_length  # tokens at the front of each row without loss
+    if len(train_data) < args.batch_size:
+        fail(f"--dataset {args.dataset}: {len(train_data)} training sequences, fewer than --batch_size {args.batch_size}")
+    if train_data.max() >= model.get_input_embeddings().num_embeddings:
+        fail(f"--dataset {args.dataset}: token ids beyond the model's vocabulary (tokenizer and model do not match)")
+
+    # 3. Optimizer: AdamW with weight decay on matrices only; warm-up then decay to 0.
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.total_steps, args.lr_schedule))
+    num_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)  # counted before ZeRO-3 shards them
+    model, optimizer = accelerator.prepare(model, optimizer)  # DDP, or a DeepSpeed engine (its optimizer keeps the scheduler's groups)
+
+    # 4. Run folder, metrics file and (optionally) wandb. Nothing is written before the inputs were checked. A resumed
+    #    run takes back the weights, optimizer, schedule, data position and metrics of its last checkpoint; its
+    #    generators are restored where the loop starts.
+    run_dir = Path(args.resume) if args.resume else shared_run_dir(accelerator, args.run_root, args.exp_name, args.seed)
+    resumed = load_checkpoint(accelerator, run_dir) if args.resume else None
+    if resumed is not None:
+        load_trained_state(accelerator, model, optimizer, resumed)
+        scheduler.load_state_dict(resumed["scheduler"])
+    elapsed_before = resumed["elapsed_s"] if resumed else 0.0
+    layout = {"world_size": world, "zero_stage": zero_stage(accelerator), "grad_accum": grad_accum}
+    run_log = RunLog(accelerator, args, run_dir, resumed, layout, step_key="step", keep_samples=False)
+    if accelerator.is_main_process:
+        print(f"run folder {run_dir}; {num_trained:,} trained parameters; "
+              f"{len(train_data):,} training and {len(eval_data):,} held-out sequences of {train_data.shape[1]} tokens; "
+              f"{world} process(es) x {grad_accum} micro-batch(es) of {args.local_micro_batch_size}"
+              + (f"; resumed after step {resumed['step']} from {resumed['path']}" if resumed else ""))
+
+    # 5. The loop. Every process draws the same permutation of the data (same generator seed) and takes its
+    #    own slice of each global batch; gradients are averaged across processes by DDP at the last micro-batch
+    #    (accelerator.accumulate divides each loss by grad_accum; under DeepSpeed the engine steps there).
+    data_gen = torch.Generator().manual_seed(args.seed)
+    order, cursor, epoch = torch.randperm(len(train_data), generator=data_gen), 0, 0
+    first_step = 0
+    if resumed is not None:
+        data_gen.set_state(resumed["data_gen"])
+        order, cursor, epoch, first_step = resumed["order"], resumed["cursor"], resumed["epoch"], resumed["step"]
+        set_rng_state(resumed["rng"], accelerator.device)
+    checkpoints = Checkpoints(accelerator, model, run_dir, args.save_every, args.keep_checkpoints, f"python train_sft.py --resume {run_dir}",
+                              resumed["path"] if resumed else None)
+    model.train()
+    progress = tqdm(range(first_step, args.total_steps), initial=first_step, total=args.total_steps,
+                    disable=not accelerator.is_main_process, desc="sft")
+    for step in progress:
+        t0 = time.time()
+        if cursor + args.batch_size > len(order):  # new epoch, new shuffle
+            order, cursor, epoch = torch.randperm(len(train_data), generator=data_gen), 0, epoch + 1
+        global_idx = order[cursor : cursor + args.batch_size]
+        cursor += args.batch_size
+        local_idx = global_idx[accelerator.process_index * local_batch_size : (accelerator.process_index + 1) * local_batch_size]
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for micro in range(grad_accum):
+            idx = local_idx[micro * args.local_micro_batch_size : (micro + 1) * args.local_micro_batch_size]
+            batch = inputs_and_labels(train_data[idx].to(accelerator.device), tokenizer.pad_token_id, query_length)
+            with accelerator.accumulate(model):
+                loss, _ = lm_loss(model, batch)  # mean over the micro-batch's labelled tokens
+                accelerator.backward(loss)
+            loss_sum += loss.detach().float()
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        train_loss = accelerator.reduce(loss_sum / grad_accum, reduction="mean").item()
+        step_s = time.time() - t0
+        metrics = {
+            "step": step + 1, "epoch": epoch, "train/loss": train_loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
+            "timing/step_s": step_s, "throughput/tokens_per_s": args.batch_size * train_data.shape[1] / step_s,
+        }
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.total_steps:
+            # ZeRO-3: the weights gathered on every process, so that unequal shards of held-out data (and the main
+            # process sampling alone) need no lockstep
+            with full_weights(model, accelerator) as bare:
+                metrics["eval/loss"] = heldout_loss(bare, eval_data, args, tokenizer.pad_token_id, query_length, accelerator)
+                if args.task == "tldr" and step + 1 == args.total_steps and accelerator.is_main_process:
+                    metrics.update(tldr_rouge(bare, tokenizer, eval_data, args, accelerator.device))
+            model.train()
+            metrics["eval/perplexity"] = math.exp(metrics["eval/loss"])
+            progress.set_postfix(loss=f"{train_loss:.3f}", eval_ppl=f"{metrics['eval/perplexity']:.1f}")
+        else:
+            progress.set_postfix(loss=f"{train_loss:.3f}")
+        run_log.write(metrics)
+        # a NaN or inf stops the run (exit 3); a checkpoint every save_every steps and when SIGTERM or SIGINT came
+        check_finite(metrics, f"step {step + 1}", checkpoints.last)
+        checkpoints.after(step + 1, args.total_steps, lambda: {
+            **trained_state(accelerator, model, optimizer), "scheduler": scheduler.state_dict(),
+            "step": step + 1, "data_gen": data_gen.get_state(), "order": order, "cursor": cursor, "epoch": epoch,
+            "elapsed_s": elapsed_before + time.time() - start_time, "wandb_id": run_log.wandb_id})
+    checkpoints.close()
+
+    # 6. Samples continuing held-out prompts, then the model. Under ZeRO-3 every process gathers the weights; the main
+    #    one samples and writes them.
+    with full_weights(model, accelerator) as unwrapped:
+        if accelerator.is_main_process:
+            samples = sample(unwrapped, tokenizer, eval_data, args.query_length if args.task == "tldr" else 0, args, accelerator.device)
+            print_continuations(samples, args.temperature)
+            (run_dir / "samples.json").write_text(json.dumps(samples, indent=2))
+            unwrapped = saved_lm(unwrapped, lora)  # adapters merged under LoRA
+            save_model(unwrapped, tokenizer, run_dir / "model")
+            if args.output_dir is not None:
+                save_model(unwrapped, tokenizer, Path(args.output_dir))
+    run_log.finish(lambda: print_closing_line(summarize(run_dir / "metrics.jsonl", elapsed_before + time.time() - start_time), run_dir, args.output_dir),
+                   f"SFT: {run_dir}")
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+# =========================================================================================================
+# Plumbing. Everything below serves train() above and is not the algorithm: reading the data, loading the
+# models, LoRA, sampling, measuring, checkpoints and resume, signals, DeepSpeed, the checks of the
+# arguments, the command line, the summary. The `# Copied from` blocks are shared with the other scripts
+# and kept identical by tests/test_pipeline.py.
+# =========================================================================================================
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_policy.py
 FLAG_PREFIX = "--"  # how messages spell a flag: train_both.py sets "--reward." / "--policy." while a stage runs
 
 
@@ -253,6 +482,7 @@ def read_jsonl(path: str, required_keys: tuple) -> list:
     return rows
 
 
+# Copied from train_policy.py
 TLDR_KEYS = ("subreddit", "title", "post", "summary")
 
 
@@ -280,15 +510,6 @@ def load_rows(args: Args, required_keys: tuple) -> tuple:
     return rows, heldout
 
 
-def pack_corpus(texts: list, tokenizer, block_size: int) -> torch.Tensor:
-    """Join passages with <|endoftext|> and cut the stream into (n_blocks, block_size) token ids."""
-    ids = []
-    for ids_ in tokenizer(texts)["input_ids"]:
-        ids.extend(ids_ + [tokenizer.eos_token_id])
-    n = len(ids) // block_size
-    return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
-
-
 # Copied from train_policy.py
 def format_tldr_query(row: dict, tokenizer, query_length: int) -> list:
     """OAI's TL;DR query: SUBREDDIT/TITLE/POST/TL;DR, the post cut at its last newline (else its last
@@ -313,31 +534,6 @@ def format_tldr_response(summary: str, tokenizer, response_length: int) -> list:
     {SFD}/summarize_from_feedback_details/tldr_dataset.py#L186-L199"""
     tokens = tokenizer.encode(" " + summary)[: response_length - 1] + [tokenizer.eos_token_id]
     return tokens + [tokenizer.pad_token_id] * (response_length - len(tokens))
-
-
-def tldr_examples(rows: list, tokenizer, query_length: int, response_length: int) -> torch.Tensor:
-    """(n, query_length + response_length) token ids: left-padded query, then ' {summary}<|endoftext|>' right-padded."""
-    out = [format_tldr_query(row, tokenizer, query_length) + format_tldr_response(row["summary"], tokenizer, response_length) for row in rows]
-    return torch.tensor(out, dtype=torch.long)
-
-
-def inputs_and_labels(batch: torch.Tensor, pad_token_id: int, query_length: int) -> dict:
-    """Model inputs for a batch of token ids (b, t). Pads are masked out and positions count only real tokens
-    (left padding with explicit position ids, as OAI). Labels are -100 on pads and, if query_length > 0, on
-    the query, so that the loss covers only the response."""
-    inputs = model_inputs(batch, pad_token_id)
-    labels = batch.masked_fill(inputs["attention_mask"] == 0, -100)
-    labels[:, :query_length] = -100
-    return dict(**inputs, labels=labels)
-
-
-def lm_loss(model, batch: dict) -> tuple:
-    """(mean next-token cross-entropy over labelled tokens, number of labelled tokens): the logits at position
-    t predict the token at t + 1."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]).logits
-    targets = batch["labels"][:, 1:]  # (b, t-1)
-    loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-    return loss, (targets != -100).sum()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -460,29 +656,6 @@ def set_dropout(model: nn.Module, p: float):
             module.p = p
 
 
-def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
-    """Multiplier of the peak learning rate: linear warm-up, then linear or cosine decay to 0."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-@torch.no_grad()
-def heldout_loss(model, blocks: torch.Tensor, args: Args, pad_token_id: int, query_length: int, accelerator) -> float:
-    """Mean token loss over the held-out blocks; each process takes a shard and the sums are reduced."""
-    model.eval()
-    total = torch.zeros(2, device=accelerator.device)  # [sum of token losses, number of tokens]
-    shard = blocks[accelerator.process_index :: accelerator.num_processes]
-    for i in range(0, len(shard), args.local_micro_batch_size):
-        batch = inputs_and_labels(shard[i : i + args.local_micro_batch_size].to(accelerator.device), pad_token_id, query_length)
-        loss, n_tokens = lm_loss(model, batch)
-        total += torch.stack([loss * n_tokens, n_tokens.float()])
-    total = accelerator.reduce(total, reduction="sum")
-    model.train()
-    return (total[0] / total[1]).item()
-
-
 def save_model(model, tokenizer, folder: Path):
     """save_pretrained into a temporary folder, then swap it in."""
     tmp = folder.with_name(folder.name + ".tmp")
@@ -506,10 +679,14 @@ def swap_in(tmp: Path, folder: Path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Runs that survive: checkpoints, resume, a stop on SIGTERM/SIGINT or on a NaN, the closing summary
+# Runs that survive: checkpoints, resume, a stop on SIGTERM/SIGINT or on a NaN; the run's log and closing summary
 # ---------------------------------------------------------------------------------------------------------
 
+
+# Copied from train_policy.py
 EXIT_NONFINITE = 3  # exit status of a run stopped by a NaN or inf (bad input: 2; stopped by a signal: 128 + its number)
+
+
 # Copied from train_policy.py
 def shared_run_dir(accelerator, run_root: str, exp_name: str, seed: int) -> Path:
     """runs/<exp_name>__<seed>__<unix time>, the same name on every process (the main process's clock)."""
@@ -677,6 +854,55 @@ def write_summary(run_dir: Path, summary: dict, title: str):
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
+# Copied from train_policy.py
+class RunLog:
+    """What a run writes besides its checkpoints and weights, all of it on the main process (on the others every method
+    does nothing): args.json (a fresh run's arguments and process layout), metrics.jsonl (a resumed run appends to it),
+    wandb under --track (a resumed run continues its wandb run), the sample tables' rows (samples.json, for the scripts
+    that keep them: `keep_samples`), and at the end summary.json with its table on the terminal."""
+
+    def __init__(self, accelerator, args, run_dir: Path, resumed: Optional[dict], layout: dict, step_key: str, keep_samples: bool):
+        self.main, self.track, self.step_key, self.run_dir = accelerator.is_main_process, args.track, step_key, run_dir
+        self.samples = (resumed["samples"] if resumed else []) if keep_samples else None
+        self.wandb_id = resumed["wandb_id"] if resumed else None
+        if not self.main:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resumed is None:
+            (run_dir / "args.json").write_text(json.dumps({**asdict(args), **layout}, indent=2))
+        self.file = open(run_dir / "metrics.jsonl", "a" if resumed else "w")
+        if args.track:
+            import wandb
+
+            self.wandb_id = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
+                                       dir=str(run_dir), id=self.wandb_id, resume="allow").id
+
+    def write(self, metrics: dict):
+        """One line of metrics.jsonl, and a wandb step when the metrics have the step key (an evaluation before training
+        without one, as PPO's and RLOO's, goes to the file only)."""
+        if self.main:
+            self.file.write(json.dumps(metrics) + "\n")
+            self.file.flush()
+            if self.track and self.step_key in metrics:
+                import wandb
+
+                wandb.log(metrics, step=metrics[self.step_key])
+
+    def finish(self, summary_fn, title: str):
+        """samples.json, the metrics file closed, summary.json from summary_fn() (which reads metrics.jsonl) with its
+        table, wandb closed."""
+        if not self.main:
+            return
+        if self.samples is not None:
+            (self.run_dir / "samples.json").write_text(json.dumps(self.samples, indent=2))
+        self.file.close()
+        write_summary(self.run_dir, summary_fn(), title)
+        if self.track:
+            import wandb
+
+            wandb.finish()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Past one GPU: plain DDP, or DeepSpeed ZeRO-2/3 when launched with one of configs/zero*.yaml
 # ---------------------------------------------------------------------------------------------------------
@@ -726,25 +952,6 @@ def zero_stage(accelerator) -> int:
     """The ZeRO stage of the run; 0 without DeepSpeed."""
     plugin = accelerator.state.deepspeed_plugin
     return 0 if plugin is None else plugin.zero_stage
-
-
-# Copied from train_policy.py
-def place_frozen(model: nn.Module, accelerator, dtype: torch.dtype) -> nn.Module:
-    """A frozen model (the reference, the reward model) ready for forward passes: a whole copy on every process under
-    DDP and ZeRO-2; under ZeRO-3 sharded over the processes by a DeepSpeed inference engine (no optimizer), each forward
-    gathering one layer at a time, with the parameter offload of the launch's config, as SFD's large runs place theirs:
-    {SFD}/summarize_from_feedback_details/ppo.py#L519-L536."""
-    model = model.eval().requires_grad_(False)
-    if zero_stage(accelerator) < 3:
-        return model.to(accelerator.device, dtype)
-    import deepspeed
-
-    config = accelerator.state.deepspeed_plugin.deepspeed_config
-    offload = config["zero_optimization"].get("offload_param", {"device": "none"})
-    engine, *_ = deepspeed.initialize(model=model, config={
-        "train_micro_batch_size_per_gpu": config["train_micro_batch_size_per_gpu"], "bf16": {"enabled": dtype == torch.bfloat16},
-        "prescale_gradients": False, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1e4, "offload_param": offload}})
-    return engine
 
 
 # Copied from train_policy.py
@@ -803,185 +1010,8 @@ def load_trained_state(accelerator, model, optimizer, resumed: dict):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Training
+# The run's summary; sampling and ROUGE for the held-out evaluation
 # ---------------------------------------------------------------------------------------------------------
-
-
-def train(args: Args):
-    start_time = time.time()
-    world = start_processes().num_processes
-    if args.batch_size % (world * args.local_micro_batch_size):
-        fail(f"--batch_size {args.batch_size} is not divisible by --local_micro_batch_size {args.local_micro_batch_size} x {world} processes")
-    if args.save_every < 0 or args.keep_checkpoints < 1:
-        fail("--keep_checkpoints must be positive, --save_every at least 0")
-    check_lora(args)
-    if args.load_in_4bit and args.base_model is None:
-        fail("--load_in_4bit quantizes a pretrained --base_model; a fresh nano model has nothing to quantize")
-    grad_accum = args.batch_size // (world * args.local_micro_batch_size)
-    local_batch_size = args.batch_size // world
-    # gradient clipping at max_grad_norm: by accelerate under DDP, inside the optimizer step under DeepSpeed
-    accelerator = make_accelerator(args, args.local_micro_batch_size, grad_accum, args.max_grad_norm)
-    if not resume_has_work(args.resume, world, zero_stage(accelerator)):
-        return Path(args.resume)
-
-    # 1. Model and tokenizer. The seed is the same on every process so that every copy starts identical.
-    torch.manual_seed(args.seed)
-    if args.base_model is None:
-        if not os.path.isfile(os.path.join(args.tokenizer, "tokenizer.json")):
-            fail(f"--tokenizer {args.tokenizer}: no tokenizer.json there (build it with: python data/build.py tokenizer)")
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        model = new_nano_model(args, tokenizer)
-    else:
-        model, tokenizer = load_base_model(args.base_model, load_in_4bit=args.load_in_4bit)
-    model, tokenizer = prepare_lm(model, tokenizer)  # a dedicated pad token (not EOS); dropout is set next
-    set_dropout(model, args.dropout)
-    lora = add_lora(model, args)  # under LoRA only the adapters train (--dropout still sets the model's own dropout)
-
-    # 2. Data: (n, T) token ids; `query_length` tokens at the front of each row carry no loss.
-    if args.task == "corpus":
-        train_rows, eval_rows = load_rows(args, ("text",))
-        train_data = pack_corpus([r["text"] for r in train_rows], tokenizer, args.block_size)
-        eval_data = pack_corpus([r["text"] for r in eval_rows], tokenizer, args.block_size)
-        query_length = 0
-    else:
-        train_rows, eval_rows = load_rows(args, TLDR_KEYS)
-        train_data = tldr_examples(train_rows, tokenizer, args.query_length, args.response_length)
-        eval_data = tldr_examples(eval_rows, tokenizer, args.query_length, args.response_length)
-        query_length = 0 if args.train_on_query else args.query_length  # tokens at the front of each row without loss
-    if len(train_data) < args.batch_size:
-        fail(f"--dataset {args.dataset}: {len(train_data)} training sequences, fewer than --batch_size {args.batch_size}")
-    if train_data.max() >= model.get_input_embeddings().num_embeddings:
-        fail(f"--dataset {args.dataset}: token ids beyond the model's vocabulary (tokenizer and model do not match)")
-
-    # 3. Optimizer: AdamW with weight decay on matrices only; warm-up then decay to 0.
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.total_steps, args.lr_schedule))
-    num_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)  # counted before ZeRO-3 shards them
-    model, optimizer = accelerator.prepare(model, optimizer)  # DDP, or a DeepSpeed engine (its optimizer keeps the scheduler's groups)
-
-    # 4. Run folder, metrics file and (optionally) wandb. Nothing is written before the inputs were checked. A resumed
-    #    run takes back the weights, optimizer, schedule, data position and metrics of its last checkpoint; its
-    #    generators are restored where the loop starts.
-    run_dir = Path(args.resume) if args.resume else shared_run_dir(accelerator, args.run_root, args.exp_name, args.seed)
-    resumed = load_checkpoint(accelerator, run_dir) if args.resume else None
-    if resumed is not None:
-        load_trained_state(accelerator, model, optimizer, resumed)
-        scheduler.load_state_dict(resumed["scheduler"])
-    elapsed_before = resumed["elapsed_s"] if resumed else 0.0
-    metrics_file, wandb_id = None, resumed["wandb_id"] if resumed else None
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resumed is None:
-            (run_dir / "args.json").write_text(json.dumps({**asdict(args), "world_size": world, "zero_stage": zero_stage(accelerator), "grad_accum": grad_accum}, indent=2))
-        metrics_file = open(run_dir / "metrics.jsonl", "a" if resumed else "w")
-        if args.track:
-            import wandb
-
-            wandb_id = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
-                                  dir=str(run_dir), id=wandb_id, resume="allow").id
-        print(f"run folder {run_dir}; {num_trained:,} trained parameters; "
-              f"{len(train_data):,} training and {len(eval_data):,} held-out sequences of {train_data.shape[1]} tokens; "
-              f"{world} process(es) x {grad_accum} micro-batch(es) of {args.local_micro_batch_size}"
-              + (f"; resumed after step {resumed['step']} from {resumed['path']}" if resumed else ""))
-
-    def log(metrics: dict):
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(metrics) + "\n")
-            metrics_file.flush()
-            if args.track:
-                wandb.log(metrics, step=metrics["step"])
-
-    # 5. The loop. Every process draws the same permutation of the data (same generator seed) and takes its
-    #    own slice of each global batch; gradients are averaged across processes by DDP at the last micro-batch
-    #    (accelerator.accumulate divides each loss by grad_accum; under DeepSpeed the engine steps there).
-    data_gen = torch.Generator().manual_seed(args.seed)
-    order, cursor, epoch = torch.randperm(len(train_data), generator=data_gen), 0, 0
-    first_step = 0
-    if resumed is not None:
-        data_gen.set_state(resumed["data_gen"])
-        order, cursor, epoch, first_step = resumed["order"], resumed["cursor"], resumed["epoch"], resumed["step"]
-        set_rng_state(resumed["rng"], accelerator.device)
-    checkpoints = Checkpoints(accelerator, model, run_dir, args.save_every, args.keep_checkpoints, f"python train_sft.py --resume {run_dir}",
-                              resumed["path"] if resumed else None)
-    model.train()
-    progress = tqdm(range(first_step, args.total_steps), initial=first_step, total=args.total_steps, disable=not accelerator.is_main_process, desc="sft")
-    for step in progress:
-        t0 = time.time()
-        if cursor + args.batch_size > len(order):  # new epoch, new shuffle
-            order, cursor, epoch = torch.randperm(len(train_data), generator=data_gen), 0, epoch + 1
-        global_idx = order[cursor : cursor + args.batch_size]
-        cursor += args.batch_size
-        local_idx = global_idx[accelerator.process_index * local_batch_size : (accelerator.process_index + 1) * local_batch_size]
-        loss_sum = torch.zeros((), device=accelerator.device)
-        for micro in range(grad_accum):
-            idx = local_idx[micro * args.local_micro_batch_size : (micro + 1) * args.local_micro_batch_size]
-            batch = inputs_and_labels(train_data[idx].to(accelerator.device), tokenizer.pad_token_id, query_length)
-            with accelerator.accumulate(model):
-                loss, _ = lm_loss(model, batch)  # mean over the micro-batch's labelled tokens
-                accelerator.backward(loss)
-            loss_sum += loss.detach().float()
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        train_loss = accelerator.reduce(loss_sum / grad_accum, reduction="mean").item()
-        step_s = time.time() - t0
-        metrics = {
-            "step": step + 1, "epoch": epoch, "train/loss": train_loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
-            "timing/step_s": step_s, "throughput/tokens_per_s": args.batch_size * train_data.shape[1] / step_s,
-        }
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.total_steps:
-            # ZeRO-3: the weights gathered on every process, so that unequal shards of held-out data (and the main
-            # process sampling alone) need no lockstep
-            with full_weights(model, accelerator) as bare:
-                metrics["eval/loss"] = heldout_loss(bare, eval_data, args, tokenizer.pad_token_id, query_length, accelerator)
-                if args.task == "tldr" and step + 1 == args.total_steps and accelerator.is_main_process:
-                    metrics.update(tldr_rouge(bare, tokenizer, eval_data, args, accelerator.device))
-            model.train()
-            metrics["eval/perplexity"] = math.exp(metrics["eval/loss"])
-            progress.set_postfix(loss=f"{train_loss:.3f}", eval_ppl=f"{metrics['eval/perplexity']:.1f}")
-        else:
-            progress.set_postfix(loss=f"{train_loss:.3f}")
-        log(metrics)
-        # a NaN or inf stops the run (exit 3); a checkpoint every save_every steps and when SIGTERM or SIGINT came
-        check_finite(metrics, f"step {step + 1}", checkpoints.last)
-        checkpoints.after(step + 1, args.total_steps, lambda: {
-            **trained_state(accelerator, model, optimizer), "scheduler": scheduler.state_dict(),
-            "step": step + 1, "data_gen": data_gen.get_state(), "order": order, "cursor": cursor, "epoch": epoch,
-            "elapsed_s": elapsed_before + time.time() - start_time, "wandb_id": wandb_id})
-    checkpoints.close()
-
-    # 6. Samples continuing held-out prompts, then the model. Under ZeRO-3 every process gathers the weights; the main
-    #    one samples and writes them.
-    with full_weights(model, accelerator) as unwrapped:
-        if accelerator.is_main_process:
-            samples = sample(unwrapped, tokenizer, eval_data, args.query_length if args.task == "tldr" else 0, args, accelerator.device)
-            table = Table(title=f"samples (temperature {args.temperature})", show_lines=True)
-            table.add_column("prompt", max_width=60)
-            table.add_column("continuation", max_width=80)
-            for s in samples:
-                table.add_row(s["prompt"], s["continuation"])
-            Console().print(table)
-            (run_dir / "samples.json").write_text(json.dumps(samples, indent=2))
-            unwrapped = saved_lm(unwrapped, lora)  # adapters merged under LoRA
-            save_model(unwrapped, tokenizer, run_dir / "model")
-            if args.output_dir is not None:
-                save_model(unwrapped, tokenizer, Path(args.output_dir))
-    if accelerator.is_main_process:
-        metrics_file.close()
-        summary = summarize(run_dir / "metrics.jsonl", elapsed_before + time.time() - start_time)
-        rouge_scores = "".join(f", {k[5:]} {summary[k]:.3f}" for k in ("eval/rouge1", "eval/rouge2", "eval/rougeL") if k in summary)
-        print(f"held-out perplexity {summary['eval/perplexity/last']:.2f}{rouge_scores}; model saved to {run_dir / 'model'}"
-              + (f" and {args.output_dir}" if args.output_dir else ""))
-        write_summary(run_dir, summary, f"SFT: {run_dir}")
-        if args.track:
-            wandb.finish()
-    accelerator.wait_for_everyone()
-    return run_dir
 
 
 def summarize(metrics_path: Path, wall_s: float) -> dict:
@@ -994,6 +1024,25 @@ def summarize(metrics_path: Path, wall_s: float) -> dict:
     summary["tokens_per_s"] = sum(m["throughput/tokens_per_s"] for m in metrics) / len(metrics)
     summary["wall_s"] = wall_s
     return summary
+
+
+def print_closing_line(summary: dict, run_dir: Path, output_dir: Optional[str]) -> dict:
+    """Prints the run's closing line (the held-out perplexity, ROUGE on TL;DR, where the model was saved) before the
+    summary table; returns the summary unchanged."""
+    rouge_scores = "".join(f", {k[5:]} {summary[k]:.3f}" for k in ("eval/rouge1", "eval/rouge2", "eval/rougeL") if k in summary)
+    print(f"held-out perplexity {summary['eval/perplexity/last']:.2f}{rouge_scores}; model saved to {run_dir / 'model'}"
+          + (f" and {output_dir}" if output_dir else ""))
+    return summary
+
+
+def print_continuations(samples: list, temperature: float):
+    """The closing samples: held-out prompts and their continuations."""
+    table = Table(title=f"samples (temperature {temperature})", show_lines=True)
+    table.add_column("prompt", max_width=60)
+    table.add_column("continuation", max_width=80)
+    for s in samples:
+        table.add_row(s["prompt"], s["continuation"])
+    Console().print(table)
 
 
 # Copied from train_policy.py
