@@ -99,7 +99,7 @@ class Args:
     """folder for the runs, result.json and result.md"""
     previous: List[str] = field(default_factory=list)
     """result.json files of earlier runs of this script with other seeds and the same settings: their rounds join this
-    run's in the summary (the seeds, run one call at a time, as one table)"""
+    run's in the summary (the seeds, run one call at a time, as one table; a figure a round lacks is left out of its mean)"""
 
 
 def run_dir_of(root: Path) -> Path:
@@ -252,7 +252,7 @@ def table(summary: dict) -> str:
         for system in ("ours", "trl"):
             s = systems[system]
             ratio = f"{systems['ratio_ours_over_trl']['throughput']:.2f}x" if system == "ours" else ""
-            lines.append(f"| {method} | {'TRL 1.16' if system == 'trl' else 'ours'} | {s['throughput']:.2f} {s['unit']} | "
+            lines.append(f"| {method} | {'TRL 1.16' if system == 'trl' else 'ours'} | {fmt(s, 'throughput', '{:.2f}')} {s['unit']} | "
                          f"{s['peak_rss_gb']:.2f} | {fmt(s, 'gold', '{:+.3f}')} | {fmt(s, 'kl', '{:.2f}')} | "
                          f"{fmt(s, 'accuracy', '{:.3f}')} | {ratio} |")
     return "\n".join(lines)
@@ -296,8 +296,9 @@ def main(a: Args):
         summary[method] = {}
         for system in ("ours", "trl"):
             rows = [x for x in results if x["method"] == method and x["system"] == system]
-            s = {k: statistics.mean(x[k] for x in rows) for k in ("throughput", "peak_rss_gb", "gold", "kl", "accuracy") if k in rows[0]}
-            s.update({f"{k}_std": statistics.stdev(x[k] for x in rows) for k in ("gold", "kl", "accuracy") if k in rows[0] and len(rows) > 1})
+            values = {k: [x[k] for x in rows if k in x] for k in ("throughput", "peak_rss_gb", "gold", "kl", "accuracy")}
+            s = {k: statistics.mean(v) for k, v in values.items() if v}  # a figure a round lacks is left out of its mean
+            s.update({f"{k}_std": statistics.stdev(v) for k, v in values.items() if len(v) > 1 and k != "peak_rss_gb"})
             summary[method][system] = {**s, "unit": rows[0]["unit"]}
         summary[method]["ratio_ours_over_trl"] = {k: summary[method]["ours"][k] / summary[method]["trl"][k] for k in ("throughput", "peak_rss_gb")}
     (out / "result.json").write_text(json.dumps({"runs": results, "summary": summary}, indent=2))
