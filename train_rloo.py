@@ -343,8 +343,7 @@ def train(args: Args) -> Path:
     first_update = resumed["update"] if resumed else 0
     batches = Stream(batches, skip=first_update)
     elapsed_before = resumed["elapsed_s"] if resumed else 0.0
-    layout = {"world_size": world, "zero_stage": zero_stage(accelerator), "grad_accum": grad_accum}
-    run_log = RunLog(accelerator, args, run_dir, resumed, layout, step_key="episode", keep_samples=True)
+    run_log = RunLog(accelerator, args, run_dir, resumed, step_key="episode", keep_samples=True)
     if accelerator.is_main_process:
         print(f"run folder {run_dir}; {args.advantage}: {num_updates} updates of {args.batch_size // args.k} prompts x k = {args.k} "
               f"({world} process(es) x {args.nminibatches} minibatch(es) x {grad_accum} micro-batch(es) of {args.local_micro_batch_size}); "
@@ -1361,23 +1360,28 @@ def write_summary(run_dir: Path, summary: dict, title: str):
 # Copied from train_policy.py
 class RunLog:
     """What a run writes besides its checkpoints and weights, all of it on the main process (on the others every method
-    does nothing): args.json (a fresh run's arguments and process layout), metrics.jsonl (a resumed run appends to it),
-    wandb under --track (a resumed run continues its wandb run), the sample tables' rows (samples.json, for the scripts
-    that keep them: `keep_samples`), and at the end summary.json with its table on the terminal."""
+    does nothing): args.json (a fresh run's arguments, its process layout read from the accelerator, and `info`),
+    metrics.jsonl (a resumed run appends to it), wandb under --track (a resumed run continues its wandb run), the sample
+    tables' rows (samples.json, for the scripts that keep them: `keep_samples`), and at the end summary.json with its
+    table on the terminal."""
 
-    def __init__(self, accelerator, args, run_dir: Path, resumed: Optional[dict], layout: dict, step_key: str, keep_samples: bool):
-        self.main, self.track, self.step_key, self.run_dir = accelerator.is_main_process, args.track, step_key, run_dir
+    def __init__(self, accelerator, args, run_dir: Path, resumed: Optional[dict], step_key: str, keep_samples: bool,
+                 info: Optional[dict] = None):
+        self.main, self.step_key, self.run_dir, self.wandb = accelerator.is_main_process, step_key, run_dir, None
         self.samples = (resumed["samples"] if resumed else []) if keep_samples else None
         self.wandb_id = resumed["wandb_id"] if resumed else None
         if not self.main:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         if resumed is None:
-            (run_dir / "args.json").write_text(json.dumps({**asdict(args), **layout}, indent=2))
+            layout = {"world_size": accelerator.num_processes, "zero_stage": zero_stage(accelerator),
+                      "grad_accum": accelerator.gradient_accumulation_steps}
+            (run_dir / "args.json").write_text(json.dumps({**asdict(args), **layout, **(info or {})}, indent=2))
         self.file = open(run_dir / "metrics.jsonl", "a" if resumed else "w")
         if args.track:
             import wandb
 
+            self.wandb = wandb
             self.wandb_id = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
                                        dir=str(run_dir), id=self.wandb_id, resume="allow").id
 
@@ -1387,10 +1391,8 @@ class RunLog:
         if self.main:
             self.file.write(json.dumps(metrics) + "\n")
             self.file.flush()
-            if self.track and self.step_key in metrics:
-                import wandb
-
-                wandb.log(metrics, step=metrics[self.step_key])
+            if self.wandb is not None and self.step_key in metrics:
+                self.wandb.log(metrics, step=metrics[self.step_key])
 
     def finish(self, summary_fn, title: str):
         """samples.json, the metrics file closed, summary.json from summary_fn() (which reads metrics.jsonl) with its
@@ -1401,10 +1403,8 @@ class RunLog:
             (self.run_dir / "samples.json").write_text(json.dumps(self.samples, indent=2))
         self.file.close()
         write_summary(self.run_dir, summary_fn(), title)
-        if self.track:
-            import wandb
-
-            wandb.finish()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 # ---------------------------------------------------------------------------------------------------------
