@@ -1099,10 +1099,11 @@ class FrozenReference:
         self.lm = lm if lora is not None else place_frozen(copy.deepcopy(lm), accelerator, dtype)
 
     @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor, pad_token_id: int, response_length: int) -> torch.Tensor:
-        """(b, R, V) logits of the R response tokens of (b, Q+R) query+response tokens, as response_logits."""
+    def __call__(self, *inputs, logits_fn=None) -> torch.Tensor:
+        """(b, R, V) logits of R response tokens from the reference's model: logits_fn(lm, *inputs), by default
+        response_logits(lm, tokens, pad_token_id, response_length) of (b, Q+R) query+response tokens."""
         with self.lora.disable_adapter() if self.lora is not None else nullcontext():
-            return response_logits(self.lm, tokens, pad_token_id, response_length)
+            return (logits_fn or response_logits)(self.lm, *inputs)
 
 
 # Copied from train_policy.py

@@ -1,5 +1,6 @@
-"""train_rloo.py: each estimator against a hand computation, the k3 KL estimator, the losses at ratio 1, a tiny run per
-estimator, and a run stopped by SIGTERM and resumed that ends as an uninterrupted one, in one process and in two."""
+"""train_rloo.py: each estimator against a hand computation, the k3 KL estimator, the losses at ratio 1, the shared prompt
+forward against the whole rows, a tiny run per estimator, and a run stopped by SIGTERM and resumed that ends as an
+uninterrupted one, in one process and in two."""
 
 import json
 import math
@@ -73,6 +74,40 @@ def test_rloo_clips_the_sequence_ratio():
     new = torch.tensor([[0.3, 0.2]])  # sequence ratio e^0.5 = 1.65, beyond 1.2
     loss, stats = tr.policy_loss(new, old, old, torch.tensor([1.0]), torch.ones(1, 2, dtype=torch.bool), args)
     assert loss.item() == pytest.approx(-1.2) and stats["policy/clipfrac"] == 1.0
+
+
+def test_shared_prompt_logits_equal_the_whole_rows_and_so_do_their_gradients():
+    """Each prompt run once for its k responses gives response_logits of the concatenated rows, under left padding of
+    different lengths and pads inside the responses (truncated ones), and the same gradients. Different batch shapes
+    run different matmul blocks, so equal within 1e-5, not bitwise."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=2, pad_token_id=1,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))  # no dropout: deterministic
+    pad, k, R = 1, 3, 5
+    prompts = torch.randint(2, 64, (2, 6))
+    prompts[0, :2] = pad  # left padding of two lengths
+    prompts[1, :4] = pad
+    responses = torch.randint(2, 64, (2 * k, R))
+    responses[1, 3:] = pad  # truncated: pads after the truncation token
+    whole = tr.response_logits(lm, torch.cat([prompts.repeat_interleave(k, 0), responses], 1), pad, R)
+    whole[responses != pad].sum().backward()
+    expected = [p.grad.clone() for p in lm.parameters()]
+    lm.zero_grad()
+    shared = tr.shared_prompt_logits(lm, prompts, responses, pad)
+    assert shared.shape == whole.shape == (2 * k, R, 64)
+    real = responses != pad  # a pad's own logits predict nothing that is scored
+    assert torch.allclose(shared[real], whole[real], atol=1e-5)
+    shared[real].sum().backward()
+    for p, e in zip(lm.parameters(), expected):
+        assert torch.allclose(p.grad, e, atol=1e-5)
+
+
+def test_micro_batches_hold_whole_prompts(tmp_path, tiny_reward_model):
+    r = run_script([sys.executable, "train_rloo.py", "--k", "4", "--batch_size", "48", "--local_micro_batch_size", "6",
+                    "--reward_model", str(tiny_reward_model), "--run_root", str(tmp_path)])
+    assert r.returncode == 2 and "multiples of --k 4" in r.stderr and "Traceback" not in r.stderr
 
 
 TINY_RLOO = ["--total_episodes", "32", "--batch_size", "16", "--k", "4", "--nminibatches", "2", "--local_micro_batch_size", "4",
