@@ -6,7 +6,7 @@
 # reward models on 256, 512 and 1,024 labels beside the 2,048, each optimized by PPO without a KL penalty for twice the
 # default episodes. Last, the plots, the fits and the tables (benchmark/overoptimization.{png,md,json} and
 # benchmark/turn_down.{png,md,json}).
-#   bash benchmark/overoptimization.sh                    # everything (about 2.4 hours on two cores, see README.md)
+#   bash benchmark/overoptimization.sh                    # everything (about 2.35 hours on two cores, see README.md)
 #   PARTS="rloo labels" bash benchmark/overoptimization.sh  # only some parts (of: bon ppo dpo rloo labels)
 # OUT= picks another folder for the runs. Run it again after a stop: finished runs (those with a summary.json) are kept.
 set -euo pipefail
