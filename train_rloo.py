@@ -355,6 +355,12 @@ def train(args: Args) -> Path:
     unwrapped = accelerator.unwrap_model(policy)
     pad = tokenizer.pad_token_id
     sampler = Sampler(unwrapped, pad, args.temperature)
+
+    def reference_logprobs(p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """(c k, R) reference log-probs of (c, k, R) responses to (c, Q) prompts, each prompt run once (shared_prompt_logits)."""
+        r = r.flatten(0, 1)
+        return response_logprobs(reference(p, r, pad, logits_fn=shared_prompt_logits), r, args.temperature, pad)[0]
+
     gold_fn = gold_scorer(args.gold_labeler)
 
     # 2. Prompts: batch_size / k per update (every process takes whole prompts, so that each group of k samples lies on
@@ -415,11 +421,6 @@ def train(args: Args) -> Path:
         chunk = args.local_rollout_forward_batch_size
         with torch.no_grad(), accelerator.autocast(), full_weights(policy, accelerator):
             responses, logprobs, entropies, _ = sampler(queries, args.response_length)  # (b, R) each
-
-            def reference_logprobs(p, r):  # (c, Q) prompts and (c, k, R) their responses -> (c k, R)
-                r = r.flatten(0, 1)
-                return response_logprobs(reference(p, r, pad, logits_fn=shared_prompt_logits), r, args.temperature, pad)[0]
-
             ref_logprobs = in_chunks(reference_logprobs, chunk // args.k, prompts,
                                      responses.view(local_prompts, args.k, -1))  # (b, R), whole prompts per chunk
             t_gen = now(device)

@@ -103,7 +103,8 @@ def test_shared_prompt_logits_equal_the_whole_rows_and_so_do_their_gradients():
     for p, e in zip(lm.parameters(), expected):
         assert torch.allclose(p.grad, e, atol=1e-5)
     one = torch.cat([prompts.repeat_interleave(k, 0), responses[:, :1]], 1)  # one-token responses: the prompt's pass alone
-    assert torch.allclose(tr.shared_prompt_logits(lm, prompts, responses[:, :1], pad), tr.response_logits(lm, one, pad, 1), atol=1e-5)
+    assert torch.allclose(tr.shared_prompt_logits(lm, prompts, responses[:, :1], pad), tr.response_logits(lm, one, pad, 1),
+                          atol=1e-5)
 
 
 def test_micro_batches_hold_whole_prompts(tmp_path, tiny_reward_model):
