@@ -3,6 +3,7 @@
 import json
 import sys
 
+import pytest
 from conftest import ROOT, run_script
 
 sys.path.insert(0, str(ROOT / "benchmark"))
@@ -92,6 +93,7 @@ def test_benchmark_runs_each_seed_locally_and_records_it(tmp_path):
     assert "'--seed', '5', '--run_root'" in (group / "seed5.log").read_text()
 
 
+@pytest.mark.slow
 def test_gpu_throughput_measures_each_config_on_a_model_of_the_given_architecture(tmp_path):
     """The GPU harness at toy size on the CPU: a random model of the --like folder's architecture (its config and
     tokenizer only), one train_policy.py run per --config, episodes/s, phase seconds and the share of the matmul peak."""

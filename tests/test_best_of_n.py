@@ -7,11 +7,16 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, run_script
-from test_pipeline import TINY_BOTH
+import tyro
+from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmark"))
 import best_of_n  # noqa: E402
+
+
+def run_best_of_n(*flags) -> list:
+    """`python benchmark/best_of_n.py <flags>` in this process."""
+    return best_of_n.main(tyro.cli(best_of_n.Args, args=[str(f) for f in flags]))
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 16, 256])
@@ -34,23 +39,20 @@ def test_group_estimator_keeps_the_best_proxy_of_each_group_and_reports_its_gold
     assert best_of_n.best_of_n(proxy, gold, 4) == pytest.approx((5.0, -5.0))
 
 
-def test_best_of_n_end_to_end_on_a_tiny_reward_model(tmp_path):
-    r = run_script([sys.executable, "train_both.py", *TINY_BOTH, "--run_root", str(tmp_path / "runs")])
-    assert r.returncode == 0, r.stderr[-3000:]
-    (run_dir,) = (tmp_path / "runs").iterdir()
+def test_best_of_n_end_to_end_on_a_tiny_reward_model(tmp_path, tiny_reward_model, capsys):
     out = tmp_path / "bon.json"
-    r = run_script([sys.executable, "benchmark/best_of_n.py", "--reward_model", str(run_dir / "reward" / "reward_model"),
-                    "--num_queries", "4", "--max_n", "8", "--batch_size", "16", "--out", str(out)])
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_best_of_n("--reward_model", tiny_reward_model, "--base_model", ROOT / "data" / "nano", "--query_dataset",
+                  ROOT / "data" / "corpus.jsonl.gz", "--num_queries", "4", "--max_n", "8", "--batch_size", "16", "--out", out)
     rows = json.loads(out.read_text())["rows"]
     assert [row["n"] for row in rows] == [1, 2, 4, 8]
     assert rows[0]["kl"] == 0 and rows[3]["kl"] == pytest.approx(math.log(8) - 7 / 8)
     assert all(a["proxy"] <= b["proxy"] + 1e-6 for a, b in zip(rows, rows[1:]))  # nested groups: never lower
     assert all(-1 <= row["gold"] <= 1 for row in rows)  # VADER's compound score
     assert set(json.loads(out.read_text())["fits"]) == {"proxy", "gold"}
-    assert "best-of-n by" in r.stdout
-    r = run_script([sys.executable, "benchmark/best_of_n.py", "--reward_model", str(run_dir / "reward" / "reward_model"), "--max_n", "6"])
-    assert r.returncode == 2 and "--max_n 6 is not a power of 2" in r.stderr
+    assert "best-of-n by" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        run_best_of_n("--reward_model", tiny_reward_model, "--max_n", "6")
+    assert stop.value.code == 2 and "--max_n 6 is not a power of 2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("form", ["bon", "rl"])

@@ -1,6 +1,6 @@
 """train_dpo.py: the DPO and IPO losses against a hand computation, pairs from best-of-n and pairwise labels, summed
-response log-probs, tiny end-to-end runs (one process, two processes, LoRA, a run stopped and resumed), and the LoRA
-reference (adapters off) against the base model (--load_in_4bit on a CPU: test_lora.py)."""
+response log-probs, tiny end-to-end runs (one process, LoRA, a run stopped and resumed; two processes in
+test_deepspeed.py), and the LoRA reference (adapters off) against the base model (--load_in_4bit on a CPU: test_lora.py)."""
 
 import json
 import math
@@ -10,8 +10,7 @@ import sys
 import pytest
 import torch
 import train_dpo
-from conftest import NANO, read_metrics, run_script, run_torchrun
-from test_resume import only_run, stable, stopped_midway, weights
+from conftest import NANO, only_run, read_metrics, stable, stopped_midway, weights
 
 TINY_DPO = ["--num_train", "32", "--num_test", "8", "--batch_size", "16", "--local_micro_batch_size", "8", "--num_eval", "8",
             "--eval_every", "2", "--local_rollout_forward_batch_size", "8"]
@@ -103,8 +102,9 @@ def test_saved_lora_model_is_merged_and_equals_the_adapted_model():
     assert torch.linalg.matrix_rank(delta).item() <= 4
 
 
-def test_tiny_dpo_run_logs_the_figures_and_saves_a_policy(tmp_path):
-    r = run_script([sys.executable, "train_dpo.py", *TINY_DPO, "--run_root", str(tmp_path)])
+@pytest.mark.slow
+def test_tiny_dpo_run_logs_the_figures_and_saves_a_policy(tmp_path, main):
+    r = main(train_dpo, *TINY_DPO, "--run_root", tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = read_metrics(tmp_path)
     assert metrics[0]["update"] == 0 and metrics[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)
@@ -121,9 +121,9 @@ def test_tiny_dpo_run_logs_the_figures_and_saves_a_policy(tmp_path):
     assert (run_dir / "policy" / "model.safetensors").is_file()
 
 
-def test_dpo_under_lora_and_with_a_reward_model(tmp_path, tiny_reward_model):
-    r = run_script([sys.executable, "train_dpo.py", *TINY_DPO, "--lora_r", "4", "--reward_model", str(tiny_reward_model),
-                    "--run_root", str(tmp_path)])
+@pytest.mark.slow
+def test_dpo_under_lora_and_with_a_reward_model(tmp_path, tiny_reward_model, main):
+    r = main(train_dpo, *TINY_DPO, "--lora_r", "4", "--reward_model", tiny_reward_model, "--run_root", tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "65,536 trained parameters" in r.stdout  # rank 4 on c_attn, attn.c_proj, c_fc, mlp.c_proj of 4 layers: 4 x 16,384
     metrics = read_metrics(tmp_path)
@@ -132,21 +132,16 @@ def test_dpo_under_lora_and_with_a_reward_model(tmp_path, tiny_reward_model):
     assert not any("lora" in n for n, _ in saved.named_parameters())
 
 
-def test_dpo_in_two_processes(tmp_path):
-    r = run_torchrun(["train_dpo.py", *TINY_DPO, "--run_root", str(tmp_path)], port=29541)
-    assert r.returncode == 0, r.stderr[-3000:]
-    metrics = read_metrics(tmp_path)
-    assert len([m for m in metrics if "loss/dpo" in m]) == 6 and json.loads((only_run(tmp_path) / "args.json").read_text())["world_size"] == 2
-
-
-def test_stopped_and_resumed_dpo_run_ends_exactly_as_an_uninterrupted_one(tmp_path):
-    cmd = [sys.executable, "train_dpo.py", *TINY_DPO, "--num_train", "64", "--save_every", "2"]
-    whole = run_script([*cmd, "--run_root", str(tmp_path / "whole")])
+@pytest.mark.slow
+def test_stopped_and_resumed_dpo_run_ends_exactly_as_an_uninterrupted_one(tmp_path, tiny_models, main):
+    flags = [*TINY_DPO, "--num_train", "64", "--save_every", "2", "--base_model", str(tiny_models / "base")]
+    whole = main(train_dpo, *flags, "--run_root", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
-    stopped = stopped_midway([*cmd, "--run_root", str(tmp_path / "stopped")], tmp_path / "stopped", "metrics.jsonl", after_lines=5)
+    stopped = stopped_midway([sys.executable, "train_dpo.py", *flags, "--run_root", str(tmp_path / "stopped")], tmp_path / "stopped",
+                             "metrics.jsonl", after_lines=2)
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
     run_dir = only_run(tmp_path / "stopped")
-    resumed = run_script([sys.executable, "train_dpo.py", "--resume", str(run_dir)])
+    resumed = main(train_dpo, "--resume", run_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert stable(run_dir / "metrics.jsonl") == stable(only_run(tmp_path / "whole") / "metrics.jsonl")
     assert weights(run_dir / "policy") == weights(only_run(tmp_path / "whole") / "policy")

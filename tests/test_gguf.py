@@ -2,16 +2,17 @@
 a plain Hugging Face folder (de-quantized weights, no quantization marker) that every script loads back."""
 
 import json
-import sys
 
 import pytest
 import torch
-from conftest import NANO, run_script
+from conftest import NANO
 from gguf_writer import write_tiny_gguf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import train_both
 import train_policy as tp
 import train_reward as tr
+import train_sft
 
 TINY_BOTH = [
     "--reward.num_train", "16", "--reward.num_test", "8", "--reward.batch_size", "8", "--reward.local_micro_batch_size", "4",
@@ -53,21 +54,21 @@ def test_load_base_model_reads_a_gguf_as_an_ordinary_trainable_model(tiny_gguf, 
     assert tr.load_base_model.__code__.co_code == tp.load_base_model.__code__.co_code
 
 
-def test_every_script_trains_a_gguf_base_and_saves_a_folder_every_script_loads(tiny_gguf, small_corpus, tmp_path):
+@pytest.mark.slow
+def test_every_script_trains_a_gguf_base_and_saves_a_folder_every_script_loads(tiny_gguf, small_corpus, tmp_path, main):
     path, _ = tiny_gguf
     # SFT from the .gguf: one update, saved to a folder
     sft = tmp_path / "sft_model"
-    r = run_script([sys.executable, "train_sft.py", "--base_model", str(path), "--dataset", str(small_corpus), "--total_steps", "1",
-                    "--batch_size", "4", "--local_micro_batch_size", "4", "--block_size", "32", "--num_samples", "1",
-                    "--sample_length", "4", "--output_dir", str(sft), "--run_root", str(tmp_path / "runs_sft")])
+    r = main(train_sft, "--base_model", path, "--dataset", small_corpus, "--total_steps", "1", "--batch_size", "4",
+             "--local_micro_batch_size", "4", "--block_size", "32", "--num_samples", "1", "--sample_length", "4",
+             "--output_dir", sft, "--run_root", tmp_path / "runs_sft")
     assert r.returncode == 0, r.stderr[-3000:]
     model = assert_plain_folder(sft)
     assert AutoTokenizer.from_pretrained(sft).pad_token not in (None, "<|endoftext|>")  # the dedicated pad token, saved
     # reward model and PPO from the .gguf itself, then from the folder SFT wrote
     for base in (str(path), str(sft)):
         root = tmp_path / f"runs_{len(base)}"
-        r = run_script([sys.executable, "train_both.py", *TINY_BOTH, "--reward.base_model", base, "--policy.base_model", base,
-                        "--run_root", str(root)])
+        r = main(train_both, *TINY_BOTH, "--reward.base_model", base, "--policy.base_model", base, "--run_root", root)
         assert r.returncode == 0, r.stderr[-3000:]
         (run_dir,) = root.iterdir()
         assert_plain_folder(run_dir / "reward" / "reward_model")

@@ -3,12 +3,11 @@
 import ast
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, ROOT, run_script, run_torchrun
+from conftest import FIXTURES, ROOT, TINY_BOTH, only_run, run_script
 
 import train_both
 import train_dpo
@@ -16,12 +15,6 @@ import train_policy
 import train_reward
 import train_rloo
 
-TINY_BOTH = [
-    "--reward.num_train", "16", "--reward.num_test", "8", "--reward.batch_size", "8", "--reward.local_micro_batch_size", "4",
-    "--reward.normalize_samples", "16", "--reward.rollout_batch_size", "16", "--reward.eval_every", "1",
-    "--policy.total_episodes", "32", "--policy.batch_size", "16", "--policy.nminibatches", "1",
-    "--policy.local_micro_batch_size", "8", "--policy.noptepochs", "2", "--policy.print_sample_every", "1",
-]
 POLICY_METRICS = [
     "objective/scores", "objective/gold_score", "objective/kl", "objective/entropy", "objective/score_total", "objective/kl_coef",
     "ppo/loss/policy", "ppo/loss/value", "ppo/loss/total", "ppo/policy/approxkl", "ppo/policy/clipfrac", "ppo/policy/entropy",
@@ -35,11 +28,7 @@ def read(run_dir: Path, stage: str) -> list:
     return [json.loads(line) for line in open(run_dir / stage / "metrics.jsonl")]
 
 
-def only_run(root: Path) -> Path:
-    (run_dir,) = [p for p in root.iterdir() if p.is_dir()]
-    return run_dir
-
-
+@pytest.mark.slow
 def test_train_both_end_to_end_with_wandb_offline(tmp_path):
     # truncation at '.' after 4 tokens and the -1 penalty are on here (the embedded default keeps responses whole)
     r = run_script([sys.executable, "train_both.py", *TINY_BOTH, "--policy.truncate_token", ".", "--policy.truncate_after", "4",
@@ -72,35 +61,17 @@ def test_train_both_end_to_end_with_wandb_offline(tmp_path):
         assert list((run_dir / stage / "wandb").glob("offline-run-*")), stage
 
 
-def test_two_processes_match_one_process_first_update(tmp_path):
-    # near-greedy sampling (temperature 0.001) so that both layouts draw the same responses: per-process seeds differ
-    common = [*TINY_BOTH, "--reward.temperature", "0.001", "--policy.temperature", "0.001"]
-    one = run_script([sys.executable, "train_both.py", *common, "--run_root", str(tmp_path / "one")])
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = run_torchrun(["train_both.py", *common, "--run_root", str(tmp_path / "two")], port=29519)
-    assert two.returncode == 0, two.stderr[-3000:]
-    d1, d2 = only_run(tmp_path / "one"), only_run(tmp_path / "two")
-    r1, r2 = read(d1, "reward"), read(d2, "reward")
-    for key in ("normalize/before_training/mean", "normalize/before_training/std", "test/accuracy", "test/loss"):
-        assert r1[0][key] == pytest.approx(r2[0][key], abs=1e-4), key
-    assert r1[1]["train/loss"] == pytest.approx(r2[1]["train/loss"], abs=1e-4)  # the same 8 labels, split differently
-    assert r1[2]["train/loss"] == pytest.approx(r2[2]["train/loss"], abs=1e-4)  # after one identical update
-    p1, p2 = read(d1, "policy"), read(d2, "policy")
-    for key in ("objective/scores", "objective/gold_score", "objective/kl", "objective/entropy", "objective/kl_coef"):
-        assert p1[0][key] == pytest.approx(p2[0][key], abs=1e-4), key
-
-
-def test_train_both_checks_that_the_stages_share_the_task(tmp_path):
-    r = run_script([sys.executable, "train_both.py", "--reward.query_length", "16", "--run_root", str(tmp_path)])
-    assert r.returncode == 2 and "Traceback" not in r.stderr
+def test_train_both_checks_that_the_stages_share_the_task(tmp_path, main):
+    r = main(train_both, "--reward.query_length", "16", "--run_root", tmp_path)
+    assert r.returncode == 2
     assert "--reward.query_length 16 and --policy.query_length 32 differ" in r.stderr
     assert not list(tmp_path.iterdir())
 
 
-def test_policy_needs_a_reward_model_folder(tmp_path):
-    r = run_script([sys.executable, "train_policy.py", "--reward_model", str(tmp_path / "nope"), "--run_root", str(tmp_path)])
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "--reward_model" in r.stderr.splitlines()[-1]
-    r = run_script([sys.executable, "train_policy.py", "--reward_model", str(tmp_path), "--batch_size", "12", "--run_root", str(tmp_path)])
+def test_policy_needs_a_reward_model_folder(tmp_path, main):
+    r = main(train_policy, "--reward_model", tmp_path / "nope", "--run_root", tmp_path)
+    assert r.returncode == 2 and "--reward_model" in r.stderr.splitlines()[-1]
+    r = main(train_policy, "--reward_model", tmp_path, "--batch_size", "12", "--run_root", tmp_path)
     assert r.returncode == 2 and "--batch_size 12" in r.stderr.splitlines()[-1]
 
 
@@ -179,10 +150,10 @@ def test_tldr_presets_equal_sfd_1b_recipe():
     assert p.base_model == r.base_model == sft["output_dir"]  # PPO and the reward model start from the SFT model
 
 
-def test_preset_word_picks_values_and_flags_still_override(tmp_path):
-    out = subprocess.run([sys.executable, "train_policy.py", "sentiment", "--seed", "7", "--help"], cwd=ROOT, capture_output=True, text=True)
+def test_preset_word_picks_values_and_flags_still_override(main):
+    out = main(train_policy, "sentiment", "--seed", "7", "--help")
     assert out.returncode == 0 and "gpt2" in out.stdout and "1000000" in out.stdout
-    bad = subprocess.run([sys.executable, "train_policy.py", "sentimint"], cwd=ROOT, capture_output=True, text=True)
+    bad = main(train_policy, "sentimint")
     assert bad.returncode == 2 and "unknown preset 'sentimint'" in bad.stderr
 
 
@@ -224,9 +195,9 @@ def test_copies_of_helpers_are_identical_to_their_originals():
 
 
 @pytest.mark.parametrize("module", [train_reward, train_policy, train_both, train_dpo, train_rloo])
-def test_every_argument_is_documented_and_read(module):
+def test_every_argument_is_documented_and_read(module, main):
     script = Path(module.__file__).name
-    help_text = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    help_text = main(module, "--help").stdout
     source = (ROOT / script).read_text()
     for name in module.Args.__dataclass_fields__:
         assert f"--{name}" in help_text or f"--{name}." in help_text, name

@@ -6,11 +6,11 @@ import json
 import math
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics, run_script
-from test_resume import only_run, stable, stopped_midway, weights
+from conftest import TINY_RLOO, long_rloo, only_run, read_metrics, stable, stopped_midway, weights
 
 import train_rloo as tr
 
@@ -107,20 +107,16 @@ def test_shared_prompt_logits_equal_the_whole_rows_and_so_do_their_gradients():
                           atol=1e-5)
 
 
-def test_micro_batches_hold_whole_prompts(tmp_path, tiny_reward_model):
-    r = run_script([sys.executable, "train_rloo.py", "--k", "4", "--batch_size", "48", "--local_micro_batch_size", "6",
-                    "--reward_model", str(tiny_reward_model), "--run_root", str(tmp_path)])
-    assert r.returncode == 2 and "multiples of --k 4" in r.stderr and "Traceback" not in r.stderr
+def test_micro_batches_hold_whole_prompts(tmp_path, tiny_reward_model, main):
+    r = main(tr, "--k", "4", "--batch_size", "48", "--local_micro_batch_size", "6", "--reward_model", tiny_reward_model,
+             "--run_root", tmp_path)
+    assert r.returncode == 2 and "multiples of --k 4" in r.stderr
 
 
-TINY_RLOO = ["--total_episodes", "32", "--batch_size", "16", "--k", "4", "--nminibatches", "2", "--local_micro_batch_size", "4",
-             "--noptepochs", "2", "--print_sample_every", "100", "--local_rollout_forward_batch_size", "8"]
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("advantage", ["rloo", "grpo", "dr_grpo", "best_of_n"])
-def test_tiny_run_per_estimator(advantage, tmp_path, tiny_reward_model):
-    r = run_script([sys.executable, "train_rloo.py", *TINY_RLOO, "--advantage", advantage, "--reward_model", str(tiny_reward_model),
-                    "--run_root", str(tmp_path)])
+def test_tiny_run_per_estimator(advantage, tmp_path, tiny_reward_model, main):
+    r = main(tr, *TINY_RLOO, "--advantage", advantage, "--reward_model", tiny_reward_model, "--run_root", tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = read_metrics(tmp_path)
     assert len(metrics) == 2
@@ -133,28 +129,35 @@ def test_tiny_run_per_estimator(advantage, tmp_path, tiny_reward_model):
     assert (run_dir / "policy" / "model.safetensors").is_file() and json.loads((run_dir / "summary.json").read_text())["updates"] == 2
 
 
-def test_rloo_needs_two_samples_per_prompt_and_whole_prompts_per_process(tmp_path, tiny_reward_model):
-    r = run_script([sys.executable, "train_rloo.py", "--k", "1", "--reward_model", str(tiny_reward_model), "--run_root", str(tmp_path)])
-    assert r.returncode == 2 and "--k 1" in r.stderr and "Traceback" not in r.stderr
-    r = run_script([sys.executable, "train_rloo.py", "--k", "3", "--reward_model", str(tiny_reward_model), "--run_root", str(tmp_path)])
+def test_rloo_needs_two_samples_per_prompt_and_whole_prompts_per_process(tmp_path, tiny_reward_model, main):
+    r = main(tr, "--k", "1", "--reward_model", tiny_reward_model, "--run_root", tmp_path)
+    assert r.returncode == 2 and "--k 1" in r.stderr
+    r = main(tr, "--k", "3", "--reward_model", tiny_reward_model, "--run_root", tmp_path)
     assert r.returncode == 2 and "not divisible by --k 3" in r.stderr and not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_stopped_and_resumed_run_ends_as_uninterrupted(processes, tmp_path, tiny_reward_model):
-    head = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                                    "--master_port", "29561"]
-    cmd = [*head, "train_rloo.py", *TINY_RLOO, "--total_episodes", "128", "--save_every", "2", "--advantage", "grpo",
-           "--reward_model", str(tiny_reward_model)]
-    whole = run_script([*cmd, "--run_root", str(tmp_path / "whole")])
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    stopped = stopped_midway([*cmd, "--run_root", str(tmp_path / "parts")], tmp_path / "parts", "metrics.jsonl", after_lines=4)
+def stop_and_resume(head: list, flags: list, tmp_path, resume) -> Path:
+    """The run stopped by SIGTERM after its first update or so, then resumed by resume(run folder); its folder."""
+    stopped = stopped_midway([*head, "train_rloo.py", *flags, "--run_root", str(tmp_path / "parts")], tmp_path / "parts",
+                             "metrics.jsonl", after_lines=1)
     assert "stopped by SIGTERM" in stopped.stdout, stopped.stderr[-3000:]
-    if processes == 1:
+    if len(head) == 1:
         assert stopped.returncode == 128 + signal.SIGTERM
     run_dir = only_run(tmp_path / "parts")
-    resumed = run_script([*head, "train_rloo.py", "--resume", str(run_dir)])
+    resumed = resume(run_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a = only_run(tmp_path / "whole")
-    assert stable(a / "metrics.jsonl") == stable(run_dir / "metrics.jsonl")
-    assert weights(a / "policy") == weights(run_dir / "policy")
+    return run_dir
+
+
+@pytest.mark.slow
+def test_stopped_and_resumed_run_ends_as_uninterrupted(tmp_path, tiny_models, main):
+    """Against an uninterrupted run in this process (one thread, as a launched process computes: the same kernels); resumed
+    here too."""
+    flags = long_rloo(tiny_models)
+    whole = main(tr, *flags, "--run_root", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    run_dir = stop_and_resume([sys.executable], flags, tmp_path, lambda run_dir: main(tr, "--resume", run_dir))
+    assert stable(only_run(tmp_path / "whole") / "metrics.jsonl") == stable(run_dir / "metrics.jsonl")
+    assert weights(only_run(tmp_path / "whole") / "policy") == weights(run_dir / "policy")
+
+

@@ -6,47 +6,33 @@ TF-style Adam, the compiled training forward (DETAILS.md, "Faster, computing the
 
 import json
 import math
-import sys
 
 import pytest
 import torch
-from conftest import NANO, run_script
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_policy as tp
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A 1-layer GPT-2 on the nano tokenizer saved as a base model folder, and a reward model folder made from it."""
-    folder = tmp_path_factory.mktemp("tiny")
-    tokenizer = AutoTokenizer.from_pretrained(NANO)
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=1, n_head=2,
-                        pad_token_id=tokenizer.pad_token_id, bos_token_id=0, eos_token_id=0)
-    lm, tokenizer = tp.prepare_lm(GPT2LMHeadModel(config), tokenizer)
-    lm.save_pretrained(folder / "base")
-    tokenizer.save_pretrained(folder / "base")
-    tp.save_reward_model(tp.RewardModel(lm), tokenizer, folder / "reward_model")
-    return folder, lm.eval(), tokenizer
+def tiny(tiny_models):
+    """The session's 1-layer GPT-2 on the nano tokenizer (base model folder and a reward model made from it), loaded."""
+    lm, tokenizer = tp.prepare_lm(*tp.load_base_model(str(tiny_models / "base")))
+    return tiny_models, lm.eval(), tokenizer
 
 
 TINY_POLICY = ["--total_episodes", "16", "--batch_size", "16", "--nminibatches", "2", "--local_micro_batch_size", "4",
                "--noptepochs", "2", "--query_length", "16", "--response_length", "6", "--print_sample_every", "100",
                "--local_rollout_forward_batch_size", "4"]
 
-# Runs one PPO update of train_policy.py under a dispatch mode that records, for every matmul (and attention), log-softmax,
-# max (the clipped losses) and Adam's parameter update, the dtypes of the floating-point tensors it is given.
-# Autocast sits above the dispatch mode, so what is recorded is what the kernels compute in.
-DTYPE_PROBE = r"""
-import json, sys
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-import train_policy as tp
-
 WATCHED = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "_log_softmax", "maximum", "_foreach_addcdiv_"}
 
-class Record(TorchDispatchMode):
+
+class RecordDtypes(TorchDispatchMode):
+    """For every matmul (and attention), log-softmax, max (the clipped losses) and Adam's parameter update, the dtypes
+    of the floating-point tensors it is given. Autocast sits above the dispatch mode, so what is recorded is what the
+    kernels compute in."""
+
     def __init__(self):
         super().__init__()
         self.seen = {}
@@ -59,22 +45,17 @@ class Record(TorchDispatchMode):
             self.seen.setdefault(name, set()).update(dtypes)
         return func(*args, **(kwargs or {}))
 
-args = tp.cli(tp.Args, tp.PRESETS, "")
-with Record() as record:
-    tp.train(args)
-print("DTYPES " + json.dumps({k: sorted(v) for k, v in record.seen.items()}))
-"""
 
-
-def test_bf16_every_forward_multiplies_in_bf16_and_keeps_softmax_losses_and_adam_in_fp32(tiny, tmp_path):
+@pytest.mark.slow
+def test_bf16_every_forward_multiplies_in_bf16_and_keeps_softmax_losses_and_adam_in_fp32(tiny, tmp_path, main):
     folder, _, _ = tiny
-    cmd = [sys.executable, "-c", DTYPE_PROBE, "--base_model", str(folder / "base"), "--reward_model", str(folder / "reward_model"),
-           *TINY_POLICY, "--run_root", str(tmp_path)]
     seen = {}
-    for precision in ("no", "bf16"):
-        r = run_script([*cmd, "--mixed_precision", precision])
+    for precision in ("no", "bf16"):  # one PPO update of train_policy.py, recorded
+        with RecordDtypes() as record:
+            r = main(tp, "--base_model", folder / "base", "--reward_model", folder / "reward_model", *TINY_POLICY,
+                     "--run_root", tmp_path / precision, "--mixed_precision", precision)
         assert r.returncode == 0, r.stderr[-3000:]
-        seen[precision] = json.loads(r.stdout.split("DTYPES ")[-1])
+        seen[precision] = {k: sorted(v) for k, v in record.seen.items()}
     matmuls = [k for k in seen["bf16"] if k not in ("_log_softmax", "maximum", "_foreach_addcdiv_")]
     assert {"addmm", "_foreach_addcdiv_", "_log_softmax"} <= set(seen["bf16"]) and matmuls
     # sampling, value, reference, reward and training forward: every matmul and attention call multiplies in bf16 ...
@@ -86,10 +67,25 @@ def test_bf16_every_forward_multiplies_in_bf16_and_keeps_softmax_losses_and_adam
         assert seen["bf16"][name] == ["torch.float32"], (name, seen["bf16"][name])
 
 
+@pytest.mark.slow
+def test_train_policy_with_compile_runs_and_starts_at_the_reference(tiny, tmp_path, main):
+    folder, _, _ = tiny
+    r = main(tp, "--base_model", folder / "base", "--reward_model", folder / "reward_model", *TINY_POLICY, "--compile",
+             "--run_root", tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run_dir,) = tmp_path.iterdir()
+    (first,) = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    # the compiled sampler's log-probs equal the eager reference's before any update
+    assert first["objective/kl"] == pytest.approx(0.0, abs=1e-4)
+    assert all(math.isfinite(v) for v in first.values())
+
+
+@pytest.mark.slow
 def test_compiled_sampler_and_training_forward_compute_what_the_eager_ones_do(tiny):
     _, lm, tokenizer = tiny
     pad = tokenizer.pad_token_id
-    queries = torch.tensor([[pad] * 3 + tokenizer.encode("It was a cold morning.")[:13]] * 8)
+    ids = tokenizer.encode("It was a cold morning.")
+    queries = torch.tensor([[pad] * (16 - len(ids)) + ids] * 16)  # (16, 16), left-padded
     policy = tp.PolicyAndValue(lm).eval()
     torch.nn.init.normal_(policy.value_head.weight)
     tokens, logprobs, entropies, values = tp.Sampler(lm, pad, 0.7, compile=True)(queries, 6, policy.value_head)
@@ -98,29 +94,18 @@ def test_compiled_sampler_and_training_forward_compute_what_the_eager_ones_do(ti
     full_logprobs, full_entropies = tp.response_logprobs(full_logits, tokens, 0.7, pad)
     for got, want in [(logprobs, full_logprobs), (entropies, full_entropies), (values, full_values)]:
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    # the compiled training forward and its gradients, against the eager ones
-    inputs = torch.cat([queries, tokens], 1)
+    # the compiled training forward and its gradients, against the eager ones (in training mode, as the run compiled it)
+    inputs = torch.cat([queries, tokens], 1)[:4]
+    policy.train()
     compiled = torch.compile(policy)
     grads = []
     for forward in (policy, compiled):
         policy.zero_grad()
         logits, v = forward(inputs, pad, 6)
-        (tp.response_logprobs(logits, tokens, 0.7, pad)[0].sum() + v.sum()).backward()
+        (tp.response_logprobs(logits, tokens[:4], 0.7, pad)[0].sum() + v.sum()).backward()
         grads.append([p.grad.clone() for p in policy.parameters()])
     for eager, comp in zip(*grads):
         torch.testing.assert_close(comp, eager, atol=1e-4, rtol=1e-4)
-
-
-def test_train_policy_with_compile_runs_and_starts_at_the_reference(tiny, tmp_path):
-    folder, _, _ = tiny
-    r = run_script([sys.executable, "train_policy.py", "--base_model", str(folder / "base"), "--reward_model",
-                    str(folder / "reward_model"), *TINY_POLICY, "--compile", "--run_root", str(tmp_path)], timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    (run_dir,) = tmp_path.iterdir()
-    (first,) = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-    # the compiled sampler's log-probs equal the eager reference's before any update
-    assert first["objective/kl"] == pytest.approx(0.0, abs=1e-4)
-    assert all(math.isfinite(v) for v in first.values())
 
 
 def test_reference_and_reward_forwards_in_chunks_equal_one_forward(tiny):

@@ -8,10 +8,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import FIXTURES, NANO, run_script
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+import tyro
+from conftest import FIXTURES, NANO, ROOT
+from transformers import AutoTokenizer
 
 import train_policy as tp
+
+sys.path.insert(0, str(ROOT / "benchmark"))
+import best_of_n  # noqa: E402
 
 TLDR = FIXTURES / "tldr_train.jsonl"
 
@@ -22,16 +26,10 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tok):
-    """A 1-layer GPT-2 of 256 positions on the nano tokenizer, saved as a base model, and a reward model made from it."""
-    folder = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    lm, tokenizer = tp.prepare_lm(GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=32, n_layer=1, n_head=2,
-                                                             bos_token_id=0, eos_token_id=0, pad_token_id=tok.pad_token_id)), tok)
-    lm.save_pretrained(folder / "base")
-    tokenizer.save_pretrained(folder / "base")
-    tp.save_reward_model(tp.RewardModel(lm), tokenizer, folder / "reward_model")
-    return folder, lm.eval()
+def tiny(tiny_models):
+    """The session's 1-layer GPT-2 of 256 positions on the nano tokenizer (a base model folder and a reward model made
+    from it), and the model loaded."""
+    return tiny_models, tp.prepare_lm(*tp.load_base_model(str(tiny_models / "base")))[0].eval()
 
 
 def test_tldr_rows_give_sfd_queries_with_reference_responses(tok):
@@ -112,13 +110,13 @@ def test_critic_is_initialised_from_the_reward_model_and_trains_apart_from_the_p
     assert policy.critic.lm is not policy.lm and policy.critic.lm is not reward_model.lm  # its own transformer
 
 
-def test_base_critic_starts_as_the_base_model_and_trains_apart_from_the_policy(tiny, tmp_path):
+def test_base_critic_starts_as_the_base_model_and_trains_apart_from_the_policy(tiny, tmp_path, main):
     # --value_model base: TRL PPOTrainer's value model, a second copy of the base model with a fresh head
     folder, _ = tiny
-    r = run_script([sys.executable, "train_policy.py", "--base_model", str(folder / "base"), "--reward_model", str(folder / "reward_model"),
-                    "--query_dataset", str(TLDR), "--query_length", "160", "--response_length", "8", "--value_model", "base",
-                    "--gold_labeler", "none", "--total_episodes", "16", "--batch_size", "8", "--nminibatches", "1",
-                    "--local_micro_batch_size", "4", "--noptepochs", "1", "--run_root", str(tmp_path)])
+    r = main(tp, "--base_model", folder / "base", "--reward_model", folder / "reward_model", "--query_dataset", TLDR,
+             "--query_length", "160", "--response_length", "8", "--value_model", "base", "--gold_labeler", "none",
+             "--total_episodes", "16", "--batch_size", "8", "--nminibatches", "1", "--local_micro_batch_size", "4",
+             "--noptepochs", "1", "--run_root", tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     (run_dir,) = tmp_path.iterdir()
     critic = tp.load_reward_model(str(run_dir / "critic"))[0]
@@ -200,15 +198,14 @@ def test_evaluate_reports_rouge_win_rate_and_gold_on_held_out_posts(tiny, tok):
     assert 0.0 <= metrics["eval/win_rate"] <= 1.0
 
 
-def test_ppo_on_tldr_posts_with_sfd_details_runs_end_to_end(tiny, tmp_path):
+def test_ppo_on_tldr_posts_with_sfd_details_runs_end_to_end(tiny, tmp_path, main):
     folder, _ = tiny
-    r = run_script([sys.executable, "train_policy.py", "--base_model", str(folder / "base"), "--reward_model", str(folder / "reward_model"),
-                    "--query_dataset", str(TLDR), "--eval_dataset", str(TLDR), "--num_eval", "4", "--eval_every", "1",
-                    "--query_length", "160", "--response_length", "16", "--truncate_token", "eos", "--truncate_after", "0",
-                    "--mask_after_truncate", "--value_model", "reward", "--reference_baseline", "--no_whiten_rewards",
-                    "--no_adaptive_kl", "--kl_coef", "0.05", "--optimizer", "adamw", "--gold_labeler", "tldr_judge",
-                    "--total_episodes", "16", "--batch_size", "8", "--nminibatches", "1", "--local_micro_batch_size", "4",
-                    "--noptepochs", "1", "--print_sample_every", "1", "--run_root", str(tmp_path)])
+    r = main(tp, "--base_model", folder / "base", "--reward_model", folder / "reward_model", "--query_dataset", TLDR,
+             "--eval_dataset", TLDR, "--num_eval", "4", "--eval_every", "1", "--query_length", "160", "--response_length", "16",
+             "--truncate_token", "eos", "--truncate_after", "0", "--mask_after_truncate", "--value_model", "reward",
+             "--reference_baseline", "--no_whiten_rewards", "--no_adaptive_kl", "--kl_coef", "0.05", "--optimizer", "adamw",
+             "--gold_labeler", "tldr_judge", "--total_episodes", "16", "--batch_size", "8", "--nminibatches", "1",
+             "--local_micro_batch_size", "4", "--noptepochs", "1", "--print_sample_every", "1", "--run_root", tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     (run_dir,) = tmp_path.iterdir()
     start, *metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
@@ -219,18 +216,17 @@ def test_ppo_on_tldr_posts_with_sfd_details_runs_end_to_end(tiny, tmp_path):
         assert {"eval/rougeL", "eval/win_rate", "eval/gold_score", "objective/gold_score", "objective/truncated_fraction"} <= set(m)
     assert metrics[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)
     assert (run_dir / "critic" / "reward_head.safetensors").is_file() and not (run_dir / "policy" / "value_head.safetensors").exists()
-    r = run_script([sys.executable, "train_policy.py", "--reward_model", str(folder / "reward_model"), "--reference_baseline",
-                    "--run_root", str(tmp_path / "no")])
+    r = main(tp, "--reward_model", folder / "reward_model", "--reference_baseline", "--run_root", tmp_path / "no")
     assert r.returncode == 2 and "--reference_baseline needs TL;DR queries" in r.stderr
 
 
 def test_best_of_n_on_tldr_posts_cuts_at_eos_and_reports_the_judge(tiny, tmp_path):
     folder, _ = tiny
     out = tmp_path / "bon.json"
-    r = run_script([sys.executable, "benchmark/best_of_n.py", "--reward_model", str(folder / "reward_model"), "--base_model", str(folder / "base"),
-                    "--query_dataset", str(TLDR), "--query_length", "160", "--response_length", "8", "--truncate_token", "eos",
-                    "--gold_labeler", "tldr_judge", "--num_queries", "4", "--max_n", "4", "--batch_size", "8", "--out", str(out)])
-    assert r.returncode == 0, r.stderr[-3000:]
+    best_of_n.main(tyro.cli(best_of_n.Args, args=[
+        "--reward_model", str(folder / "reward_model"), "--base_model", str(folder / "base"), "--query_dataset", str(TLDR),
+        "--query_length", "160", "--response_length", "8", "--truncate_token", "eos", "--gold_labeler", "tldr_judge",
+        "--num_queries", "4", "--max_n", "4", "--batch_size", "8", "--out", str(out)]))
     rows = json.loads(out.read_text())["rows"]
     assert [row["n"] for row in rows] == [1, 2, 4]
     assert all(row["gold"] <= 1 for row in rows) and all(a["proxy"] <= b["proxy"] + 1e-6 for a, b in zip(rows, rows[1:]))
