@@ -101,17 +101,26 @@ def test_dpo_in_two_processes(two_process_runs):
     assert len([m for m in metrics if "loss/dpo" in m]) == 6 and json.loads((run_dir / "args.json").read_text())["world_size"] == 2
 
 
-def test_zero2_matches_ddp(two_process_runs, tmp_path, tiny_models, small_corpus):
+@pytest.fixture(scope="session")
+def deepspeed_op():
+    """DeepSpeed's shared-memory all-reduce for CPU processes, which the first DeepSpeed launch on a machine compiles
+    (about a minute on a fresh one; cached in ~/.cache/torch_extensions): built here once, before the ZeRO tests."""
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    ShareMemCommBuilder().load()
+
+
+def test_zero2_matches_ddp(two_process_runs, deepspeed_op, tmp_path, tiny_models, small_corpus):
     launch_several(zero_runs(tiny_models, small_corpus), tmp_path, 2, 29652)
     assert_match_ddp(two_process_runs / "zero_ref", tmp_path, 2)
 
 
-def test_zero3_matches_ddp(two_process_runs, tmp_path, tiny_models, small_corpus):
+def test_zero3_matches_ddp(two_process_runs, deepspeed_op, tmp_path, tiny_models, small_corpus):
     launch_several(zero_runs(tiny_models, small_corpus), tmp_path, 3, 29653)
     assert_match_ddp(two_process_runs / "zero_ref", tmp_path, 3)
 
 
-def test_zero2_run_stopped_and_resumed_ends_as_uninterrupted(tmp_path, tiny_models, capsys):
+def test_zero2_run_stopped_and_resumed_ends_as_uninterrupted(deepspeed_op, tmp_path, tiny_models, capsys):
     # one launch: the uninterrupted run into whole/, then the same run into parts/, stopped by SIGTERM
     runs = {name: ["train_policy.py", resume_flags(tiny_models)] for name in ("whole", "parts")}
     stopped = stopped_midway(several(runs, tmp_path, 2, 29671), tmp_path / "parts", "metrics.jsonl", after_lines=1)
@@ -130,7 +139,7 @@ def test_zero2_run_stopped_and_resumed_ends_as_uninterrupted(tmp_path, tiny_mode
     assert_same_weights(a / "policy", run_dir / "policy")
 
 
-def test_what_does_not_combine_with_deepspeed_fails_at_once(tmp_path, tiny_models):
+def test_what_does_not_combine_with_deepspeed_fails_at_once(deepspeed_op, tmp_path, tiny_models):
     head = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "zero2.yaml"), "--num_processes", "1",
             "--main_process_port", "29675"]
     r = run_script([*head, "train_policy.py", "--compile", "--reward_model", str(tiny_models / "reward_model"), "--run_root", str(tmp_path)])
