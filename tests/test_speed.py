@@ -67,6 +67,53 @@ def test_bf16_every_forward_multiplies_in_bf16_and_keeps_softmax_losses_and_adam
         assert seen["bf16"][name] == ["torch.float32"], (name, seen["bf16"][name])
 
 
+# The three tests of --compile run in this order on one xdist worker (a file is one worker's). The first two compile, at
+# the shapes of the third's run (16 queries of 16 tokens, 6 response tokens; micro-batches of 4), what the third's run
+# compiles, which then finds every kernel in torch.compile's caches: each test pays for part of the compilation.
+def compiled_inputs(lm, tokenizer) -> tuple:
+    """The policy (its value head random, so that values are compared too), 16 left-padded queries and their sampled
+    responses."""
+    pad = tokenizer.pad_token_id
+    ids = tokenizer.encode("It was a cold morning.")
+    queries = torch.tensor([[pad] * (16 - len(ids)) + ids] * 16)  # (16, 16)
+    policy = tp.PolicyAndValue(lm).eval()
+    torch.manual_seed(0)
+    torch.nn.init.normal_(policy.value_head.weight)
+    return policy, queries
+
+
+@pytest.mark.slow
+def test_compiled_sampler_computes_what_the_eager_one_does(tiny):
+    _, lm, tokenizer = tiny
+    pad = tokenizer.pad_token_id
+    policy, queries = compiled_inputs(lm, tokenizer)
+    tokens, logprobs, entropies, values = tp.Sampler(lm, pad, 0.7, compile=True)(queries, 6, policy.value_head)
+    with torch.no_grad():
+        full_logits, full_values = policy(torch.cat([queries, tokens], 1), pad, 6)
+    full_logprobs, full_entropies = tp.response_logprobs(full_logits, tokens, 0.7, pad)
+    for got, want in [(logprobs, full_logprobs), (entropies, full_entropies), (values, full_values)]:
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_training_forward_and_its_gradients_equal_the_eager_ones(tiny):
+    _, lm, tokenizer = tiny
+    pad = tokenizer.pad_token_id
+    policy, queries = compiled_inputs(lm, tokenizer)
+    tokens = torch.randint(2, len(tokenizer), (4, 6))
+    inputs = torch.cat([queries[:4], tokens], 1)  # (4, 22): a micro-batch of the run below
+    policy.train()  # as the run compiles it
+    compiled = torch.compile(policy)
+    grads = []
+    for forward in (policy, compiled):
+        policy.zero_grad()
+        logits, v = forward(inputs, pad, 6)
+        (tp.response_logprobs(logits, tokens, 0.7, pad)[0].sum() + v.sum()).backward()
+        grads.append([p.grad.clone() for p in policy.parameters()])
+    for eager, comp in zip(*grads):
+        torch.testing.assert_close(comp, eager, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.slow
 def test_train_policy_with_compile_runs_and_starts_at_the_reference(tiny, tmp_path, main):
     folder, _, _ = tiny
@@ -78,34 +125,6 @@ def test_train_policy_with_compile_runs_and_starts_at_the_reference(tiny, tmp_pa
     # the compiled sampler's log-probs equal the eager reference's before any update
     assert first["objective/kl"] == pytest.approx(0.0, abs=1e-4)
     assert all(math.isfinite(v) for v in first.values())
-
-
-@pytest.mark.slow
-def test_compiled_sampler_and_training_forward_compute_what_the_eager_ones_do(tiny):
-    _, lm, tokenizer = tiny
-    pad = tokenizer.pad_token_id
-    ids = tokenizer.encode("It was a cold morning.")
-    queries = torch.tensor([[pad] * (16 - len(ids)) + ids] * 16)  # (16, 16), left-padded
-    policy = tp.PolicyAndValue(lm).eval()
-    torch.nn.init.normal_(policy.value_head.weight)
-    tokens, logprobs, entropies, values = tp.Sampler(lm, pad, 0.7, compile=True)(queries, 6, policy.value_head)
-    with torch.no_grad():
-        full_logits, full_values = policy(torch.cat([queries, tokens], 1), pad, 6)
-    full_logprobs, full_entropies = tp.response_logprobs(full_logits, tokens, 0.7, pad)
-    for got, want in [(logprobs, full_logprobs), (entropies, full_entropies), (values, full_values)]:
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    # the compiled training forward and its gradients, against the eager ones (in training mode, as the run compiled it)
-    inputs = torch.cat([queries, tokens], 1)[:4]
-    policy.train()
-    compiled = torch.compile(policy)
-    grads = []
-    for forward in (policy, compiled):
-        policy.zero_grad()
-        logits, v = forward(inputs, pad, 6)
-        (tp.response_logprobs(logits, tokens[:4], 0.7, pad)[0].sum() + v.sum()).backward()
-        grads.append([p.grad.clone() for p in policy.parameters()])
-    for eager, comp in zip(*grads):
-        torch.testing.assert_close(comp, eager, atol=1e-4, rtol=1e-4)
 
 
 def test_reference_and_reward_forwards_in_chunks_equal_one_forward(tiny):
