@@ -1,14 +1,14 @@
 """Reward model, then PPO against it, in one launch: OpenAI's lm-human-preferences pipeline end to end.
 
-    python train_both.py                                               # the embedded world on a CPU, under 10 minutes
-    python train_both.py --seed 2 --policy.kl_target 2                 # --reward.* and --policy.* reach each stage
-    accelerate launch --num_processes 8 train_both.py sentiment        # OAI's sentiment run (gpt2, BookCorpus, hub labels)
+    python train_both.py                                         # the embedded world on a CPU, under 10 minutes
+    python train_both.py --seed 2 --policy.kl_target 2           # --reward.* and --policy.* reach each stage
+    accelerate launch --num_processes 8 train_both.py sentiment  # OAI's sentiment run (gpt2, BookCorpus, hub labels)
 
 The run folder runs/<exp_name>__<seed>__<unix time>/ holds reward/ (train_reward.py's run, with reward_model/) and
-policy/ (train_policy.py's run, which loads that reward model). As OAI's train_policy with rewards.train_new_model,
-both stages must share the task: base model, query and response lengths, query data and temperature.
-A first positional word picks a preset for both stages: `sentiment`, `descriptiveness` (OAI), `tldr` (SFD's 1B recipe on
-the hub data, after `train_sft.py tldr`), `tldr_twin` (the offline summarization twin, after `train_sft.py tldr_twin`).
+policy/ (train_policy.py's run, which loads that reward model). As OAI's train_policy with rewards.train_new_model, both
+stages must share the task: base model, query and response lengths, query data and temperature. A first positional word
+picks a preset for both stages: `sentiment`, `descriptiveness` (OAI), `tldr` (SFD's 1B recipe on the hub data, after
+`train_sft.py tldr`), `tldr_twin` (the offline summarization twin, after `train_sft.py tldr_twin`).
 """
 
 import json
@@ -35,8 +35,8 @@ class Args:
     policy: train_policy.Args = field(default_factory=train_policy.Args)
     """the PPO stage (train_policy.py's flags); --policy.reward_model is filled in with the stage's own reward model"""
     resume: Optional[str] = None
-    """run folder of a stopped train_both.py run: a finished stage is kept, the stage it stopped in continues from its last
-    checkpoint, with the arguments the run started with (its args.json); no other flag"""
+    """run folder of a stopped train_both.py run: a finished stage is kept, the stage it stopped in continues from its
+    last checkpoint, with the arguments the run started with (its args.json); no other flag"""
 
 
 PRESETS = {
@@ -52,20 +52,25 @@ SHARED_TASK = ("base_model", "query_length", "query_dataset", "query_split", "te
 def train(args: Args) -> Path:
     for name in SHARED_TASK:  # {OAI}/lm_human_preferences/train_policy.py#L410-L411
         if getattr(args.reward, name) != getattr(args.policy, name):
-            train_policy.fail(f"--reward.{name} {getattr(args.reward, name)} and --policy.{name} {getattr(args.policy, name)} differ: "
+            train_policy.fail(f"--reward.{name} {getattr(args.reward, name)} and --policy.{name} "
+                              f"{getattr(args.policy, name)} differ: "
                               "both stages share one task")
     if args.policy.reward_model is not None:
-        train_policy.fail("--policy.reward_model is set by train_both.py (use train_policy.py to start from an existing reward model)")
+        train_policy.fail("--policy.reward_model is set by train_both.py (use train_policy.py to start from an "
+                          "existing reward model)")
     if args.reward.resume or args.policy.resume:
         train_policy.fail("--reward.resume and --policy.resume are set by train_both.py: use --resume <run folder>")
     # one folder name on every process: accelerate's process group exists once PartialState is made (gloo on a CPU)
     state = train_policy.start_processes()
     folder_seed = args.policy.seed if args.seed is None else args.seed
-    run_dir = Path(args.resume) if args.resume else train_policy.shared_run_dir(state, args.run_root, args.exp_name, folder_seed)
+    run_dir = Path(args.resume) if args.resume else train_policy.shared_run_dir(state, args.run_root, args.exp_name,
+                                                                                folder_seed)
     seeds = {} if args.seed is None else {"seed": args.seed}
     tracks = {"track": True} if args.track else {}
     stages = {"reward": (train_reward, replace(args.reward, **seeds, **tracks)),
-              "policy": (train_policy, replace(args.policy, **seeds, **tracks, reward_model=str(run_dir / "reward" / "reward_model")))}
+              "policy": (train_policy,
+                         replace(args.policy, **seeds, **tracks,
+                                 reward_model=str(run_dir / "reward" / "reward_model")))}
 
     # Both stages' arguments are checked before either starts, and messages name the flags as typed here (--policy.*).
     train_reward.FLAG_PREFIX, train_policy.FLAG_PREFIX = "--reward.", "--policy."
@@ -74,7 +79,8 @@ def train(args: Args) -> Path:
         train_policy.check_args(stages["policy"][1], reward_model_follows=True)
         if state.is_main_process and not args.resume:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "args.json").write_text(json.dumps({**asdict(args), "world_size": state.num_processes}, indent=2))
+            (run_dir / "args.json").write_text(json.dumps({**asdict(args), "world_size": state.num_processes},
+                                                          indent=2))
         for name, (script, stage_args) in stages.items():  # a resumed run continues each stage that has begun
             folder = run_dir / name
             resume = str(folder) if args.resume and (folder / "args.json").is_file() else None

@@ -1,20 +1,21 @@
 """Direct Preference Optimization (Rafailov et al. 2023) on the same preference labels the reward model learns from.
 
-    python train_dpo.py                                   # the embedded sentiment labels on the nano model (CPU, minutes)
-    python train_dpo.py --reward_model runs/<reward run>/reward_model   # also log that reward model's score of fresh samples
-    python train_dpo.py tldr_twin                         # the summarization twin (data/tldr/, its SFT model)
-    accelerate launch --num_processes 8 train_dpo.py tldr # SFD's DPO recipe (beta 0.05) on the TL;DR comparisons
+    python train_dpo.py                                       # the embedded sentiment labels, nano model (CPU, minutes)
+    python train_dpo.py --reward_model runs/<reward run>/reward_model      # also logs its score of the fresh samples
+    python train_dpo.py tldr_twin                             # the summarization twin (data/tldr/, its SFT model)
+    python train_dpo.py --loss ipo                            # IPO (Azar et al. 2023) instead of DPO's loss
+    accelerate launch --num_processes 8 train_dpo.py tldr     # SFD's DPO recipe (beta 0.05) on the TL;DR comparisons
 
 No reward model and no sampling during training: the policy is trained so that its log-ratio to the frozen initial
 policy (the reference), summed over a response's tokens, separates chosen from rejected responses,
     loss = -log sigmoid(beta * ((log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))))      (IPO: a square)
-Pairs come from pairwise labels as they are, and from OAI's best-of-n labels as the best sample against each other
-one. Every --eval_every updates the policy samples fresh responses to a fixed set of queries, on which the KL to the
+Pairs come from pairwise labels as they are, and from OAI's best-of-n labels as the best sample against each other one.
+Every --eval_every updates the policy samples fresh responses to a fixed set of queries, on which the KL to the
 reference, the reward model's score (given --reward_model) and the programmatic gold labeler's score are logged: the
 quantities PPO optimizes and is judged by. Links write {SFD} for
 https://github.com/vwxyzjn/summarize_from_feedback_details/blob/ee77a9abc31f5338365ee087945c5bcafac7f1ca and {OAI} for
-https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66. Tensor shapes: b = pairs on
-this process, Q = query_length, R = response_length.
+https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66. Tensor shapes: b = pairs
+on this process, Q = query_length, R = response_length.
 """
 
 import collections
@@ -24,7 +25,6 @@ import gzip
 import json
 import math
 import os
-import random
 import re
 import shutil
 import signal
@@ -36,7 +36,6 @@ from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Literal, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import tyro
@@ -54,33 +53,9 @@ from transformers.pytorch_utils import Conv1D
 
 @dataclass
 class Args:
-    # ---- experiment ----
-    exp_name: str = "dpo"
-    """name of the experiment; the run folder is runs/<exp_name>__<seed>__<unix time>"""
-    seed: int = 1
-    """seed of the pair order (the same on every process); the fresh samples use seed + rank * 100003"""
-    track: bool = False
-    """log to Weights & Biases (set WANDB_MODE=offline to log without a network)"""
-    wandb_project_name: str = "lm-human-preferences-torch"
-    """wandb project"""
-    wandb_entity: Optional[str] = None
-    """wandb entity (team); None uses your default"""
-    run_root: str = "runs"
-    """folder that holds the run folders"""
-    save_every: int = 50
-    """write a checkpoint every this many updates (0: only when SIGTERM or SIGINT stops the run)"""
-    keep_checkpoints: int = 2
-    """checkpoints kept in <run folder>/checkpoints; older ones are deleted"""
-    resume: Optional[str] = None
-    """run folder to continue from its last checkpoint, with the arguments it started with (its args.json); no other flag"""
-
-    # ---- models ----
+    # ---- the model and the labels (as train_reward.py reads them) ----
     base_model: str = "data/nano"
     """initial policy and reference model: hub id, local folder or .gguf file"""
-    reward_model: Optional[str] = None
-    """a folder written by train_reward.py: its score of the fresh samples is logged as objective/scores (not trained on)"""
-
-    # ---- labels (as train_reward.py reads them) ----
     label_dataset: str = "data/labels/sentiment_offline_5k.json"
     """labels: a local .json (a list, OAI's format) or .jsonl, <hub user>/<dataset>/<file> in a hub dataset repository,
     or a hub dataset id <user>/<dataset>; best-of-n labels give n - 1 pairs each (the best against each other sample)"""
@@ -89,7 +64,7 @@ class Args:
     label_split: str = "train"
     """split of a hub label dataset"""
     label_tokenizer: Optional[str] = None
-    """tokenizer whose ids the labels hold; None reads "tokenizer" from <labels>.meta.json, else takes the base model's"""
+    """tokenizer whose ids the labels hold; None reads "tokenizer" from <labels>.meta.json, else the base model's"""
     label_pad_token_id: Optional[int] = None
     """pad id inside the labels, dropped on reading; None reads <labels>.meta.json, else the label tokenizer's pad"""
     num_train: int = 2048
@@ -108,11 +83,14 @@ class Args:
     """log-probabilities are computed from logits divided by it, and the fresh samples are drawn at it: the policy
     trained is the one that samples at this temperature (the embedded labels were sampled at 0.7; SFD's DPO: 1)"""
 
-    # ---- DPO ----
+    # ---- DPO and IPO ----
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
-    """sigmoid: DPO's -log sigmoid(beta h); ipo: (h - 1 / (2 beta))^2 (Azar et al. 2023), h the difference of log-ratios"""
+    """sigmoid: DPO's -log sigmoid(beta h); ipo: (h - 1 / (2 beta))^2 (Azar et al. 2023); h: the policy's log-ratio of
+    chosen to rejected response less the reference's"""
     beta: float = 0.1
     """DPO's beta: the strength of the implicit KL regularization (small beta: the policy may move further)"""
+
+    # ---- optimization ----
     batch_size: int = 64
     """pairs per update, summed over all processes"""
     local_micro_batch_size: int = 32
@@ -124,9 +102,34 @@ class Args:
     optimizer: Literal["adam_tf", "adam_pytorch", "adamw"] = "adamw"
     """adam_tf: TF1's Adam; adam_pytorch: torch.optim.Adam; adamw: torch.optim.AdamW (SFD)"""
 
-    # ---- fresh samples (what PPO would see) ----
+    # ---- experiment ----
+    exp_name: str = "dpo"
+    """name of the experiment; the run folder is runs/<exp_name>__<seed>__<unix time>"""
+    seed: int = 1
+    """seed of the pair order (the same on every process); the fresh samples use seed + rank * 100003"""
+    track: bool = False
+    """log to Weights & Biases (set WANDB_MODE=offline to log without a network)"""
+    wandb_project_name: str = "lm-human-preferences-torch"
+    """wandb project"""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team); None uses your default"""
+    run_root: str = "runs"
+    """folder that holds the run folders"""
+    save_every: int = 50
+    """write a checkpoint every this many updates (0: only when SIGTERM or SIGINT stops the run)"""
+    keep_checkpoints: int = 2
+    """checkpoints kept in <run folder>/checkpoints; older ones are deleted"""
+    resume: Optional[str] = None
+    """run folder to continue from its last checkpoint, with the arguments it started with (its args.json); no other
+    flag"""
+
+    # ---- logging and evaluation: the held-out pairs, and fresh samples (what PPO would see) ----
+    reward_model: Optional[str] = None
+    """a folder written by train_reward.py, not trained on: its score of the fresh samples is logged as
+    objective/scores"""
     query_dataset: str = "data/corpus.jsonl.gz"
-    """queries of the fresh samples (as train_policy.py's --query_dataset; TL;DR posts carry reference summaries for ROUGE)"""
+    """queries of the fresh samples (as train_policy.py's --query_dataset); TL;DR posts carry reference summaries, for
+    ROUGE"""
     query_split: str = "train"
     """split of a hub query dataset"""
     num_eval: int = 256
@@ -139,59 +142,39 @@ class Args:
     truncate_after: int = 16
     """fresh samples are cut no earlier than this index"""
     gold_labeler: Literal["vader", "tldr_judge", "none"] = "vader"
-    """programmatic labeler of the fresh samples, logged as objective/gold_score: VADER (the sentiment labels' labeler) or
-    the summarization twin's judge"""
+    """programmatic labeler of the fresh samples, logged as objective/gold_score: VADER (the sentiment labels' labeler)
+    or the summarization twin's judge"""
     eval_every: int = 24
-    """fresh samples and the held-out pairs every this many updates (fresh samples also before the first; both after the last)"""
+    """fresh samples and the held-out pairs every this many updates (fresh samples also before the first, both after
+    the last)"""
     num_print_samples: int = 3
     """rows of the table of fresh samples printed at every evaluation"""
-    local_rollout_forward_batch_size: int = 64
-    """queries per sampling pass (and sequences per forward of the frozen models) on one process"""
-    mixed_precision: Literal["no", "bf16"] = "no"
-    """bf16: every forward multiplies in bf16 (the frozen reference and reward models are kept in bf16); log-probs, the
-    loss and Adam's state stay fp32. For GPUs; on an AVX2-only CPU it is much slower"""
 
     # ---- LoRA (peft) ----
     lora_r: int = 0
-    """rank of the LoRA adapters put on the language model's layers (0: no LoRA, every weight trains); heads train in full"""
+    """rank of the LoRA adapters put on the language model's layers (0: no LoRA, every weight trains); heads train in
+    full"""
     lora_alpha: float = 16.0
     """LoRA's scale numerator: the adapters' update is multiplied by lora_alpha / lora_r"""
     lora_dropout: float = 0.0
     """dropout on the adapters' input (OAI and SFD train without dropout)"""
     lora_target_modules: str = "all-linear"
-    """layers that get adapters: comma-separated module names (GPT-2: c_attn,c_proj,c_fc; Llama: q_proj,k_proj,v_proj,o_proj,...)
-    or all-linear (every linear layer but the output projection)"""
+    """layers that get adapters: comma-separated module names (GPT-2: c_attn,c_proj,c_fc; Llama:
+    q_proj,k_proj,v_proj,o_proj,...) or all-linear (every linear layer but the output projection)"""
     load_in_4bit: bool = False
-    """QLoRA: the frozen base weights quantized to 4-bit NF4 by bitsandbytes, adapters on top (a CUDA GPU only; needs --lora_r)"""
+    """QLoRA: the frozen base weights quantized to 4-bit NF4 by bitsandbytes, adapters on top (a CUDA GPU only; needs
+    --lora_r)"""
 
-
-PRESETS = {
-    # SFD's DPO: {SFD}/summarize_from_feedback_details/dpo.py#L40-L116 and sbatches/dpo.sbatch (8 GPUs x micro-batch 1 x 8
-    # accumulation = 64 pairs; one epoch of the 92,832 comparisons; AdamW, lr 3e-6 cosine, beta 0.05; log-probs of the
-    # raw logits, i.e. temperature 1, {SFD}/summarize_from_feedback_details/dpo.py#L169-L185). Responses up to 169
-    # tokens as its reward model reads them; fresh samples of 53 tokens cut at EOS. base_model is the tldr SFT run's model.
-    "tldr": dict(
-        exp_name="tldr_dpo", base_model="models/sft_tldr", label_dataset="vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144",
-        label_split="train", test_split="validation", num_train=92832, num_test=6400, query_length=512, response_length=169,
-        temperature=1.0, loss="sigmoid", beta=0.05, batch_size=64, local_micro_batch_size=1, lr=3e-6, eps=1e-5, optimizer="adamw",
-        query_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144", query_split="validation",
-        sample_length=53, truncate_token="eos", truncate_after=0, gold_labeler="none", local_rollout_forward_batch_size=64,
-    ),
-}
-
-
-# the summarization twin: the judge's comparisons of the twin SFT model's samples, SFD's beta, sized for two CPU cores;
-# lr 2e-5 keeps the KL near PPO's (at 1e-4 it reached 26 and the judge's score fell after update 8)
-PRESETS["tldr_twin"] = dict(
-    exp_name="dpo", base_model="runs/tldr_twin/sft_model", label_dataset="data/tldr/comparisons.jsonl.gz", num_train=2048,
-    num_test=685, query_length=160, response_length=48, temperature=0.7, beta=0.05, batch_size=64, local_micro_batch_size=16,
-    lr=2e-5, optimizer="adamw", query_dataset="data/tldr/validation.jsonl.gz", sample_length=48, truncate_token="eos",
-    truncate_after=0, gold_labeler="tldr_judge", eval_every=8,
-)
+    # ---- speed (the same function, computed faster; for GPUs) ----
+    mixed_precision: Literal["no", "bf16"] = "no"
+    """bf16: every forward multiplies in bf16 (the frozen reference and reward models are kept in bf16); log-probs, the
+    loss and Adam's state stay fp32. For GPUs; on an AVX2-only CPU it is much slower"""
+    local_rollout_forward_batch_size: int = 64
+    """queries per sampling pass (and sequences per forward of the frozen models) on one process"""
 
 
 # ---------------------------------------------------------------------------------------------------------
-# DPO's pieces: the pairs, log-probs, the loss; the held-out pairs and fresh samples it is measured on
+# DPO's pieces: the pairs and their order, log-probs at the temperature, the frozen reference, the loss
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -207,113 +190,102 @@ def preference_pairs(queries: torch.Tensor, samples: torch.Tensor, best: torch.T
     return queries.repeat_interleave(n - 1, 0), chosen.repeat_interleave(n - 1, 0), rejected
 
 
-def token_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float, pad_token_id: int) -> torch.Tensor:
-    """(b, R) log-probs of the response tokens from the (b, R, V) logits that predict them, divided by the temperature."""
+def pair_batches(pairs: tuple, batch_size: int, seed: int):
+    """One epoch over (queries (P, Q), chosen (P, R), rejected (P, R)) pairs as (queries, chosen, rejected) batches of
+    batch_size pairs, in a shuffled order that is the same on every process (each then takes every world-th pair of a
+    batch); the pairs that fill no whole batch are left out, as SFD's num_updates = pairs // batch_size."""
+    order = torch.randperm(len(pairs[0]), generator=torch.Generator().manual_seed(seed))
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        yield tuple(t[order[start : start + batch_size]] for t in pairs)
+
+
+# Copied from train_policy.py
+def model_inputs(tokens: torch.Tensor, pad_token_id: int) -> dict:
+    """Pads are masked out and each real token's position counts only the real tokens before it, so that padding (left
+    or right) never changes a real token's output. {OAI}/lm_human_preferences/language/model.py#L265-L269"""
+    mask = tokens != pad_token_id
+    return dict(input_ids=tokens, attention_mask=mask.long(), position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+
+
+# Copied from train_policy.py
+def sampling_logits(logits: torch.Tensor, temperature: float, pad_token_id: int) -> torch.Tensor:
+    """Logits divided by the temperature, in sampling and in every later log-prob, and the pad token made
+    impossible (OAI slices its special tokens off the logits). {OAI}/lm_human_preferences/policy.py#L58-L59"""
+    logits = logits.float() / temperature
+    return logits.index_fill(-1, torch.tensor([pad_token_id], device=logits.device), -1e9)
+
+
+# Copied from train_policy.py
+def response_logits(lm, tokens: torch.Tensor, pad_token_id: int, response_length: int) -> torch.Tensor:
+    """(b, R, V) logits that predict the R response tokens of (b, Q+R) query+response tokens. The output projection
+    (d x V, the largest matmul of a small model) runs on these R positions only, not on the Q query positions."""
+    return lm(**model_inputs(tokens, pad_token_id), logits_to_keep=response_length + 1).logits[:, :-1]
+
+
+def token_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float,
+                   pad_token_id: int) -> torch.Tensor:
+    """(b, R) log-probs of the response tokens from the (b, R, V) logits that predict them, divided by the
+    temperature."""
     logp = torch.log_softmax(sampling_logits(logits, temperature, pad_token_id), -1)  # (b, R, V), fp32
     return logp.gather(-1, responses.unsqueeze(-1)).squeeze(-1)
 
 
-def sequence_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float, pad_token_id: int) -> torch.Tensor:
+def sequence_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float,
+                      pad_token_id: int) -> torch.Tensor:
     """(b,) log-probability of each whole response: the sum of token_logprobs over its real tokens (the pads after its
     end excluded). {SFD}/summarize_from_feedback_details/dpo.py#L169-L185"""
     return (token_logprobs(logits, responses, temperature, pad_token_id) * (responses != pad_token_id)).sum(1)
-
-
-def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float,
-             kind: str) -> tuple:
-    """(loss, statistics) from (b,) summed log-probs of the chosen and rejected responses under the policy and the
-    reference. h = (log pi(y_w) - log pi(y_l)) - (log ref(y_w) - log ref(y_l)); sigmoid: -log sigmoid(beta h) (DPO's Eq. 7);
-    ipo: (h - 1 / (2 beta))^2 (IPO's Eq. 17). The implicit rewards beta (log pi - log ref) of each response are logged,
-    as SFD does. {SFD}/summarize_from_feedback_details/dpo.py#L466-L484"""
-    h = (chosen - rejected) - (ref_chosen - ref_rejected)  # (b,)
-    losses = (h - 1 / (2 * beta)) ** 2 if kind == "ipo" else -nn.functional.logsigmoid(beta * h)
-    reward_chosen, reward_rejected = beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach()
-    stats = {"rewards/chosen": reward_chosen.mean(), "rewards/rejected": reward_rejected.mean(),
-             "rewards/margins": (reward_chosen - reward_rejected).mean(), "rewards/accuracy": (reward_chosen > reward_rejected).float().mean(),
-             "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean()}
-    return losses.mean(), stats
 
 
 def pair_logprobs(logits_fn, queries: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, temperature: float,
                   pad_token_id: int) -> tuple:
     """(chosen (b,), rejected (b,)) summed log-probs, chosen and rejected stacked into one forward pass of 2b sequences.
     logits_fn(tokens, pad_token_id, response_length) gives the response logits: the policy's (response_logits) or the
-    frozen reference's (FrozenReference, computed on the fly in training: for one epoch the same cost as precomputing)."""
+    frozen reference's (FrozenReference, computed on the fly in training: for one epoch the same cost as
+    precomputing)."""
     tokens = torch.cat([torch.cat([queries, chosen], 1), torch.cat([queries, rejected], 1)])  # (2b, Q+R)
     responses = torch.cat([chosen, rejected])  # (2b, R)
     logps = sequence_logprobs(logits_fn(tokens, pad_token_id, responses.shape[1]), responses, temperature, pad_token_id)
     return logps.chunk(2)
 
 
-def micro_batches(pairs: tuple, size: int, accelerator) -> list:
-    """This process's share of (queries, chosen, rejected) pairs (every world-th one), in micro-batches of `size`."""
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    queries, chosen, rejected = (t[rank::world] for t in pairs)
-    return [tuple(t[i : i + size].to(device) for t in (queries, chosen, rejected)) for i in range(0, len(queries), size)]
+# Copied from train_policy.py
+class FrozenReference:
+    """The frozen initial policy that KL penalties and DPO's log-ratios are measured against: a copy of the policy's
+    model made before training (kept in bf16 under --mixed_precision bf16; sharded under ZeRO-3: place_frozen), or,
+    under LoRA, the policy's own model with its adapters turned off, which is the initial model without a second copy in
+    memory."""
+
+    def __init__(self, lm, lora, accelerator, dtype):
+        self.lora = lora
+        self.lm = lm if lora is not None else place_frozen(copy.deepcopy(lm), accelerator, dtype)
+
+    @torch.no_grad()
+    def __call__(self, *inputs, logits_fn=None) -> torch.Tensor:
+        """(b, R, V) logits of R response tokens from the reference's model: logits_fn(lm, *inputs), by default
+        response_logits(lm, tokens, pad_token_id, response_length) of (b, Q+R) query+response tokens."""
+        with self.lora.disable_adapter() if self.lora is not None else nullcontext():
+            return (logits_fn or response_logits)(self.lm, *inputs)
 
 
-@torch.no_grad()
-def held_out_pairs(lm, batches: list, ref_logps: list, args: Args, accelerator, pad_token_id: int) -> dict:
-    """test/* means of dpo_loss's figures over the held-out pairs: this process's micro_batches, with the reference's
-    log-probs of them (computed once: the reference never changes), summed over processes."""
-    sums, count = {}, 0
-    policy_logits = lambda tokens, pad_id, length: response_logits(lm, tokens, pad_id, length)
-    for (q, c, r), (ref_chosen, ref_rejected) in zip(batches, ref_logps):
-        with accelerator.autocast():
-            loss, stats = dpo_loss(*pair_logprobs(policy_logits, q, c, r, args.temperature, pad_token_id), ref_chosen, ref_rejected,
-                                   args.beta, args.loss)
-        for k, v in {"loss": loss, **stats}.items():
-            sums[k] = sums.get(k, 0.0) + v.float() * len(q)
-        count += len(q)
-    names = sorted(sums)
-    totals = accelerator.reduce(torch.stack([sums[k] for k in names] + [torch.tensor(float(count), device=accelerator.device)]), reduction="sum")
-    return {f"test/{k}": (v / totals[-1]).item() for k, v in zip(names, totals)}
-
-
-@torch.no_grad()
-def fresh_samples(sampler, reference, reward_model, queries: torch.Tensor, references: Optional[torch.Tensor], tokenizer, args: Args,
-                  gold_fn, accelerator) -> tuple:
-    """(metrics, rows of this process's first samples): the policy samples sample_length tokens for each of the fixed
-    queries (every world-th one per process), as PPO's rollouts would; logged are the KL to the reference (the mean over
-    samples of sum_t log pi - log ref, PPO's objective/kl), the reward model's score of the samples cut at the truncate
-    token (objective/scores, given --reward_model), the gold labeler's (objective/gold_score), the entropy, and for TL;DR
-    queries ROUGE-1/2/L against their reference summaries (eval/rouge*)."""
-    world, rank, device, pad = accelerator.num_processes, accelerator.process_index, accelerator.device, tokenizer.pad_token_id
-    length, chunk = args.sample_length or args.response_length, args.local_rollout_forward_batch_size
-    queries = queries[rank::world].to(device)
-    references = None if references is None else references[rank::world].to(device)
-    sums = {"objective/kl": 0.0, "objective/entropy": 0.0}
-    truncate_token = truncate_token_id(args.truncate_token, tokenizer)
-    rows = []
-    for i in range(0, len(queries), chunk):
-        q = queries[i : i + chunk]
-        responses, logprobs = sampler(q, length)[:2]  # (b, L) each
-        ref_logprobs = token_logprobs(reference(torch.cat([q, responses], 1), pad, length), responses, args.temperature, pad)
-        sums["objective/kl"] += (logprobs - ref_logprobs).sum(1).sum()
-        sums["objective/entropy"] += (-logprobs).sum(1).sum()
-        scored = responses if truncate_token is None else truncate_responses(responses, truncate_token, args.truncate_after, pad)
-        if reward_model is not None:
-            sums["objective/scores"] = sums.get("objective/scores", 0.0) + reward_model(torch.cat([q, scored], 1), pad).sum()
-        texts = tokenizer.batch_decode([r[r != pad] for r in scored], skip_special_tokens=references is not None)
-        if gold_fn is not None:
-            gold = gold_fn(texts, tokenizer.batch_decode([x[x != pad] for x in q]))
-            sums["objective/gold_score"] = sums.get("objective/gold_score", 0.0) + sum(gold)
-        if references is not None:  # TL;DR: ROUGE against the reference summaries, as PPO's evaluation reports it
-            refs = tokenizer.batch_decode([r[r != pad] for r in references[i : i + chunk]], skip_special_tokens=True)
-            for row in rouge(texts, refs):
-                for k, v in row.items():
-                    sums[f"eval/{k}"] = sums.get(f"eval/{k}", 0.0) + v
-        for j in range(min(args.num_print_samples - len(rows), len(q))):
-            rows.append({"query": tokenizer.decode(q[j][q[j] != pad]), "response": texts[j], "gold_score": gold[j] if gold_fn else None,
-                         "kl": (logprobs[j] - ref_logprobs[j]).sum().item()})
-    names = sorted(sums)
-    totals = accelerator.reduce(torch.tensor([float(sums[k]) for k in names] + [float(len(queries))], device=device), reduction="sum")
-    return {k: (v / totals[-1]).item() for k, v in zip(names, totals)}, rows
+def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+             beta: float, loss_type: str) -> tuple:
+    """(loss, statistics) from (b,) summed log-probs of the chosen and rejected responses under the policy and the
+    reference. h = (log pi(y_w) - log pi(y_l)) - (log ref(y_w) - log ref(y_l)); sigmoid: -log sigmoid(beta h) (DPO's Eq.
+    7); ipo: (h - 1 / (2 beta))^2 (IPO's Eq. 17). The implicit rewards beta (log pi - log ref) of each response are
+    logged, as SFD does. {SFD}/summarize_from_feedback_details/dpo.py#L466-L484"""
+    h = (chosen - rejected) - (ref_chosen - ref_rejected)  # (b,)
+    losses = (h - 1 / (2 * beta)) ** 2 if loss_type == "ipo" else -nn.functional.logsigmoid(beta * h)
+    reward_chosen, reward_rejected = beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach()
+    stats = {"rewards/chosen": reward_chosen.mean(), "rewards/rejected": reward_rejected.mean(),
+             "rewards/margins": (reward_chosen - reward_rejected).mean(),
+             "rewards/accuracy": (reward_chosen > reward_rejected).float().mean(),
+             "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean()}
+    return losses.mean(), stats
 
 
 def train(args: Args) -> Path:
     """DPO (or IPO) on preference labels against the frozen initial policy; returns the run folder."""
-    start_time = time.time()
     world = start_processes().num_processes
     texts = check_args(args)
     grad_accum = args.batch_size // (world * args.local_micro_batch_size)
@@ -324,146 +296,94 @@ def train(args: Args) -> Path:
 
     # 1. Models: the policy (under LoRA only its adapters train), the frozen reference (a copy of the initial policy, or
     #    the policy with its adapters off), and the frozen reward model that only scores the fresh samples. The frozen
-    #    ones are sharded under ZeRO-3 (place_frozen).
+    #    ones are sharded under ZeRO-3 (place_frozen) and kept in bf16 under --mixed_precision bf16.
     torch.manual_seed(args.seed)
     lm, tokenizer = prepare_lm(*load_base_model(args.base_model, load_in_4bit=args.load_in_4bit))
     frozen_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
     lora = add_lora(lm, args)
     reference = FrozenReference(lm, lora, accelerator, frozen_dtype)
-    reward_model = None
-    if args.reward_model is not None:
-        reward_model, reward_tokenizer = load_reward_model(args.reward_model)
-        if len(reward_tokenizer) != len(tokenizer) or reward_tokenizer.pad_token_id != tokenizer.pad_token_id:
-            fail(f"--reward_model {args.reward_model}: its tokenizer ({len(reward_tokenizer)} tokens) "
-                 f"differs from --base_model {args.base_model}'s ({len(tokenizer)})")
-        reward_model = place_frozen(reward_model, accelerator, frozen_dtype)
+    reward_model = frozen_reward_model(args, tokenizer, accelerator, frozen_dtype)  # None without --reward_model
     pad = tokenizer.pad_token_id
-    gold_fn = gold_scorer(args.gold_labeler)
+    trained = [p for p in lm.parameters() if p.requires_grad]
+    num_trained = sum(p.numel() for p in trained)  # counted before ZeRO-3 shards them
+    optimizer = make_optimizer(trained, args.optimizer, args.lr, args.eps)
+    policy, optimizer = accelerator.prepare(lm, optimizer)  # DDP, or a DeepSpeed engine with its ZeRO optimizer
+    policy_logits = lambda tokens, pad_id, length: response_logits(policy, tokens, pad_id, length)  # DDP syncs grads
 
     # 2. Pairs: one epoch over the training labels' pairs (SFD: num_updates = pairs // batch_size) in an order shared by
-    #    all processes; the held-out labels' pairs; the fixed queries of the fresh samples (with TL;DR references).
-    (train_q, train_s, train_b), (test_q, test_s, test_b), kind, _ = load_labels(args, tokenizer)
-    train_pairs, test_pairs = preference_pairs(train_q, train_s, train_b), preference_pairs(test_q, test_s, test_b)
+    #    all processes, a Stream that counts the batches drawn (a checkpoint keeps the position); the held-out labels'
+    #    pairs, measured with the fresh samples.
+    train_labels, test_labels, (label_kind, samples_per_label), _ = load_labels(args, tokenizer)
+    train_pairs, test_pairs = preference_pairs(*train_labels), preference_pairs(*test_labels)
     num_updates = len(train_pairs[0]) // args.batch_size
     if num_updates == 0:
-        fail(f"--num_train {args.num_train} labels give {len(train_pairs[0])} pairs, fewer than --batch_size {args.batch_size}")
-    order = torch.randperm(len(train_pairs[0]), generator=torch.Generator().manual_seed(args.seed))
-    length = args.sample_length or args.response_length
-    eval_queries, eval_references = next(query_batches(texts, tokenizer, args.query_length, length, min(args.num_eval, len(texts)), seed=0))
-    num_trained = sum(p.numel() for p in lm.parameters() if p.requires_grad)  # counted before ZeRO-3 shards them
-    optimizer = make_optimizer([p for p in lm.parameters() if p.requires_grad], args.optimizer, args.lr, args.eps)
-    policy, optimizer = accelerator.prepare(lm, optimizer)  # DDP, or a DeepSpeed engine with its ZeRO optimizer
-    unwrapped = accelerator.unwrap_model(policy)
-    sampler = Sampler(unwrapped, pad, args.temperature)
-    test_batches = micro_batches(test_pairs, args.local_micro_batch_size, accelerator)
-    # ZeRO-3: the reference gathered (under LoRA it is the policy), so that unequal shares of pairs need no lockstep
-    with accelerator.autocast(), full_weights(policy, accelerator), full_weights(reference.lm, accelerator):
-        test_ref_logps = [pair_logprobs(reference, q, c, r, args.temperature, pad) for q, c, r in test_batches]
+        fail(f"--num_train {args.num_train} labels give {len(train_pairs[0])} pairs, fewer than --batch_size "
+             f"{args.batch_size}")
+    batches = Stream(pair_batches(train_pairs, args.batch_size, args.seed))
 
-    # 3. Run folder, metrics file, wandb. A resumed run takes back the weights, optimizer and metrics of its last
-    #    checkpoint; the pair order is the seed's.
-    run_dir = Path(args.resume) if args.resume else shared_run_dir(accelerator, args.run_root, args.exp_name, args.seed)
-    resumed = load_checkpoint(accelerator, run_dir) if args.resume else None
-    if resumed is not None:
-        load_trained_state(accelerator, policy, optimizer, resumed)
-    first_update = resumed["update"] if resumed else 0
-    elapsed_before = resumed["elapsed_s"] if resumed else 0.0
-    run_log = RunLog(accelerator, args, run_dir, resumed, step_key="update", keep_samples=True, info={"label_kind": kind[0]})
-    if accelerator.is_main_process:
-        print(f"run folder {run_dir}; {len(train_pairs[0]):,} training and {len(test_pairs[0]):,} held-out pairs from {kind[0]} labels "
-              f"(n = {kind[1]}); {num_updates} updates of {args.batch_size} pairs ({world} process(es) x {grad_accum} micro-batch(es) "
-              f"of {args.local_micro_batch_size}); {num_trained:,} trained parameters"
-              + (f"; resumed after update {first_update} from {resumed['path']}" if resumed else ""))
-
-    def evaluate(update: int) -> dict:
-        """Held-out pairs and fresh samples, with the same random draws every time (their own RNG stream), so that what
-        changes is the policy. Under ZeRO-3 every model is gathered (full_weights)."""
-        policy.eval()
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast(), \
-                full_weights(policy, accelerator), full_weights(reference.lm, accelerator), full_weights(reward_model, accelerator):
-            torch.manual_seed(args.seed + rank * 100003)
-            metrics, rows = fresh_samples(sampler, reference, reward_model, eval_queries, eval_references, tokenizer, args, gold_fn, accelerator)
-            if len(test_pairs[0]) and update > 0:  # at update 0 the policy is the reference: every implicit reward is 0
-                metrics.update(held_out_pairs(unwrapped, test_batches, test_ref_logps, args, accelerator, pad))
-        policy.train()
-        if accelerator.is_main_process:
-            print_samples(rows, update)
-            run_log.samples.extend({"update": update, **r} for r in rows)
-        return metrics
-
-    if resumed is None:  # the initial policy: KL 0, and the scores every later evaluation is compared with
-        run_log.write({"update": 0, "pairs": 0, **evaluate(0)})
-
-    # 4. The loop. Each update takes the next batch_size pairs of the shared order, each process every world-th of them;
-    #    the reference's log-probs are computed on the fly; lr follows a cosine from lr to 0 (SFD).
-    if resumed is not None:
-        set_rng_state(resumed["rng"], device)
-    checkpoints = Checkpoints(accelerator, policy, run_dir, args.save_every, args.keep_checkpoints, f"python train_dpo.py --resume {run_dir}",
-                              resumed["path"] if resumed else None)
-    policy_logits = lambda tokens, pad_id, length: response_logits(policy, tokens, pad_id, length)  # through DDP: gradients sync
+    # The run folder, its log and checkpoints (a resumed run takes back the weights, optimizer, pair position, random
+    # generators, samples and metrics of its last checkpoint); the evaluation: the held-out pairs and fresh samples, of
+    # the initial policy first.
+    run = Run(accelerator, args, None, "python train_dpo.py --resume {run_dir}", "update", keep_samples=True,
+              objects=(batches,), info={"label_kind": label_kind},
+              about=f"{len(train_pairs[0]):,} training and {len(test_pairs[0]):,} held-out pairs from {label_kind} "
+              f"labels (n = {samples_per_label}); {num_updates} updates of {args.batch_size} pairs ({world} "
+              f"process(es) x {grad_accum} micro-batch(es) of {args.local_micro_batch_size}); {num_trained:,} trained "
+              "parameters")
+    evaluation = Evaluation(texts, test_pairs, tokenizer, policy, reference, reward_model, args, accelerator)
+    evaluation.before_training(run)
     policy.train()
-    shown = {}  # the progress bar's figures: the last update's loss and accuracy, the last evaluation's KL and gold
-    progress = tqdm(range(first_update, num_updates), initial=first_update, total=num_updates,
-                    disable=not accelerator.is_main_process, desc="dpo")
-    for update in progress:
+    for update in run.steps(num_updates, "dpo", {"loss": "loss/dpo", "acc": "rewards/accuracy", "kl": "objective/kl",
+                                                 "gold": "objective/gold_score"}):
         t0 = time.perf_counter()
+        # 3. The update on the next batch_size pairs, each process taking every world-th: in micro-batches, the
+        #    reference's summed log-probs of chosen and rejected (computed on the fly: for one epoch the same cost as
+        #    precomputing them), the policy's, the loss; gradients accumulate (accelerator.accumulate divides each loss
+        #    by grad_accum) and DDP averages them at the last micro-batch (DeepSpeed steps there). lr follows a cosine
+        #    from lr to 0 (SFD).
         lr = args.lr * 0.5 * (1 + math.cos(math.pi * update / num_updates))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        ours = order[update * args.batch_size : (update + 1) * args.batch_size][rank::world]
+        queries, chosen, rejected = (t[rank::world] for t in next(batches))  # (b, Q), (b, R), (b, R)
         stats = {}
-        for micro in range(grad_accum):
-            idx = ours[micro * args.local_micro_batch_size : (micro + 1) * args.local_micro_batch_size]
-            q, c, r = (t[idx].to(device) for t in train_pairs)  # (b, Q), (b, R), (b, R)
-            with accelerator.accumulate(policy), accelerator.autocast():  # loss / grad_accum; sync (DeepSpeed: step) at the last
-                ref_chosen, ref_rejected = pair_logprobs(reference, q, c, r, args.temperature, pad)  # no_grad inside
-                loss, micro_stats = dpo_loss(*pair_logprobs(policy_logits, q, c, r, args.temperature, pad), ref_chosen, ref_rejected,
-                                             args.beta, args.loss)
+        for start in range(0, len(queries), args.local_micro_batch_size):
+            micro = [t[start : start + args.local_micro_batch_size].to(device) for t in (queries, chosen, rejected)]
+            with accelerator.accumulate(policy), accelerator.autocast():
+                ref_chosen, ref_rejected = pair_logprobs(reference, *micro, args.temperature, pad)  # no_grad inside
+                logp_chosen, logp_rejected = pair_logprobs(policy_logits, *micro, args.temperature, pad)
+                loss, micro_stats = dpo_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, args.beta, args.loss)
                 accelerator.backward(loss)
-            for k, v in {"loss/dpo": loss.detach(), **micro_stats}.items():
-                stats[k] = stats.get(k, 0) + v.float() / grad_accum
+            for name, value in {"loss/dpo": loss.detach(), **micro_stats}.items():
+                stats[name] = stats.get(name, 0) + value.float() / grad_accum
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        # 5. Statistics averaged over processes; every eval_every updates (and after the last) the held-out pairs and
-        #    the fresh samples' KL, reward and gold score.
-        names = sorted(stats)
-        means = accelerator.reduce(torch.stack([stats[k] for k in names]), reduction="mean").tolist()
-        metrics = {"update": update + 1, "pairs": (update + 1) * args.batch_size, **dict(zip(names, means)), "lr": lr,
-                   "timing/update_s": time.perf_counter() - t0}
-        if (update + 1) % args.eval_every == 0 or update + 1 == num_updates:
-            metrics.update(evaluate(update + 1))
-        run_log.write(metrics)
-        shown.update(loss=f"{metrics['loss/dpo']:.3f}", acc=f"{metrics['rewards/accuracy']:.2f}")
-        shown.update({name: f"{metrics[key]:.3f}" for name, key in (("kl", "objective/kl"), ("gold", "objective/gold_score")) if key in metrics})
-        progress.set_postfix(shown)
+        # 4. Statistics averaged over processes (dpo_metrics); every eval_every updates and after the last, the held-out
+        #    pairs' test/* figures and the fresh samples' KL, reward and gold score (Evaluation).
+        metrics = dpo_metrics(accelerator, update, args.batch_size, stats, lr, t0)
+        evaluation.every(update + 1, num_updates, metrics, run)
 
-        # 6. A NaN or inf stops the run (exit 3); a checkpoint every save_every updates and when SIGTERM or SIGINT came.
-        check_finite(metrics, f"update {update + 1}", checkpoints.last)
-        checkpoints.after(update + 1, num_updates, lambda: {
-            **trained_state(accelerator, policy, optimizer), "update": update + 1, "samples": run_log.samples,
-            "elapsed_s": elapsed_before + time.time() - start_time, "wandb_id": run_log.wandb_id})
-    checkpoints.close()
+        # The metrics logged; a NaN or inf stops the run (exit 3); a checkpoint every save_every updates, and when
+        # SIGTERM or SIGINT asked the run to stop, which it then does (exit 128 + signal).
+        run.end_step(update + 1, num_updates, metrics)
 
-    # 7. Save the policy (adapters merged under LoRA) as a plain model folder, the samples and the summary. Under ZeRO-3
-    #    every process gathers the weights; the main one writes them.
-    with full_weights(policy, accelerator):
-        write_model_folder(accelerator, unwrapped, lora, tokenizer, run_dir / "policy")
-    run_log.finish(lambda: summarize(run_dir / "metrics.jsonl", elapsed_before + time.time() - start_time), f"DPO: {run_dir}")
-    accelerator.wait_for_everyone()
-    return run_dir
+    # The policy (adapters merged under LoRA) as a plain model folder, the fresh samples' tables and the summary. Under
+    # ZeRO-3 every process gathers the weights; the main one writes them.
+    save_dpo_policy(accelerator, policy, lora, tokenizer, run.dir / "policy")
+    run.finish(summarize, "DPO")
+    return run.dir
 
 
 # =========================================================================================================
-# Plumbing. Everything below serves train() above and is not the algorithm: reading the data, loading the
-# models, LoRA, sampling, measuring, checkpoints and resume, signals, DeepSpeed, the checks of the
-# arguments, the command line, the summary. The `# Copied from` blocks are shared with the other scripts
-# and kept identical by tests/test_pipeline.py.
+# Plumbing. Everything below serves train() above and is not the algorithm: the command line and the presets, reading
+# the labels and queries, loading the models, LoRA, sampling, the evaluation (held-out pairs and fresh samples), the run
+# folder, checkpoints and resume, signals, DeepSpeed, the checks of the arguments, the metrics and the summary. The
+# `# Copied from` blocks are shared with the other scripts and kept identical by tests/test_pipeline.py.
 # =========================================================================================================
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The command line
+# The command line and the presets (SFD's recipe, the twin)
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -489,11 +409,13 @@ def cli(args_class, presets: dict, description: str):
         if preset[0] not in presets:
             fail(f"unknown preset {preset[0]!r}; presets: {', '.join(presets)}")
         default = replace(default, **presets[preset[0]])
-    args = tyro.cli(args_class, default=default, args=argv[len(preset) :], description=description, use_underscores=True)
+    args = tyro.cli(args_class, default=default, args=argv[len(preset) :], description=description,
+                    use_underscores=True)
     if args.resume is None:
         return args
     if len(argv) > (1 if argv[0].startswith("--resume=") else 2):
-        fail("--resume continues a run with the arguments it started with (its args.json): give no other flag or preset")
+        fail("--resume continues a run with the arguments it started with (its args.json): give no other flag or "
+             "preset")
     if not os.path.isfile(os.path.join(args.resume, "args.json")):
         fail(f"--resume {args.resume}: not a run folder (no args.json)")
     with open(os.path.join(args.resume, "args.json")) as f:
@@ -502,13 +424,42 @@ def cli(args_class, presets: dict, description: str):
 
 # Copied from train_policy.py
 def args_from_json(args_class, values: dict):
-    """args_class rebuilt from its args.json (nested argument classes too); other keys (world_size, ...) are facts of the run."""
+    """args_class rebuilt from its args.json (nested argument classes too); other keys (world_size, ...) are facts of
+    the run."""
     kwargs = {}
     for f in fields(args_class):
         if f.name in values:
             default = getattr(args_class(), f.name)
             kwargs[f.name] = args_from_json(type(default), values[f.name]) if is_dataclass(default) else values[f.name]
     return args_class(**kwargs)
+
+
+PRESETS = {
+    # SFD's DPO: {SFD}/summarize_from_feedback_details/dpo.py#L40-L116 and sbatches/dpo.sbatch (8 GPUs x micro-batch 1 x
+    # 8 accumulation = 64 pairs; one epoch of the 92,832 comparisons; AdamW, lr 3e-6 cosine, beta 0.05; log-probs of the
+    # raw logits, i.e. temperature 1, {SFD}/summarize_from_feedback_details/dpo.py#L169-L185). Responses up to 169
+    # tokens as its reward model reads them; fresh samples of 53 tokens cut at EOS. base_model is the tldr SFT run's
+    # model.
+    "tldr": dict(
+        exp_name="tldr_dpo", base_model="models/sft_tldr",
+        label_dataset="vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144", label_split="train",
+        test_split="validation", num_train=92832, num_test=6400, query_length=512, response_length=169,
+        temperature=1.0, loss="sigmoid", beta=0.05, batch_size=64, local_micro_batch_size=1, lr=3e-6, eps=1e-5,
+        optimizer="adamw", query_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
+        query_split="validation", sample_length=53, truncate_token="eos", truncate_after=0, gold_labeler="none",
+        local_rollout_forward_batch_size=64,
+    ),
+}
+
+
+# the summarization twin: the judge's comparisons of the twin SFT model's samples, SFD's beta, sized for two CPU cores;
+# lr 2e-5 keeps the KL near PPO's (at 1e-4 it reached 26 and the judge's score fell after update 8)
+PRESETS["tldr_twin"] = dict(
+    exp_name="dpo", base_model="runs/tldr_twin/sft_model", label_dataset="data/tldr/comparisons.jsonl.gz",
+    num_train=2048, num_test=685, query_length=160, response_length=48, temperature=0.7, beta=0.05, batch_size=64,
+    local_micro_batch_size=16, lr=2e-5, optimizer="adamw", query_dataset="data/tldr/validation.jsonl.gz",
+    sample_length=48, truncate_token="eos", truncate_after=0, gold_labeler="tldr_judge", eval_every=8,
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -545,14 +496,16 @@ def read_label_file(path: str, config: Optional[str], split: str) -> tuple:
     if not os.path.isfile(local):
         fail(f"--label_dataset {path}: file not found")
     try:
-        with (gzip.open(local, "rt", encoding="utf-8") if local.endswith(".gz") else open(local, encoding="utf-8")) as f:
+        with (gzip.open(local, "rt", encoding="utf-8") if local.endswith(".gz") else open(local,
+                                                                                          encoding="utf-8")) as f:
             text = f.read()
     except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
         fail(f"--label_dataset {path}: cannot be read ({e})")
     if not text.strip():
         fail(f"--label_dataset {path}: the file is empty")
     try:
-        items = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+        lines = [line for line in text.splitlines() if line.strip()]
+        items = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in lines]
     except json.JSONDecodeError as e:
         fail(f"--label_dataset {path}: not valid JSON ({e.msg}, line {e.lineno})")
     if not items:
@@ -657,7 +610,8 @@ def text_pair(item: dict, fmt: str, where: str, tokenizer, query_length: int) ->
         end = os.path.commonprefix([chosen, rejected]).rfind(ASSISTANT)
         if end < 0:
             fail(f"{where} chosen and rejected share no prompt ending in {ASSISTANT!r}")
-        prompt, texts = chosen[: end + len(ASSISTANT)], [chosen[end + len(ASSISTANT) :], rejected[end + len(ASSISTANT) :]]
+        prompt, texts = chosen[: end + len(ASSISTANT)], [chosen[end + len(ASSISTANT) :],
+                                                         rejected[end + len(ASSISTANT) :]]
     else:
         prompt, texts = text(item["prompt"], "prompt"), [text(item[k], k) for k in keys]
         if all(t.startswith("TL;DR:") for t in texts):  # CarperAI/openai_summarize_comparisons
@@ -669,8 +623,8 @@ def text_pair(item: dict, fmt: str, where: str, tokenizer, query_length: int) ->
 
 
 # Copied from train_reward.py
-def label_tensors(items: list, indices: list, kind: tuple, fmt: str, path: str, tokenizer, label_tokenizer, label_pad: int,
-                  args: Args) -> tuple:
+def label_tensors(items: list, indices: list, kind: tuple, fmt: str, path: str, tokenizer, label_tokenizer,
+                  label_pad: int, args: Args) -> tuple:
     """(queries (N, Q), samples (N, n, R), best (N,)) of items[indices] in the base model's tokens. Token ids: label
     pads are dropped, ids are checked against the label tokenizer's vocabulary and, with a different tokenizer, decoded
     and re-encoded; text is tokenized. The text formats (text_pair) end each response with EOS. Queries keep their
@@ -686,7 +640,8 @@ def label_tensors(items: list, indices: list, kind: tuple, fmt: str, path: str, 
         ids = [t for t in value if t != label_pad]
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            fail(f"--label_dataset {path}: item {i} key {key} has token id {bad[0]} outside the label tokenizer's vocabulary of {vocab}")
+            fail(f"--label_dataset {path}: item {i} key {key} has token id {bad[0]} outside the label tokenizer's "
+                 f"vocabulary of {vocab}")
         return ids if same else tokenizer.encode(label_tokenizer.decode(ids))
 
     names = ["chosen", "rejected"] if kind[0] == "pairwise" else [f"sample{j}" for j in range(kind[1])]
@@ -720,7 +675,8 @@ def load_labels(args: Args, tokenizer) -> tuple:
     items, local = read_label_file(args.label_dataset, args.label_config, args.label_split)
     kind, fmt = label_format(items, args.label_dataset)
     if args.num_train + args.num_test > len(items):
-        fail(f"--label_dataset {args.label_dataset}: {len(items)} labels, fewer than --num_train {args.num_train} + --num_test {args.num_test}")
+        fail(f"--label_dataset {args.label_dataset}: {len(items)} labels, fewer than --num_train {args.num_train} + "
+             f"--num_test {args.num_test}")
     meta_path = Path(local).with_suffix(".meta.json")
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     label_tokenizer = tokenizer
@@ -730,11 +686,17 @@ def load_labels(args: Args, tokenizer) -> tuple:
             label_tokenizer = AutoTokenizer.from_pretrained(name)
         except OSError as e:
             fail(f"--label_tokenizer {name}: cannot be loaded ({str(e).splitlines()[0][:200]})")
-    label_pad = args.label_pad_token_id if args.label_pad_token_id is not None else meta.get("pad_token_id", label_tokenizer.pad_token_id)
-    test_items = items if args.test_split is None else read_label_file(args.label_dataset, args.label_config, args.test_split)[0]
-    test = list(range(len(items) - args.num_test, len(items))) if args.test_split is None else list(range(min(args.num_test, len(test_items))))
-    train = label_tensors(items, list(range(args.num_train)), kind, fmt, args.label_dataset, tokenizer, label_tokenizer, label_pad, args)
-    held_out = label_tensors(test_items, test, kind, fmt, args.label_dataset, tokenizer, label_tokenizer, label_pad, args)
+    label_pad = args.label_pad_token_id
+    if label_pad is None:
+        label_pad = meta.get("pad_token_id", label_tokenizer.pad_token_id)
+    test_items = items if args.test_split is None else read_label_file(args.label_dataset, args.label_config,
+                                                                       args.test_split)[0]
+    test = list(range(len(items) - args.num_test,
+                      len(items))) if args.test_split is None else list(range(min(args.num_test, len(test_items))))
+    train = label_tensors(items, list(range(args.num_train)), kind, fmt, args.label_dataset, tokenizer,
+                          label_tokenizer, label_pad, args)
+    held_out = label_tensors(test_items, test, kind, fmt, args.label_dataset, tokenizer, label_tokenizer, label_pad,
+                             args)
     return train, held_out, kind, [label_meta(test_items[i]) for i in test]
 
 
@@ -744,16 +706,17 @@ TLDR_KEYS = ("subreddit", "title", "post", "summary")
 
 # Copied from train_policy.py
 def load_texts(path: str, split: str, flag: str = "--query_dataset"):
-    """Query data, indexable: books texts (str) from a local .jsonl(.gz) of JSON strings (OAI's book_passages/{mode}.jsonl)
-    or of objects with "text" (data/corpus.jsonl.gz), or from a hub dataset with a "text" column (bookcorpus); or TL;DR
-    rows (dict with subreddit, title, post, summary) from a .jsonl(.gz) (data/tldr/, summarize-from-feedback's
-    tldr_3_filtered) or a hub dataset with those columns."""
+    """Query data, indexable: books texts (str) from a local .jsonl(.gz) of JSON strings (OAI's
+    book_passages/{mode}.jsonl) or of objects with "text" (data/corpus.jsonl.gz), or from a hub dataset with a "text"
+    column (bookcorpus); or TL;DR rows (dict with subreddit, title, post, summary) from a .jsonl(.gz) (data/tldr/,
+    summarize-from-feedback's tldr_3_filtered) or a hub dataset with those columns."""
     if os.path.exists(path) or path.endswith((".jsonl", ".gz", ".json")):
         if not os.path.isfile(path):
             fail(f"{flag} {path}: file not found")
         texts = []
         try:
-            with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
+            with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path,
+                                                                                            encoding="utf-8")) as f:
                 for n, line in enumerate(f, 1):
                     if line.strip():
                         text = json.loads(line)
@@ -762,7 +725,8 @@ def load_texts(path: str, split: str, flag: str = "--query_dataset"):
                         if isinstance(text, dict) and not all(isinstance(text.get(k), str) for k in TLDR_KEYS):
                             fail(f"{flag} {path}: line {n} is a TL;DR row without string {', '.join(TLDR_KEYS)}")
                         if not isinstance(text, (str, dict)) or (texts and type(text) is not type(texts[0])):
-                            fail(f"{flag} {path}: line {n} is neither a JSON string, an object with a string \"text\" nor a TL;DR "
+                            fail(f"{flag} {path}: line {n} is neither a JSON string, an object with a string \"text\" "
+                                 "nor a TL;DR "
                                  "row like the lines before it")
                         texts.append(text)
         except json.JSONDecodeError as e:
@@ -781,7 +745,8 @@ def load_texts(path: str, split: str, flag: str = "--query_dataset"):
         elif "text" in texts.column_names:
             texts = texts["text"]  # a lazy column: BookCorpus's 74M rows stay memory-mapped
         else:
-            fail(f"{flag} {path}: split {split} has neither a \"text\" column nor the TL;DR columns {', '.join(TLDR_KEYS)}")
+            fail(f"{flag} {path}: split {split} has neither a \"text\" column nor the TL;DR columns "
+                 f"{', '.join(TLDR_KEYS)}")
     if len(texts) == 0:
         fail(f"{flag} {path}: no texts")
     return texts
@@ -806,8 +771,9 @@ def format_query(tokens: list, dot: int, query_length: int, pad_token_id: int) -
 
 # Copied from train_policy.py
 def format_tldr_query(row: dict, tokenizer, query_length: int) -> list:
-    """OAI's TL;DR query: SUBREDDIT/TITLE/POST/TL;DR, the post cut at its last newline (else its last
-    character) until the query fits, then left-padded with the pad token to `query_length` tokens.
+    """OAI's TL;DR query: SUBREDDIT/TITLE/POST/TL;DR, the post cut at its last newline (else its last character) until
+    the query fits, then left-padded with the pad token to `query_length` tokens.
+
     https://github.com/openai/summarize-from-feedback/blob/700967448d10004279f138666442bf1497d0e705/summarize_from_feedback/tasks.py#L98-L165"""
     fmt = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
     post = row["post"]
@@ -864,11 +830,12 @@ def query_batches(texts, tokenizer, query_length: int, response_length: int, bat
 
 # Copied from train_policy.py
 def load_base_model(path: str, weights: bool = True, load_in_4bit: bool = False):
-    """(model, tokenizer) from a hub id, a local folder or a .gguf file; with weights=False (config, tokenizer), what the
-    checks of the arguments need. A .gguf file is de-quantized to fp32 as it is read (GgufConfig(dequantize=True)): the
-    result is an ordinary trainable model without a quantization marker, which save_pretrained writes as a plain Hugging
-    Face folder that every script loads back. (Read without it, transformers keeps the model marked as GGUF-quantized
-    and refuses to save it.) load_in_4bit: the weights quantized to 4-bit NF4 (bitsandbytes, QLoRA's format), computing in bf16."""
+    """(model, tokenizer) from a hub id, a local folder or a .gguf file; with weights=False (config, tokenizer), what
+    the checks of the arguments need. A .gguf file is de-quantized to fp32 as it is read (GgufConfig(dequantize=True)):
+    the result is an ordinary trainable model without a quantization marker, which save_pretrained writes as a plain
+    Hugging Face folder that every script loads back. (Read without it, transformers keeps the model marked as
+    GGUF-quantized and refuses to save it.) load_in_4bit: the weights quantized to 4-bit NF4 (bitsandbytes, QLoRA's
+    format), computing in bf16."""
     source, gguf = path, {}
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
@@ -884,7 +851,8 @@ def load_base_model(path: str, weights: bool = True, load_in_4bit: bool = False)
         quantization = dict(quantization_config=GgufConfig(dequantize=True)) if gguf else {}
         if load_in_4bit:
             quantization = dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                                       bnb_4bit_compute_dtype=torch.bfloat16), device_map={"": PartialState().device})
+                                                                       bnb_4bit_compute_dtype=torch.bfloat16),
+                                                                       device_map={"": PartialState().device})
         return AutoModelForCausalLM.from_pretrained(source, **gguf, **quantization), tokenizer
     except OSError as e:  # hub id with no network, or a folder without a model
         fail(f"--base_model {path}: cannot be loaded ({str(e).splitlines()[0][:200]})")
@@ -910,9 +878,10 @@ def prepare_lm(model, tokenizer):
                 setattr(module, name, GELUTanh())
     # Weights read from safetensors point into the memory-mapped file at the file's own offsets (16-byte aligned for the
     # nano model); tensors PyTorch allocates are 64-byte aligned. MKL orders a matmul's floating-point sums by the
-    # alignment of its inputs on Intel CPUs (https://www.intel.com/content/www/us/en/developer/articles/technical/getting-reproducible-results-with-intel-mkl.html),
-    # so there a loaded model and its deep copy round the same logits differently. Copied into memory of their own,
-    # the weights of every model (loaded, copied, resumed) run the same kernels on every CPU.
+    # alignment of its inputs on Intel CPUs
+    # (https://www.intel.com/content/www/us/en/developer/articles/technical/getting-reproducible-results-with-intel-mkl.html),
+    # so there a loaded model and its deep copy round the same logits differently. Copied into memory of their own, the
+    # weights of every model (loaded, copied, resumed) run the same kernels on every CPU.
     with torch.no_grad():
         for p in model.parameters():
             if p.device.type == "cpu":
@@ -920,20 +889,120 @@ def prepare_lm(model, tokenizer):
     return model, tokenizer
 
 
-# Copied from train_policy.py
-def model_inputs(tokens: torch.Tensor, pad_token_id: int) -> dict:
-    """Pads are masked out and each real token's position counts only the real tokens before it, so that
-    padding (left or right) never changes a real token's output. {OAI}/lm_human_preferences/language/model.py#L265-L269"""
-    mask = tokens != pad_token_id
-    return dict(input_ids=tokens, attention_mask=mask.long(), position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+# Copied from train_reward.py
+class RewardModel(nn.Module):
+    """The language model's transformer with a scalar head read at the last real token, then gain and bias.
+    Head init N(0, 1/sqrt(d_model + 1)), bias 0 ({OAI}/lm_human_preferences/language/model.py#L248-L258);
+    gain and bias are parameters as in OAI (trained with the rest; set by normalization before and after
+    training, {OAI}/lm_human_preferences/rewards.py#L47-L57)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        d = lm.config.hidden_size
+        self.head = nn.Linear(d, 1)
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(d + 1))
+        nn.init.zeros_(self.head.bias)
+        # shape (1,), not (): DeepSpeed 0.19.8's ZeRO-3 cannot shard a 0-d parameter (a head file with () loads too)
+        self.gain = nn.Parameter(torch.ones(1))
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def scores(self, tokens: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+        """(b, T) fp32 head outputs (gain and bias applied) at every position of (b, T) tokens: the reward at the last
+        real token, or, for a critic initialised from the reward model, the value of every state."""
+        hidden = self.lm.base_model(**model_inputs(tokens, pad_token_id)).last_hidden_state  # (b, T, d)
+        return (self.gain * self.head(hidden).squeeze(-1) + self.bias).float()  # fp32 even from a model kept in bf16
+
+    def forward(self, tokens: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+        """(b,) rewards of (b, T) query+response tokens, read at the last real token: the EOS of a response truncated
+        there (SFD reads the reward at the EOS token, {SFD}/summarize_from_feedback_details/ppo.py#L282-L300), else its
+        last token. OAI reads the last position; a masked pad makes it independent of right padding.
+        {OAI}/lm_human_preferences/rewards.py#L47"""
+        last = (tokens != pad_token_id).long().cumsum(1).argmax(1)  # (b,): the last real token
+        return self.scores(tokens, pad_token_id)[torch.arange(len(tokens), device=tokens.device), last]
 
 
 # Copied from train_policy.py
-def sampling_logits(logits: torch.Tensor, temperature: float, pad_token_id: int) -> torch.Tensor:
-    """Logits divided by the temperature, in sampling and in every later log-prob, and the pad token made
-    impossible (OAI slices its special tokens off the logits). {OAI}/lm_human_preferences/policy.py#L58-L59"""
-    logits = logits.float() / temperature
-    return logits.index_fill(-1, torch.tensor([pad_token_id], device=logits.device), -1e9)
+def load_reward_model(folder: str):
+    """(RewardModel, tokenizer) from a folder written by save_reward_model."""
+    if not os.path.isfile(os.path.join(folder, "reward_head.safetensors")):
+        fail(f"--reward_model {folder}: not a reward model folder (no reward_head.safetensors; train one with "
+             "train_reward.py)")
+    lm, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    model = RewardModel(prepare_lm(lm, tokenizer)[0])
+    head = load_file(os.path.join(folder, "reward_head.safetensors"))
+    with torch.no_grad():
+        model.head.weight.copy_(head["head.weight"])
+        model.head.bias.copy_(head["head.bias"])
+        model.gain.copy_(head["gain"])
+        model.bias.copy_(head["bias"])
+    return model, tokenizer
+
+
+# Copied from train_policy.py
+def check_same_tokenizer(reward_tokenizer, tokenizer, args):
+    """The reward model reads the policy's token ids: its tokenizer must be the policy's.
+    {OAI}/lm_human_preferences/rewards.py#L119"""
+    if len(reward_tokenizer) != len(tokenizer) or reward_tokenizer.pad_token_id != tokenizer.pad_token_id:
+        fail(f"--reward_model {args.reward_model}: its tokenizer ({len(reward_tokenizer)} tokens) "
+             f"differs from --base_model {args.base_model}'s ({len(tokenizer)})")
+
+
+def frozen_reward_model(args, tokenizer, accelerator, dtype: torch.dtype) -> Optional[RewardModel]:
+    """The reward model of --reward_model, frozen (place_frozen), which only scores the fresh samples; None without
+    one."""
+    if args.reward_model is None:
+        return None
+    reward_model, reward_tokenizer = load_reward_model(args.reward_model)
+    check_same_tokenizer(reward_tokenizer, tokenizer, args)
+    return place_frozen(reward_model, accelerator, dtype)
+
+
+# Copied from train_policy.py
+def check_lora(args):
+    """The LoRA and QLoRA flags, checked before anything runs."""
+    if args.lora_r < 0 or (args.lora_r and args.lora_alpha <= 0) or not 0 <= args.lora_dropout < 1:
+        fail(f"--lora_r {args.lora_r} must be at least 0, --lora_alpha positive, --lora_dropout in [0, 1)")
+    if args.load_in_4bit and not torch.cuda.is_available():
+        fail("--load_in_4bit (QLoRA) quantizes the weights with bitsandbytes on a CUDA GPU, and this machine has none; "
+             "LoRA alone (--lora_r) runs on a CPU")
+    if args.load_in_4bit and args.lora_r == 0:
+        fail("--load_in_4bit trains LoRA adapters over frozen 4-bit weights: give --lora_r too")
+
+
+# Copied from train_policy.py
+def add_lora(lm, args):
+    """LoRA adapters (Hu et al. 2021, through peft) on lm's layers when --lora_r > 0, injected in place: lm keeps its
+    class and forward, and only the adapters of its weights train (the caller's heads train in full). Returns the
+    PeftModel around lm, which turns the adapters off (disable_adapter(): the initial model, the reference of PPO and
+    DPO without a second copy) or merges them into the weights (merge_and_unload(), before saving); None without
+    LoRA."""
+    if args.lora_r == 0:
+        return None
+    import peft
+
+    if args.load_in_4bit:  # QLoRA (Dettmers et al. 2023): norms and heads of the 4-bit model kept in fp32
+        lm = peft.prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
+    targets = "all-linear" if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
+    transposed = any(isinstance(m, Conv1D) for m in lm.modules())  # GPT-2 stores its linear weights as (in, out)
+    config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                             target_modules=targets, fan_in_fan_out=transposed)
+    try:
+        return peft.get_peft_model(lm, config)
+    except ValueError as e:  # no such module
+        fail(f"--lora_target_modules {args.lora_target_modules}: {str(e).splitlines()[0][:200]}")
+
+
+# Copied from train_policy.py
+def saved_lm(lm, lora):
+    """The language model to save: under LoRA the adapters merged into the weights, so that the folder is a plain model
+    every script (and transformers) loads as it loads any other."""
+    return lm if lora is None else lora.merge_and_unload()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampling, truncation and the optimizer
+# ---------------------------------------------------------------------------------------------------------
 
 
 # Copied from train_policy.py
@@ -975,7 +1044,8 @@ class Sampler:
         """(tokens, log-probs, entropies, values or None), each (b, R), for (b, Q) left-padded queries."""
         b, Q = queries.shape
         if self.cache_shape != (b, Q + response_length):
-            self.cache, self.cache_shape = StaticCache(config=self.lm.config, max_cache_len=Q + response_length), (b, Q + response_length)
+            self.cache = StaticCache(config=self.lm.config, max_cache_len=Q + response_length)
+            self.cache_shape = (b, Q + response_length)
         else:
             self.cache.reset()
         inputs = model_inputs(queries, self.pad_token_id)
@@ -1000,124 +1070,6 @@ class Sampler:
         return torch.cat(tokens, 1), torch.cat(logprobs, 1), torch.cat(entropies, 1), values
 
 
-# Copied from train_reward.py
-class RewardModel(nn.Module):
-    """The language model's transformer with a scalar head read at the last real token, then gain and bias.
-    Head init N(0, 1/sqrt(d_model + 1)), bias 0 ({OAI}/lm_human_preferences/language/model.py#L248-L258);
-    gain and bias are parameters as in OAI (trained with the rest; set by normalization before and after
-    training, {OAI}/lm_human_preferences/rewards.py#L47-L57)."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-        d = lm.config.hidden_size
-        self.head = nn.Linear(d, 1)
-        nn.init.normal_(self.head.weight, std=1 / math.sqrt(d + 1))
-        nn.init.zeros_(self.head.bias)
-        # shape (1,), not (): DeepSpeed 0.19.8's ZeRO-3 cannot shard a 0-d parameter (a head file with () loads too)
-        self.gain = nn.Parameter(torch.ones(1))
-        self.bias = nn.Parameter(torch.zeros(1))
-
-    def scores(self, tokens: torch.Tensor, pad_token_id: int) -> torch.Tensor:
-        """(b, T) fp32 head outputs (gain and bias applied) at every position of (b, T) tokens: the reward at the last
-        real token, or, for a critic initialised from the reward model, the value of every state."""
-        hidden = self.lm.base_model(**model_inputs(tokens, pad_token_id)).last_hidden_state  # (b, T, d)
-        return (self.gain * self.head(hidden).squeeze(-1) + self.bias).float()  # fp32 even from a model kept in bf16
-
-    def forward(self, tokens: torch.Tensor, pad_token_id: int) -> torch.Tensor:
-        """(b,) rewards of (b, T) query+response tokens, read at the last real token: the EOS of a response truncated
-        there (SFD reads the reward at the EOS token, {SFD}/summarize_from_feedback_details/ppo.py#L282-L300), else its
-        last token. OAI reads the last position; a masked pad makes it independent of right padding. {OAI}/lm_human_preferences/rewards.py#L47"""
-        last = (tokens != pad_token_id).long().cumsum(1).argmax(1)  # (b,): the last real token
-        return self.scores(tokens, pad_token_id)[torch.arange(len(tokens), device=tokens.device), last]
-
-
-# Copied from train_policy.py
-def load_reward_model(folder: str):
-    """(RewardModel, tokenizer) from a folder written by save_reward_model."""
-    if not os.path.isfile(os.path.join(folder, "reward_head.safetensors")):
-        fail(f"--reward_model {folder}: not a reward model folder (no reward_head.safetensors; train one with train_reward.py)")
-    lm, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
-    model = RewardModel(prepare_lm(lm, tokenizer)[0])
-    head = load_file(os.path.join(folder, "reward_head.safetensors"))
-    with torch.no_grad():
-        model.head.weight.copy_(head["head.weight"])
-        model.head.bias.copy_(head["head.bias"])
-        model.gain.copy_(head["gain"])
-        model.bias.copy_(head["bias"])
-    return model, tokenizer
-
-
-# Copied from train_policy.py
-def check_lora(args):
-    """The LoRA and QLoRA flags, checked before anything runs."""
-    if args.lora_r < 0 or (args.lora_r and args.lora_alpha <= 0) or not 0 <= args.lora_dropout < 1:
-        fail(f"--lora_r {args.lora_r} must be at least 0, --lora_alpha positive, --lora_dropout in [0, 1)")
-    if args.load_in_4bit and not torch.cuda.is_available():
-        fail("--load_in_4bit (QLoRA) quantizes the weights with bitsandbytes on a CUDA GPU, and this machine has none; LoRA alone (--lora_r) runs on a CPU")
-    if args.load_in_4bit and args.lora_r == 0:
-        fail("--load_in_4bit trains LoRA adapters over frozen 4-bit weights: give --lora_r too")
-
-
-# Copied from train_policy.py
-def add_lora(lm, args):
-    """LoRA adapters (Hu et al. 2021, through peft) on lm's layers when --lora_r > 0, injected in place: lm keeps its
-    class and forward, and only the adapters of its weights train (the caller's heads train in full). Returns the
-    PeftModel around lm, which turns the adapters off (disable_adapter(): the initial model, the reference of PPO and
-    DPO without a second copy) or merges them into the weights (merge_and_unload(), before saving); None without LoRA."""
-    if args.lora_r == 0:
-        return None
-    import peft
-
-    if args.load_in_4bit:  # QLoRA (Dettmers et al. 2023): norms and heads of the 4-bit model kept in fp32
-        lm = peft.prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
-    targets = "all-linear" if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
-    transposed = any(isinstance(m, Conv1D) for m in lm.modules())  # GPT-2 stores its linear weights as (in, out)
-    config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
-                             fan_in_fan_out=transposed)
-    try:
-        return peft.get_peft_model(lm, config)
-    except ValueError as e:  # no such module
-        fail(f"--lora_target_modules {args.lora_target_modules}: {str(e).splitlines()[0][:200]}")
-
-
-# Copied from train_policy.py
-def saved_lm(lm, lora):
-    """The language model to save: under LoRA the adapters merged into the weights, so that the folder is a plain model
-    every script (and transformers) loads as it loads any other."""
-    return lm if lora is None else lora.merge_and_unload()
-
-
-# Copied from train_policy.py
-class FrozenReference:
-    """The frozen initial policy that KL penalties and DPO's log-ratios are measured against: a copy of the policy's
-    model made before training (kept in bf16 under --mixed_precision bf16; sharded under ZeRO-3: place_frozen), or, under
-    LoRA, the policy's own model with its adapters turned off, which is the initial model without a second copy in memory."""
-
-    def __init__(self, lm, lora, accelerator, dtype):
-        self.lora = lora
-        self.lm = lm if lora is not None else place_frozen(copy.deepcopy(lm), accelerator, dtype)
-
-    @torch.no_grad()
-    def __call__(self, *inputs, logits_fn=None) -> torch.Tensor:
-        """(b, R, V) logits of R response tokens from the reference's model: logits_fn(lm, *inputs), by default
-        response_logits(lm, tokens, pad_token_id, response_length) of (b, Q+R) query+response tokens."""
-        with self.lora.disable_adapter() if self.lora is not None else nullcontext():
-            return (logits_fn or response_logits)(self.lm, *inputs)
-
-
-# Copied from train_policy.py
-def response_logits(lm, tokens: torch.Tensor, pad_token_id: int, response_length: int) -> torch.Tensor:
-    """(b, R, V) logits that predict the R response tokens of (b, Q+R) query+response tokens. The output projection
-    (d x V, the largest matmul of a small model) runs on these R positions only, not on the Q query positions."""
-    return lm(**model_inputs(tokens, pad_token_id), logits_to_keep=response_length + 1).logits[:, :-1]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Truncation and the optimizer
-# ---------------------------------------------------------------------------------------------------------
-
-
 # Copied from train_policy.py
 def truncate_token_id(name: Optional[str], tokenizer) -> Optional[int]:
     """The id of --truncate_token: None, "eos" (the tokenizer's EOS, SFD's truncate_token) or a text of one token."""
@@ -1130,7 +1082,8 @@ def truncate_token_id(name: Optional[str], tokenizer) -> Optional[int]:
 
 
 # Copied from train_policy.py
-def truncate_responses(responses: torch.Tensor, truncate_token: int, truncate_after: int, pad_token_id: int) -> torch.Tensor:
+def truncate_responses(responses: torch.Tensor, truncate_token: int, truncate_after: int,
+                       pad_token_id: int) -> torch.Tensor:
     """Replace every token after the first truncate_token at or after index truncate_after with the pad token.
     {OAI}/lm_human_preferences/lm_tasks.py#L39-L50"""
     hit = responses == truncate_token
@@ -1164,7 +1117,8 @@ class AdamTensorFlowStyle(torch.optim.Optimizer):
             if not params:
                 continue
             # every parameter at once: foreach ops launch a few kernels per step, not a few per parameter
-            grads, m, v = [p.grad for p in params], [self.state[p]["m"] for p in params], [self.state[p]["v"] for p in params]
+            grads = [p.grad for p in params]
+            m, v = [self.state[p]["m"] for p in params], [self.state[p]["v"] for p in params]
             torch._foreach_mul_(m, beta1)
             torch._foreach_add_(m, grads, alpha=1 - beta1)  # m = beta1 m + (1 - beta1) g
             torch._foreach_mul_(v, beta2)
@@ -1181,12 +1135,144 @@ def make_optimizer(params, name: str, lr: float, eps: float):
     """TF-style Adam, torch's Adam, or torch's AdamW (its default weight decay 0.01, as SFD ran it)."""
     if name == "adam_tf":
         return AdamTensorFlowStyle(params, lr=lr, eps=eps)
-    return torch.optim.Adam(params, lr=lr, eps=eps) if name == "adam_pytorch" else torch.optim.AdamW(params, lr=lr, eps=eps)
+    return torch.optim.Adam(params, lr=lr, eps=eps) if name == "adam_pytorch" else torch.optim.AdamW(params, lr=lr,
+                                                                                                     eps=eps)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Measuring: the gold labelers, ROUGE, the judge; the run folder
+# Measuring: the held-out pairs and the fresh samples; the gold labelers, ROUGE, the judge
 # ---------------------------------------------------------------------------------------------------------
+
+
+def micro_batches(pairs: tuple, size: int, accelerator) -> list:
+    """This process's share of (queries, chosen, rejected) pairs (every world-th one), in micro-batches of `size`."""
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    queries, chosen, rejected = (t[rank::world] for t in pairs)
+    return [tuple(t[start : start + size].to(device) for t in (queries, chosen, rejected))
+            for start in range(0, len(queries), size)]
+
+
+@torch.no_grad()
+def held_out_pairs(lm, batches: list, ref_logps: list, args: Args, accelerator, pad_token_id: int) -> dict:
+    """test/* means of dpo_loss's figures over the held-out pairs: this process's micro_batches, with the reference's
+    log-probs of them (computed once: the reference never changes), summed over processes."""
+    sums, count = {}, 0
+    policy_logits = lambda tokens, pad_id, length: response_logits(lm, tokens, pad_id, length)
+    for (queries, chosen, rejected), (ref_chosen, ref_rejected) in zip(batches, ref_logps):
+        with accelerator.autocast():
+            logp_chosen, logp_rejected = pair_logprobs(policy_logits, queries, chosen, rejected, args.temperature,
+                                                       pad_token_id)
+            loss, stats = dpo_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, args.beta, args.loss)
+        for name, value in {"loss": loss, **stats}.items():
+            sums[name] = sums.get(name, 0.0) + value.float() * len(queries)
+        count += len(queries)
+    names = sorted(sums)
+    count = torch.tensor(float(count), device=accelerator.device)
+    totals = accelerator.reduce(torch.stack([sums[k] for k in names] + [count]), reduction="sum")
+    return {f"test/{k}": (v / totals[-1]).item() for k, v in zip(names, totals)}
+
+
+@torch.no_grad()
+def fresh_samples(sampler, reference, reward_model, queries: torch.Tensor, references: Optional[torch.Tensor],
+                  tokenizer, args: Args, gold_fn, accelerator) -> tuple:
+    """(metrics, rows of this process's first samples): the policy samples sample_length tokens for each of the fixed
+    queries (every world-th one per process), as PPO's rollouts would; logged are the KL to the reference (the mean over
+    samples of sum_t log pi - log ref, PPO's objective/kl), the reward model's score of the samples cut at the truncate
+    token (objective/scores, given --reward_model), the gold labeler's (objective/gold_score), the entropy, and for
+    TL;DR queries ROUGE-1/2/L against their reference summaries (eval/rouge*)."""
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    pad = tokenizer.pad_token_id
+    length, chunk = args.sample_length or args.response_length, args.local_rollout_forward_batch_size
+    queries = queries[rank::world].to(device)
+    references = None if references is None else references[rank::world].to(device)
+    sums = {"objective/kl": 0.0, "objective/entropy": 0.0}
+    truncate_token = truncate_token_id(args.truncate_token, tokenizer)
+    rows = []
+    for start in range(0, len(queries), chunk):
+        chunk_queries = queries[start : start + chunk]  # (c, Q)
+        responses, logprobs = sampler(chunk_queries, length)[:2]  # (c, L) each
+        ref_logprobs = token_logprobs(reference(torch.cat([chunk_queries, responses], 1), pad, length), responses,
+                                      args.temperature, pad)
+        sums["objective/kl"] += (logprobs - ref_logprobs).sum(1).sum()
+        sums["objective/entropy"] += (-logprobs).sum(1).sum()
+        truncated = responses if truncate_token is None else truncate_responses(responses, truncate_token,
+                                                                                args.truncate_after, pad)
+        if reward_model is not None:
+            scores = reward_model(torch.cat([chunk_queries, truncated], 1), pad)
+            sums["objective/scores"] = sums.get("objective/scores", 0.0) + scores.sum()
+        texts = tokenizer.batch_decode([r[r != pad] for r in truncated], skip_special_tokens=references is not None)
+        if gold_fn is not None:
+            gold = gold_fn(texts, tokenizer.batch_decode([q[q != pad] for q in chunk_queries]))
+            sums["objective/gold_score"] = sums.get("objective/gold_score", 0.0) + sum(gold)
+        if references is not None:  # TL;DR: ROUGE against the reference summaries, as PPO's evaluation reports it
+            reference_texts = tokenizer.batch_decode([r[r != pad] for r in references[start : start + chunk]],
+                                                     skip_special_tokens=True)
+            for pair_rouge in rouge(texts, reference_texts):
+                for name, value in pair_rouge.items():
+                    sums[f"eval/{name}"] = sums.get(f"eval/{name}", 0.0) + value
+        for j in range(min(args.num_print_samples - len(rows), len(chunk_queries))):
+            rows.append({"query": tokenizer.decode(chunk_queries[j][chunk_queries[j] != pad]), "response": texts[j],
+                         "gold_score": gold[j] if gold_fn else None,
+                         "kl": (logprobs[j] - ref_logprobs[j]).sum().item()})
+    names = sorted(sums)
+    totals = accelerator.reduce(torch.tensor([float(sums[k]) for k in names] + [float(len(queries))], device=device),
+                                reduction="sum")
+    return {k: (v / totals[-1]).item() for k, v in zip(names, totals)}, rows
+
+
+class Evaluation:
+    """What DPO is measured on, with the same random draws every time (their own RNG stream), so that what changes is
+    the policy: fresh samples of fixed queries (fresh_samples: their KL to the reference, the reward model's score, the
+    gold score) before the first update, every eval_every updates and after the last, and at the same updates but the
+    first the held-out pairs' test/* figures (held_out_pairs; at update 0 the policy is the reference, and every
+    implicit reward is 0). Under ZeRO-3 every model is gathered (full_weights), so that unequal shares of pairs and
+    queries need no lockstep."""
+
+    def __init__(self, texts, test_pairs: tuple, tokenizer, policy, reference, reward_model, args, accelerator):
+        self.policy, self.reference, self.reward_model, self.tokenizer = policy, reference, reward_model, tokenizer
+        self.args, self.accelerator, self.unwrapped = args, accelerator, accelerator.unwrap_model(policy)
+        self.gold_fn = gold_scorer(args.gold_labeler)
+        self.queries, self.references = next(query_batches(texts, tokenizer, args.query_length,
+                                                           args.sample_length or args.response_length,
+                                                           min(args.num_eval, len(texts)), seed=0))
+        self.sampler = Sampler(self.unwrapped, tokenizer.pad_token_id, args.temperature)
+        self.num_test, self.test_batches = len(test_pairs[0]), micro_batches(test_pairs, args.local_micro_batch_size,
+                                                                             accelerator)
+        # ZeRO-3: the reference gathered (under LoRA it is the policy)
+        with accelerator.autocast(), full_weights(policy, accelerator), full_weights(reference.lm, accelerator):
+            self.test_ref_logps = [pair_logprobs(reference, *batch, args.temperature, tokenizer.pad_token_id)
+                                   for batch in self.test_batches]
+
+    def __call__(self, update: int, run) -> dict:
+        """The figures of the policy after `update` updates; its first fresh samples printed and kept for
+        samples.json."""
+        accelerator, device, args = self.accelerator, self.accelerator.device, self.args
+        self.policy.eval()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast(), \
+                full_weights(self.policy, accelerator), full_weights(self.reference.lm, accelerator), \
+                full_weights(self.reward_model, accelerator):
+            torch.manual_seed(args.seed + accelerator.process_index * 100003)
+            metrics, rows = fresh_samples(self.sampler, self.reference, self.reward_model, self.queries,
+                                          self.references, self.tokenizer, args, self.gold_fn, accelerator)
+            if self.num_test and update > 0:
+                metrics.update(held_out_pairs(self.unwrapped, self.test_batches, self.test_ref_logps, args,
+                                              accelerator, self.tokenizer.pad_token_id))
+        self.policy.train()
+        if accelerator.is_main_process:
+            print_samples(rows, update)
+            run.samples.extend({"update": update, **r} for r in rows)
+        return metrics
+
+    def before_training(self, run):
+        """The initial policy's figures (KL 0, and the scores every later evaluation is compared with) as the first line
+        of metrics.jsonl (update 0); not again when a run resumes."""
+        if run.step == 0:
+            run.write({"update": 0, "pairs": 0, **self(0, run)})
+
+    def every(self, step: int, num_steps: int, metrics: dict, run):
+        """Every eval_every steps and after the last: the evaluation's figures added to the step's metrics."""
+        if step % self.args.eval_every == 0 or step == num_steps:
+            metrics.update(self(step, run))
 
 
 # Copied from train_policy.py
@@ -1206,20 +1292,26 @@ def gold_scorer(name: str):
 
 # Copied from train_policy.py
 def rouge(summaries: list, references: list) -> list:
-    """Per pair {rouge1, rouge2, rougeL}: F1 of each summary against its reference, by rouge-score without stemming, as SFD's
-    evaluate.load("rouge") computes it. {SFD}/summarize_from_feedback_details/sft.py#L37"""
+    """Per pair {rouge1, rouge2, rougeL}: F1 of each summary against its reference, by rouge-score without stemming, as
+    SFD's evaluate.load("rouge") computes it. {SFD}/summarize_from_feedback_details/sft.py#L37"""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
-    return [{k: v.fmeasure for k, v in scorer.score(ref, summary).items()} for summary, ref in zip(summaries, references)]
+    return [{k: v.fmeasure for k, v in scorer.score(ref, summary).items()} for summary,
+            ref in zip(summaries, references)]
 
 
 # Copied from train_policy.py
-STOP_WORDS = frozenset("""a about above after again against all also am an and any are as at away back be because been before
-being below between both but by can could did do does doing down during each even ever every few for from further had has
-have having he her here hers herself him himself his how i if in into is it its itself just like me more most much my myself
-no nor not now of off on once one only onto or other our ours ourselves out over own same she should so some still such than
-that the their theirs them themselves then there these they this those through to too under until up upon us very was we were
+STOP_WORDS = frozenset("""a about above after again against all also am an and any are as at away back be because been
+before
+being below between both but by can could did do does doing down during each even ever every few for from further had
+has
+have having he her here hers herself him himself his how i if in into is it its itself just like me more most much my
+myself
+no nor not now of off on once one only onto or other our ours ourselves out over own same she should so some still such
+than
+that the their theirs them themselves then there these they this those through to too under until up upon us very was we
+were
 what when where which while who whom why will with would yet you your yours yourself yourselves""".split())
 
 
@@ -1247,15 +1339,15 @@ def porter_stem(word: str) -> str:
 # Copied from train_policy.py
 def judge_summary(post: str, summary: str, key_words: int = 8, max_words: int = 30, length_penalty: float = 0.02,
                   repeat_penalty: float = 1.0) -> dict:
-    """The twin's stand-in for OpenAI's labelers, who read a post (and its title) and rated a summary on 7-point scales for
-    accuracy, coverage, coherence and overall quality (Stiennon et al. 2020). It reads the post and the summary, nothing
-    else (no reference summary; the title is no source: a copy of it would score as high as the reference). Returns
-    {"score", "faithful", "coverage", "repeated", "words"}:
-    faithful (accuracy): the share of the summary's content words that occur in the post (nothing made up);
-    coverage: the share of the post's key words (its `key_words` most frequent content words used at least twice) that
-    the summary mentions (its faithfulness if no word is used twice); repeated (coherence): the share of the summary's
-    word bigrams that repeat an earlier one; score = (faithful + coverage) / 2 - repeat_penalty * repeated -
-    length_penalty per word past max_words (concision; SmolLM2's reference summaries: median 25 words, 95% at most 33)."""
+    """The twin's stand-in for OpenAI's labelers, who read a post (and its title) and rated a summary on 7-point scales
+    for accuracy, coverage, coherence and overall quality (Stiennon et al. 2020). It reads the post and the summary,
+    nothing else (no reference summary; the title is no source: a copy of it would score as high as the reference).
+    Returns {"score", "faithful", "coverage", "repeated", "words"}: faithful (accuracy): the share of the summary's
+    content words that occur in the post (nothing made up); coverage: the share of the post's key words (its `key_words`
+    most frequent content words used at least twice) that the summary mentions (its faithfulness if no word is used
+    twice); repeated (coherence): the share of the summary's word bigrams that repeat an earlier one; score = (faithful
+    + coverage) / 2 - repeat_penalty * repeated - length_penalty per word past max_words (concision; SmolLM2's reference
+    summaries: median 25 words, 95% at most 33)."""
     said, counts = content_words(summary), collections.Counter(content_words(post))
     faithful = sum(w in counts for w in said) / len(said) if said else 0.0
     keys = [w for w, c in counts.most_common(key_words) if c >= 2]  # ties: the word used first comes first
@@ -1270,8 +1362,8 @@ def judge_summary(post: str, summary: str, key_words: int = 8, max_words: int = 
 
 # Copied from train_policy.py
 def query_post(query: str) -> str:
-    """The post read back from a decoded TL;DR query (format_tldr_query's format, pads removed): the judge reads what the
-    policy was shown, a post cut to fit the query included."""
+    """The post read back from a decoded TL;DR query (format_tldr_query's format, pads removed): the judge reads what
+    the policy was shown, a post cut to fit the query included."""
     m = re.search(r"\n\nPOST: (.*)\n\nTL;DR:", query, flags=re.S)
     if m is None:
         raise ValueError(f"not a TL;DR query (SUBREDDIT/TITLE/POST/TL;DR): {query[:80]!r}")
@@ -1284,6 +1376,11 @@ def tldr_judge(summaries: list, queries: list) -> list:
     return [judge_summary(query_post(q), s)["score"] for s, q in zip(summaries, queries)]
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Runs that survive: the run folder and its log, checkpoints and resume, a stop on SIGTERM/SIGINT or on a NaN
+# ---------------------------------------------------------------------------------------------------------
+
+
 # Copied from train_policy.py
 def shared_run_dir(accelerator, run_root: str, exp_name: str, seed: int) -> Path:
     """runs/<exp_name>__<seed>__<unix time>, the same name on every process (the main process's clock)."""
@@ -1293,19 +1390,38 @@ def shared_run_dir(accelerator, run_root: str, exp_name: str, seed: int) -> Path
     return Path(run_root) / name[0]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Runs that survive: checkpoints, resume, a stop on SIGTERM/SIGINT or on a NaN; the run's log and closing summary
-# ---------------------------------------------------------------------------------------------------------
-
-
 # Copied from train_policy.py
 EXIT_NONFINITE = 3  # exit status of a run stopped by a NaN or inf (bad input: 2; stopped by a signal: 128 + its number)
 
 
 # Copied from train_policy.py
+class Stream:
+    """An iterator that counts what it has handed out: its position, which a checkpoint stores (state_dict) and a
+    resumed run skips back to (load_state_dict)."""
+
+    def __init__(self, iterator):
+        self.iterator, self.position = iterator, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.position += 1
+        return next(self.iterator)
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict):
+        while self.position < state["position"]:
+            next(self)
+
+
+# Copied from train_policy.py
 class StopRequest:
-    """SIGTERM (a scheduler's pre-emption; torchrun passes it on) or SIGINT (Ctrl-C) makes the run stop at the end of the
-    current update, after a checkpoint; a second Ctrl-C stops it at once. close() puts the previous handlers back."""
+    """SIGTERM (a scheduler's pre-emption; torchrun passes it on) or SIGINT (Ctrl-C) makes the run stop at the end of
+    the current update, after a checkpoint; a second Ctrl-C stops it at once. close() puts the previous handlers
+    back."""
 
     def __init__(self):
         self.signum = 0
@@ -1318,7 +1434,8 @@ class StopRequest:
         self.signum = self.signum or signum
 
     def requested(self, accelerator) -> int:
-        """The signal some process received (0: none), the same on every process so that all stop after the same update."""
+        """The signal some process received (0: none), the same on every process so that all stop after the same
+        update."""
         if accelerator.num_processes == 1:
             return self.signum
         flag = torch.tensor([self.signum], device=accelerator.device)
@@ -1331,27 +1448,11 @@ class StopRequest:
 
 
 # Copied from train_policy.py
-def rng_state(device: torch.device) -> dict:
-    """Every random number generator a process draws from: torch's (CPU and GPU), Python's and NumPy's."""
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "python": random.getstate(), "numpy": np.random.get_state()}
-
-
-# Copied from train_policy.py
-def set_rng_state(state: dict, device: torch.device):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-
-
-# Copied from train_policy.py
-def save_checkpoint(accelerator, model, run_dir: Path, step: int, state: dict, keep: int) -> Path:
-    """run_dir/checkpoints/<step>/: state.pt (models, optimizer, counters: the same on every process, written by the
-    main one), rng_<rank>.pt (each process's generators), metrics.jsonl as it stands and, under DeepSpeed, deepspeed/
-    (the trained model's engine writes every process's shard of its weights and optimizer state). Written into a temporary
-    folder that is then renamed, so a kill during the save leaves the earlier checkpoints whole; the last `keep` stay."""
+def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
+    """run_dir/checkpoints/<step>/: accelerate's save_state (the prepared model and optimizer, or under DeepSpeed each
+    engine's shards; every process's random generators; the objects registered for checkpointing) and metrics.jsonl as
+    it stands. Written into a temporary folder that is then renamed, so a kill during the save leaves the earlier
+    checkpoints whole; the last `keep` stay."""
     root = run_dir / "checkpoints"
     tmp, final = root / f"tmp_{step:08d}", root / f"{step:08d}"
     if accelerator.is_main_process:
@@ -1359,11 +1460,9 @@ def save_checkpoint(accelerator, model, run_dir: Path, step: int, state: dict, k
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    if zero_stage(accelerator):
-        model.save_checkpoint(str(tmp / "deepspeed"), tag="engine")
-    torch.save(rng_state(accelerator.device), tmp / f"rng_{accelerator.process_index}.pt")
+    # pickled, not safetensors: a tied embedding would be saved once, and its model would not load it back strictly
+    accelerator.save_state(str(tmp), safe_serialization=False)
     if accelerator.is_main_process:
-        torch.save(state, tmp / "state.pt")
         shutil.copyfile(run_dir / "metrics.jsonl", tmp / "metrics.jsonl")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -1375,20 +1474,28 @@ def save_checkpoint(accelerator, model, run_dir: Path, step: int, state: dict, k
 
 
 # Copied from train_policy.py
-def load_checkpoint(accelerator, run_dir: Path) -> Optional[dict]:
-    """The state of run_dir's last checkpoint (None if it has none), with metrics.jsonl put back as it was then. The
-    process's generators are restored separately (set_rng_state(state["rng"])), right where the loop starts."""
+def load_checkpoint(accelerator, run_dir: Path) -> Optional[Path]:
+    """Put back what run_dir's last checkpoint holds (accelerate's load_state: the model, optimizer, random generators
+    and the registered objects) and metrics.jsonl as it was then; its path, or None if the run has none. A checkpoint of
+    the earlier layout (state.pt) or one without this process's random state ends the run with one line: accelerate
+    would only log the missing file, and the run would silently stop being exact."""
     root = run_dir / "checkpoints"
     steps = sorted(p for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
     if not steps:
         return None
-    state = torch.load(steps[-1] / "state.pt", map_location="cpu", weights_only=False)  # our own file; load_state_dict moves it
-    state["rng"] = torch.load(steps[-1] / f"rng_{accelerator.process_index}.pt", weights_only=False)
-    state["path"] = steps[-1]
+    path, rank = steps[-1], accelerator.process_index
+    if (path / "state.pt").is_file():
+        fail(f"--resume {run_dir}: {path} was written by an earlier version of this script (state.pt), which this one "
+             "cannot read; start the run anew")
+    if not (path / f"random_states_{rank}.pkl").is_file():
+        fail(f"--resume {run_dir}: {path} has no random_states_{rank}.pkl (process {rank}'s random generators), so the "
+             "run "
+             "could not continue exactly")
+    accelerator.load_state(str(path))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        shutil.copyfile(steps[-1] / "metrics.jsonl", run_dir / "metrics.jsonl")
-    return state
+        shutil.copyfile(path / "metrics.jsonl", run_dir / "metrics.jsonl")
+    return path
 
 
 # Copied from train_policy.py
@@ -1398,41 +1505,18 @@ def check_finite(metrics: dict, where: str, last_checkpoint: Optional[Path]):
     over processes, so every process stops at the same update."""
     bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
-        named = ", ".join(f"{k} = {metrics[k]}" for k in bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        named = ", ".join(f"{k} = {metrics[k]}" for k in bad[:4])
+        named += f" and {len(bad) - 4} more" if len(bad) > 4 else ""
         # on a line of its own, after the progress bar
-        print(f"\nerror: {where}: {named}; last good checkpoint: {last_checkpoint or 'none (none saved yet)'}", file=sys.stderr, flush=True)
+        print(f"\nerror: {where}: {named}; last good checkpoint: {last_checkpoint or 'none (none saved yet)'}",
+              file=sys.stderr, flush=True)
         sys.exit(EXIT_NONFINITE)
 
 
 # Copied from train_policy.py
-class Checkpoints:
-    """A run's checkpoints: one every save_every updates (none after the last: the run then saves its models) and one
-    when SIGTERM or SIGINT asked the run to stop, which it then does, exit status 128 + the signal. `last` is the newest
-    (that of a resumed run at first)."""
-
-    def __init__(self, accelerator, model, run_dir: Path, save_every: int, keep: int, resume_command: str, last: Optional[Path]):
-        self.accelerator, self.model, self.run_dir, self.save_every, self.keep = accelerator, model, run_dir, save_every, keep
-        self.resume_command, self.last, self.stop = resume_command, last, StopRequest()
-
-    def after(self, step: int, num_steps: int, state_fn):
-        """At the end of update `step` of num_steps; state_fn() builds the state to save, only when one is saved."""
-        signum = self.stop.requested(self.accelerator)
-        if signum or (self.save_every and step % self.save_every == 0 and step < num_steps):
-            self.last = save_checkpoint(self.accelerator, self.model, self.run_dir, step, state_fn(), self.keep)
-        if signum:
-            launch = " (launched as this run was)" if self.accelerator.num_processes > 1 else ""
-            print(f"stopped by {signal.Signals(signum).name} after update {step}; checkpoint {self.last}; continue with: "
-                  f"{self.resume_command}{launch}", flush=True)
-            sys.exit(128 + signum)
-
-    def close(self):
-        self.stop.close()
-
-
-# Copied from train_policy.py
 def resume_has_work(resume: Optional[str], world: int, stage: int) -> bool:
-    """Whether the run folder given to --resume still has work: not once it finished (summary.json); an error when it ran
-    with another number of processes (each process has its own random number generators) or another ZeRO stage (0:
+    """Whether the run folder given to --resume still has work: not once it finished (summary.json); an error when it
+    ran with another number of processes (each process has its own random number generators) or another ZeRO stage (0:
     DDP; each keeps the weights and optimizer state in its own layout): relaunch it with the same accelerate config."""
     if resume is None:
         return True
@@ -1444,13 +1528,15 @@ def resume_has_work(resume: Optional[str], world: int, stage: int) -> bool:
         fail(f"--resume {resume}: the run had {started['world_size']} process(es), not {world}")
     stage_then = started.get("zero_stage", 0)  # runs from before DeepSpeed ran under DDP
     if stage_then != stage:
-        fail(f"--resume {resume}: the run had ZeRO stage {stage_then}, not {stage} (0: plain DDP); launch it as it was launched")
+        fail(f"--resume {resume}: the run had ZeRO stage {stage_then}, not {stage} (0: plain DDP); launch it as it was "
+             "launched")
     return True
 
 
 # Copied from train_policy.py
 def write_summary(run_dir: Path, summary: dict, title: str):
-    """The run's headline figures: a table on the terminal and run_dir/summary.json, whose presence marks a finished run."""
+    """The run's headline figures: a table on the terminal and run_dir/summary.json, whose presence marks a finished
+    run."""
     table = Table(title=title)
     table.add_column("figure")
     table.add_column("value", justify="right")
@@ -1461,32 +1547,65 @@ def write_summary(run_dir: Path, summary: dict, title: str):
 
 
 # Copied from train_policy.py
-class RunLog:
-    """What a run writes besides its checkpoints and weights, all of it on the main process (on the others every method
-    does nothing): args.json (a fresh run's arguments, its process layout read from the accelerator, and `info`),
-    metrics.jsonl (a resumed run appends to it), wandb under --track (a resumed run continues its wandb run), the sample
-    tables' rows (samples.json, for the scripts that keep them: `keep_samples`), and at the end summary.json with its
-    table on the terminal."""
+class Run:
+    """A run's folder and everything it writes besides the trained model, so that train() makes one call where it would
+    otherwise keep books: args.json (a fresh run's arguments, its process layout and `about`), metrics.jsonl (a resumed
+    run appends to it), wandb under --track (a resumed run continues its wandb run), the rows of the sample tables
+    (samples.json), the checkpoints, and summary.json with its table at the end. A checkpoint is accelerate's save_state
+    with the objects registered for checkpointing: the script's (the KL controller, the position in the data) and this
+    Run itself (the steps done, the seconds spent, the samples, the wandb id). Every process makes one; files are
+    written by the main process (each process saves its own random generators)."""
 
-    def __init__(self, accelerator, args, run_dir: Path, resumed: Optional[dict], step_key: str, keep_samples: bool,
-                 info: Optional[dict] = None):
-        self.main, self.step_key, self.run_dir, self.wandb = accelerator.is_main_process, step_key, run_dir, None
-        self.samples = (resumed["samples"] if resumed else []) if keep_samples else None
-        self.wandb_id = resumed["wandb_id"] if resumed else None
-        if not self.main:
-            return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resumed is None:
-            layout = {"world_size": accelerator.num_processes, "zero_stage": zero_stage(accelerator),
-                      "grad_accum": accelerator.gradient_accumulation_steps}
-            (run_dir / "args.json").write_text(json.dumps({**asdict(args), **layout, **(info or {})}, indent=2))
-        self.file = open(run_dir / "metrics.jsonl", "a" if resumed else "w")
-        if args.track:
-            import wandb
+    def __init__(self, accelerator, args, run_dir: Optional[Path], resume_command: str, step_key: str,
+                 keep_samples: bool, objects: tuple = (), about: str = "", info: Optional[dict] = None,
+                 unit: str = "update"):
+        self.accelerator, self.args, self.step_key, self.main = accelerator, args, step_key, accelerator.is_main_process
+        self.unit = unit  # what a step is called in messages: an update, or SFT's step
+        self.step, self.elapsed_before, self.start_time = 0, 0.0, time.time()
+        self.samples, self.wandb_id, self.wandb, self.progress = [] if keep_samples else None, None, None, None
+        self.dir = Path(args.resume) if args.resume else run_dir or shared_run_dir(accelerator, args.run_root,
+                                                                                   args.exp_name, args.seed)
+        self.resume_command = resume_command.format(run_dir=self.dir)
+        accelerator.register_for_checkpointing(*objects, self)
+        self.last = load_checkpoint(accelerator, self.dir) if args.resume else None
+        self.stop = StopRequest()
+        if self.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if self.last is None:
+                layout = {"world_size": accelerator.num_processes, "zero_stage": zero_stage(accelerator),
+                          "grad_accum": accelerator.gradient_accumulation_steps}
+                (self.dir / "args.json").write_text(json.dumps({**asdict(args), **layout, **(info or {})}, indent=2))
+            self.file = open(self.dir / "metrics.jsonl", "a" if self.last else "w")
+            if args.track:
+                import wandb
 
-            self.wandb = wandb
-            self.wandb_id = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
-                                       dir=str(run_dir), id=self.wandb_id, resume="allow").id
+                self.wandb = wandb
+                self.wandb_id = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity,
+                                           name=self.dir.name, config=asdict(args), dir=str(self.dir),
+                                           id=self.wandb_id, resume="allow").id
+            resumed = f"; resumed after {unit} {self.step} from {self.last}" if self.last else ""
+            print(f"run folder {self.dir}; {about}{resumed}", flush=True)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "elapsed_s": self.elapsed(), "samples": self.samples, "wandb_id": self.wandb_id}
+
+    def load_state_dict(self, state: dict):
+        self.step, self.elapsed_before, self.samples, self.wandb_id = (state["step"], state["elapsed_s"],
+                                                                       state["samples"],
+                                                                        state["wandb_id"])
+        self.start_time = time.time()
+
+    def elapsed(self) -> float:
+        """Seconds of work, every resumed part of the run summed."""
+        return self.elapsed_before + time.time() - self.start_time
+
+    def steps(self, num_steps: int, desc: str, postfix: dict):
+        """The steps still to run (all of them, or those after the checkpoint resumed from), with a progress bar that
+        shows the metrics named in postfix (label: metrics.jsonl key) as each step ends."""
+        self.postfix = postfix
+        self.progress = tqdm(range(self.step, num_steps), initial=self.step, total=num_steps, disable=not self.main,
+                             desc=desc)
+        return self.progress
 
     def write(self, metrics: dict):
         """One line of metrics.jsonl, and a wandb step when the metrics have the step key (an evaluation before training
@@ -1497,17 +1616,38 @@ class RunLog:
             if self.wandb is not None and self.step_key in metrics:
                 self.wandb.log(metrics, step=metrics[self.step_key])
 
+    def end_step(self, step: int, num_steps: int, metrics: dict):
+        """At the end of step `step` of num_steps: its metrics logged; a NaN or inf ends the run (exit 3); a checkpoint
+        every save_every steps (none after the last: the run then saves its models), and one when SIGTERM or SIGINT
+        asked the run to stop, which it then does, exit status 128 + the signal."""
+        self.step = step
+        self.write(metrics)
+        if self.main and self.postfix:
+            self.progress.set_postfix({label: f"{metrics[key]:+.3g}" for label,
+                                       key in self.postfix.items() if key in metrics})
+        check_finite(metrics, f"{self.unit} {step}", self.last)
+        signum = self.stop.requested(self.accelerator)
+        if signum or (self.args.save_every and step % self.args.save_every == 0 and step < num_steps):
+            self.last = save_checkpoint(self.accelerator, self.dir, step, self.args.keep_checkpoints)
+        if signum:
+            if self.main:
+                launch = " (launched as this run was)" if self.accelerator.num_processes > 1 else ""
+                print(f"stopped by {signal.Signals(signum).name} after {self.unit} {step}; checkpoint {self.last}; "
+                      f"continue with: {self.resume_command}{launch}", flush=True)
+            sys.exit(128 + signum)
+
     def finish(self, summary_fn, title: str):
-        """samples.json, the metrics file closed, summary.json from summary_fn() (which reads metrics.jsonl) with its
-        table, wandb closed."""
-        if not self.main:
-            return
-        if self.samples is not None:
-            (self.run_dir / "samples.json").write_text(json.dumps(self.samples, indent=2))
-        self.file.close()
-        write_summary(self.run_dir, summary_fn(), title)
-        if self.wandb is not None:
-            self.wandb.finish()
+        """samples.json, the metrics file closed, summary.json from summary_fn(metrics.jsonl's path, seconds of work)
+        with its table, wandb closed, the signal handlers put back."""
+        self.stop.close()
+        if self.main:
+            if self.samples is not None:
+                (self.dir / "samples.json").write_text(json.dumps(self.samples, indent=2))
+            self.file.close()
+            write_summary(self.dir, summary_fn(self.dir / "metrics.jsonl", self.elapsed()), f"{title}: {self.dir}")
+            if self.wandb is not None:
+                self.wandb.finish()
+        self.accelerator.wait_for_everyone()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1517,8 +1657,8 @@ class RunLog:
 
 # Copied from train_policy.py
 def start_processes() -> PartialState:
-    """Join the launch's processes (torchrun or accelerate launch) before anything asks for the world size. Without a GPU
-    they talk over gloo: plain DDP needs cpu=True for that, while under DeepSpeed cpu=True would drop DeepSpeed and
+    """Join the launch's processes (torchrun or accelerate launch) before anything asks for the world size. Without a
+    GPU they talk over gloo: plain DDP needs cpu=True for that, while under DeepSpeed cpu=True would drop DeepSpeed and
     accelerate 1.15 leaves the group unset on a machine without a GPU, so the backend is named instead."""
     if torch.cuda.is_available():
         return PartialState()
@@ -1528,7 +1668,8 @@ def start_processes() -> PartialState:
 
 
 # Copied from train_policy.py
-def make_accelerator(args, micro_batch_size: int, grad_accum: int, max_grad_norm: float = 0.0, compile: bool = False) -> Accelerator:
+def make_accelerator(args, micro_batch_size: int, grad_accum: int, max_grad_norm: float = 0.0,
+                     compile: bool = False) -> Accelerator:
     """The run's Accelerator: DDP, or DeepSpeed ZeRO when the launch's config asks for it. DeepSpeed is handed the
     script's micro-batch, accumulation and clipping (0: none), so that an optimizer step sees the same gradient under
     both; left to accelerate, it would clip at 1.0 (as SFD's DeepSpeed runs did). SFD sets the micro-batch the same way:
@@ -1539,16 +1680,20 @@ def make_accelerator(args, micro_batch_size: int, grad_accum: int, max_grad_norm
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         if compile:
-            fail("--compile does not combine with DeepSpeed (its engine wraps the forward that would be compiled); drop one")
+            fail("--compile does not combine with DeepSpeed (its engine wraps the forward that would be compiled); "
+                 "drop one")
         if args.load_in_4bit and plugin.zero_stage == 3:
-            fail("--load_in_4bit (QLoRA) does not combine with ZeRO-3, which would shard the 4-bit weights; use configs/zero2.yaml")
+            fail("--load_in_4bit (QLoRA) does not combine with ZeRO-3, which would shard the 4-bit weights; use "
+                 "configs/zero2.yaml")
         if plugin.zero3_init_flag:
-            fail("zero3_init_flag: true in the accelerate config is not supported: the scripts load whole models, then shard them; set it false")
+            fail("zero3_init_flag: true in the accelerate config is not supported: the scripts load whole models, then "
+                 "shard them; set it false")
         # accelerate registers its DeepSpeed config with transformers whatever zero3_init_flag says, and from_pretrained
         # would then load models already sharded (zero.Init); unregistered, they load whole and prepare shards them
         unset_hf_deepspeed_config()
         # all set anew, for train_both.py's second stage shares the first one's plugin
-        plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=micro_batch_size, gradient_accumulation_steps=grad_accum,
+        plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=micro_batch_size,
+                                       gradient_accumulation_steps=grad_accum,
                                        train_batch_size=micro_batch_size * grad_accum * accelerator.num_processes,
                                        gradient_clipping=max_grad_norm if math.isfinite(max_grad_norm) else 0.0)
     return accelerator
@@ -1575,8 +1720,9 @@ def place_frozen(model: nn.Module, accelerator, dtype: torch.dtype) -> nn.Module
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     offload = config["zero_optimization"].get("offload_param", {"device": "none"})
     engine, *_ = deepspeed.initialize(model=model, config={
-        "train_micro_batch_size_per_gpu": config["train_micro_batch_size_per_gpu"], "bf16": {"enabled": dtype == torch.bfloat16},
-        "prescale_gradients": False, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1e4, "offload_param": offload}})
+        "train_micro_batch_size_per_gpu": config["train_micro_batch_size_per_gpu"],
+        "bf16": {"enabled": dtype == torch.bfloat16}, "prescale_gradients": False,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1e4, "offload_param": offload}})
     return engine
 
 
@@ -1585,8 +1731,8 @@ def place_frozen(model: nn.Module, accelerator, dtype: torch.dtype) -> nn.Module
 def full_weights(model, accelerator, edit: bool = False):
     """Inside, a model prepared by accelerate or a frozen one from place_frozen (any other model, or None, is left as it
     is) holds every weight whole on every process. Under ZeRO-3 its shards are gathered once (DeepSpeed's
-    GatheredParameters) and the per-layer gather hooks lifted until the end, so that token-by-token sampling runs as fast
-    as an unsharded model (TRL's unwrap_model_for_generation, PR #1483: about 10x), saving sees whole tensors, and
+    GatheredParameters) and the per-layer gather hooks lifted until the end, so that token-by-token sampling runs as
+    fast as an unsharded model (TRL's unwrap_model_for_generation, PR #1483: about 10x), saving sees whole tensors, and
     processes with unequal shares of held-out data need not run their forwards in lockstep. Every process enters
     together; the sampler draws exactly response_length tokens everywhere (no stop at EOS), so the ranks decode in step,
     which is what synced_gpus gives generate(). Yields the bare module (a DeepSpeed engine's own `config` hides the
@@ -1596,7 +1742,8 @@ def full_weights(model, accelerator, edit: bool = False):
     if stage == 3 and type(model).__name__ == "DeepSpeedEngine":
         import deepspeed
 
-        offload = getattr(model.optimizer, "parameter_offload", model.optimizer)  # a trained engine's, or a frozen one's
+        offload = getattr(model.optimizer, "parameter_offload",
+                          model.optimizer)  # a trained engine's, or a frozen one's
         start_hook = offload.module._forward_pre_hooks[offload.fwd_pre_hook.id]  # on the root: steps the ranks together
         with deepspeed.zero.GatheredParameters(list(model.module.parameters()), modifier_rank=0 if edit else None):
             for p in model.module.parameters():
@@ -1615,28 +1762,8 @@ def full_weights(model, accelerator, edit: bool = False):
         model.optimizer.refresh_fp32_params()
 
 
-# Copied from train_policy.py
-def trained_state(accelerator, model, optimizer) -> dict:
-    """The trained model's and optimizer's part of a checkpoint's state.pt: their state dicts (the same on every DDP
-    process); under DeepSpeed nothing, since each process holds only its shard: save_checkpoint has the engine write
-    them (DeepSpeed's own checkpoint, in the checkpoint's deepspeed/ folder)."""
-    if zero_stage(accelerator):
-        return {}
-    return {"model": accelerator.unwrap_model(model, keep_torch_compile=False).state_dict(), "optimizer": optimizer.state_dict()}
-
-
-# Copied from train_policy.py
-def load_trained_state(accelerator, model, optimizer, resumed: dict):
-    """The weights and optimizer state of the checkpoint `resumed` (load_checkpoint) put back into the prepared model."""
-    if zero_stage(accelerator):
-        model.load_checkpoint(str(resumed["path"] / "deepspeed"), tag="engine")
-    else:
-        accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Checks of the arguments, the run's summary and sample tables, saving the policy
+# Checks of the arguments, the update's metrics, the sample tables and the summary, saving the policy
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -1645,28 +1772,42 @@ def check_args(args: Args):
     anything is trained or written."""
     world = PartialState().num_processes
     if args.batch_size % (world * args.local_micro_batch_size):
-        fail(f"--batch_size {args.batch_size} is not divisible by --local_micro_batch_size {args.local_micro_batch_size} x {world} processes")
+        fail(f"--batch_size {args.batch_size} is not divisible by --local_micro_batch_size "
+             f"{args.local_micro_batch_size} x {world} processes")
     if args.beta <= 0 or args.temperature <= 0:
         fail(f"--beta {args.beta} and --temperature {args.temperature} must be positive")
     if args.save_every < 0 or args.keep_checkpoints < 1 or args.eval_every < 1 or args.num_eval < world:
-        fail(f"--keep_checkpoints and --eval_every must be positive, --save_every at least 0, --num_eval at least {world} (one query per process)")
+        fail("--keep_checkpoints and --eval_every must be positive, --save_every at least 0, --num_eval at least "
+             f"{world} (one query per process)")
     check_lora(args)
     config, _ = load_base_model(args.base_model, weights=False)
     length = args.query_length + max(args.response_length, args.sample_length or 0)
     if length > getattr(config, "n_positions", getattr(config, "max_position_embeddings", 1 << 30)):
         fail(f"--query_length + --response_length (or --sample_length) = {length} exceeds the model's positions")
     if args.reward_model is not None and not os.path.isfile(os.path.join(args.reward_model, "reward_head.safetensors")):
-        fail(f"--reward_model {args.reward_model}: not a reward model folder (no reward_head.safetensors; train one with train_reward.py)")
+        fail(f"--reward_model {args.reward_model}: not a reward model folder (no reward_head.safetensors; train one "
+             "with train_reward.py)")
     read_label_file(args.label_dataset, args.label_config, args.label_split)
     texts = load_texts(args.query_dataset, args.query_split)
     if args.gold_labeler == "tldr_judge" and isinstance(texts[0], str):
-        fail(f"--gold_labeler tldr_judge judges summaries of TL;DR posts; --query_dataset {args.query_dataset} holds texts")
+        fail(f"--gold_labeler tldr_judge judges summaries of TL;DR posts; --query_dataset {args.query_dataset} holds "
+             "texts")
     return texts
+
+
+def dpo_metrics(accelerator, update: int, batch_size: int, stats: dict, lr: float, t0: float) -> dict:
+    """The update's line of metrics.jsonl: the loss and dpo_loss's figures, each averaged over the processes; the pairs
+    trained on so far, the learning rate, the update's seconds."""
+    names = sorted(stats)
+    means = accelerator.reduce(torch.stack([stats[k] for k in names]), reduction="mean").tolist()
+    return {"update": update + 1, "pairs": (update + 1) * batch_size, **dict(zip(names, means)), "lr": lr,
+            "timing/update_s": time.perf_counter() - t0}
 
 
 def summarize(metrics_path: Path, wall_s: float) -> dict:
     """Headline figures of a DPO run: training accuracy and margin over the last tenth of updates, the held-out pairs'
-    accuracy after training, and the fresh samples' KL, reward, gold score (and TL;DR ROUGE-L) before and after training."""
+    accuracy after training, and the fresh samples' KL, reward, gold score (and TL;DR ROUGE-L) before and after
+    training."""
     metrics = [json.loads(line) for line in open(metrics_path)]
     updates, evals = [m for m in metrics if "loss/dpo" in m], [m for m in metrics if "objective/kl" in m]
     tenth = updates[-max(1, len(updates) // 10) :]
@@ -1687,7 +1828,8 @@ def print_samples(rows: list, update: int):
     for column, width in [("query", 50), ("response", 50), ("gold", 7), ("kl", 6)]:
         table.add_column(column, max_width=width)
     for r in rows:
-        table.add_row(r["query"], r["response"], "" if r["gold_score"] is None else f"{r['gold_score']:+.2f}", f"{r['kl']:+.2f}")
+        table.add_row(r["query"], r["response"], "" if r["gold_score"] is None else f"{r['gold_score']:+.2f}",
+                      f"{r['kl']:+.2f}")
     Console().print(table)
 
 
@@ -1699,6 +1841,13 @@ def write_model_folder(accelerator, lm, lora, tokenizer, folder: Path):
         saved_lm(lm, lora).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         print(f"policy saved to {folder}")
+
+
+def save_dpo_policy(accelerator, policy, lora, tokenizer, folder: Path):
+    """The trained policy (adapters merged under LoRA) as a plain model folder. Under ZeRO-3 every process gathers the
+    weights; the main one writes them."""
+    with full_weights(policy, accelerator) as lm:
+        write_model_folder(accelerator, lm, lora, tokenizer, folder)
 
 
 if __name__ == "__main__":

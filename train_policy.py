@@ -4,12 +4,12 @@
     python train_both.py                                                     # reward model, then this, in one go
     accelerate launch --num_processes 8 train_policy.py sentiment --reward_model ...   # OAI's sentiment run
 
-A first positional word picks a preset (`sentiment` or `descriptiveness`): OAI's launch.py values, overridable
-by any flag after it. Every implementation detail that matters is written out below, with a link to the OAI
-line it reproduces ({OAI} stands for
-https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66, {SFD} for
-https://github.com/vwxyzjn/summarize_from_feedback_details/blob/ee77a9abc31f5338365ee087945c5bcafac7f1ca); DETAILS.md lists
-them with their tests. Tensor shapes: b = episodes on this process, Q = query_length, R = response_length.
+A first positional word picks a preset (`sentiment` or `descriptiveness`): OAI's launch.py values, overridable by any
+flag after it. Every implementation detail that matters is written out below, with a link to the OAI line it reproduces
+({OAI} stands for https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66, {SFD}
+for https://github.com/vwxyzjn/summarize_from_feedback_details/blob/ee77a9abc31f5338365ee087945c5bcafac7f1ca);
+DETAILS.md lists them with their tests. Tensor shapes: b = episodes on this process, Q = query_length, R =
+response_length.
 """
 
 import collections
@@ -19,7 +19,6 @@ import gzip
 import json
 import math
 import os
-import random
 import re
 import shutil
 import signal
@@ -31,7 +30,6 @@ from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Literal, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import tyro
@@ -49,50 +47,32 @@ from transformers.pytorch_utils import Conv1D
 
 @dataclass
 class Args:
-    # ---- experiment ----
-    exp_name: str = "policy"
-    """name of the experiment; the run folder is runs/<exp_name>__<seed>__<unix time>"""
-    seed: int = 1
-    """seed; process r samples and shuffles with seed + r * 100003, as OAI's set_mpi_seed"""
-    track: bool = False
-    """log to Weights & Biases (set WANDB_MODE=offline to log without a network)"""
-    wandb_project_name: str = "lm-human-preferences-torch"
-    """wandb project"""
-    wandb_entity: Optional[str] = None
-    """wandb entity (team); None uses your default"""
-    run_root: str = "runs"
-    """folder that holds the run folders"""
-    save_every: int = 10
-    """write a checkpoint every this many updates (0: only when SIGTERM or SIGINT stops the run)"""
-    keep_checkpoints: int = 2
-    """checkpoints kept in <run folder>/checkpoints; older ones are deleted"""
-    resume: Optional[str] = None
-    """run folder to continue from its last checkpoint, with the arguments it started with (its args.json); no other flag"""
-
-    # ---- models ----
+    # ---- task and data (OAI's TaskHParams) ----
     base_model: str = "data/nano"
     """initial policy and reference model: hub id, local folder or .gguf file"""
     reward_model: Optional[str] = None
     """folder written by train_reward.py (its run folder's reward_model/); train_both.py fills it in"""
-
-    # ---- task (OAI's TaskHParams) ----
     query_dataset: str = "data/corpus.jsonl.gz"
-    """queries: books texts (a .jsonl(.gz) of JSON strings as OAI's book_passages, or of {"text": ...}, or a hub dataset with a
-    text column) or TL;DR posts with reference summaries (a .jsonl(.gz) of {subreddit, title, post, summary}, or a hub dataset)"""
+    """queries: books texts (a .jsonl(.gz) of JSON strings as OAI's book_passages, or of {"text": ...}, or a hub dataset
+    with a text column) or TL;DR posts with reference summaries (a .jsonl(.gz) of {subreddit, title, post, summary}, or
+    a hub dataset)"""
     query_split: str = "train"
     """split of a hub query dataset"""
     query_length: int = 32
-    """query tokens, left-padded. Books: the text after its first '.', cut to this length, then after its last '.'; TL;DR:
-    SUBREDDIT/TITLE/POST/TL;DR with the post cut at its last newline until it fits"""
+    """query tokens, left-padded. Books: the text after its first '.', cut to this length, then after its last '.';
+    TL;DR: SUBREDDIT/TITLE/POST/TL;DR with the post cut at its last newline until it fits"""
     response_length: int = 24
     """tokens sampled per response (always all of them: no stop at EOS)"""
     truncate_token: Optional[str] = None
-    """cut each response after the first occurrence of this token at or after truncate_after before scoring (OAI: '.'; SFD:
-    "eos", the tokenizer's EOS); None keeps it whole"""
+    """cut each response after the first occurrence of this token at or after truncate_after before scoring (OAI: '.';
+    SFD: "eos", the tokenizer's EOS); None keeps it whole"""
     truncate_after: int = 16
-    """responses are cut no earlier than this index; one with no truncate_token from here on scores penalty_reward_value"""
+    """responses are cut no earlier than this index; one with no truncate_token from here on scores
+    penalty_reward_value"""
     penalty_reward_value: float = -1.0
     """score of a response that has no truncate_token at or after truncate_after"""
+
+    # ---- sampling ----
     temperature: float = 0.7
     """sampling temperature; every log-probability is computed from logits divided by it"""
 
@@ -126,11 +106,11 @@ class Args:
     whiten_rewards: bool = True
     """whiten rewards (without shifting their mean) per minibatch before GAE (SFD: no)"""
     mask_after_truncate: bool = False
-    """SFD: what follows the truncate token leaves the losses and the KL (values one token later), and the score goes right
-    after the truncate token; OAI trains on whole responses, the score at the last token"""
+    """SFD: what follows the truncate token leaves the losses and the KL (values one token later), and the score goes
+    right after the truncate token; OAI trains on whole responses, the score at the last token"""
     value_model: Literal["shared", "reward", "base"] = "shared"
-    """shared: a value head on the policy's transformer (OAI); reward: a separate critic initialised from the reward model
-    (SFD); base: a separate critic initialised from the base model with a fresh head (TRL's PPOTrainer)"""
+    """shared: a value head on the policy's transformer (OAI); reward: a separate critic initialised from the reward
+    model (SFD); base: a separate critic initialised from the base model with a fresh head (TRL's PPOTrainer)"""
     reference_baseline: bool = False
     """trlX: the score is r(query, response) - r(query, reference summary) (TL;DR queries, which carry references)"""
 
@@ -144,13 +124,35 @@ class Args:
     kl_horizon: int = 256
     """adaptive KL horizon in episodes (OAI: 10000 for 1M episodes)"""
 
+    # ---- experiment ----
+    exp_name: str = "policy"
+    """name of the experiment; the run folder is runs/<exp_name>__<seed>__<unix time>"""
+    seed: int = 1
+    """seed; process r samples and shuffles with seed + r * 100003, as OAI's set_mpi_seed"""
+    track: bool = False
+    """log to Weights & Biases (set WANDB_MODE=offline to log without a network)"""
+    wandb_project_name: str = "lm-human-preferences-torch"
+    """wandb project"""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team); None uses your default"""
+    run_root: str = "runs"
+    """folder that holds the run folders"""
+    save_every: int = 10
+    """write a checkpoint every this many updates (0: only when SIGTERM or SIGINT stops the run)"""
+    keep_checkpoints: int = 2
+    """checkpoints kept in <run folder>/checkpoints; older ones are deleted"""
+    resume: Optional[str] = None
+    """run folder to continue from its last checkpoint, with the arguments it started with (its args.json); no other
+    flag"""
+
     # ---- logging and evaluation ----
     gold_labeler: Literal["vader", "tldr_judge", "none"] = "vader"
     """programmatic labeler whose score of every sample is logged as objective/gold_score: VADER (the sentiment world's
     labeler) or the summarization twin's judge (how faithful, covering, unrepeated and short a summary is, read against
     the post and title of its query)"""
     eval_dataset: Optional[str] = None
-    """held-out TL;DR posts (a .jsonl(.gz) or a hub dataset): ROUGE, win rate against the reference and gold every eval_every updates"""
+    """held-out TL;DR posts (a .jsonl(.gz) or a hub dataset): ROUGE, win rate against the reference and gold every
+    eval_every updates"""
     eval_split: str = "validation"
     """split of a hub eval_dataset"""
     num_eval: int = 64
@@ -164,76 +166,39 @@ class Args:
     num_print_samples: int = 3
     """rows of that table"""
     peak_flops: Optional[float] = None
-    """this machine's matmul peak in FLOP/s per process (benchmark/matmul_peak.py measures it); logs the update phase's share of it"""
+    """this machine's matmul peak in FLOP/s per process (benchmark/matmul_peak.py measures it); logs the update phase's
+    share of it"""
 
     # ---- LoRA (peft) ----
     lora_r: int = 0
-    """rank of the LoRA adapters put on the language model's layers (0: no LoRA, every weight trains); heads train in full"""
+    """rank of the LoRA adapters put on the language model's layers (0: no LoRA, every weight trains); heads train in
+    full"""
     lora_alpha: float = 16.0
     """LoRA's scale numerator: the adapters' update is multiplied by lora_alpha / lora_r"""
     lora_dropout: float = 0.0
     """dropout on the adapters' input (OAI and SFD train without dropout)"""
     lora_target_modules: str = "all-linear"
-    """layers that get adapters: comma-separated module names (GPT-2: c_attn,c_proj,c_fc; Llama: q_proj,k_proj,v_proj,o_proj,...)
-    or all-linear (every linear layer but the output projection)"""
+    """layers that get adapters: comma-separated module names (GPT-2: c_attn,c_proj,c_fc; Llama:
+    q_proj,k_proj,v_proj,o_proj,...) or all-linear (every linear layer but the output projection)"""
     load_in_4bit: bool = False
-    """QLoRA: the frozen base weights quantized to 4-bit NF4 by bitsandbytes, adapters on top (a CUDA GPU only; needs --lora_r)"""
+    """QLoRA: the frozen base weights quantized to 4-bit NF4 by bitsandbytes, adapters on top (a CUDA GPU only; needs
+    --lora_r)"""
 
     # ---- speed (the same function, computed faster; for GPUs) ----
     mixed_precision: Literal["no", "bf16"] = "no"
-    """bf16: every forward (sampling, value, reference, reward, training) multiplies in bf16, the frozen reference and reward
-    models are kept in bf16; softmax, log-probs, losses and Adam's state stay fp32. On an AVX2-only CPU it is much slower"""
+    """bf16: every forward (sampling, value, reference, reward, training) multiplies in bf16, the frozen reference and
+    reward models are kept in bf16; softmax, log-probs, losses and Adam's state stay fp32. On an AVX2-only CPU it is
+    much slower"""
     compile: bool = False
     """torch.compile the sampler's decoding step (a CUDA graph on a GPU) and the training forward; the first update pays
     the compilation (minutes)"""
     local_rollout_forward_batch_size: int = 64
-    """episodes per forward pass of the reference and reward models on one process (their memory is bounded by it, not by the batch)"""
-
-
-PRESETS = {
-    # OAI's launch.py: books_task + get_experiments()['sentiment'|'descriptiveness']
-    # https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66/launch.py#L8-L19
-    # https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66/launch.py#L116-L152
-    "sentiment": dict(
-        exp_name="sentiment", base_model="gpt2", query_dataset="bookcorpus", query_length=64, response_length=24,
-        truncate_token=".", truncate_after=16, penalty_reward_value=-1.0, temperature=0.7,
-        total_episodes=1_000_000, batch_size=512, nminibatches=1, noptepochs=4, local_micro_batch_size=16, lr=1e-5,
-        vf_coef=0.1, cliprange=0.2, cliprange_value=0.2, gamma=1.0, lam=0.95, whiten_rewards=True,
-        kl_coef=0.15, adaptive_kl=True, kl_target=6.0, kl_horizon=10000, gold_labeler="vader",
-    ),
-}
-
-
-# the same task and hyperparameters; only the labels (hence the reward model) differ. VADER is no judge of it.
-PRESETS["descriptiveness"] = {**PRESETS["sentiment"], "exp_name": "descriptiveness", "gold_labeler": "none"}
-
-
-# SFD's 1B PPO recipe on its TL;DR data: {SFD}/summarize_from_feedback_details/ppo.py#L41-L157, sbatches/ppo.sbatch
-# (pythia-1b-deduped: 8 GPUs x micro-batch 16 x 4 accumulation = 512). base_model is the tldr SFT run's model.
-PRESETS["tldr"] = dict(
-    exp_name="tldr", base_model="models/sft_tldr",
-    query_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
-    query_length=512, response_length=53, truncate_token="eos", truncate_after=0, penalty_reward_value=-1.0, temperature=0.7,
-    total_episodes=1_000_000, batch_size=512, nminibatches=1, noptepochs=4, local_micro_batch_size=16,
-    local_rollout_forward_batch_size=64, lr=3e-6, eps=1e-5, optimizer="adamw", vf_coef=0.1, cliprange=0.2, cliprange_value=0.2,
-    gamma=1.0, lam=0.95, whiten_rewards=False, mask_after_truncate=True, value_model="reward", kl_coef=0.05, adaptive_kl=False,
-    gold_labeler="none", eval_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
-    eval_split="validation", eval_temperature=0.01,
-)
-
-
-# the summarization twin: SFD's details on the nano SFT model and data/tldr/, sized for two CPU cores (2 PPO epochs at
-# lr 3e-5 instead of 4 at 3e-6: the same judge gain as 4 epochs at 2e-5 in 60% of the time)
-PRESETS["tldr_twin"] = {**PRESETS["tldr"], **dict(
-    exp_name="policy", base_model="runs/tldr_twin/sft_model", query_dataset="data/tldr/train.jsonl.gz", query_length=160,
-    response_length=48, total_episodes=1024, batch_size=64, local_micro_batch_size=32, local_rollout_forward_batch_size=64,
-    noptepochs=2, lr=3e-5, kl_coef=0.05, reference_baseline=True, gold_labeler="tldr_judge", eval_dataset="data/tldr/validation.jsonl.gz",
-    num_eval=256, eval_every=4, eval_temperature=0.7, print_sample_every=8,  # the nano model loops when decoding near-greedily
-)}
+    """episodes per forward pass of the reference and reward models on one process (their memory is bounded by it, not
+    by the batch)"""
 
 
 # ---------------------------------------------------------------------------------------------------------
-# PPO's pieces: the policy and its value, truncation, rewards with the KL penalty, KL control, GAE, the loss, TF Adam
+# The policy and its value, sampling, log-probs at the temperature, the frozen reference
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -252,679 +217,27 @@ class PolicyAndValue(nn.Module):
             nn.init.zeros_(self.value_head.bias)
 
     def critic_values(self, tokens: torch.Tensor, pad_token_id: int, response_length: int) -> torch.Tensor:
-        """(b, R) values of the separate critic at the R positions Q-1 .. Q+R-2 (the state before each response token)."""
+        """(b, R) values of the separate critic at the R positions Q-1 .. Q+R-2 (the state before each response
+        token)."""
         return self.critic.scores(tokens, pad_token_id)[:, -response_length - 1 : -1]
 
     def forward(self, tokens: torch.Tensor, pad_token_id: int, response_length: int) -> tuple:
         """(logits (b, R, V), values (b, R)) at the R positions Q-1 .. Q+R-2 of (b, Q+R) query+response tokens:
         position Q-1+t predicts response token t and holds the state before it."""
         shared = self.critic is None
-        out = self.lm(**model_inputs(tokens, pad_token_id), output_hidden_states=shared, logits_to_keep=response_length + 1)
+        out = self.lm(**model_inputs(tokens, pad_token_id), output_hidden_states=shared,
+                      logits_to_keep=response_length + 1)
         if shared:
-            values = self.value_head(out.hidden_states[-1][:, -response_length - 1 : -1]).squeeze(-1)  # after the final layer norm
+            # after the final layer norm
+            values = self.value_head(out.hidden_states[-1][:, -response_length - 1 : -1]).squeeze(-1)
         else:
             values = self.critic_values(tokens, pad_token_id, response_length)
         return out.logits[:, :-1], values
 
 
-def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float, pad_token_id: int) -> tuple:
-    """(log-probs (b, R) of the response tokens, entropies (b, R)) from the (b, R, V) logits that predict them.
-    {OAI}/lm_human_preferences/policy.py#L114-L126"""
-    logp = torch.log_softmax(sampling_logits(logits, temperature, pad_token_id), -1)  # (b, R, V)
-    entropy = -(logp.exp() * logp).sum(-1)
-    return logp.gather(-1, responses.unsqueeze(-1)).squeeze(-1), entropy
-
-
-def truncate_token_id(name: Optional[str], tokenizer) -> Optional[int]:
-    """The id of --truncate_token: None, "eos" (the tokenizer's EOS, SFD's truncate_token) or a text of one token."""
-    if name is None or name == "eos":
-        return None if name is None else tokenizer.eos_token_id
-    ids = tokenizer.encode(name)
-    if len(ids) != 1:
-        fail(f"--truncate_token {name!r} is not a single token")
-    return ids[0]
-
-
-def truncate_responses(responses: torch.Tensor, truncate_token: int, truncate_after: int, pad_token_id: int) -> torch.Tensor:
-    """Replace every token after the first truncate_token at or after index truncate_after with the pad token.
-    {OAI}/lm_human_preferences/lm_tasks.py#L39-L50"""
-    hit = responses == truncate_token
-    hit[:, :truncate_after] = False
-    after = (hit.long().cumsum(1) - hit.long()).bool()  # strictly after the first hit
-    return responses.masked_fill(after, pad_token_id)
-
-
-def penalize(scores: torch.Tensor, responses: torch.Tensor, truncate_token: int, truncate_after: int, penalty: float) -> torch.Tensor:
-    """A response with no truncate_token at or after truncate_after gets `penalty` instead of its score.
-    {OAI}/lm_human_preferences/lm_tasks.py#L58-L65 and {OAI}/lm_human_preferences/train_policy.py#L384-L390"""
-    valid = (responses[:, truncate_after:] == truncate_token).any(1)
-    return torch.where(valid, scores, torch.full_like(scores, penalty))
-
-
-INVALID_LOGPROB = 1.0  # SFD's log-prob of a masked token: the same in the policy and the reference, so no KL
-
-
-def response_masks(scored: torch.Tensor, pad_token_id: int, mask_after_truncate: bool) -> tuple:
-    """(valid (b, R), value_valid (b, R), score index (b,)) for (b, R) truncated responses. OAI trains on whole responses:
-    everything valid, the score at the last token. SFD masks what follows the truncate token: log-probs are valid up to
-    it, values one position further, and the score goes one position after it (or on it, when it is the last token).
-    {SFD}/summarize_from_feedback_details/ppo.py#L669-L685"""
-    R = scored.shape[1]
-    if not mask_after_truncate:
-        valid = torch.ones_like(scored, dtype=torch.bool)
-        return valid, valid, torch.full((len(scored),), R - 1, device=scored.device)
-    last = (scored != pad_token_id).sum(1) - 1  # (b,): the truncate token, or R - 1 (sampled responses hold no pads)
-    idx = torch.arange(R, device=scored.device)
-    return idx <= last[:, None], idx <= last[:, None] + 1, torch.where(last + 1 < R, last + 1, last)
-
-
-def compute_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_coef: float, score_index: torch.Tensor) -> tuple:
-    """Per-token rewards (b, R): -kl_coef * (logp - logp_ref) at every token, plus the score at score_index (OAI: the last
-    token). {OAI}/lm_human_preferences/train_policy.py#L149-L154"""
-    non_score_reward = -kl_coef * (logprobs - ref_logprobs)
-    rewards = non_score_reward.clone()
-    rewards[torch.arange(len(scores), device=scores.device), score_index] += scores
-    return rewards, non_score_reward
-
-
-class AdaptiveKLController:
-    """kl_coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon. {OAI}/lm_human_preferences/train_policy.py#L115-L124"""
-
-    def __init__(self, init_kl_coef: float, hparams):
-        self.value = init_kl_coef
-        self.hparams = hparams  # has .target and .horizon (episodes)
-
-    def update(self, current: float, n_steps: int):
-        proportional_error = min(max(current / self.hparams.target - 1, -0.2), 0.2)
-        self.value *= 1 + proportional_error * n_steps / self.hparams.horizon
-
-
-class FixedKLController:
-    """{OAI}/lm_human_preferences/train_policy.py#L107-L112"""
-
-    def __init__(self, kl_coef: float):
-        self.value = kl_coef
-
-    def update(self, current: float, n_steps: int):
-        pass
-
-
-@dataclass
-class AdaptiveKLParams:
-    target: float
-    """KL target (nats per response)"""
-    horizon: int
-    """episodes over which a full proportional error is corrected"""
-
-
-def whiten(values: torch.Tensor, shift_mean: bool = True, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(x - mean) / sqrt(var + 1e-8) over all (or the valid) elements with the biased variance (tf.nn.moments); with
-    shift_mean=False the mean is added back (rewards keep their mean). {OAI}/lm_human_preferences/utils/core.py#L336-L341,
-    masked as {SFD}/summarize_from_feedback_details/ppo.py#L235-L241"""
-    valid = torch.ones_like(values, dtype=torch.bool) if valid is None else valid
-    mean = masked_mean(values, valid)
-    var = masked_mean((values - mean) ** 2, valid)
-    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
-    return whitened if shift_mean else whitened + mean
-
-
-def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean over the valid elements. {SFD}/summarize_from_feedback_details/ppo.py#L208-L213"""
-    return (values * valid).sum() / valid.sum()
-
-
-def compute_gae(values: torch.Tensor, rewards: torch.Tensor, gamma: float, lam: float) -> tuple:
-    """(advantages, returns), each (b, R): generalized advantage estimation backwards over the response tokens,
-    the value after the last token being 0. {OAI}/lm_human_preferences/train_policy.py#L327-L336"""
-    lastgaelam, reversed_advantages = 0.0, []
-    R = rewards.shape[1]
-    for t in reversed(range(R)):
-        nextvalues = values[:, t + 1] if t < R - 1 else 0.0
-        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
-        lastgaelam = delta + gamma * lam * lastgaelam
-        reversed_advantages.append(lastgaelam)
-    advantages = torch.stack(reversed_advantages[::-1], 1)
-    return advantages, advantages + values
-
-
-def ppo_loss(logprobs, values, old_logprobs, old_values, advantages, returns, args, valid, value_valid) -> tuple:
-    """Clipped policy loss + vf_coef * clipped value loss (the max of clipped and unclipped squared errors), averaged over
-    the valid tokens (all of them, unless SFD's mask after the truncate token is on). {OAI}/lm_human_preferences/train_policy.py#L343-L357,
-    {SFD}/summarize_from_feedback_details/ppo.py#L740-L755"""
-    vpredclipped = old_values + (values - old_values).clamp(-args.cliprange_value, args.cliprange_value)
-    vf_losses1, vf_losses2 = (values - returns) ** 2, (vpredclipped - returns) ** 2
-    vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), value_valid)
-    ratio = torch.exp(logprobs - old_logprobs)
-    pg_losses, pg_losses2 = -advantages * ratio, -advantages * ratio.clamp(1.0 - args.cliprange, 1.0 + args.cliprange)
-    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), valid)
-    stats = {
-        "ppo/loss/policy": pg_loss, "ppo/loss/value": vf_loss,
-        "ppo/policy/approxkl": 0.5 * masked_mean((logprobs - old_logprobs) ** 2, valid),
-        "ppo/policy/clipfrac": masked_mean((pg_losses2 > pg_losses).float(), valid),
-        "ppo/val/vpred": masked_mean(values, value_valid), "ppo/val/error": masked_mean((values - returns) ** 2, value_valid),
-        "ppo/val/clipfrac": masked_mean((vf_losses2 > vf_losses1).float(), value_valid),
-    }
-    return pg_loss + args.vf_coef * vf_loss, stats
-
-
-class AdamTensorFlowStyle(torch.optim.Optimizer):
-    """Adam as TF1's AdamOptimizer computes it, which OAI used (lr 1e-5-ish, epsilon 1e-5): the bias corrections
-    go into the step size and epsilon is added to sqrt(v) uncorrected ("epsilon hat"):
-        lr_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t);  p -= lr_t * m / (sqrt(v) + eps)
-    torch.optim.Adam instead adds eps to sqrt(v / (1 - beta2^t)): early in training, where 1 - beta2^t is small,
-    TF's epsilon is effectively larger by 1 / sqrt(1 - beta2^t), so TF-style takes smaller steps on
-    parameters with tiny gradients. {OAI}/lm_human_preferences/utils/core.py#L627"""
-
-    def __init__(self, params, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state["step"], state["m"], state["v"] = 0, torch.zeros_like(p), torch.zeros_like(p)
-                state["step"] += 1
-            if not params:
-                continue
-            # every parameter at once: foreach ops launch a few kernels per step, not a few per parameter
-            grads, m, v = [p.grad for p in params], [self.state[p]["m"] for p in params], [self.state[p]["v"] for p in params]
-            torch._foreach_mul_(m, beta1)
-            torch._foreach_add_(m, grads, alpha=1 - beta1)  # m = beta1 m + (1 - beta1) g
-            torch._foreach_mul_(v, beta2)
-            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)  # v = beta2 v + (1 - beta2) g^2
-            denom = torch._foreach_add(torch._foreach_sqrt(v), group["eps"])  # sqrt(v) + eps, uncorrected
-            steps = [self.state[p]["step"] for p in params]
-            lr_t = [-group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t) for t in steps]
-            torch._foreach_addcdiv_(params, m, denom, lr_t)
-        return None
-
-
-def make_optimizer(params, name: str, lr: float, eps: float):
-    """TF-style Adam, torch's Adam, or torch's AdamW (its default weight decay 0.01, as SFD ran it)."""
-    if name == "adam_tf":
-        return AdamTensorFlowStyle(params, lr=lr, eps=eps)
-    return torch.optim.Adam(params, lr=lr, eps=eps) if name == "adam_pytorch" else torch.optim.AdamW(params, lr=lr, eps=eps)
-
-
-def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[str] = None) -> Path:
-    """PPO. run_dir: the run folder (train_both.py gives its stage folder; --resume the folder to continue);
-    resume_command: what the message of a run stopped by a signal tells the user to type."""
-    start_time = time.time()
-    world = start_processes().num_processes
-    num_updates, texts, eval_texts = check_args(args)
-    local_batch_size = args.batch_size // world
-    local_minibatch_size = local_batch_size // args.nminibatches
-    grad_accum = local_minibatch_size // args.local_micro_batch_size
-    accelerator = make_accelerator(args, args.local_micro_batch_size, grad_accum, compile=args.compile)
-    rank, device = accelerator.process_index, accelerator.device
-    if not resume_has_work(args.resume, world, zero_stage(accelerator)):
-        return Path(args.resume)
-
-    # 1. Models: policy with its value function (a head, or a critic copied from the reward or base model), frozen reference
-    #    policy, frozen reward model. Same init on every process. The frozen ones are sharded under ZeRO-3 (place_frozen).
-    torch.manual_seed(args.seed)
-    lm, tokenizer = prepare_lm(*load_base_model(args.base_model, load_in_4bit=args.load_in_4bit))
-    reward_model, reward_tokenizer = load_reward_model(args.reward_model)
-    if len(reward_tokenizer) != len(tokenizer) or reward_tokenizer.pad_token_id != tokenizer.pad_token_id:
-        # {OAI}/lm_human_preferences/rewards.py#L119
-        fail(f"--reward_model {args.reward_model}: its tokenizer ({len(reward_tokenizer)} tokens) "
-             f"differs from --base_model {args.base_model}'s ({len(tokenizer)})")
-    truncate_token = truncate_token_id(args.truncate_token, tokenizer)
-    # the frozen models are kept in bf16 under --mixed_precision bf16; the policy's weights stay fp32 (autocast)
-    frozen_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
-    base_critic = RewardModel(copy.deepcopy(lm)) if args.value_model == "base" else None  # copied before LoRA wraps lm
-    lora = add_lora(lm, args)  # under LoRA only the adapters of lm train; the value head (or critic) trains in full
-    reference = FrozenReference(lm, lora, accelerator, frozen_dtype)
-    policy = PolicyAndValue(lm, copy.deepcopy(reward_model) if args.value_model == "reward" else base_critic)
-    reward_model = place_frozen(reward_model, accelerator, frozen_dtype)
-    trained = [p for p in policy.parameters() if p.requires_grad]
-    num_trained = sum(p.numel() for p in trained)  # counted before ZeRO-3 shards them
-    # FLOPs of one PPO update on this process: noptepochs passes of forward + backward (3x a forward) over the batch
-    update_flops = args.noptepochs * local_batch_size * 3 * forward_flops(lm, args.query_length + args.response_length, args.response_length + 1)
-    if args.value_model != "shared":
-        update_flops += args.noptepochs * local_batch_size * 3 * forward_flops(lm, args.query_length + args.response_length, 0)
-    optimizer = make_optimizer(trained, args.optimizer, args.lr, args.eps)
-    policy, optimizer = accelerator.prepare(policy, optimizer)  # DDP, or a DeepSpeed engine with its ZeRO optimizer
-    unwrapped = accelerator.unwrap_model(policy, keep_torch_compile=False)
-    pad = tokenizer.pad_token_id
-    sampler = Sampler(unwrapped.lm, pad, args.temperature, compile=args.compile)
-    gold_fn = gold_scorer(args.gold_labeler)
-
-    # 2. Queries (TL;DR ones with their reference summaries), held-out posts for the evaluation, and a seed per
-    #    process for sampling and minibatch shuffles. {OAI}/lm_human_preferences/utils/core.py#L108-L113
-    batches = query_batches(texts, tokenizer, args.query_length, args.response_length, args.batch_size, args.seed)
-    if args.eval_dataset is not None:
-        # the same held-out posts whatever the seed
-        eval_queries, eval_references = next(query_batches(eval_texts, tokenizer, args.query_length, args.response_length,
-                                                           min(args.num_eval, len(eval_texts)), seed=0))
-        eval_sampler = Sampler(unwrapped.lm, pad, args.eval_temperature)
-    torch.manual_seed(args.seed + rank * 100003)
-    kl_ctl = (AdaptiveKLController(args.kl_coef, AdaptiveKLParams(args.kl_target, args.kl_horizon)) if args.adaptive_kl
-              else FixedKLController(args.kl_coef))
-
-    # 3. Run folder, metrics file, wandb. Nothing was written before the inputs were checked. A resumed run takes back
-    #    the weights, optimizer, KL coefficient, query position and metrics of its last checkpoint; its generators are
-    #    restored where the loop starts.
-    run_dir = Path(args.resume) if args.resume else run_dir or shared_run_dir(accelerator, args.run_root, args.exp_name, args.seed)
-    resumed = load_checkpoint(accelerator, run_dir) if args.resume else None
-    if resumed is not None:
-        load_trained_state(accelerator, policy, optimizer, resumed)
-        kl_ctl.value = resumed["kl_coef"]
-    first_update = resumed["update"] if resumed else 0
-    batches = Stream(batches, skip=first_update)
-    elapsed_before = resumed["elapsed_s"] if resumed else 0.0
-    run_log = RunLog(accelerator, args, run_dir, resumed, step_key="episode", keep_samples=True)
-    if accelerator.is_main_process:
-        print(f"run folder {run_dir}; {num_updates} updates of {args.batch_size} episodes ({world} process(es) x "
-              f"{args.nminibatches} minibatch(es) x {grad_accum} micro-batch(es) of {args.local_micro_batch_size}); "
-              f"{num_trained:,} trained policy and value parameters"
-              + (f"; resumed after update {first_update} from {resumed['path']}" if resumed else ""))
-
-    def run_eval() -> tuple:
-        """The same random draws at every evaluation (its own RNG stream), so its changes are the policy's."""
-        policy.eval()
-        # ZeRO-3: the policy and the reward model gathered, so that unequal shares of the held-out posts need no lockstep
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast(), \
-                full_weights(policy, accelerator), full_weights(reward_model, accelerator):
-            torch.manual_seed(args.seed + rank * 100003)
-            return evaluate(eval_sampler, reward_model, eval_queries.to(device), eval_references.to(device), tokenizer, args,
-                            gold_fn, accelerator, args.local_rollout_forward_batch_size)
-
-    if args.eval_dataset is not None and resumed is None:  # the initial policy on held-out posts, the baseline of later evaluations
-        start_metrics = {"update": 0, **run_eval()[0]}
-        run_log.write(start_metrics)
-        if accelerator.is_main_process:
-            print("before training: " + ", ".join(f"{k} {v:.3f}" for k, v in start_metrics.items() if k.startswith("eval/")))
-
-    if resumed is not None:
-        set_rng_state(resumed["rng"], device)
-    checkpoints = Checkpoints(accelerator, policy, run_dir, args.save_every, args.keep_checkpoints,
-                              resume_command or f"python train_policy.py --resume {run_dir}", resumed["path"] if resumed else None)
-    progress = tqdm(range(first_update, num_updates), initial=first_update, total=num_updates,
-                    disable=not accelerator.is_main_process, desc="ppo")
-    for update in progress:
-        t0 = now(device)
-        # lr annealed linearly to 0, constant within an update. {OAI}/lm_human_preferences/train_policy.py#L172-L173
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr * (1 - update / num_updates)
-
-        # 4. Rollouts: sample with the policy, keeping the log-probs (and the shared head's values) of the samples from
-        #    the sampling pass itself, as OAI's respond_op ({OAI}/lm_human_preferences/policy.py#L97-L112); then, in chunks
-        #    of local_rollout_forward_batch_size episodes, the separate critic's values and the reference's log-probs.
-        #    Under ZeRO-3 the policy's weights are gathered for the whole rollout (full_weights).
-        queries, references = next(batches)
-        queries = queries[rank * local_batch_size : (rank + 1) * local_batch_size].to(device)  # (b, Q)
-        references = None if references is None else references[rank * local_batch_size : (rank + 1) * local_batch_size].to(device)
-        policy.eval()
-        chunk = args.local_rollout_forward_batch_size
-        with torch.no_grad(), accelerator.autocast(), full_weights(policy, accelerator):
-            value_head = unwrapped.value_head if unwrapped.critic is None else None
-            responses, logprobs, entropies, values = sampler(queries, args.response_length, value_head)  # (b, R) each
-            query_responses = torch.cat([queries, responses], 1)  # (b, Q+R)
-            if unwrapped.critic is not None:  # {SFD}/summarize_from_feedback_details/ppo.py#L637-L640
-                values = in_chunks(lambda qr: unwrapped.critic_values(qr, pad, args.response_length), chunk, query_responses)
-            t_gen = now(device)
-            ref_logprobs = in_chunks(lambda qr, r: response_logprobs(reference(qr, pad, args.response_length),
-                                                                     r, args.temperature, pad)[0], chunk, query_responses, responses)
-
-            # 5. Scores of the (truncated) responses by the reward model, less the reference summary's with trlX's
-            #    baseline; the penalty for no truncate token; the gold labeler's score. OAI trains on whole responses and
-            #    only the score sees the truncated ones; SFD masks what follows the truncate token.
-            scored = responses
-            if truncate_token is not None:
-                scored = truncate_responses(responses, truncate_token, args.truncate_after, pad)
-            scores = in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, scored], 1))  # (b,)
-            if args.reference_baseline:  # trlX's reward_fn: r(post + sample) - r(post + reference summary)
-                # https://github.com/CarperAI/trlx/blob/7c8f1aad17de6f89dabd20ddf51dbe5e76fa09a1/examples/summarize_rlhf/trlx_gptj_text_summarization.py
-                scores = scores - in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, references], 1))
-            if truncate_token is not None:
-                scores = penalize(scores, scored, truncate_token, args.truncate_after, args.penalty_reward_value)
-            texts_out = tokenizer.batch_decode([r[r != pad] for r in scored], skip_special_tokens=references is not None)
-            query_texts = tokenizer.batch_decode([q[q != pad] for q in queries]) if gold_fn else None
-            gold = torch.tensor(gold_fn(texts_out, query_texts), device=device) if gold_fn else None
-            valid, value_valid, score_index = response_masks(scored, pad, args.mask_after_truncate)  # (b, R), (b, R), (b,)
-            # SFD: masked log-probs take one constant value, so they add no KL. {SFD}/summarize_from_feedback_details/ppo.py#L673-L677
-            logprobs, ref_logprobs = logprobs.masked_fill(~valid, INVALID_LOGPROB), ref_logprobs.masked_fill(~valid, INVALID_LOGPROB)
-            values = values.masked_fill(~value_valid, 0.0)
-            rewards, non_score_reward = compute_rewards(scores, logprobs, ref_logprobs, kl_ctl.value, score_index)  # (b, R)
-        t_score = now(device)
-
-        # 6. PPO: noptepochs passes over the batch, reshuffled each time; per minibatch the rewards are whitened
-        #    (mean kept), GAE computed and advantages whitened, as inside OAI's loss; micro-batches accumulate
-        #    gradients (accelerator.accumulate divides each loss by grad_accum), and DDP averages them across processes
-        #    at the last one (DeepSpeed: reduces them and steps there; optimizer.step() is then a no-op).
-        policy.train()
-        train_stats = []
-        for _ in range(args.noptepochs):
-            order = torch.randperm(local_batch_size, device=device)
-            for mb_start in range(0, local_batch_size, local_minibatch_size):
-                mb = order[mb_start : mb_start + local_minibatch_size]
-                mb_rewards = rewards[mb]
-                if args.whiten_rewards:
-                    mb_rewards = whiten(mb_rewards, shift_mean=False, valid=value_valid[mb]).masked_fill(~value_valid[mb], 0.0)
-                advantages, returns = compute_gae(values[mb], mb_rewards, args.gamma, args.lam)
-                advantages = whiten(advantages, valid=valid[mb]).masked_fill(~valid[mb], 0.0)
-                mb_stats = {"ppo/returns/mean": returns.mean(), "ppo/returns/var": returns.var(unbiased=False),
-                            "ppo/val/mean": values[mb].mean(), "ppo/val/var": values[mb].var(unbiased=False)}
-                for micro in range(grad_accum):
-                    mi = slice(micro * args.local_micro_batch_size, (micro + 1) * args.local_micro_batch_size)
-                    with accelerator.accumulate(policy):
-                        new_logits, new_values = policy(query_responses[mb[mi]], pad, args.response_length)
-                        new_logprobs, entropy = response_logprobs(new_logits, responses[mb[mi]], args.temperature, pad)
-                        new_logprobs = new_logprobs.masked_fill(~valid[mb[mi]], INVALID_LOGPROB)
-                        new_values = new_values.masked_fill(~value_valid[mb[mi]], 0.0)
-                        loss, stats = ppo_loss(new_logprobs, new_values, logprobs[mb[mi]], values[mb[mi]], advantages[mi],
-                                               returns[mi], args, valid[mb[mi]], value_valid[mb[mi]])
-                        accelerator.backward(loss)
-                    stats.update({"ppo/loss/total": loss, "ppo/policy/entropy": masked_mean(entropy, valid[mb[mi]])})
-                    for k, v in stats.items():
-                        mb_stats[k] = mb_stats.get(k, 0) + v.detach() / grad_accum
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                train_stats.append(mb_stats)
-        t_update = now(device)
-
-        # 7. Statistics (OAI's names), averaged over minibatches and processes; the evaluation on held-out posts every
-        #    eval_every updates; then the KL controller steps. {OAI}/lm_human_preferences/train_policy.py#L217-L261
-        kl = (logprobs - ref_logprobs).sum(1)  # (b,)
-        local = {k: torch.stack([s[k] for s in train_stats]).mean() for k in train_stats[0]}
-        local.update({
-            "objective/kl": kl.mean(), "objective/entropy": (-logprobs * valid).sum(1).mean(), "objective/scores": scores.mean(),
-            "objective/entropy_exact": (entropies * valid).sum(1).mean(),  # the same quantity without sampling noise
-            "objective/score_total": scores.mean() + non_score_reward.sum(1).mean(),
-        })
-        if truncate_token is not None:
-            local["objective/truncated_fraction"] = (scored == pad).any(1).float().mean()  # how many responses ended early
-        if gold is not None:
-            local["objective/gold_score"] = gold.mean()
-        names = sorted(local)
-        means = accelerator.reduce(torch.stack([local[k].float() for k in names]), reduction="mean").tolist()
-        metrics = {"episode": (update + 1) * args.batch_size, "update": update + 1, **dict(zip(names, means))}
-        metrics["objective/kl_coef"] = kl_ctl.value
-        metrics["ppo/val/var_explained"] = 1 - metrics["ppo/val/error"] / max(metrics["ppo/returns/var"], 1e-8)
-        metrics["lr"] = args.lr * (1 - update / num_updates)
-        metrics.update({"timing/generation_s": t_gen - t0, "timing/scoring_s": t_score - t_gen, "timing/update_s": t_update - t_score,
-                        "throughput/episodes_per_s": args.batch_size / (now(device) - t0),
-                        "throughput/update_flops_per_s": update_flops / (t_update - t_score)})  # per process
-        if args.peak_flops:
-            metrics["throughput/update_peak_fraction"] = metrics["throughput/update_flops_per_s"] / args.peak_flops
-        if device.type == "cuda":
-            metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-        eval_texts_out = None
-        if args.eval_dataset is not None and ((update + 1) % args.eval_every == 0 or update + 1 == num_updates):
-            eval_metrics, eval_texts_out = run_eval()
-            metrics.update(eval_metrics)
-        kl_ctl.update(metrics["objective/kl"], args.batch_size)  # {OAI}/lm_human_preferences/train_policy.py#L305
-
-        run_log.write(metrics)
-        if accelerator.is_main_process:
-            progress.set_postfix(score=f"{metrics['objective/scores']:+.2f}", kl=f"{metrics['objective/kl']:.2f}",
-                                 **({"gold": f"{metrics['objective/gold_score']:+.2f}"} if gold is not None else {}),
-                                 **({"rougeL": f"{metrics['eval/rougeL']:.3f}"} if "eval/rougeL" in metrics else {}))
-            if update % args.print_sample_every == 0 or update + 1 == num_updates:
-                n = min(args.num_print_samples, local_batch_size)
-                rows = sample_rows(update + 1, queries, texts_out, scores, gold, kl, n, tokenizer)
-                print_samples(rows, update + 1)
-                run_log.samples.extend(rows)
-            if eval_texts_out is not None:
-                run_log.samples.append({"update": update + 1, "eval_summaries": eval_texts_out[: args.num_print_samples]})
-
-        # 8. A NaN or inf stops the run (exit 3). A checkpoint every save_every updates and when SIGTERM or SIGINT came
-        #    (then the run stops: exit 128 + signal): all a resumed run needs to go on exactly as this one would.
-        check_finite(metrics, f"update {update + 1}", checkpoints.last)
-        checkpoints.after(update + 1, num_updates, lambda: {
-            **trained_state(accelerator, policy, optimizer), "update": update + 1, "kl_coef": kl_ctl.value,
-            "samples": run_log.samples, "elapsed_s": elapsed_before + time.time() - start_time, "wandb_id": run_log.wandb_id})
-    checkpoints.close()
-
-    # 9. Save the policy (language model + value head, or the critic as a reward-model folder), the sample tables and
-    #    the summary of the run. Under ZeRO-3 every process gathers the weights; the main one writes them.
-    save_policy(accelerator, policy, unwrapped, lora, tokenizer, run_dir)
-    run_log.finish(lambda: summarize(run_dir / "metrics.jsonl", elapsed_before + time.time() - start_time), f"PPO: {run_dir}")
-    accelerator.wait_for_everyone()
-    return run_dir
-
-
-# =========================================================================================================
-# Plumbing. Everything below serves train() above and is not the algorithm: reading the data, loading the
-# models, LoRA, sampling, measuring, checkpoints and resume, signals, DeepSpeed, the checks of the
-# arguments, the command line, the summary. The `# Copied from` blocks are shared with the other scripts
-# and kept identical by tests/test_pipeline.py.
-# =========================================================================================================
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The command line
-# ---------------------------------------------------------------------------------------------------------
-
-
-FLAG_PREFIX = "--"  # how messages spell a flag: train_both.py sets "--reward." / "--policy." while a stage runs
-
-
-def fail(message: str):
-    """Bad input: one line on stderr naming the flag as the user typed it, exit status 2, before anything is written."""
-    message = re.sub(r"(?<![\w.-])--(?=[a-z])", FLAG_PREFIX, message)
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-def cli(args_class, presets: dict, description: str):
-    """tyro CLI with an optional first positional preset name: `script.py sentiment --seed 2`. `--resume <run folder>`
-    comes alone: the run continues with the arguments it started with, read back from its args.json."""
-    argv = sys.argv[1:]
-    preset = argv[:1] if argv and not argv[0].startswith("-") else []
-    default = args_class()
-    if preset:
-        if preset[0] not in presets:
-            fail(f"unknown preset {preset[0]!r}; presets: {', '.join(presets)}")
-        default = replace(default, **presets[preset[0]])
-    args = tyro.cli(args_class, default=default, args=argv[len(preset) :], description=description, use_underscores=True)
-    if args.resume is None:
-        return args
-    if len(argv) > (1 if argv[0].startswith("--resume=") else 2):
-        fail("--resume continues a run with the arguments it started with (its args.json): give no other flag or preset")
-    if not os.path.isfile(os.path.join(args.resume, "args.json")):
-        fail(f"--resume {args.resume}: not a run folder (no args.json)")
-    with open(os.path.join(args.resume, "args.json")) as f:
-        return replace(args_from_json(args_class, json.load(f)), resume=args.resume)
-
-
-def args_from_json(args_class, values: dict):
-    """args_class rebuilt from its args.json (nested argument classes too); other keys (world_size, ...) are facts of the run."""
-    kwargs = {}
-    for f in fields(args_class):
-        if f.name in values:
-            default = getattr(args_class(), f.name)
-            kwargs[f.name] = args_from_json(type(default), values[f.name]) if is_dataclass(default) else values[f.name]
-    return args_class(**kwargs)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Data: queries
-# ---------------------------------------------------------------------------------------------------------
-
-
-TLDR_KEYS = ("subreddit", "title", "post", "summary")
-
-
-def load_texts(path: str, split: str, flag: str = "--query_dataset"):
-    """Query data, indexable: books texts (str) from a local .jsonl(.gz) of JSON strings (OAI's book_passages/{mode}.jsonl)
-    or of objects with "text" (data/corpus.jsonl.gz), or from a hub dataset with a "text" column (bookcorpus); or TL;DR
-    rows (dict with subreddit, title, post, summary) from a .jsonl(.gz) (data/tldr/, summarize-from-feedback's
-    tldr_3_filtered) or a hub dataset with those columns."""
-    if os.path.exists(path) or path.endswith((".jsonl", ".gz", ".json")):
-        if not os.path.isfile(path):
-            fail(f"{flag} {path}: file not found")
-        texts = []
-        try:
-            with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        text = json.loads(line)
-                        if isinstance(text, dict) and "post" not in text:
-                            text = text.get("text")
-                        if isinstance(text, dict) and not all(isinstance(text.get(k), str) for k in TLDR_KEYS):
-                            fail(f"{flag} {path}: line {n} is a TL;DR row without string {', '.join(TLDR_KEYS)}")
-                        if not isinstance(text, (str, dict)) or (texts and type(text) is not type(texts[0])):
-                            fail(f"{flag} {path}: line {n} is neither a JSON string, an object with a string \"text\" nor a TL;DR "
-                                 "row like the lines before it")
-                        texts.append(text)
-        except json.JSONDecodeError as e:
-            fail(f"{flag} {path}: line {n} is not valid JSON ({e.msg})")
-        except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
-            fail(f"{flag} {path}: cannot be read ({e})")
-    else:
-        import datasets
-
-        try:
-            texts = datasets.load_dataset(path, split=split)
-        except Exception as e:  # offline, unknown id or split: one line, exit 2
-            fail(f"{flag} {path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-        if set(TLDR_KEYS) <= set(texts.column_names):
-            texts = texts.select_columns(list(TLDR_KEYS))  # rows as dicts
-        elif "text" in texts.column_names:
-            texts = texts["text"]  # a lazy column: BookCorpus's 74M rows stay memory-mapped
-        else:
-            fail(f"{flag} {path}: split {split} has neither a \"text\" column nor the TL;DR columns {', '.join(TLDR_KEYS)}")
-    if len(texts) == 0:
-        fail(f"{flag} {path}: no texts")
-    return texts
-
-
-def format_query(tokens: list, dot: int, query_length: int, pad_token_id: int) -> Optional[list]:
-    """OAI's books query: start after the first '.', keep query_length tokens, end after the last '.';
-    None when there is no '.' to end at. Left-padded with the pad token (OAI right-pads and gives explicit
-    positions; left padding with explicit positions is the same function and lets sampling append on the right).
-    {OAI}/lm_human_preferences/language/datasets.py#L48-L67"""
-    if dot in tokens:
-        first = tokens.index(dot) + 1
-        if first < len(tokens):
-            tokens = tokens[first:]
-    tokens = tokens[:query_length]
-    if dot not in tokens:
-        return None
-    tokens = tokens[: len(tokens) - tokens[::-1].index(dot)]
-    return [pad_token_id] * (query_length - len(tokens)) + tokens
-
-
-def format_tldr_query(row: dict, tokenizer, query_length: int) -> list:
-    """OAI's TL;DR query: SUBREDDIT/TITLE/POST/TL;DR, the post cut at its last newline (else its last
-    character) until the query fits, then left-padded with the pad token to `query_length` tokens.
-    https://github.com/openai/summarize-from-feedback/blob/700967448d10004279f138666442bf1497d0e705/summarize_from_feedback/tasks.py#L98-L165"""
-    fmt = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
-    post = row["post"]
-    tokens = tokenizer.encode(fmt.format(subreddit=row["subreddit"], title=row["title"], post=post))
-    while len(tokens) > query_length:
-        if not post:
-            fail(f"--query_length {query_length} is too short for the title of post {row.get('id', '?')}")
-        cut = post.rfind("\n")
-        post = post[:cut] if cut >= 0 else post[:-1]
-        tokens = tokenizer.encode(fmt.format(subreddit=row["subreddit"], title=row["title"], post=post))
-    return [tokenizer.pad_token_id] * (query_length - len(tokens)) + tokens
-
-
-def format_tldr_response(summary: str, tokenizer, response_length: int) -> list:
-    """SFD's reference response ' {summary}<|endoftext|>' (the upstream summary has no leading space), its text cut to
-    response_length - 1 tokens so that the EOS stays, right-padded to response_length tokens.
-    {SFD}/summarize_from_feedback_details/tldr_dataset.py#L186-L199"""
-    tokens = tokenizer.encode(" " + summary)[: response_length - 1] + [tokenizer.eos_token_id]
-    return tokens + [tokenizer.pad_token_id] * (response_length - len(tokens))
-
-
-def query_batches(texts, tokenizer, query_length: int, response_length: int, batch_size: int, seed: int):
-    """Endless global batches in a shuffled order that is the same on every process (each process then takes its own
-    slice, as OAI shards the dataset over ranks): (queries (B, Q), reference responses (B, R)) for TL;DR rows, as
-    SFD's query data carries them, and (queries (B, Q), None) for books texts."""
-    dot = tokenizer.convert_tokens_to_ids(".")
-    gen, batch, references = torch.Generator().manual_seed(seed), [], []
-    while True:
-        found = False
-        for i in torch.randperm(len(texts), generator=gen).tolist():
-            row = texts[i]
-            if isinstance(row, str):
-                query = format_query(tokenizer.encode(row), dot, query_length, tokenizer.pad_token_id)
-                if query is None:
-                    continue
-            else:
-                query = format_tldr_query(row, tokenizer, query_length)
-                references.append(format_tldr_response(row["summary"], tokenizer, response_length))
-            found = True
-            batch.append(query)
-            if len(batch) == batch_size:
-                yield torch.tensor(batch), (torch.tensor(references) if references else None)
-                batch, references = [], []
-        if not found:
-            fail(f"no text of the query dataset has a '.' in its first {query_length} tokens after the first '.'")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Models
-# ---------------------------------------------------------------------------------------------------------
-
-
-def load_base_model(path: str, weights: bool = True, load_in_4bit: bool = False):
-    """(model, tokenizer) from a hub id, a local folder or a .gguf file; with weights=False (config, tokenizer), what the
-    checks of the arguments need. A .gguf file is de-quantized to fp32 as it is read (GgufConfig(dequantize=True)): the
-    result is an ordinary trainable model without a quantization marker, which save_pretrained writes as a plain Hugging
-    Face folder that every script loads back. (Read without it, transformers keeps the model marked as GGUF-quantized
-    and refuses to save it.) load_in_4bit: the weights quantized to 4-bit NF4 (bitsandbytes, QLoRA's format), computing in bf16."""
-    source, gguf = path, {}
-    if path.endswith(".gguf"):
-        if not os.path.isfile(path):
-            fail(f"--base_model {path}: file not found")
-        source, name = os.path.split(os.path.abspath(path))
-        gguf = dict(gguf_file=name)
-    elif not os.path.isdir(path) and (path.startswith((".", "/")) or path.count("/") > 1):
-        fail(f"--base_model {path}: folder not found")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
-        if not weights:
-            return AutoConfig.from_pretrained(source, **gguf), tokenizer
-        quantization = dict(quantization_config=GgufConfig(dequantize=True)) if gguf else {}
-        if load_in_4bit:
-            quantization = dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                                       bnb_4bit_compute_dtype=torch.bfloat16), device_map={"": PartialState().device})
-        return AutoModelForCausalLM.from_pretrained(source, **gguf, **quantization), tokenizer
-    except OSError as e:  # hub id with no network, or a folder without a model
-        fail(f"--base_model {path}: cannot be loaded ({str(e).splitlines()[0][:200]})")
-
-
-def prepare_lm(model, tokenizer):
-    """A dedicated pad token (never EOS: an <|endoftext|> inside a response must stay visible) and every dropout
-    layer off, as OAI runs policy, reference, value and reward models without dropout.
-    {OAI}/lm_human_preferences/language/model.py#L40-L59"""
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
-        model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        # GPT-2's gelu_new (OAI's gelu, {OAI}/lm_human_preferences/language/model.py#L35-L37) is the tanh formula
-        # as six elementwise ops; torch's gelu(approximate="tanh") is the same formula in one kernel (equal to float
-        # rounding), 5% of a PPO step on CPU.
-        for name, child in module.named_children():
-            if isinstance(child, NewGELUActivation):
-                setattr(module, name, GELUTanh())
-    # Weights read from safetensors point into the memory-mapped file at the file's own offsets (16-byte aligned for the
-    # nano model); tensors PyTorch allocates are 64-byte aligned. MKL orders a matmul's floating-point sums by the
-    # alignment of its inputs on Intel CPUs (https://www.intel.com/content/www/us/en/developer/articles/technical/getting-reproducible-results-with-intel-mkl.html),
-    # so there a loaded model and its deep copy round the same logits differently. Copied into memory of their own,
-    # the weights of every model (loaded, copied, resumed) run the same kernels on every CPU.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.device.type == "cpu":
-                p.data = p.data.clone()
-    return model, tokenizer
-
-
 def model_inputs(tokens: torch.Tensor, pad_token_id: int) -> dict:
-    """Pads are masked out and each real token's position counts only the real tokens before it, so that
-    padding (left or right) never changes a real token's output. {OAI}/lm_human_preferences/language/model.py#L265-L269"""
+    """Pads are masked out and each real token's position counts only the real tokens before it, so that padding (left
+    or right) never changes a real token's output. {OAI}/lm_human_preferences/language/model.py#L265-L269"""
     mask = tokens != pad_token_id
     return dict(input_ids=tokens, attention_mask=mask.long(), position_ids=(mask.cumsum(1) - 1).clamp(min=0))
 
@@ -973,7 +286,8 @@ class Sampler:
         """(tokens, log-probs, entropies, values or None), each (b, R), for (b, Q) left-padded queries."""
         b, Q = queries.shape
         if self.cache_shape != (b, Q + response_length):
-            self.cache, self.cache_shape = StaticCache(config=self.lm.config, max_cache_len=Q + response_length), (b, Q + response_length)
+            self.cache = StaticCache(config=self.lm.config, max_cache_len=Q + response_length)
+            self.cache_shape = (b, Q + response_length)
         else:
             self.cache.reset()
         inputs = model_inputs(queries, self.pad_token_id)
@@ -996,6 +310,702 @@ class Sampler:
                 logits, hidden = self.step(tokens[-1], mask, position)
         values = torch.cat(values, 1) if value_head is not None else None
         return torch.cat(tokens, 1), torch.cat(logprobs, 1), torch.cat(entropies, 1), values
+
+
+def response_logits(lm, tokens: torch.Tensor, pad_token_id: int, response_length: int) -> torch.Tensor:
+    """(b, R, V) logits that predict the R response tokens of (b, Q+R) query+response tokens. The output projection
+    (d x V, the largest matmul of a small model) runs on these R positions only, not on the Q query positions."""
+    return lm(**model_inputs(tokens, pad_token_id), logits_to_keep=response_length + 1).logits[:, :-1]
+
+
+def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float, pad_token_id: int) -> tuple:
+    """(log-probs (b, R) of the response tokens, entropies (b, R)) from the (b, R, V) logits that predict them.
+    {OAI}/lm_human_preferences/policy.py#L114-L126"""
+    logp = torch.log_softmax(sampling_logits(logits, temperature, pad_token_id), -1)  # (b, R, V)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return logp.gather(-1, responses.unsqueeze(-1)).squeeze(-1), entropy
+
+
+class FrozenReference:
+    """The frozen initial policy that KL penalties and DPO's log-ratios are measured against: a copy of the policy's
+    model made before training (kept in bf16 under --mixed_precision bf16; sharded under ZeRO-3: place_frozen), or,
+    under LoRA, the policy's own model with its adapters turned off, which is the initial model without a second copy in
+    memory."""
+
+    def __init__(self, lm, lora, accelerator, dtype):
+        self.lora = lora
+        self.lm = lm if lora is not None else place_frozen(copy.deepcopy(lm), accelerator, dtype)
+
+    @torch.no_grad()
+    def __call__(self, *inputs, logits_fn=None) -> torch.Tensor:
+        """(b, R, V) logits of R response tokens from the reference's model: logits_fn(lm, *inputs), by default
+        response_logits(lm, tokens, pad_token_id, response_length) of (b, Q+R) query+response tokens."""
+        with self.lora.disable_adapter() if self.lora is not None else nullcontext():
+            return (logits_fn or response_logits)(self.lm, *inputs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Truncation, rewards with the KL penalty, KL control
+# ---------------------------------------------------------------------------------------------------------
+
+
+def truncate_responses(responses: torch.Tensor, truncate_token: int, truncate_after: int,
+                       pad_token_id: int) -> torch.Tensor:
+    """Replace every token after the first truncate_token at or after index truncate_after with the pad token.
+    {OAI}/lm_human_preferences/lm_tasks.py#L39-L50"""
+    hit = responses == truncate_token
+    hit[:, :truncate_after] = False
+    after = (hit.long().cumsum(1) - hit.long()).bool()  # strictly after the first hit
+    return responses.masked_fill(after, pad_token_id)
+
+
+def penalize(scores: torch.Tensor, responses: torch.Tensor, truncate_token: int, truncate_after: int,
+             penalty: float) -> torch.Tensor:
+    """A response with no truncate_token at or after truncate_after gets `penalty` instead of its score.
+    {OAI}/lm_human_preferences/lm_tasks.py#L58-L65 and {OAI}/lm_human_preferences/train_policy.py#L384-L390"""
+    valid = (responses[:, truncate_after:] == truncate_token).any(1)
+    return torch.where(valid, scores, torch.full_like(scores, penalty))
+
+
+INVALID_LOGPROB = 1.0  # SFD's log-prob of a masked token: the same in the policy and the reference, so no KL
+
+
+def response_masks(truncated: torch.Tensor, pad_token_id: int, mask_after_truncate: bool) -> tuple:
+    """(valid (b, R), value_valid (b, R), score index (b,)) for (b, R) truncated responses. OAI trains on whole
+    responses: everything valid, the score at the last token. SFD masks what follows the truncate token: log-probs are
+    valid up to it, values one position further, and the score goes one position after it (or on it, when it is the last
+    token). {SFD}/summarize_from_feedback_details/ppo.py#L669-L685"""
+    R = truncated.shape[1]
+    if not mask_after_truncate:
+        valid = torch.ones_like(truncated, dtype=torch.bool)
+        return valid, valid, torch.full((len(truncated),), R - 1, device=truncated.device)
+    last = (truncated != pad_token_id).sum(1) - 1  # (b,): the truncate token, or R - 1 (sampled responses hold no pads)
+    idx = torch.arange(R, device=truncated.device)
+    return idx <= last[:, None], idx <= last[:, None] + 1, torch.where(last + 1 < R, last + 1, last)
+
+
+def compute_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_coef: float,
+                    score_index: torch.Tensor) -> tuple:
+    """Per-token rewards (b, R): -kl_coef * (logp - logp_ref) at every token, plus the score at score_index (OAI: the
+    last token). {OAI}/lm_human_preferences/train_policy.py#L149-L154"""
+    non_score_reward = -kl_coef * (logprobs - ref_logprobs)
+    rewards = non_score_reward.clone()
+    rewards[torch.arange(len(scores), device=scores.device), score_index] += scores
+    return rewards, non_score_reward
+
+
+class FixedKLController:
+    """{OAI}/lm_human_preferences/train_policy.py#L107-L112"""
+
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current: float, n_steps: int):
+        pass
+
+    def state_dict(self) -> dict:  # a checkpoint keeps the coefficient
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict):
+        self.value = state["value"]
+
+
+class AdaptiveKLController(FixedKLController):
+    """kl_coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon, with the target in nats per response and the
+    horizon in episodes. {OAI}/lm_human_preferences/train_policy.py#L115-L124"""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current: float, n_steps: int):
+        proportional_error = min(max(current / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + proportional_error * n_steps / self.horizon
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The PPO update: whitening, GAE, the clipped losses, TF1's Adam
+# ---------------------------------------------------------------------------------------------------------
+
+
+def whiten(values: torch.Tensor, shift_mean: bool = True, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(x - mean) / sqrt(var + 1e-8) over all (or the valid) elements with the biased variance (tf.nn.moments); with
+    shift_mean=False the mean is added back (rewards keep their mean).
+    {OAI}/lm_human_preferences/utils/core.py#L336-L341, masked as
+    {SFD}/summarize_from_feedback_details/ppo.py#L235-L241"""
+    valid = torch.ones_like(values, dtype=torch.bool) if valid is None else valid
+    mean = masked_mean(values, valid)
+    var = masked_mean((values - mean) ** 2, valid)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over the valid elements. {SFD}/summarize_from_feedback_details/ppo.py#L208-L213"""
+    return (values * valid).sum() / valid.sum()
+
+
+def compute_gae(values: torch.Tensor, rewards: torch.Tensor, gamma: float, lam: float) -> tuple:
+    """(advantages, returns), each (b, R): generalized advantage estimation backwards over the response tokens,
+    the value after the last token being 0. {OAI}/lm_human_preferences/train_policy.py#L327-L336"""
+    lastgaelam, reversed_advantages = 0.0, []
+    R = rewards.shape[1]
+    for t in reversed(range(R)):
+        nextvalues = values[:, t + 1] if t < R - 1 else 0.0
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        reversed_advantages.append(lastgaelam)
+    advantages = torch.stack(reversed_advantages[::-1], 1)
+    return advantages, advantages + values
+
+
+def ppo_loss(logprobs, values, old_logprobs, old_values, advantages, returns, valid, value_valid, cliprange: float,
+             cliprange_value: float, vf_coef: float) -> tuple:
+    """Clipped policy loss + vf_coef * clipped value loss (the max of clipped and unclipped squared errors), averaged
+    over the valid tokens (all of them, unless SFD's mask after the truncate token is on); each tensor (b, R).
+    {OAI}/lm_human_preferences/train_policy.py#L343-L357, {SFD}/summarize_from_feedback_details/ppo.py#L740-L755"""
+    vpredclipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    vf_losses1, vf_losses2 = (values - returns) ** 2, (vpredclipped - returns) ** 2
+    vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), value_valid)
+    ratio = torch.exp(logprobs - old_logprobs)
+    pg_losses, pg_losses2 = -advantages * ratio, -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), valid)
+    stats = {
+        "ppo/loss/policy": pg_loss, "ppo/loss/value": vf_loss,
+        "ppo/policy/approxkl": 0.5 * masked_mean((logprobs - old_logprobs) ** 2, valid),
+        "ppo/policy/clipfrac": masked_mean((pg_losses2 > pg_losses).float(), valid),
+        "ppo/val/vpred": masked_mean(values, value_valid),
+        "ppo/val/error": masked_mean((values - returns) ** 2, value_valid),
+        "ppo/val/clipfrac": masked_mean((vf_losses2 > vf_losses1).float(), value_valid),
+    }
+    return pg_loss + vf_coef * vf_loss, stats
+
+
+class AdamTensorFlowStyle(torch.optim.Optimizer):
+    """Adam as TF1's AdamOptimizer computes it, which OAI used (lr 1e-5-ish, epsilon 1e-5): the bias corrections
+    go into the step size and epsilon is added to sqrt(v) uncorrected ("epsilon hat"):
+        lr_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t);  p -= lr_t * m / (sqrt(v) + eps)
+    torch.optim.Adam instead adds eps to sqrt(v / (1 - beta2^t)): early in training, where 1 - beta2^t is small,
+    TF's epsilon is effectively larger by 1 / sqrt(1 - beta2^t), so TF-style takes smaller steps on
+    parameters with tiny gradients. {OAI}/lm_human_preferences/utils/core.py#L627"""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["step"], state["m"], state["v"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+                state["step"] += 1
+            if not params:
+                continue
+            # every parameter at once: foreach ops launch a few kernels per step, not a few per parameter
+            grads = [p.grad for p in params]
+            m, v = [self.state[p]["m"] for p in params], [self.state[p]["v"] for p in params]
+            torch._foreach_mul_(m, beta1)
+            torch._foreach_add_(m, grads, alpha=1 - beta1)  # m = beta1 m + (1 - beta1) g
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)  # v = beta2 v + (1 - beta2) g^2
+            denom = torch._foreach_add(torch._foreach_sqrt(v), group["eps"])  # sqrt(v) + eps, uncorrected
+            steps = [self.state[p]["step"] for p in params]
+            lr_t = [-group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t) for t in steps]
+            torch._foreach_addcdiv_(params, m, denom, lr_t)
+        return None
+
+
+def make_optimizer(params, name: str, lr: float, eps: float):
+    """TF-style Adam, torch's Adam, or torch's AdamW (its default weight decay 0.01, as SFD ran it)."""
+    if name == "adam_tf":
+        return AdamTensorFlowStyle(params, lr=lr, eps=eps)
+    return torch.optim.Adam(params, lr=lr, eps=eps) if name == "adam_pytorch" else torch.optim.AdamW(params, lr=lr,
+                                                                                                     eps=eps)
+
+
+def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[str] = None) -> Path:
+    """PPO. run_dir: the run folder (train_both.py gives its stage folder; --resume the folder to continue);
+    resume_command: what the message of a run stopped by a signal tells the user to type."""
+    world = start_processes().num_processes
+    num_updates, texts, eval_texts = check_args(args)
+    local_batch_size = args.batch_size // world
+    local_minibatch_size = local_batch_size // args.nminibatches
+    grad_accum = local_minibatch_size // args.local_micro_batch_size
+    accelerator = make_accelerator(args, args.local_micro_batch_size, grad_accum, compile=args.compile)
+    rank, device = accelerator.process_index, accelerator.device
+    if not resume_has_work(args.resume, world, zero_stage(accelerator)):
+        return Path(args.resume)
+
+    # 1. Models: policy with its value function (a head, or a critic copied from the reward or base model), frozen
+    #    reference policy, frozen reward model. Same init on every process. The frozen ones are sharded under ZeRO-3
+    #    (place_frozen) and kept in bf16 under --mixed_precision bf16; the policy's weights stay fp32 (autocast).
+    torch.manual_seed(args.seed)
+    lm, tokenizer = prepare_lm(*load_base_model(args.base_model, load_in_4bit=args.load_in_4bit))
+    reward_model, reward_tokenizer = load_reward_model(args.reward_model)
+    check_same_tokenizer(reward_tokenizer, tokenizer, args)
+    truncate_token = truncate_token_id(args.truncate_token, tokenizer)
+    gold_fn = gold_scorer(args.gold_labeler)
+    frozen_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
+    base_critic = RewardModel(copy.deepcopy(lm)) if args.value_model == "base" else None  # copied before LoRA wraps lm
+    lora = add_lora(lm, args)  # under LoRA only the adapters of lm train; the value head (or critic) trains in full
+    reference = FrozenReference(lm, lora, accelerator, frozen_dtype)
+    policy = PolicyAndValue(lm, copy.deepcopy(reward_model) if args.value_model == "reward" else base_critic)
+    reward_model = place_frozen(reward_model, accelerator, frozen_dtype)
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    # counted before ZeRO-3 shards the weights
+    num_trained, update_flops = sum(p.numel() for p in trained), ppo_update_flops(lm, args, local_batch_size)
+    optimizer = make_optimizer(trained, args.optimizer, args.lr, args.eps)
+    policy, optimizer = accelerator.prepare(policy, optimizer)  # DDP, or a DeepSpeed engine with its ZeRO optimizer
+    unwrapped = accelerator.unwrap_model(policy, keep_torch_compile=False)
+    pad = tokenizer.pad_token_id
+    sampler = Sampler(unwrapped.lm, pad, args.temperature, compile=args.compile)
+
+    # 2. Queries (TL;DR ones with their reference summaries), the same on every process, each taking its share; the KL
+    #    controller; a seed per process for sampling and minibatch shuffles.
+    #    {OAI}/lm_human_preferences/utils/core.py#L108-L113
+    # a Stream counts the batches drawn: a checkpoint keeps the position
+    batches = Stream(query_batches(texts, tokenizer, args.query_length, args.response_length, args.batch_size,
+                                   args.seed))
+    kl_ctl = (AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon) if args.adaptive_kl
+              else FixedKLController(args.kl_coef))
+    torch.manual_seed(args.seed + rank * 100003)
+
+    # The run folder, its log and checkpoints (a resumed run takes back the weights, optimizer, KL coefficient, query
+    # position, random generators and metrics of its last checkpoint); the held-out evaluation of the initial policy.
+    run = Run(accelerator, args, run_dir, resume_command or "python train_policy.py --resume {run_dir}", "episode",
+              keep_samples=True, objects=(kl_ctl, batches),
+              about=f"{num_updates} updates of {args.batch_size} episodes "
+              f"({world} process(es) x {args.nminibatches} minibatch(es) x {grad_accum} micro-batch(es) of "
+              f"{args.local_micro_batch_size}); {num_trained:,} trained policy and value parameters")
+    held_out = HeldOut(eval_texts, tokenizer, unwrapped.lm, policy, reward_model, gold_fn, args, accelerator)
+    held_out.before_training(run)
+    for update in run.steps(num_updates, "ppo", {"score": "objective/scores", "kl": "objective/kl",
+                                                 "gold": "objective/gold_score", "rougeL": "eval/rougeL"}):
+        t0 = now(device)
+        # lr annealed linearly to 0, constant within an update. {OAI}/lm_human_preferences/train_policy.py#L172-L173
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * (1 - update / num_updates)
+
+        # 3. Rollouts: sample with the policy, keeping the log-probs (and the shared head's values) of the samples from
+        #    the sampling pass itself, as OAI's respond_op ({OAI}/lm_human_preferences/policy.py#L97-L112); then, in
+        #    chunks of local_rollout_forward_batch_size episodes, the separate critic's values and the reference's
+        #    log-probs. Under ZeRO-3 the policy's weights are gathered for the whole rollout (full_weights).
+        queries, references = next(batches)
+        queries = queries[rank * local_batch_size : (rank + 1) * local_batch_size].to(device)  # (b, Q)
+        if references is not None:  # (b, R) TL;DR reference summaries
+            references = references[rank * local_batch_size : (rank + 1) * local_batch_size].to(device)
+        policy.eval()
+        chunk = args.local_rollout_forward_batch_size
+        with torch.no_grad(), accelerator.autocast(), full_weights(policy, accelerator):
+            value_head = unwrapped.value_head if unwrapped.critic is None else None
+            responses, logprobs, entropies, values = sampler(queries, args.response_length, value_head)  # (b, R) each
+            query_responses = torch.cat([queries, responses], 1)  # (b, Q+R)
+            if unwrapped.critic is not None:  # {SFD}/summarize_from_feedback_details/ppo.py#L637-L640
+                values = in_chunks(lambda qr: unwrapped.critic_values(qr, pad, args.response_length), chunk,
+                                   query_responses)
+            t_gen = now(device)
+
+            def reference_logprobs(query_responses: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:  # (b, R)
+                return response_logprobs(reference(query_responses, pad, args.response_length), responses,
+                                         args.temperature, pad)[0]
+
+            ref_logprobs = in_chunks(reference_logprobs, chunk, query_responses, responses)
+
+            # 4. Scores of the truncated responses by the reward model, less the reference summary's with trlX's
+            #    baseline; the penalty for no truncate token; the gold labeler's score. OAI trains on whole responses
+            #    and only the score sees the truncated ones; SFD masks what follows the truncate token.
+            truncated = responses
+            if truncate_token is not None:
+                truncated = truncate_responses(responses, truncate_token, args.truncate_after, pad)
+            scores = in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, truncated], 1))  # (b,)
+            if args.reference_baseline:  # trlX's reward_fn: r(post + sample) - r(post + reference summary)
+                # https://github.com/CarperAI/trlx/blob/7c8f1aad17de6f89dabd20ddf51dbe5e76fa09a1/examples/summarize_rlhf/trlx_gptj_text_summarization.py
+                scores = scores - in_chunks(lambda qr: reward_model(qr, pad), chunk,
+                                            torch.cat([queries, references], 1))
+            if truncate_token is not None:
+                scores = penalize(scores, truncated, truncate_token, args.truncate_after, args.penalty_reward_value)
+            response_texts, gold = gold_scores(gold_fn, queries, truncated, tokenizer, references is not None)
+            # valid, value_valid (b, R); score_index (b,)
+            valid, value_valid, score_index = response_masks(truncated, pad, args.mask_after_truncate)
+            # SFD: masked log-probs take one constant value, so they add no KL.
+            # {SFD}/summarize_from_feedback_details/ppo.py#L673-L677
+            logprobs = logprobs.masked_fill(~valid, INVALID_LOGPROB)
+            ref_logprobs = ref_logprobs.masked_fill(~valid, INVALID_LOGPROB)
+            values = values.masked_fill(~value_valid, 0.0)
+            rewards, non_score_reward = compute_rewards(scores, logprobs, ref_logprobs, kl_ctl.value, score_index)
+        t_score = now(device)
+
+        # 5. PPO: noptepochs passes over the batch, reshuffled each time; per minibatch the rewards are whitened
+        #    (mean kept), GAE computed and advantages whitened, as inside OAI's loss; micro-batches accumulate
+        #    gradients (accelerator.accumulate divides each loss by grad_accum), and DDP averages them across processes
+        #    at the last one (DeepSpeed: reduces them and steps there; optimizer.step() is then a no-op).
+        policy.train()
+        minibatch_stats = []
+        for _ in range(args.noptepochs):
+            order = torch.randperm(local_batch_size, device=device)
+            for start in range(0, local_batch_size, local_minibatch_size):
+                minibatch = order[start : start + local_minibatch_size]
+                mb_rewards = rewards[minibatch]
+                if args.whiten_rewards:
+                    mb_rewards = whiten(mb_rewards, shift_mean=False, valid=value_valid[minibatch])
+                    mb_rewards = mb_rewards.masked_fill(~value_valid[minibatch], 0.0)
+                advantages, returns = compute_gae(values[minibatch], mb_rewards, args.gamma, args.lam)
+                advantages = whiten(advantages, valid=valid[minibatch]).masked_fill(~valid[minibatch], 0.0)
+                stats = {"ppo/returns/mean": returns.mean(), "ppo/returns/var": returns.var(unbiased=False),
+                         "ppo/val/mean": values[minibatch].mean(), "ppo/val/var": values[minibatch].var(unbiased=False)}
+                for micro_start in range(0, local_minibatch_size, args.local_micro_batch_size):
+                    rows = slice(micro_start, micro_start + args.local_micro_batch_size)  # of the minibatch
+                    episodes = minibatch[rows]  # of the batch
+                    with accelerator.accumulate(policy):
+                        new_logits, new_values = policy(query_responses[episodes], pad, args.response_length)
+                        new_logprobs, entropy = response_logprobs(new_logits, responses[episodes], args.temperature,
+                                                                  pad)
+                        new_logprobs = new_logprobs.masked_fill(~valid[episodes], INVALID_LOGPROB)
+                        new_values = new_values.masked_fill(~value_valid[episodes], 0.0)
+                        loss, micro_stats = ppo_loss(new_logprobs, new_values, logprobs[episodes], values[episodes],
+                                                     advantages[rows], returns[rows], valid[episodes],
+                                                     value_valid[episodes], args.cliprange, args.cliprange_value,
+                                                     args.vf_coef)
+                        accelerator.backward(loss)
+                    micro_stats.update({"ppo/loss/total": loss,
+                                        "ppo/policy/entropy": masked_mean(entropy, valid[episodes])})
+                    for name, value in micro_stats.items():
+                        stats[name] = stats.get(name, 0) + value.detach() / grad_accum
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                minibatch_stats.append(stats)
+        t_update = now(device)
+
+        # 6. OAI's statistics of the rollouts ({OAI}/lm_human_preferences/train_policy.py#L217-L261), averaged over
+        #    processes with the minibatches' (ppo_metrics); the held-out evaluation every eval_every updates; then the
+        #    KL controller steps on the batch's KL. {OAI}/lm_human_preferences/train_policy.py#L305
+        kl = (logprobs - ref_logprobs).sum(1)  # (b,)
+        rollout_stats = {
+            "objective/kl": kl.mean(), "objective/entropy": (-logprobs * valid).sum(1).mean(),
+            "objective/scores": scores.mean(), "objective/score_total": scores.mean() + non_score_reward.sum(1).mean(),
+            "objective/entropy_exact": (entropies * valid).sum(1).mean(),  # the same quantity without sampling noise
+        }
+        if truncate_token is not None:  # the responses that ended early
+            rollout_stats["objective/truncated_fraction"] = (truncated == pad).any(1).float().mean()
+        if gold is not None:
+            rollout_stats["objective/gold_score"] = gold.mean()
+        metrics = ppo_metrics(accelerator, update, num_updates, args, rollout_stats, minibatch_stats, kl_ctl.value,
+                              (t0, t_gen, t_score, t_update), update_flops)
+        eval_texts_out = held_out.every(update + 1, num_updates, metrics)
+        kl_ctl.update(metrics["objective/kl"], args.batch_size)
+
+        # The samples shown and kept, the metrics logged; a NaN or inf stops the run (exit 3); a checkpoint every
+        # save_every updates, and when SIGTERM or SIGINT asked the run to stop, which it then does (exit 128 + signal).
+        rows = sample_rows(update + 1, queries, response_texts, scores, gold, kl,
+                           min(args.num_print_samples, local_batch_size), tokenizer)
+        show_samples(run, update, num_updates, rows, eval_texts_out, args)
+        run.end_step(update + 1, num_updates, metrics)
+
+    # The policy (language model + value head, or the critic as a reward-model folder), the sample tables and the
+    # summary of the run. Under ZeRO-3 every process gathers the weights; the main one writes them.
+    save_policy(accelerator, policy, unwrapped, lora, tokenizer, run.dir)
+    run.finish(summarize, "PPO")
+    return run.dir
+
+
+# =========================================================================================================
+# Plumbing. Everything below serves train() above and is not the algorithm: the command line and the presets, reading
+# the data, loading the models, LoRA, measuring, the run folder, checkpoints and resume, signals, DeepSpeed, the checks
+# of the arguments, the metrics and the summary. The `# Copied from` blocks are shared with the other scripts and kept
+# identical by tests/test_pipeline.py.
+# =========================================================================================================
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line and the presets (OAI's launch.py, SFD's recipe, the twin)
+# ---------------------------------------------------------------------------------------------------------
+
+
+FLAG_PREFIX = "--"  # how messages spell a flag: train_both.py sets "--reward." / "--policy." while a stage runs
+
+
+def fail(message: str):
+    """Bad input: one line on stderr naming the flag as the user typed it, exit status 2, before anything is written."""
+    message = re.sub(r"(?<![\w.-])--(?=[a-z])", FLAG_PREFIX, message)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def cli(args_class, presets: dict, description: str):
+    """tyro CLI with an optional first positional preset name: `script.py sentiment --seed 2`. `--resume <run folder>`
+    comes alone: the run continues with the arguments it started with, read back from its args.json."""
+    argv = sys.argv[1:]
+    preset = argv[:1] if argv and not argv[0].startswith("-") else []
+    default = args_class()
+    if preset:
+        if preset[0] not in presets:
+            fail(f"unknown preset {preset[0]!r}; presets: {', '.join(presets)}")
+        default = replace(default, **presets[preset[0]])
+    args = tyro.cli(args_class, default=default, args=argv[len(preset) :], description=description,
+                    use_underscores=True)
+    if args.resume is None:
+        return args
+    if len(argv) > (1 if argv[0].startswith("--resume=") else 2):
+        fail("--resume continues a run with the arguments it started with (its args.json): give no other flag or "
+             "preset")
+    if not os.path.isfile(os.path.join(args.resume, "args.json")):
+        fail(f"--resume {args.resume}: not a run folder (no args.json)")
+    with open(os.path.join(args.resume, "args.json")) as f:
+        return replace(args_from_json(args_class, json.load(f)), resume=args.resume)
+
+
+def args_from_json(args_class, values: dict):
+    """args_class rebuilt from its args.json (nested argument classes too); other keys (world_size, ...) are facts of
+    the run."""
+    kwargs = {}
+    for f in fields(args_class):
+        if f.name in values:
+            default = getattr(args_class(), f.name)
+            kwargs[f.name] = args_from_json(type(default), values[f.name]) if is_dataclass(default) else values[f.name]
+    return args_class(**kwargs)
+
+
+PRESETS = {
+    # OAI's launch.py: books_task + get_experiments()['sentiment'|'descriptiveness']
+    # https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66/launch.py#L8-L19
+    # https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66/launch.py#L116-L152
+    "sentiment": dict(
+        exp_name="sentiment", base_model="gpt2", query_dataset="bookcorpus", query_length=64, response_length=24,
+        truncate_token=".", truncate_after=16, penalty_reward_value=-1.0, temperature=0.7,
+        total_episodes=1_000_000, batch_size=512, nminibatches=1, noptepochs=4, local_micro_batch_size=16, lr=1e-5,
+        vf_coef=0.1, cliprange=0.2, cliprange_value=0.2, gamma=1.0, lam=0.95, whiten_rewards=True,
+        kl_coef=0.15, adaptive_kl=True, kl_target=6.0, kl_horizon=10000, gold_labeler="vader",
+    ),
+}
+
+
+# the same task and hyperparameters; only the labels (hence the reward model) differ. VADER is no judge of it.
+PRESETS["descriptiveness"] = {**PRESETS["sentiment"], "exp_name": "descriptiveness", "gold_labeler": "none"}
+
+
+# SFD's 1B PPO recipe on its TL;DR data: {SFD}/summarize_from_feedback_details/ppo.py#L41-L157, sbatches/ppo.sbatch
+# (pythia-1b-deduped: 8 GPUs x micro-batch 16 x 4 accumulation = 512). base_model is the tldr SFT run's model.
+PRESETS["tldr"] = dict(
+    exp_name="tldr", base_model="models/sft_tldr",
+    query_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
+    query_length=512, response_length=53, truncate_token="eos", truncate_after=0, penalty_reward_value=-1.0,
+    temperature=0.7, total_episodes=1_000_000, batch_size=512, nminibatches=1, noptepochs=4, local_micro_batch_size=16,
+    local_rollout_forward_batch_size=64, lr=3e-6, eps=1e-5, optimizer="adamw", vf_coef=0.1, cliprange=0.2,
+    cliprange_value=0.2, gamma=1.0, lam=0.95, whiten_rewards=False, mask_after_truncate=True, value_model="reward",
+    kl_coef=0.05, adaptive_kl=False, gold_labeler="none",
+    eval_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
+    eval_split="validation", eval_temperature=0.01,
+)
+
+
+# the summarization twin: SFD's details on the nano SFT model and data/tldr/, sized for two CPU cores (2 PPO epochs at
+# lr 3e-5 instead of 4 at 3e-6: the same judge gain as 4 epochs at 2e-5 in 60% of the time)
+PRESETS["tldr_twin"] = {**PRESETS["tldr"], **dict(
+    exp_name="policy", base_model="runs/tldr_twin/sft_model", query_dataset="data/tldr/train.jsonl.gz",
+    query_length=160, response_length=48, total_episodes=1024, batch_size=64, local_micro_batch_size=32,
+    local_rollout_forward_batch_size=64, noptepochs=2, lr=3e-5, kl_coef=0.05, reference_baseline=True,
+    gold_labeler="tldr_judge", eval_dataset="data/tldr/validation.jsonl.gz",
+    # the nano model loops when decoding near-greedily
+    num_eval=256, eval_every=4, eval_temperature=0.7, print_sample_every=8,
+)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: queries
+# ---------------------------------------------------------------------------------------------------------
+
+
+TLDR_KEYS = ("subreddit", "title", "post", "summary")
+
+
+def load_texts(path: str, split: str, flag: str = "--query_dataset"):
+    """Query data, indexable: books texts (str) from a local .jsonl(.gz) of JSON strings (OAI's
+    book_passages/{mode}.jsonl) or of objects with "text" (data/corpus.jsonl.gz), or from a hub dataset with a "text"
+    column (bookcorpus); or TL;DR rows (dict with subreddit, title, post, summary) from a .jsonl(.gz) (data/tldr/,
+    summarize-from-feedback's tldr_3_filtered) or a hub dataset with those columns."""
+    if os.path.exists(path) or path.endswith((".jsonl", ".gz", ".json")):
+        if not os.path.isfile(path):
+            fail(f"{flag} {path}: file not found")
+        texts = []
+        try:
+            with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path,
+                                                                                            encoding="utf-8")) as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        text = json.loads(line)
+                        if isinstance(text, dict) and "post" not in text:
+                            text = text.get("text")
+                        if isinstance(text, dict) and not all(isinstance(text.get(k), str) for k in TLDR_KEYS):
+                            fail(f"{flag} {path}: line {n} is a TL;DR row without string {', '.join(TLDR_KEYS)}")
+                        if not isinstance(text, (str, dict)) or (texts and type(text) is not type(texts[0])):
+                            fail(f"{flag} {path}: line {n} is neither a JSON string, an object with a string \"text\" "
+                                 "nor a TL;DR "
+                                 "row like the lines before it")
+                        texts.append(text)
+        except json.JSONDecodeError as e:
+            fail(f"{flag} {path}: line {n} is not valid JSON ({e.msg})")
+        except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
+            fail(f"{flag} {path}: cannot be read ({e})")
+    else:
+        import datasets
+
+        try:
+            texts = datasets.load_dataset(path, split=split)
+        except Exception as e:  # offline, unknown id or split: one line, exit 2
+            fail(f"{flag} {path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        if set(TLDR_KEYS) <= set(texts.column_names):
+            texts = texts.select_columns(list(TLDR_KEYS))  # rows as dicts
+        elif "text" in texts.column_names:
+            texts = texts["text"]  # a lazy column: BookCorpus's 74M rows stay memory-mapped
+        else:
+            fail(f"{flag} {path}: split {split} has neither a \"text\" column nor the TL;DR columns "
+                 f"{', '.join(TLDR_KEYS)}")
+    if len(texts) == 0:
+        fail(f"{flag} {path}: no texts")
+    return texts
+
+
+def format_query(tokens: list, dot: int, query_length: int, pad_token_id: int) -> Optional[list]:
+    """OAI's books query: start after the first '.', keep query_length tokens, end after the last '.';
+    None when there is no '.' to end at. Left-padded with the pad token (OAI right-pads and gives explicit
+    positions; left padding with explicit positions is the same function and lets sampling append on the right).
+    {OAI}/lm_human_preferences/language/datasets.py#L48-L67"""
+    if dot in tokens:
+        first = tokens.index(dot) + 1
+        if first < len(tokens):
+            tokens = tokens[first:]
+    tokens = tokens[:query_length]
+    if dot not in tokens:
+        return None
+    tokens = tokens[: len(tokens) - tokens[::-1].index(dot)]
+    return [pad_token_id] * (query_length - len(tokens)) + tokens
+
+
+def format_tldr_query(row: dict, tokenizer, query_length: int) -> list:
+    """OAI's TL;DR query: SUBREDDIT/TITLE/POST/TL;DR, the post cut at its last newline (else its last character) until
+    the query fits, then left-padded with the pad token to `query_length` tokens.
+
+    https://github.com/openai/summarize-from-feedback/blob/700967448d10004279f138666442bf1497d0e705/summarize_from_feedback/tasks.py#L98-L165"""
+    fmt = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
+    post = row["post"]
+    tokens = tokenizer.encode(fmt.format(subreddit=row["subreddit"], title=row["title"], post=post))
+    while len(tokens) > query_length:
+        if not post:
+            fail(f"--query_length {query_length} is too short for the title of post {row.get('id', '?')}")
+        cut = post.rfind("\n")
+        post = post[:cut] if cut >= 0 else post[:-1]
+        tokens = tokenizer.encode(fmt.format(subreddit=row["subreddit"], title=row["title"], post=post))
+    return [tokenizer.pad_token_id] * (query_length - len(tokens)) + tokens
+
+
+def format_tldr_response(summary: str, tokenizer, response_length: int) -> list:
+    """SFD's reference response ' {summary}<|endoftext|>' (the upstream summary has no leading space), its text cut to
+    response_length - 1 tokens so that the EOS stays, right-padded to response_length tokens.
+    {SFD}/summarize_from_feedback_details/tldr_dataset.py#L186-L199"""
+    tokens = tokenizer.encode(" " + summary)[: response_length - 1] + [tokenizer.eos_token_id]
+    return tokens + [tokenizer.pad_token_id] * (response_length - len(tokens))
+
+
+def query_batches(texts, tokenizer, query_length: int, response_length: int, batch_size: int, seed: int):
+    """Endless global batches in a shuffled order that is the same on every process (each process then takes its own
+    slice, as OAI shards the dataset over ranks): (queries (B, Q), reference responses (B, R)) for TL;DR rows, as
+    SFD's query data carries them, and (queries (B, Q), None) for books texts."""
+    dot = tokenizer.convert_tokens_to_ids(".")
+    gen, batch, references = torch.Generator().manual_seed(seed), [], []
+    while True:
+        found = False
+        for i in torch.randperm(len(texts), generator=gen).tolist():
+            row = texts[i]
+            if isinstance(row, str):
+                query = format_query(tokenizer.encode(row), dot, query_length, tokenizer.pad_token_id)
+                if query is None:
+                    continue
+            else:
+                query = format_tldr_query(row, tokenizer, query_length)
+                references.append(format_tldr_response(row["summary"], tokenizer, response_length))
+            found = True
+            batch.append(query)
+            if len(batch) == batch_size:
+                yield torch.tensor(batch), (torch.tensor(references) if references else None)
+                batch, references = [], []
+        if not found:
+            fail(f"no text of the query dataset has a '.' in its first {query_length} tokens after the first '.'")
+
+
+def truncate_token_id(name: Optional[str], tokenizer) -> Optional[int]:
+    """The id of --truncate_token: None, "eos" (the tokenizer's EOS, SFD's truncate_token) or a text of one token."""
+    if name is None or name == "eos":
+        return None if name is None else tokenizer.eos_token_id
+    ids = tokenizer.encode(name)
+    if len(ids) != 1:
+        fail(f"--truncate_token {name!r} is not a single token")
+    return ids[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_base_model(path: str, weights: bool = True, load_in_4bit: bool = False):
+    """(model, tokenizer) from a hub id, a local folder or a .gguf file; with weights=False (config, tokenizer), what
+    the checks of the arguments need. A .gguf file is de-quantized to fp32 as it is read (GgufConfig(dequantize=True)):
+    the result is an ordinary trainable model without a quantization marker, which save_pretrained writes as a plain
+    Hugging Face folder that every script loads back. (Read without it, transformers keeps the model marked as
+    GGUF-quantized and refuses to save it.) load_in_4bit: the weights quantized to 4-bit NF4 (bitsandbytes, QLoRA's
+    format), computing in bf16."""
+    source, gguf = path, {}
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            fail(f"--base_model {path}: file not found")
+        source, name = os.path.split(os.path.abspath(path))
+        gguf = dict(gguf_file=name)
+    elif not os.path.isdir(path) and (path.startswith((".", "/")) or path.count("/") > 1):
+        fail(f"--base_model {path}: folder not found")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
+        if not weights:
+            return AutoConfig.from_pretrained(source, **gguf), tokenizer
+        quantization = dict(quantization_config=GgufConfig(dequantize=True)) if gguf else {}
+        if load_in_4bit:
+            quantization = dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                                       bnb_4bit_compute_dtype=torch.bfloat16),
+                                                                       device_map={"": PartialState().device})
+        return AutoModelForCausalLM.from_pretrained(source, **gguf, **quantization), tokenizer
+    except OSError as e:  # hub id with no network, or a folder without a model
+        fail(f"--base_model {path}: cannot be loaded ({str(e).splitlines()[0][:200]})")
+
+
+def prepare_lm(model, tokenizer):
+    """A dedicated pad token (never EOS: an <|endoftext|> inside a response must stay visible) and every dropout
+    layer off, as OAI runs policy, reference, value and reward models without dropout.
+    {OAI}/lm_human_preferences/language/model.py#L40-L59"""
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        # GPT-2's gelu_new (OAI's gelu, {OAI}/lm_human_preferences/language/model.py#L35-L37) is the tanh formula
+        # as six elementwise ops; torch's gelu(approximate="tanh") is the same formula in one kernel (equal to float
+        # rounding), 5% of a PPO step on CPU.
+        for name, child in module.named_children():
+            if isinstance(child, NewGELUActivation):
+                setattr(module, name, GELUTanh())
+    # Weights read from safetensors point into the memory-mapped file at the file's own offsets (16-byte aligned for the
+    # nano model); tensors PyTorch allocates are 64-byte aligned. MKL orders a matmul's floating-point sums by the
+    # alignment of its inputs on Intel CPUs
+    # (https://www.intel.com/content/www/us/en/developer/articles/technical/getting-reproducible-results-with-intel-mkl.html),
+    # so there a loaded model and its deep copy round the same logits differently. Copied into memory of their own, the
+    # weights of every model (loaded, copied, resumed) run the same kernels on every CPU.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.device.type == "cpu":
+                p.data = p.data.clone()
+    return model, tokenizer
 
 
 def in_chunks(fn, size: int, *tensors: torch.Tensor) -> torch.Tensor:
@@ -1032,7 +1042,8 @@ class RewardModel(nn.Module):
     def forward(self, tokens: torch.Tensor, pad_token_id: int) -> torch.Tensor:
         """(b,) rewards of (b, T) query+response tokens, read at the last real token: the EOS of a response truncated
         there (SFD reads the reward at the EOS token, {SFD}/summarize_from_feedback_details/ppo.py#L282-L300), else its
-        last token. OAI reads the last position; a masked pad makes it independent of right padding. {OAI}/lm_human_preferences/rewards.py#L47"""
+        last token. OAI reads the last position; a masked pad makes it independent of right padding.
+        {OAI}/lm_human_preferences/rewards.py#L47"""
         last = (tokens != pad_token_id).long().cumsum(1).argmax(1)  # (b,): the last real token
         return self.scores(tokens, pad_token_id)[torch.arange(len(tokens), device=tokens.device), last]
 
@@ -1063,7 +1074,8 @@ def swap_in(tmp: Path, folder: Path):
 def load_reward_model(folder: str):
     """(RewardModel, tokenizer) from a folder written by save_reward_model."""
     if not os.path.isfile(os.path.join(folder, "reward_head.safetensors")):
-        fail(f"--reward_model {folder}: not a reward model folder (no reward_head.safetensors; train one with train_reward.py)")
+        fail(f"--reward_model {folder}: not a reward model folder (no reward_head.safetensors; train one with "
+             "train_reward.py)")
     lm, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     model = RewardModel(prepare_lm(lm, tokenizer)[0])
     head = load_file(os.path.join(folder, "reward_head.safetensors"))
@@ -1075,18 +1087,13 @@ def load_reward_model(folder: str):
     return model, tokenizer
 
 
-def response_logits(lm, tokens: torch.Tensor, pad_token_id: int, response_length: int) -> torch.Tensor:
-    """(b, R, V) logits that predict the R response tokens of (b, Q+R) query+response tokens. The output projection
-    (d x V, the largest matmul of a small model) runs on these R positions only, not on the Q query positions."""
-    return lm(**model_inputs(tokens, pad_token_id), logits_to_keep=response_length + 1).logits[:, :-1]
-
-
 def check_lora(args):
     """The LoRA and QLoRA flags, checked before anything runs."""
     if args.lora_r < 0 or (args.lora_r and args.lora_alpha <= 0) or not 0 <= args.lora_dropout < 1:
         fail(f"--lora_r {args.lora_r} must be at least 0, --lora_alpha positive, --lora_dropout in [0, 1)")
     if args.load_in_4bit and not torch.cuda.is_available():
-        fail("--load_in_4bit (QLoRA) quantizes the weights with bitsandbytes on a CUDA GPU, and this machine has none; LoRA alone (--lora_r) runs on a CPU")
+        fail("--load_in_4bit (QLoRA) quantizes the weights with bitsandbytes on a CUDA GPU, and this machine has none; "
+             "LoRA alone (--lora_r) runs on a CPU")
     if args.load_in_4bit and args.lora_r == 0:
         fail("--load_in_4bit trains LoRA adapters over frozen 4-bit weights: give --lora_r too")
 
@@ -1095,7 +1102,8 @@ def add_lora(lm, args):
     """LoRA adapters (Hu et al. 2021, through peft) on lm's layers when --lora_r > 0, injected in place: lm keeps its
     class and forward, and only the adapters of its weights train (the caller's heads train in full). Returns the
     PeftModel around lm, which turns the adapters off (disable_adapter(): the initial model, the reference of PPO and
-    DPO without a second copy) or merges them into the weights (merge_and_unload(), before saving); None without LoRA."""
+    DPO without a second copy) or merges them into the weights (merge_and_unload(), before saving); None without
+    LoRA."""
     if args.lora_r == 0:
         return None
     import peft
@@ -1104,8 +1112,8 @@ def add_lora(lm, args):
         lm = peft.prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
     targets = "all-linear" if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
     transposed = any(isinstance(m, Conv1D) for m in lm.modules())  # GPT-2 stores its linear weights as (in, out)
-    config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
-                             fan_in_fan_out=transposed)
+    config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                             target_modules=targets, fan_in_fan_out=transposed)
     try:
         return peft.get_peft_model(lm, config)
     except ValueError as e:  # no such module
@@ -1118,25 +1126,8 @@ def saved_lm(lm, lora):
     return lm if lora is None else lora.merge_and_unload()
 
 
-class FrozenReference:
-    """The frozen initial policy that KL penalties and DPO's log-ratios are measured against: a copy of the policy's
-    model made before training (kept in bf16 under --mixed_precision bf16; sharded under ZeRO-3: place_frozen), or, under
-    LoRA, the policy's own model with its adapters turned off, which is the initial model without a second copy in memory."""
-
-    def __init__(self, lm, lora, accelerator, dtype):
-        self.lora = lora
-        self.lm = lm if lora is not None else place_frozen(copy.deepcopy(lm), accelerator, dtype)
-
-    @torch.no_grad()
-    def __call__(self, *inputs, logits_fn=None) -> torch.Tensor:
-        """(b, R, V) logits of R response tokens from the reference's model: logits_fn(lm, *inputs), by default
-        response_logits(lm, tokens, pad_token_id, response_length) of (b, Q+R) query+response tokens."""
-        with self.lora.disable_adapter() if self.lora is not None else nullcontext():
-            return (logits_fn or response_logits)(self.lm, *inputs)
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Measuring: FLOPs, the gold labelers, the held-out evaluation, the clock, the run folder
+# Measuring: FLOPs, the gold labelers, the held-out evaluation, the clock
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -1146,9 +1137,20 @@ def forward_flops(lm, seq_len: int, logit_positions: int) -> float:
     same for the output projection's weight per logit position, plus attention's two (T x T x d) products per
     layer. The backward pass costs twice the forward, so a training step costs 3x this."""
     body = lm.base_model
-    weights = sum(p.numel() for p in body.parameters()) - sum(m.weight.numel() for m in body.modules() if isinstance(m, nn.Embedding))
+    embeddings = sum(m.weight.numel() for m in body.modules() if isinstance(m, nn.Embedding))
+    weights = sum(p.numel() for p in body.parameters()) - embeddings
     attention = 2 * 2 * lm.config.num_hidden_layers * seq_len * seq_len * lm.config.hidden_size
     return 2.0 * weights * seq_len + 2.0 * lm.get_output_embeddings().weight.numel() * logit_positions + attention
+
+
+def ppo_update_flops(lm, args, local_batch_size: int) -> float:
+    """FLOPs of one PPO update on this process: noptepochs passes of forward + backward (3x a forward) over its share of
+    the batch, through the policy and, when it is separate, the critic."""
+    seq_len = args.query_length + args.response_length
+    flops = args.noptepochs * local_batch_size * 3 * forward_flops(lm, seq_len, args.response_length + 1)
+    if args.value_model != "shared":
+        flops += args.noptepochs * local_batch_size * 3 * forward_flops(lm, seq_len, 0)
+    return flops
 
 
 def gold_scorer(name: str):
@@ -1165,21 +1167,38 @@ def gold_scorer(name: str):
     return lambda texts, queries: [analyzer.polarity_scores(t)["compound"] for t in texts]
 
 
+def gold_scores(gold_fn, queries: torch.Tensor, responses: torch.Tensor, tokenizer, tldr: bool) -> tuple:
+    """(the decoded responses, the gold labeler's (b,) scores of them or None). TL;DR summaries are decoded without
+    their EOS, as the judge and the sample tables read them."""
+    pad = tokenizer.pad_token_id
+    texts = tokenizer.batch_decode([r[r != pad] for r in responses], skip_special_tokens=tldr)
+    if gold_fn is None:
+        return texts, None
+    query_texts = tokenizer.batch_decode([q[q != pad] for q in queries])
+    return texts, torch.tensor(gold_fn(texts, query_texts), device=queries.device)
+
+
 def rouge(summaries: list, references: list) -> list:
-    """Per pair {rouge1, rouge2, rougeL}: F1 of each summary against its reference, by rouge-score without stemming, as SFD's
-    evaluate.load("rouge") computes it. {SFD}/summarize_from_feedback_details/sft.py#L37"""
+    """Per pair {rouge1, rouge2, rougeL}: F1 of each summary against its reference, by rouge-score without stemming, as
+    SFD's evaluate.load("rouge") computes it. {SFD}/summarize_from_feedback_details/sft.py#L37"""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
-    return [{k: v.fmeasure for k, v in scorer.score(ref, summary).items()} for summary, ref in zip(summaries, references)]
+    return [{k: v.fmeasure for k, v in scorer.score(ref, summary).items()} for summary,
+            ref in zip(summaries, references)]
 
 
 # The summarization twin's judge: the labeler of its comparisons and the gold score of its runs (data/README.md).
-STOP_WORDS = frozenset("""a about above after again against all also am an and any are as at away back be because been before
-being below between both but by can could did do does doing down during each even ever every few for from further had has
-have having he her here hers herself him himself his how i if in into is it its itself just like me more most much my myself
-no nor not now of off on once one only onto or other our ours ourselves out over own same she should so some still such than
-that the their theirs them themselves then there these they this those through to too under until up upon us very was we were
+STOP_WORDS = frozenset("""a about above after again against all also am an and any are as at away back be because been
+before
+being below between both but by can could did do does doing down during each even ever every few for from further had
+has
+have having he her here hers herself him himself his how i if in into is it its itself just like me more most much my
+myself
+no nor not now of off on once one only onto or other our ours ourselves out over own same she should so some still such
+than
+that the their theirs them themselves then there these they this those through to too under until up upon us very was we
+were
 what when where which while who whom why will with would yet you your yours yourself yourselves""".split())
 
 
@@ -1203,15 +1222,15 @@ def porter_stem(word: str) -> str:
 
 def judge_summary(post: str, summary: str, key_words: int = 8, max_words: int = 30, length_penalty: float = 0.02,
                   repeat_penalty: float = 1.0) -> dict:
-    """The twin's stand-in for OpenAI's labelers, who read a post (and its title) and rated a summary on 7-point scales for
-    accuracy, coverage, coherence and overall quality (Stiennon et al. 2020). It reads the post and the summary, nothing
-    else (no reference summary; the title is no source: a copy of it would score as high as the reference). Returns
-    {"score", "faithful", "coverage", "repeated", "words"}:
-    faithful (accuracy): the share of the summary's content words that occur in the post (nothing made up);
-    coverage: the share of the post's key words (its `key_words` most frequent content words used at least twice) that
-    the summary mentions (its faithfulness if no word is used twice); repeated (coherence): the share of the summary's
-    word bigrams that repeat an earlier one; score = (faithful + coverage) / 2 - repeat_penalty * repeated -
-    length_penalty per word past max_words (concision; SmolLM2's reference summaries: median 25 words, 95% at most 33)."""
+    """The twin's stand-in for OpenAI's labelers, who read a post (and its title) and rated a summary on 7-point scales
+    for accuracy, coverage, coherence and overall quality (Stiennon et al. 2020). It reads the post and the summary,
+    nothing else (no reference summary; the title is no source: a copy of it would score as high as the reference).
+    Returns {"score", "faithful", "coverage", "repeated", "words"}: faithful (accuracy): the share of the summary's
+    content words that occur in the post (nothing made up); coverage: the share of the post's key words (its `key_words`
+    most frequent content words used at least twice) that the summary mentions (its faithfulness if no word is used
+    twice); repeated (coherence): the share of the summary's word bigrams that repeat an earlier one; score = (faithful
+    + coverage) / 2 - repeat_penalty * repeated - length_penalty per word past max_words (concision; SmolLM2's reference
+    summaries: median 25 words, 95% at most 33)."""
     said, counts = content_words(summary), collections.Counter(content_words(post))
     faithful = sum(w in counts for w in said) / len(said) if said else 0.0
     keys = [w for w, c in counts.most_common(key_words) if c >= 2]  # ties: the word used first comes first
@@ -1225,8 +1244,8 @@ def judge_summary(post: str, summary: str, key_words: int = 8, max_words: int = 
 
 
 def query_post(query: str) -> str:
-    """The post read back from a decoded TL;DR query (format_tldr_query's format, pads removed): the judge reads what the
-    policy was shown, a post cut to fit the query included."""
+    """The post read back from a decoded TL;DR query (format_tldr_query's format, pads removed): the judge reads what
+    the policy was shown, a post cut to fit the query included."""
     m = re.search(r"\n\nPOST: (.*)\n\nTL;DR:", query, flags=re.S)
     if m is None:
         raise ValueError(f"not a TL;DR query (SUBREDDIT/TITLE/POST/TL;DR): {query[:80]!r}")
@@ -1239,20 +1258,22 @@ def tldr_judge(summaries: list, queries: list) -> list:
 
 
 @torch.no_grad()
-def evaluate(sampler: "Sampler", reward_model, queries: torch.Tensor, references: torch.Tensor, tokenizer, args, gold_fn,
-             accelerator, chunk: int = 64) -> dict:
+def evaluate(sampler: "Sampler", reward_model, queries: torch.Tensor, references: torch.Tensor, tokenizer, args,
+             gold_fn, accelerator, chunk: int = 64) -> dict:
     """(metrics, this process's summaries): summaries of held-out (b, Q) queries sampled at the sampler's (evaluation)
-    temperature and cut at the truncate token as in training; ROUGE-1/2/L F1 against the (b, R) reference responses,
-    the reward model's win rate against them and its mean score, and the gold judge's mean, as SFD evaluates
-    ({SFD}/summarize_from_feedback_details/ppo.py#L371-L416). Each process takes every world-th query; the means cover all."""
+    temperature and cut at the truncate token as in training; ROUGE-1/2/L F1 against the (b, R) reference responses, the
+    reward model's win rate against them and its mean score, and the gold judge's mean, as SFD evaluates
+    ({SFD}/summarize_from_feedback_details/ppo.py#L371-L416). Each process takes every world-th query; the means cover
+    all."""
     world, rank, pad = accelerator.num_processes, accelerator.process_index, tokenizer.pad_token_id
     queries, references = queries[rank::world], references[rank::world]
     responses = torch.cat([sampler(q, references.shape[1])[0] for q in queries.split(chunk)])
     truncate_token = truncate_token_id(args.truncate_token, tokenizer)
-    scored = responses if truncate_token is None else truncate_responses(responses, truncate_token, args.truncate_after, pad)
-    texts = tokenizer.batch_decode([r[r != pad] for r in scored], skip_special_tokens=True)
+    truncated = responses if truncate_token is None else truncate_responses(responses, truncate_token,
+                                                                         args.truncate_after, pad)
+    texts = tokenizer.batch_decode([r[r != pad] for r in truncated], skip_special_tokens=True)
     ref_texts = tokenizer.batch_decode([r[r != pad] for r in references], skip_special_tokens=True)
-    scores = in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, scored], 1))
+    scores = in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, truncated], 1))
     ref_scores = in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, references], 1))
     per_pair = rouge(texts, ref_texts)
     sums = {f"eval/{k}": sum(r[k] for r in per_pair) for k in ("rouge1", "rouge2", "rougeL")}
@@ -1261,8 +1282,57 @@ def evaluate(sampler: "Sampler", reward_model, queries: torch.Tensor, references
     if gold_fn:
         sums["eval/gold_score"] = sum(gold_fn(texts, tokenizer.batch_decode([q[q != pad] for q in queries])))
     names = sorted(sums)
-    totals = accelerator.reduce(torch.tensor([sums[k] for k in names] + [float(len(queries))], device=accelerator.device), reduction="sum")
+    totals = accelerator.reduce(torch.tensor([sums[k] for k in names] + [float(len(queries))],
+                                             device=accelerator.device), reduction="sum")
     return {k: (v / totals[-1]).item() for k, v in zip(names, totals)}, texts
+
+
+class HeldOut:
+    """The evaluation on held-out TL;DR posts (--eval_dataset; otherwise it does nothing): the same posts and the same
+    random draws every time (its own RNG stream), so that its changes are the policy's; summaries sampled at
+    --eval_temperature, scored by evaluate(). Under ZeRO-3 the policy and the reward model are gathered, so that unequal
+    shares of the posts need no lockstep."""
+
+    def __init__(self, eval_texts, tokenizer, lm, policy, reward_model, gold_fn, args, accelerator):
+        self.active, self.args, self.accelerator = eval_texts is not None, args, accelerator
+        if not self.active:
+            return
+        self.policy, self.reward_model, self.tokenizer, self.gold_fn = policy, reward_model, tokenizer, gold_fn
+        # the same held-out posts whatever the seed
+        self.queries, self.references = next(query_batches(eval_texts, tokenizer, args.query_length,
+                                                           args.response_length, min(args.num_eval, len(eval_texts)),
+                                                           seed=0))
+        self.sampler = Sampler(lm, tokenizer.pad_token_id, args.eval_temperature)
+
+    def __call__(self) -> tuple:
+        """(eval/* metrics, this process's summaries)."""
+        accelerator, device = self.accelerator, self.accelerator.device
+        self.policy.eval()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast(), \
+                full_weights(self.policy, accelerator), full_weights(self.reward_model, accelerator):
+            torch.manual_seed(self.args.seed + accelerator.process_index * 100003)
+            return evaluate(self.sampler, self.reward_model, self.queries.to(device), self.references.to(device),
+                            self.tokenizer, self.args, self.gold_fn, accelerator,
+                            self.args.local_rollout_forward_batch_size)
+
+    def before_training(self, run):
+        """The initial policy's figures, the baseline of later evaluations, as metrics.jsonl's first line (update 0);
+        not again when a run resumes."""
+        if self.active and run.step == 0:
+            metrics = {"update": 0, **self()[0]}
+            run.write(metrics)
+            if self.accelerator.is_main_process:
+                print("before training: " + ", ".join(f"{k} {v:.3f}" for k,
+                                                      v in metrics.items() if k.startswith("eval/")))
+
+    def every(self, step: int, num_steps: int, metrics: dict) -> Optional[list]:
+        """Every eval_every steps and after the last: the evaluation's figures added to the step's metrics; its
+        summaries."""
+        if not self.active or (step % self.args.eval_every and step != num_steps):
+            return None
+        eval_metrics, texts = self()
+        metrics.update(eval_metrics)
+        return texts
 
 
 def now(device: torch.device) -> float:
@@ -1273,6 +1343,11 @@ def now(device: torch.device) -> float:
     return time.perf_counter()
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Runs that survive: the run folder and its log, checkpoints and resume, a stop on SIGTERM/SIGINT or on a NaN
+# ---------------------------------------------------------------------------------------------------------
+
+
 def shared_run_dir(accelerator, run_root: str, exp_name: str, seed: int) -> Path:
     """runs/<exp_name>__<seed>__<unix time>, the same name on every process (the main process's clock)."""
     name = [f"{exp_name}__{seed}__{int(time.time())}"]
@@ -1281,21 +1356,15 @@ def shared_run_dir(accelerator, run_root: str, exp_name: str, seed: int) -> Path
     return Path(run_root) / name[0]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Runs that survive: checkpoints, resume, a stop on SIGTERM/SIGINT or on a NaN; the run's log and closing summary
-# ---------------------------------------------------------------------------------------------------------
-
-
 EXIT_NONFINITE = 3  # exit status of a run stopped by a NaN or inf (bad input: 2; stopped by a signal: 128 + its number)
 
 
 class Stream:
-    """An iterator that counts what it has handed out: its position, which a checkpoint stores and a resumed run skips."""
+    """An iterator that counts what it has handed out: its position, which a checkpoint stores (state_dict) and a
+    resumed run skips back to (load_state_dict)."""
 
-    def __init__(self, iterator, skip: int = 0):
+    def __init__(self, iterator):
         self.iterator, self.position = iterator, 0
-        for _ in range(skip):
-            next(self)
 
     def __iter__(self):
         return self
@@ -1304,10 +1373,18 @@ class Stream:
         self.position += 1
         return next(self.iterator)
 
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict):
+        while self.position < state["position"]:
+            next(self)
+
 
 class StopRequest:
-    """SIGTERM (a scheduler's pre-emption; torchrun passes it on) or SIGINT (Ctrl-C) makes the run stop at the end of the
-    current update, after a checkpoint; a second Ctrl-C stops it at once. close() puts the previous handlers back."""
+    """SIGTERM (a scheduler's pre-emption; torchrun passes it on) or SIGINT (Ctrl-C) makes the run stop at the end of
+    the current update, after a checkpoint; a second Ctrl-C stops it at once. close() puts the previous handlers
+    back."""
 
     def __init__(self):
         self.signum = 0
@@ -1320,7 +1397,8 @@ class StopRequest:
         self.signum = self.signum or signum
 
     def requested(self, accelerator) -> int:
-        """The signal some process received (0: none), the same on every process so that all stop after the same update."""
+        """The signal some process received (0: none), the same on every process so that all stop after the same
+        update."""
         if accelerator.num_processes == 1:
             return self.signum
         flag = torch.tensor([self.signum], device=accelerator.device)
@@ -1332,25 +1410,11 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def rng_state(device: torch.device) -> dict:
-    """Every random number generator a process draws from: torch's (CPU and GPU), Python's and NumPy's."""
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "python": random.getstate(), "numpy": np.random.get_state()}
-
-
-def set_rng_state(state: dict, device: torch.device):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-
-
-def save_checkpoint(accelerator, model, run_dir: Path, step: int, state: dict, keep: int) -> Path:
-    """run_dir/checkpoints/<step>/: state.pt (models, optimizer, counters: the same on every process, written by the
-    main one), rng_<rank>.pt (each process's generators), metrics.jsonl as it stands and, under DeepSpeed, deepspeed/
-    (the trained model's engine writes every process's shard of its weights and optimizer state). Written into a temporary
-    folder that is then renamed, so a kill during the save leaves the earlier checkpoints whole; the last `keep` stay."""
+def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
+    """run_dir/checkpoints/<step>/: accelerate's save_state (the prepared model and optimizer, or under DeepSpeed each
+    engine's shards; every process's random generators; the objects registered for checkpointing) and metrics.jsonl as
+    it stands. Written into a temporary folder that is then renamed, so a kill during the save leaves the earlier
+    checkpoints whole; the last `keep` stay."""
     root = run_dir / "checkpoints"
     tmp, final = root / f"tmp_{step:08d}", root / f"{step:08d}"
     if accelerator.is_main_process:
@@ -1358,11 +1422,9 @@ def save_checkpoint(accelerator, model, run_dir: Path, step: int, state: dict, k
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    if zero_stage(accelerator):
-        model.save_checkpoint(str(tmp / "deepspeed"), tag="engine")
-    torch.save(rng_state(accelerator.device), tmp / f"rng_{accelerator.process_index}.pt")
+    # pickled, not safetensors: a tied embedding would be saved once, and its model would not load it back strictly
+    accelerator.save_state(str(tmp), safe_serialization=False)
     if accelerator.is_main_process:
-        torch.save(state, tmp / "state.pt")
         shutil.copyfile(run_dir / "metrics.jsonl", tmp / "metrics.jsonl")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -1373,20 +1435,28 @@ def save_checkpoint(accelerator, model, run_dir: Path, step: int, state: dict, k
     return final
 
 
-def load_checkpoint(accelerator, run_dir: Path) -> Optional[dict]:
-    """The state of run_dir's last checkpoint (None if it has none), with metrics.jsonl put back as it was then. The
-    process's generators are restored separately (set_rng_state(state["rng"])), right where the loop starts."""
+def load_checkpoint(accelerator, run_dir: Path) -> Optional[Path]:
+    """Put back what run_dir's last checkpoint holds (accelerate's load_state: the model, optimizer, random generators
+    and the registered objects) and metrics.jsonl as it was then; its path, or None if the run has none. A checkpoint of
+    the earlier layout (state.pt) or one without this process's random state ends the run with one line: accelerate
+    would only log the missing file, and the run would silently stop being exact."""
     root = run_dir / "checkpoints"
     steps = sorted(p for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
     if not steps:
         return None
-    state = torch.load(steps[-1] / "state.pt", map_location="cpu", weights_only=False)  # our own file; load_state_dict moves it
-    state["rng"] = torch.load(steps[-1] / f"rng_{accelerator.process_index}.pt", weights_only=False)
-    state["path"] = steps[-1]
+    path, rank = steps[-1], accelerator.process_index
+    if (path / "state.pt").is_file():
+        fail(f"--resume {run_dir}: {path} was written by an earlier version of this script (state.pt), which this one "
+             "cannot read; start the run anew")
+    if not (path / f"random_states_{rank}.pkl").is_file():
+        fail(f"--resume {run_dir}: {path} has no random_states_{rank}.pkl (process {rank}'s random generators), so the "
+             "run "
+             "could not continue exactly")
+    accelerator.load_state(str(path))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        shutil.copyfile(steps[-1] / "metrics.jsonl", run_dir / "metrics.jsonl")
-    return state
+        shutil.copyfile(path / "metrics.jsonl", run_dir / "metrics.jsonl")
+    return path
 
 
 def check_finite(metrics: dict, where: str, last_checkpoint: Optional[Path]):
@@ -1395,39 +1465,17 @@ def check_finite(metrics: dict, where: str, last_checkpoint: Optional[Path]):
     over processes, so every process stops at the same update."""
     bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
-        named = ", ".join(f"{k} = {metrics[k]}" for k in bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        named = ", ".join(f"{k} = {metrics[k]}" for k in bad[:4])
+        named += f" and {len(bad) - 4} more" if len(bad) > 4 else ""
         # on a line of its own, after the progress bar
-        print(f"\nerror: {where}: {named}; last good checkpoint: {last_checkpoint or 'none (none saved yet)'}", file=sys.stderr, flush=True)
+        print(f"\nerror: {where}: {named}; last good checkpoint: {last_checkpoint or 'none (none saved yet)'}",
+              file=sys.stderr, flush=True)
         sys.exit(EXIT_NONFINITE)
 
 
-class Checkpoints:
-    """A run's checkpoints: one every save_every updates (none after the last: the run then saves its models) and one
-    when SIGTERM or SIGINT asked the run to stop, which it then does, exit status 128 + the signal. `last` is the newest
-    (that of a resumed run at first)."""
-
-    def __init__(self, accelerator, model, run_dir: Path, save_every: int, keep: int, resume_command: str, last: Optional[Path]):
-        self.accelerator, self.model, self.run_dir, self.save_every, self.keep = accelerator, model, run_dir, save_every, keep
-        self.resume_command, self.last, self.stop = resume_command, last, StopRequest()
-
-    def after(self, step: int, num_steps: int, state_fn):
-        """At the end of update `step` of num_steps; state_fn() builds the state to save, only when one is saved."""
-        signum = self.stop.requested(self.accelerator)
-        if signum or (self.save_every and step % self.save_every == 0 and step < num_steps):
-            self.last = save_checkpoint(self.accelerator, self.model, self.run_dir, step, state_fn(), self.keep)
-        if signum:
-            launch = " (launched as this run was)" if self.accelerator.num_processes > 1 else ""
-            print(f"stopped by {signal.Signals(signum).name} after update {step}; checkpoint {self.last}; continue with: "
-                  f"{self.resume_command}{launch}", flush=True)
-            sys.exit(128 + signum)
-
-    def close(self):
-        self.stop.close()
-
-
 def resume_has_work(resume: Optional[str], world: int, stage: int) -> bool:
-    """Whether the run folder given to --resume still has work: not once it finished (summary.json); an error when it ran
-    with another number of processes (each process has its own random number generators) or another ZeRO stage (0:
+    """Whether the run folder given to --resume still has work: not once it finished (summary.json); an error when it
+    ran with another number of processes (each process has its own random number generators) or another ZeRO stage (0:
     DDP; each keeps the weights and optimizer state in its own layout): relaunch it with the same accelerate config."""
     if resume is None:
         return True
@@ -1439,12 +1487,14 @@ def resume_has_work(resume: Optional[str], world: int, stage: int) -> bool:
         fail(f"--resume {resume}: the run had {started['world_size']} process(es), not {world}")
     stage_then = started.get("zero_stage", 0)  # runs from before DeepSpeed ran under DDP
     if stage_then != stage:
-        fail(f"--resume {resume}: the run had ZeRO stage {stage_then}, not {stage} (0: plain DDP); launch it as it was launched")
+        fail(f"--resume {resume}: the run had ZeRO stage {stage_then}, not {stage} (0: plain DDP); launch it as it was "
+             "launched")
     return True
 
 
 def write_summary(run_dir: Path, summary: dict, title: str):
-    """The run's headline figures: a table on the terminal and run_dir/summary.json, whose presence marks a finished run."""
+    """The run's headline figures: a table on the terminal and run_dir/summary.json, whose presence marks a finished
+    run."""
     table = Table(title=title)
     table.add_column("figure")
     table.add_column("value", justify="right")
@@ -1454,32 +1504,65 @@ def write_summary(run_dir: Path, summary: dict, title: str):
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
-class RunLog:
-    """What a run writes besides its checkpoints and weights, all of it on the main process (on the others every method
-    does nothing): args.json (a fresh run's arguments, its process layout read from the accelerator, and `info`),
-    metrics.jsonl (a resumed run appends to it), wandb under --track (a resumed run continues its wandb run), the sample
-    tables' rows (samples.json, for the scripts that keep them: `keep_samples`), and at the end summary.json with its
-    table on the terminal."""
+class Run:
+    """A run's folder and everything it writes besides the trained model, so that train() makes one call where it would
+    otherwise keep books: args.json (a fresh run's arguments, its process layout and `about`), metrics.jsonl (a resumed
+    run appends to it), wandb under --track (a resumed run continues its wandb run), the rows of the sample tables
+    (samples.json), the checkpoints, and summary.json with its table at the end. A checkpoint is accelerate's save_state
+    with the objects registered for checkpointing: the script's (the KL controller, the position in the data) and this
+    Run itself (the steps done, the seconds spent, the samples, the wandb id). Every process makes one; files are
+    written by the main process (each process saves its own random generators)."""
 
-    def __init__(self, accelerator, args, run_dir: Path, resumed: Optional[dict], step_key: str, keep_samples: bool,
-                 info: Optional[dict] = None):
-        self.main, self.step_key, self.run_dir, self.wandb = accelerator.is_main_process, step_key, run_dir, None
-        self.samples = (resumed["samples"] if resumed else []) if keep_samples else None
-        self.wandb_id = resumed["wandb_id"] if resumed else None
-        if not self.main:
-            return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resumed is None:
-            layout = {"world_size": accelerator.num_processes, "zero_stage": zero_stage(accelerator),
-                      "grad_accum": accelerator.gradient_accumulation_steps}
-            (run_dir / "args.json").write_text(json.dumps({**asdict(args), **layout, **(info or {})}, indent=2))
-        self.file = open(run_dir / "metrics.jsonl", "a" if resumed else "w")
-        if args.track:
-            import wandb
+    def __init__(self, accelerator, args, run_dir: Optional[Path], resume_command: str, step_key: str,
+                 keep_samples: bool, objects: tuple = (), about: str = "", info: Optional[dict] = None,
+                 unit: str = "update"):
+        self.accelerator, self.args, self.step_key, self.main = accelerator, args, step_key, accelerator.is_main_process
+        self.unit = unit  # what a step is called in messages: an update, or SFT's step
+        self.step, self.elapsed_before, self.start_time = 0, 0.0, time.time()
+        self.samples, self.wandb_id, self.wandb, self.progress = [] if keep_samples else None, None, None, None
+        self.dir = Path(args.resume) if args.resume else run_dir or shared_run_dir(accelerator, args.run_root,
+                                                                                   args.exp_name, args.seed)
+        self.resume_command = resume_command.format(run_dir=self.dir)
+        accelerator.register_for_checkpointing(*objects, self)
+        self.last = load_checkpoint(accelerator, self.dir) if args.resume else None
+        self.stop = StopRequest()
+        if self.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if self.last is None:
+                layout = {"world_size": accelerator.num_processes, "zero_stage": zero_stage(accelerator),
+                          "grad_accum": accelerator.gradient_accumulation_steps}
+                (self.dir / "args.json").write_text(json.dumps({**asdict(args), **layout, **(info or {})}, indent=2))
+            self.file = open(self.dir / "metrics.jsonl", "a" if self.last else "w")
+            if args.track:
+                import wandb
 
-            self.wandb = wandb
-            self.wandb_id = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
-                                       dir=str(run_dir), id=self.wandb_id, resume="allow").id
+                self.wandb = wandb
+                self.wandb_id = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity,
+                                           name=self.dir.name, config=asdict(args), dir=str(self.dir),
+                                           id=self.wandb_id, resume="allow").id
+            resumed = f"; resumed after {unit} {self.step} from {self.last}" if self.last else ""
+            print(f"run folder {self.dir}; {about}{resumed}", flush=True)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "elapsed_s": self.elapsed(), "samples": self.samples, "wandb_id": self.wandb_id}
+
+    def load_state_dict(self, state: dict):
+        self.step, self.elapsed_before, self.samples, self.wandb_id = (state["step"], state["elapsed_s"],
+                                                                       state["samples"],
+                                                                        state["wandb_id"])
+        self.start_time = time.time()
+
+    def elapsed(self) -> float:
+        """Seconds of work, every resumed part of the run summed."""
+        return self.elapsed_before + time.time() - self.start_time
+
+    def steps(self, num_steps: int, desc: str, postfix: dict):
+        """The steps still to run (all of them, or those after the checkpoint resumed from), with a progress bar that
+        shows the metrics named in postfix (label: metrics.jsonl key) as each step ends."""
+        self.postfix = postfix
+        self.progress = tqdm(range(self.step, num_steps), initial=self.step, total=num_steps, disable=not self.main,
+                             desc=desc)
+        return self.progress
 
     def write(self, metrics: dict):
         """One line of metrics.jsonl, and a wandb step when the metrics have the step key (an evaluation before training
@@ -1490,17 +1573,38 @@ class RunLog:
             if self.wandb is not None and self.step_key in metrics:
                 self.wandb.log(metrics, step=metrics[self.step_key])
 
+    def end_step(self, step: int, num_steps: int, metrics: dict):
+        """At the end of step `step` of num_steps: its metrics logged; a NaN or inf ends the run (exit 3); a checkpoint
+        every save_every steps (none after the last: the run then saves its models), and one when SIGTERM or SIGINT
+        asked the run to stop, which it then does, exit status 128 + the signal."""
+        self.step = step
+        self.write(metrics)
+        if self.main and self.postfix:
+            self.progress.set_postfix({label: f"{metrics[key]:+.3g}" for label,
+                                       key in self.postfix.items() if key in metrics})
+        check_finite(metrics, f"{self.unit} {step}", self.last)
+        signum = self.stop.requested(self.accelerator)
+        if signum or (self.args.save_every and step % self.args.save_every == 0 and step < num_steps):
+            self.last = save_checkpoint(self.accelerator, self.dir, step, self.args.keep_checkpoints)
+        if signum:
+            if self.main:
+                launch = " (launched as this run was)" if self.accelerator.num_processes > 1 else ""
+                print(f"stopped by {signal.Signals(signum).name} after {self.unit} {step}; checkpoint {self.last}; "
+                      f"continue with: {self.resume_command}{launch}", flush=True)
+            sys.exit(128 + signum)
+
     def finish(self, summary_fn, title: str):
-        """samples.json, the metrics file closed, summary.json from summary_fn() (which reads metrics.jsonl) with its
-        table, wandb closed."""
-        if not self.main:
-            return
-        if self.samples is not None:
-            (self.run_dir / "samples.json").write_text(json.dumps(self.samples, indent=2))
-        self.file.close()
-        write_summary(self.run_dir, summary_fn(), title)
-        if self.wandb is not None:
-            self.wandb.finish()
+        """samples.json, the metrics file closed, summary.json from summary_fn(metrics.jsonl's path, seconds of work)
+        with its table, wandb closed, the signal handlers put back."""
+        self.stop.close()
+        if self.main:
+            if self.samples is not None:
+                (self.dir / "samples.json").write_text(json.dumps(self.samples, indent=2))
+            self.file.close()
+            write_summary(self.dir, summary_fn(self.dir / "metrics.jsonl", self.elapsed()), f"{title}: {self.dir}")
+            if self.wandb is not None:
+                self.wandb.finish()
+        self.accelerator.wait_for_everyone()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1509,8 +1613,8 @@ class RunLog:
 
 
 def start_processes() -> PartialState:
-    """Join the launch's processes (torchrun or accelerate launch) before anything asks for the world size. Without a GPU
-    they talk over gloo: plain DDP needs cpu=True for that, while under DeepSpeed cpu=True would drop DeepSpeed and
+    """Join the launch's processes (torchrun or accelerate launch) before anything asks for the world size. Without a
+    GPU they talk over gloo: plain DDP needs cpu=True for that, while under DeepSpeed cpu=True would drop DeepSpeed and
     accelerate 1.15 leaves the group unset on a machine without a GPU, so the backend is named instead."""
     if torch.cuda.is_available():
         return PartialState()
@@ -1519,7 +1623,8 @@ def start_processes() -> PartialState:
     return PartialState(cpu=True)
 
 
-def make_accelerator(args, micro_batch_size: int, grad_accum: int, max_grad_norm: float = 0.0, compile: bool = False) -> Accelerator:
+def make_accelerator(args, micro_batch_size: int, grad_accum: int, max_grad_norm: float = 0.0,
+                     compile: bool = False) -> Accelerator:
     """The run's Accelerator: DDP, or DeepSpeed ZeRO when the launch's config asks for it. DeepSpeed is handed the
     script's micro-batch, accumulation and clipping (0: none), so that an optimizer step sees the same gradient under
     both; left to accelerate, it would clip at 1.0 (as SFD's DeepSpeed runs did). SFD sets the micro-batch the same way:
@@ -1530,16 +1635,20 @@ def make_accelerator(args, micro_batch_size: int, grad_accum: int, max_grad_norm
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         if compile:
-            fail("--compile does not combine with DeepSpeed (its engine wraps the forward that would be compiled); drop one")
+            fail("--compile does not combine with DeepSpeed (its engine wraps the forward that would be compiled); "
+                 "drop one")
         if args.load_in_4bit and plugin.zero_stage == 3:
-            fail("--load_in_4bit (QLoRA) does not combine with ZeRO-3, which would shard the 4-bit weights; use configs/zero2.yaml")
+            fail("--load_in_4bit (QLoRA) does not combine with ZeRO-3, which would shard the 4-bit weights; use "
+                 "configs/zero2.yaml")
         if plugin.zero3_init_flag:
-            fail("zero3_init_flag: true in the accelerate config is not supported: the scripts load whole models, then shard them; set it false")
+            fail("zero3_init_flag: true in the accelerate config is not supported: the scripts load whole models, then "
+                 "shard them; set it false")
         # accelerate registers its DeepSpeed config with transformers whatever zero3_init_flag says, and from_pretrained
         # would then load models already sharded (zero.Init); unregistered, they load whole and prepare shards them
         unset_hf_deepspeed_config()
         # all set anew, for train_both.py's second stage shares the first one's plugin
-        plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=micro_batch_size, gradient_accumulation_steps=grad_accum,
+        plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=micro_batch_size,
+                                       gradient_accumulation_steps=grad_accum,
                                        train_batch_size=micro_batch_size * grad_accum * accelerator.num_processes,
                                        gradient_clipping=max_grad_norm if math.isfinite(max_grad_norm) else 0.0)
     return accelerator
@@ -1564,8 +1673,9 @@ def place_frozen(model: nn.Module, accelerator, dtype: torch.dtype) -> nn.Module
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     offload = config["zero_optimization"].get("offload_param", {"device": "none"})
     engine, *_ = deepspeed.initialize(model=model, config={
-        "train_micro_batch_size_per_gpu": config["train_micro_batch_size_per_gpu"], "bf16": {"enabled": dtype == torch.bfloat16},
-        "prescale_gradients": False, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1e4, "offload_param": offload}})
+        "train_micro_batch_size_per_gpu": config["train_micro_batch_size_per_gpu"],
+        "bf16": {"enabled": dtype == torch.bfloat16}, "prescale_gradients": False,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1e4, "offload_param": offload}})
     return engine
 
 
@@ -1573,8 +1683,8 @@ def place_frozen(model: nn.Module, accelerator, dtype: torch.dtype) -> nn.Module
 def full_weights(model, accelerator, edit: bool = False):
     """Inside, a model prepared by accelerate or a frozen one from place_frozen (any other model, or None, is left as it
     is) holds every weight whole on every process. Under ZeRO-3 its shards are gathered once (DeepSpeed's
-    GatheredParameters) and the per-layer gather hooks lifted until the end, so that token-by-token sampling runs as fast
-    as an unsharded model (TRL's unwrap_model_for_generation, PR #1483: about 10x), saving sees whole tensors, and
+    GatheredParameters) and the per-layer gather hooks lifted until the end, so that token-by-token sampling runs as
+    fast as an unsharded model (TRL's unwrap_model_for_generation, PR #1483: about 10x), saving sees whole tensors, and
     processes with unequal shares of held-out data need not run their forwards in lockstep. Every process enters
     together; the sampler draws exactly response_length tokens everywhere (no stop at EOS), so the ranks decode in step,
     which is what synced_gpus gives generate(). Yields the bare module (a DeepSpeed engine's own `config` hides the
@@ -1584,7 +1694,8 @@ def full_weights(model, accelerator, edit: bool = False):
     if stage == 3 and type(model).__name__ == "DeepSpeedEngine":
         import deepspeed
 
-        offload = getattr(model.optimizer, "parameter_offload", model.optimizer)  # a trained engine's, or a frozen one's
+        offload = getattr(model.optimizer, "parameter_offload",
+                          model.optimizer)  # a trained engine's, or a frozen one's
         start_hook = offload.module._forward_pre_hooks[offload.fwd_pre_hook.id]  # on the root: steps the ranks together
         with deepspeed.zero.GatheredParameters(list(model.module.parameters()), modifier_rank=0 if edit else None):
             for p in model.module.parameters():
@@ -1603,26 +1714,8 @@ def full_weights(model, accelerator, edit: bool = False):
         model.optimizer.refresh_fp32_params()
 
 
-def trained_state(accelerator, model, optimizer) -> dict:
-    """The trained model's and optimizer's part of a checkpoint's state.pt: their state dicts (the same on every DDP
-    process); under DeepSpeed nothing, since each process holds only its shard: save_checkpoint has the engine write
-    them (DeepSpeed's own checkpoint, in the checkpoint's deepspeed/ folder)."""
-    if zero_stage(accelerator):
-        return {}
-    return {"model": accelerator.unwrap_model(model, keep_torch_compile=False).state_dict(), "optimizer": optimizer.state_dict()}
-
-
-def load_trained_state(accelerator, model, optimizer, resumed: dict):
-    """The weights and optimizer state of the checkpoint `resumed` (load_checkpoint) put back into the prepared model."""
-    if zero_stage(accelerator):
-        model.load_checkpoint(str(resumed["path"] / "deepspeed"), tag="engine")
-    else:
-        accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Checks of the arguments, the run's summary and sample tables, saving the policy
+# Checks of the arguments, the update's metrics, the sample tables and the summary, saving the policy
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -1635,13 +1728,16 @@ def check_args(args: Args, reward_model_follows: bool = False) -> tuple:
         fail(f"--batch_size {args.batch_size} is not divisible by {world} processes")
     local_batch_size = args.batch_size // world
     if local_batch_size % args.nminibatches:
-        fail(f"--batch_size {args.batch_size} / {world} processes is not divisible by --nminibatches {args.nminibatches}")
+        fail(f"--batch_size {args.batch_size} / {world} processes is not divisible by --nminibatches "
+             f"{args.nminibatches}")
     local_minibatch_size = local_batch_size // args.nminibatches
     if local_minibatch_size % args.local_micro_batch_size:
-        fail(f"--batch_size {args.batch_size} / {world} process(es) / --nminibatches {args.nminibatches} = {local_minibatch_size} "
+        fail(f"--batch_size {args.batch_size} / {world} process(es) / --nminibatches {args.nminibatches} = "
+             f"{local_minibatch_size} "
              f"episodes per minibatch, not divisible by --local_micro_batch_size {args.local_micro_batch_size}")
     if args.whiten_rewards and local_minibatch_size < 8:  # {OAI}/lm_human_preferences/train_policy.py#L459-L462
-        fail(f"--batch_size {args.batch_size} / {world} process(es) / --nminibatches {args.nminibatches} = {local_minibatch_size} "
+        fail(f"--batch_size {args.batch_size} / {world} process(es) / --nminibatches {args.nminibatches} = "
+             f"{local_minibatch_size} "
              "episodes per minibatch, too few to whiten rewards (at least 8)")
     if args.total_episodes < 1 or args.save_every < 0 or args.keep_checkpoints < 1:
         fail("--total_episodes and --keep_checkpoints must be positive, --save_every at least 0")
@@ -1651,15 +1747,19 @@ def check_args(args: Args, reward_model_follows: bool = False) -> tuple:
         fail(f"--reward_model {args.reward_model}: folder not found")
     check_lora(args)
     if args.value_model == "base" and args.load_in_4bit:
-        fail("--value_model base copies the base model into a critic that trains in full, which a 4-bit (QLoRA) base cannot; "
+        fail("--value_model base copies the base model into a critic that trains in full, which a 4-bit (QLoRA) base "
+             "cannot; "
              "use --value_model shared or reward")
     config, tokenizer = load_base_model(args.base_model, weights=False)
-    if args.query_length + args.response_length > getattr(config, "n_positions", getattr(config, "max_position_embeddings", 1 << 30)):
-        fail(f"--query_length + --response_length = {args.query_length + args.response_length} exceeds the model's positions")
+    if args.query_length + args.response_length > getattr(config, "n_positions",
+                                                          getattr(config, "max_position_embeddings", 1 << 30)):
+        fail(f"--query_length + --response_length = {args.query_length + args.response_length} exceeds the model's "
+             "positions")
     truncate_token_id(args.truncate_token, tokenizer)
     texts = load_texts(args.query_dataset, args.query_split)
     if args.reference_baseline and isinstance(texts[0], str):
-        fail(f"--reference_baseline needs TL;DR queries with reference summaries; --query_dataset {args.query_dataset} holds texts")
+        fail(f"--reference_baseline needs TL;DR queries with reference summaries; --query_dataset {args.query_dataset} "
+             "holds texts")
     eval_texts = None if args.eval_dataset is None else load_texts(args.eval_dataset, args.eval_split, "--eval_dataset")
     if eval_texts is not None and isinstance(eval_texts[0], str):
         fail(f"--eval_dataset {args.eval_dataset}: held-out TL;DR posts with summaries are needed, not texts")
@@ -1667,13 +1767,48 @@ def check_args(args: Args, reward_model_follows: bool = False) -> tuple:
     num_updates = math.ceil(args.total_episodes / args.batch_size)
     if args.total_episodes % args.batch_size and PartialState().is_main_process:
         print(f"note: --total_episodes {args.total_episodes} is not a multiple of --batch_size {args.batch_size}: "
-              f"{num_updates} updates train on {num_updates * args.batch_size} episodes (rounded up, as OAI)", flush=True)
+              f"{num_updates} updates train on {num_updates * args.batch_size} episodes (rounded up, as OAI)",
+              flush=True)
     return num_updates, texts, eval_texts
 
 
+def check_same_tokenizer(reward_tokenizer, tokenizer, args):
+    """The reward model reads the policy's token ids: its tokenizer must be the policy's.
+    {OAI}/lm_human_preferences/rewards.py#L119"""
+    if len(reward_tokenizer) != len(tokenizer) or reward_tokenizer.pad_token_id != tokenizer.pad_token_id:
+        fail(f"--reward_model {args.reward_model}: its tokenizer ({len(reward_tokenizer)} tokens) "
+             f"differs from --base_model {args.base_model}'s ({len(tokenizer)})")
+
+
+def ppo_metrics(accelerator, update: int, num_updates: int, args, rollout_stats: dict, minibatch_stats: list,
+                kl_coef: float, times: tuple, update_flops: float) -> dict:
+    """The update's line of metrics.jsonl: OAI's statistics of the rollouts and of the minibatches (their mean), each
+    averaged over the processes; the KL coefficient the rewards used, the value function's explained variance, the
+    learning rate, each phase's seconds, episodes per second and the update's FLOP/s (and its share of --peak_flops)."""
+    t0, t_gen, t_score, t_update = times
+    local = {k: torch.stack([s[k] for s in minibatch_stats]).mean() for k in minibatch_stats[0]}
+    local.update(rollout_stats)
+    names = sorted(local)
+    means = accelerator.reduce(torch.stack([local[k].float() for k in names]), reduction="mean").tolist()
+    metrics = {"episode": (update + 1) * args.batch_size, "update": update + 1, **dict(zip(names, means))}
+    metrics["objective/kl_coef"] = kl_coef
+    metrics["ppo/val/var_explained"] = 1 - metrics["ppo/val/error"] / max(metrics["ppo/returns/var"], 1e-8)
+    metrics["lr"] = args.lr * (1 - update / num_updates)
+    metrics.update({"timing/generation_s": t_gen - t0, "timing/scoring_s": t_score - t_gen,
+                    "timing/update_s": t_update - t_score,
+                    "throughput/episodes_per_s": args.batch_size / (now(accelerator.device) - t0),
+                    "throughput/update_flops_per_s": update_flops / (t_update - t_score)})  # per process
+    if args.peak_flops:
+        metrics["throughput/update_peak_fraction"] = metrics["throughput/update_flops_per_s"] / args.peak_flops
+    if accelerator.device.type == "cuda":
+        metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 1e9
+    return metrics
+
+
 def summarize(metrics_path: Path, wall_s: float) -> dict:
-    """Headline figures of a PPO or RLOO run: score, gold and KL at the first update and over the last tenth of updates (as the
-    README reports them), the held-out evaluation before and after, episodes/s, wall time (every resumed part summed)."""
+    """Headline figures of a PPO or RLOO run: score, gold and KL at the first update and over the last tenth of updates
+    (as the README reports them), the held-out evaluation before and after, episodes/s, wall time (every resumed part
+    summed)."""
     metrics = [json.loads(line) for line in open(metrics_path)]
     updates, evals = [m for m in metrics if "objective/scores" in m], [m for m in metrics if "eval/win_rate" in m]
     tenth = updates[-max(1, len(updates) // 10) :]
@@ -1700,12 +1835,25 @@ def print_samples(rows: list, update: int):
     Console().print(table)
 
 
-def sample_rows(update: int, queries: torch.Tensor, texts: list, scores: torch.Tensor, gold: Optional[torch.Tensor], kl: torch.Tensor,
-                n: int, tokenizer) -> list:
+def sample_rows(update: int, queries: torch.Tensor, texts: list, scores: torch.Tensor, gold: Optional[torch.Tensor],
+                kl: torch.Tensor, n: int, tokenizer) -> list:
     """The first n episodes of a batch as rows of the sample table: query, response, score, gold score, KL."""
     pad = tokenizer.pad_token_id
-    return [{"update": update, "query": tokenizer.decode(queries[i][queries[i] != pad]), "response": texts[i], "score": scores[i].item(),
-             "gold_score": gold[i].item() if gold is not None else None, "kl": kl[i].item()} for i in range(n)]
+    return [{"update": update, "query": tokenizer.decode(queries[i][queries[i] != pad]), "response": texts[i],
+             "score": scores[i].item(), "gold_score": gold[i].item() if gold is not None else None,
+             "kl": kl[i].item()} for i in range(n)]
+
+
+def show_samples(run, update: int, num_updates: int, rows: list, eval_texts: Optional[list], args):
+    """Every print_sample_every updates and after the last, the sample table printed and its rows kept for samples.json,
+    with the first held-out summaries of an evaluation."""
+    if not run.main:
+        return
+    if update % args.print_sample_every == 0 or update + 1 == num_updates:
+        print_samples(rows, update + 1)
+        run.samples.extend(rows)
+    if eval_texts is not None:
+        run.samples.append({"update": update + 1, "eval_summaries": eval_texts[: args.num_print_samples]})
 
 
 def write_model_folder(accelerator, lm, lora, tokenizer, folder: Path):

@@ -1,6 +1,7 @@
 """A reward model learned from preference labels, as OpenAI's lm-human-preferences trained it (Ziegler et al. 2019).
 
-    python train_reward.py                              # the embedded world: best-of-4 labels by VADER (CPU, a minute or two)
+    python train_reward.py                                     # the embedded world: best-of-4 labels by VADER (CPU)
+    python train_both.py                                       # this, then PPO against it, in one go
     accelerate launch --num_processes 8 train_reward.py sentiment    # OAI's sentiment reward model (gpt2, hub labels)
 
 The reward model is the base language model with a scalar head read at the last token. Two kinds of labels:
@@ -12,11 +13,14 @@ The reward model is the base language model with a scalar head read at the last 
     {"chosen", "rejected"} conversations with an implicit prompt (Anthropic HH-RLHF); {"prompt", "answer1", "answer2"}
     with answer1 preferred. Texts get EOS appended to their responses.
 Token ids belong to the tokenizer that made the labels (--label_tokenizer); when the base model's tokenizer differs,
-they are decoded and re-encoded. Before and after training, gain and bias are set so that the rewards of the base
-policy's samples have mean 0 and std 1. One epoch, learning rate annealed linearly to 0. A first positional word
-picks a preset (`sentiment`, `descriptiveness`). Links write {OAI} for
+they are decoded and re-encoded. As OAI, gain and bias are set before and after training so that the rewards of the
+base policy's samples have mean 0 and std 1 (--normalize_before, --normalize_after); the tldr presets turn both off and,
+as SFD, shift the bias after training so that reference summaries score 0 on average (--reference_bias). One epoch, the
+learning rate annealed to 0 linearly (OAI) or by a cosine (--lr_schedule cosine, SFD and the tldr presets). A first
+positional word picks a preset (`sentiment`, `descriptiveness`, `tldr`, `tldr_twin`). Links write {OAI} for
 https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66, {SFD} for
-https://github.com/vwxyzjn/summarize_from_feedback_details/blob/ee77a9abc31f5338365ee087945c5bcafac7f1ca.
+https://github.com/vwxyzjn/summarize_from_feedback_details/blob/ee77a9abc31f5338365ee087945c5bcafac7f1ca. Tensor shapes:
+b = labels on this process, n = samples per label, Q = query_length, R = response_length.
 """
 
 import copy
@@ -24,7 +28,6 @@ import gzip
 import json
 import math
 import os
-import random
 import re
 import shutil
 import signal
@@ -36,7 +39,6 @@ from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Literal, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import tyro
@@ -54,29 +56,10 @@ from transformers.pytorch_utils import Conv1D
 
 @dataclass
 class Args:
-    # ---- experiment ----
-    exp_name: str = "reward"
-    """name of the experiment; the run folder is runs/<exp_name>__<seed>__<unix time>"""
-    seed: int = 1
-    """seed of the head's init and the label order (the same on every process); sampling uses seed + rank * 100003"""
-    track: bool = False
-    """log to Weights & Biases (set WANDB_MODE=offline to log without a network)"""
-    wandb_project_name: str = "lm-human-preferences-torch"
-    """wandb project"""
-    wandb_entity: Optional[str] = None
-    """wandb entity (team); None uses your default"""
-    run_root: str = "runs"
-    """folder that holds the run folders"""
-    save_every: int = 50
-    """write a checkpoint every this many updates (0: only when SIGTERM or SIGINT stops the run)"""
-    keep_checkpoints: int = 2
-    """checkpoints kept in <run folder>/checkpoints; older ones are deleted"""
-    resume: Optional[str] = None
-    """run folder to continue from its last checkpoint, with the arguments it started with (its args.json); no other flag"""
-
     # ---- model ----
     base_model: str = "data/nano"
-    """language model under the reward head (and the policy whose samples set the normalization): hub id, folder or .gguf"""
+    """language model under the reward head, and the policy whose samples set the normalization: hub id, folder,
+    .gguf file"""
 
     # ---- labels ----
     label_dataset: str = "data/labels/sentiment_offline_5k.json"
@@ -87,17 +70,20 @@ class Args:
     label_split: str = "train"
     """split of a hub label dataset"""
     label_tokenizer: Optional[str] = None
-    """tokenizer whose ids the labels hold; None reads "tokenizer" from <labels>.meta.json, else takes the base model's"""
+    """tokenizer whose ids the labels hold; None reads "tokenizer" from <labels>.meta.json, else takes the base model's
+    tokenizer"""
     label_pad_token_id: Optional[int] = None
-    """pad id inside the labels, dropped on reading (OAI's: 50259); None reads <labels>.meta.json, else the label tokenizer's pad"""
+    """pad id inside the labels, dropped on reading (OAI's: 50259); None reads <labels>.meta.json, else the label
+    tokenizer's pad"""
     num_train: int = 2048
     """labels trained on, from the start of the file (OAI: 4992); one epoch"""
     num_test: int = 512
     """held-out labels for test/accuracy: the last ones of the file (of label_split), or the first ones of test_split"""
     test_split: Optional[str] = None
-    """split of a hub label dataset that holds the held-out labels (SFD: validation); None takes them from label_split's end"""
+    """split of a hub label dataset that holds the held-out labels (SFD: validation); None takes them from the end of
+    label_split"""
 
-    # ---- task ----
+    # ---- task (train_both.py's PPO stage must share it) ----
     query_length: int = 32
     """query tokens (label queries are cut to their last query_length tokens, left-padded)"""
     response_length: int = 24
@@ -112,7 +98,8 @@ class Args:
 
     # ---- optimisation ----
     batch_size: int = 16
-    """labels per update, summed over all processes (OAI: 32 for gpt2; the nano model learns more from more, smaller steps)"""
+    """labels per update, summed over all processes (OAI: 32 for gpt2; the nano model learns more from more and
+    smaller steps)"""
     local_micro_batch_size: int = 16
     """labels per forward/backward on one process (each label is n sequences); accumulation makes up the rest"""
     lr: float = 1e-3
@@ -137,67 +124,63 @@ class Args:
     """after training (and normalize_after), shift the bias so that the reference summaries of --query_dataset's TL;DR
     posts score 0 on average over normalize_samples of them (SFD)"""
 
+    # ---- experiment ----
+    exp_name: str = "reward"
+    """name of the experiment; the run folder is runs/<exp_name>__<seed>__<unix time>"""
+    seed: int = 1
+    """seed of the head's init and the label order (the same on every process); sampling uses seed + rank * 100003"""
+    track: bool = False
+    """log to Weights & Biases (set WANDB_MODE=offline to log without a network)"""
+    wandb_project_name: str = "lm-human-preferences-torch"
+    """wandb project"""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team); None uses your default"""
+    run_root: str = "runs"
+    """folder that holds the run folders"""
+    save_every: int = 50
+    """write a checkpoint every this many updates (0: only when SIGTERM or SIGINT stops the run)"""
+    keep_checkpoints: int = 2
+    """checkpoints kept in <run folder>/checkpoints; older ones are deleted"""
+    resume: Optional[str] = None
+    """run folder to continue from its last checkpoint, with the arguments it started with (its args.json); no other
+    flag"""
+
+    # ---- evaluation ----
+    eval_every: int = 64
+    """held-out accuracy every this many updates (and before and after training)"""
+
     # ---- LoRA (peft) ----
     lora_r: int = 0
-    """rank of the LoRA adapters put on the language model's layers (0: no LoRA, every weight trains); heads train in full"""
+    """rank of the LoRA adapters put on the language model's layers (0: no LoRA, every weight trains); heads train in
+    full"""
     lora_alpha: float = 16.0
     """LoRA's scale numerator: the adapters' update is multiplied by lora_alpha / lora_r"""
     lora_dropout: float = 0.0
     """dropout on the adapters' input (OAI and SFD train without dropout)"""
     lora_target_modules: str = "all-linear"
-    """layers that get adapters: comma-separated module names (GPT-2: c_attn,c_proj,c_fc; Llama: q_proj,k_proj,v_proj,o_proj,...)
-    or all-linear (every linear layer but the output projection)"""
+    """layers that get adapters: comma-separated module names (GPT-2: c_attn,c_proj,c_fc; Llama:
+    q_proj,k_proj,v_proj,o_proj,...) or all-linear (every linear layer but the output projection)"""
     load_in_4bit: bool = False
-    """QLoRA: the frozen base weights quantized to 4-bit NF4 by bitsandbytes, adapters on top (a CUDA GPU only; needs --lora_r)"""
+    """QLoRA: the frozen base weights quantized to 4-bit NF4 by bitsandbytes, adapters on top (a CUDA GPU only; needs
+    --lora_r)"""
 
-    # ---- evaluation ----
-    eval_every: int = 64
-    """held-out accuracy every this many updates (and before and after training)"""
+    # ---- speed (the same function, computed faster; for GPUs) ----
     mixed_precision: Literal["no", "bf16"] = "no"
-    """bf16: every forward multiplies in bf16 (the reward model by autocast, the frozen sampler of the normalization kept in
-    bf16); losses and Adam's state stay fp32. For GPUs; on an AVX2-only CPU it is much slower"""
-
-
-PRESETS = {
-    # OAI's launch.py: books_task + get_train_reward_experiments()['sentiment'|'descriptiveness']
-    # https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66/launch.py#L49-L81
-    "sentiment": dict(
-        exp_name="sentiment_reward", base_model="gpt2", label_dataset="vwxyzjn/lm-human-preferences/sentiment/offline_5k.json",
-        label_tokenizer="gpt2", label_pad_token_id=50259, num_train=4992, num_test=0, query_length=64, response_length=24,
-        query_dataset="bookcorpus", temperature=0.7, batch_size=32, local_micro_batch_size=4, lr=5e-5,
-        normalize_before=True, normalize_after=True, normalize_samples=256, rollout_batch_size=512,
-    ),
-}
-
-
-PRESETS["descriptiveness"] = {**PRESETS["sentiment"], "exp_name": "descriptiveness_reward",
-                              "label_dataset": "vwxyzjn/lm-human-preferences/descriptiveness/offline_5k.json"}
-
-
-# SFD's 1B reward model: {SFD}/summarize_from_feedback_details/reward.py#L40-L124 and sbatches/reward.sbatch (8 GPUs x
-# micro-batch 1 x 8 accumulation = 64; one epoch of 92,832 comparisons; AdamW, lr 3e-6 cosine; responses up to 169 tokens,
-# tldr_dataset.py's max_rm_response_length; the reference summaries' mean reward as the bias, no gain/bias normalization)
-PRESETS["tldr"] = dict(
-    exp_name="tldr_reward", base_model="models/sft_tldr", label_dataset="vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144",
-    label_split="train", test_split="validation", num_train=92832, num_test=6400, query_length=512, response_length=169,
-    query_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144", temperature=0.7,
-    batch_size=64, local_micro_batch_size=8, lr=3e-6, lr_schedule="cosine", eps=1e-5, optimizer="adamw",
-    normalize_before=False, normalize_after=False, normalize_samples=4096, rollout_batch_size=512, reference_bias=True,
-)
-
-
-# the summarization twin: the judge's comparisons of the twin's SFT samples (data/tldr/comparisons.jsonl.gz), as SFD trains
-PRESETS["tldr_twin"] = dict(
-    exp_name="reward", base_model="runs/tldr_twin/sft_model", label_dataset="data/tldr/comparisons.jsonl.gz",
-    num_train=3072, num_test=685, query_length=160, response_length=48, query_dataset="data/tldr/train.jsonl.gz",
-    batch_size=16, local_micro_batch_size=16, lr=3e-4, lr_schedule="cosine", optimizer="adamw", normalize_before=False,
-    normalize_after=False, normalize_samples=512, rollout_batch_size=64, reference_bias=True, eval_every=192,
-)
+    """bf16: every forward multiplies in bf16 (the reward model by autocast, the frozen sampler of the normalization
+    kept in bf16); losses and Adam's state stay fp32. For GPUs; on an AVX2-only CPU it is much slower"""
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The reward model, its losses and the normalization
+# The reward model, its losses, the learning rate
 # ---------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_policy.py
+def model_inputs(tokens: torch.Tensor, pad_token_id: int) -> dict:
+    """Pads are masked out and each real token's position counts only the real tokens before it, so that padding (left
+    or right) never changes a real token's output. {OAI}/lm_human_preferences/language/model.py#L265-L269"""
+    mask = tokens != pad_token_id
+    return dict(input_ids=tokens, attention_mask=mask.long(), position_ids=(mask.cumsum(1) - 1).clamp(min=0))
 
 
 class RewardModel(nn.Module):
@@ -226,7 +209,8 @@ class RewardModel(nn.Module):
     def forward(self, tokens: torch.Tensor, pad_token_id: int) -> torch.Tensor:
         """(b,) rewards of (b, T) query+response tokens, read at the last real token: the EOS of a response truncated
         there (SFD reads the reward at the EOS token, {SFD}/summarize_from_feedback_details/ppo.py#L282-L300), else its
-        last token. OAI reads the last position; a masked pad makes it independent of right padding. {OAI}/lm_human_preferences/rewards.py#L47"""
+        last token. OAI reads the last position; a masked pad makes it independent of right padding.
+        {OAI}/lm_human_preferences/rewards.py#L47"""
         last = (tokens != pad_token_id).long().cumsum(1).argmax(1)  # (b,): the last real token
         return self.scores(tokens, pad_token_id)[torch.arange(len(tokens), device=tokens.device), last]
 
@@ -238,15 +222,98 @@ def label_rewards(reward_model, queries: torch.Tensor, samples: torch.Tensor, pa
     return reward_model(tokens, pad_token_id).view(b, n)
 
 
-def choice_loss(rewards: torch.Tensor, best: torch.Tensor, kind: str) -> tuple:
-    """(loss, accuracy). best_of_n: softmax cross-entropy of the n rewards against `best`
-    ({OAI}/lm_human_preferences/label_types.py#L44-L49); pairwise (column 0 chosen, 1 rejected):
-    -log sigmoid(r_chosen - r_rejected), the same thing for n = 2."""
-    if kind == "pairwise":
+def choice_loss(rewards: torch.Tensor, best: torch.Tensor, label_kind: str) -> tuple:
+    """(loss, accuracy) of (b, n) rewards against the (b,) preferred samples `best`. best_of_n: softmax cross-entropy
+    of the n rewards against `best` ({OAI}/lm_human_preferences/label_types.py#L44-L49); pairwise (column 0 chosen, 1
+    rejected): -log sigmoid(r_chosen - r_rejected), the same thing for n = 2."""
+    if label_kind == "pairwise":
         loss = -nn.functional.logsigmoid(rewards[:, 0] - rewards[:, 1]).mean()
     else:
         loss = nn.functional.cross_entropy(rewards, best)
     return loss, (rewards.argmax(1) == best).float().mean()
+
+
+def annealed_lr(lr: float, schedule: str, done: float) -> float:
+    """The learning rate once the fraction `done` of the epoch's labels has been trained on: lr annealed to 0, linearly
+    (OAI) or by a cosine without warm-up (SFD). A function of the update alone: a checkpoint needs to keep nothing."""
+    return lr * (1 - done if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * done)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The labels as tensors
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_labels(args: Args, tokenizer) -> tuple:
+    """Train and held-out label tensors, the label kind, and each held-out label's metadata (label_meta)."""
+    items, local = read_label_file(args.label_dataset, args.label_config, args.label_split)
+    kind, fmt = label_format(items, args.label_dataset)
+    if args.num_train + args.num_test > len(items):
+        fail(f"--label_dataset {args.label_dataset}: {len(items)} labels, fewer than --num_train {args.num_train} + "
+             f"--num_test {args.num_test}")
+    meta_path = Path(local).with_suffix(".meta.json")
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    label_tokenizer = tokenizer
+    name = args.label_tokenizer or meta.get("tokenizer")
+    if name is not None:
+        try:
+            label_tokenizer = AutoTokenizer.from_pretrained(name)
+        except OSError as e:
+            fail(f"--label_tokenizer {name}: cannot be loaded ({str(e).splitlines()[0][:200]})")
+    label_pad = args.label_pad_token_id
+    if label_pad is None:
+        label_pad = meta.get("pad_token_id", label_tokenizer.pad_token_id)
+    test_items = items if args.test_split is None else read_label_file(args.label_dataset, args.label_config,
+                                                                       args.test_split)[0]
+    test = list(range(len(items) - args.num_test,
+                      len(items))) if args.test_split is None else list(range(min(args.num_test, len(test_items))))
+    train = label_tensors(items, list(range(args.num_train)), kind, fmt, args.label_dataset, tokenizer,
+                          label_tokenizer, label_pad, args)
+    held_out = label_tensors(test_items, test, kind, fmt, args.label_dataset, tokenizer, label_tokenizer, label_pad,
+                             args)
+    return train, held_out, kind, [label_meta(test_items[i]) for i in test]
+
+
+def label_tensors(items: list, indices: list, kind: tuple, fmt: str, path: str, tokenizer, label_tokenizer,
+                  label_pad: int, args: Args) -> tuple:
+    """(queries (N, Q), samples (N, n, R), best (N,)) of items[indices] in the base model's tokens. Token ids: label
+    pads are dropped, ids are checked against the label tokenizer's vocabulary and, with a different tokenizer, decoded
+    and re-encoded; text is tokenized. The text formats (text_pair) end each response with EOS. Queries keep their
+    last Q tokens (left-padded), samples their first R (right-padded): a response cut short loses its EOS."""
+    same = label_tokenizer is tokenizer or label_tokenizer.get_vocab() == tokenizer.get_vocab()
+    pad, vocab = tokenizer.pad_token_id, len(label_tokenizer)
+
+    def tokens(value, i: int, key: str) -> list:
+        if isinstance(value, str):
+            return tokenizer.encode(value)
+        if not isinstance(value, list) or not all(isinstance(t, int) for t in value):
+            fail(f"--label_dataset {path}: item {i} key {key} is neither a list of token ids nor a text")
+        ids = [t for t in value if t != label_pad]
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            fail(f"--label_dataset {path}: item {i} key {key} has token id {bad[0]} outside the label tokenizer's "
+                 f"vocabulary of {vocab}")
+        return ids if same else tokenizer.encode(label_tokenizer.decode(ids))
+
+    names = ["chosen", "rejected"] if kind[0] == "pairwise" else [f"sample{j}" for j in range(kind[1])]
+    queries, samples = [], []
+    for i in indices:
+        if fmt in ("best_of_n", "pairwise"):
+            q = tokens(items[i]["query"], i, "query")[-args.query_length :]
+            queries.append([pad] * (args.query_length - len(q)) + q)
+            rs = [tokens(items[i][k], i, k)[: args.response_length] for k in names]
+        else:
+            query, texts = text_pair(items[i], fmt, f"--label_dataset {path}: item {i}", tokenizer, args.query_length)
+            queries.append(query)
+            rs = [(tokenizer.encode(t) + [tokenizer.eos_token_id])[: args.response_length] for t in texts]
+        samples.append([r + [pad] * (args.response_length - len(r)) for r in rs])
+    best = [0] * len(indices) if kind[0] == "pairwise" else [items[i]["best"] for i in indices]
+    return torch.tensor(queries), torch.tensor(samples), torch.tensor(best)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The normalization of the rewards, the held-out accuracy
+# ---------------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -283,7 +350,8 @@ def normalize(reward_model, stats_fn, target_mean: float = 0.0, target_std: floa
 @torch.no_grad()
 def reference_reward_mean(reward_model, batches, args: Args, accelerator, pad_token_id: int) -> float:
     """Mean reward of normalize_samples reference summaries (query + ' {summary}<|endoftext|>') of TL;DR posts, over
-    processes: SFD's bias, so that reference summaries score 0 on average. {SFD}/summarize_from_feedback_details/reward.py#L456-L520"""
+    processes: SFD's bias, so that reference summaries score 0 on average.
+    {SFD}/summarize_from_feedback_details/reward.py#L456-L520"""
     world, rank = accelerator.num_processes, accelerator.process_index
     local = args.rollout_batch_size // world
     sums = torch.zeros(2, device=accelerator.device)  # [sum r, count]
@@ -296,21 +364,22 @@ def reference_reward_mean(reward_model, batches, args: Args, accelerator, pad_to
 
 
 @torch.no_grad()
-def accuracy(reward_model, data: tuple, kind: str, args: Args, accelerator, pad_token_id: int) -> tuple:
+def accuracy(reward_model, data: tuple, label_kind: str, args: Args, accelerator, pad_token_id: int) -> tuple:
     """(held-out accuracy, loss, whether each held-out label was predicted right), each process scoring a shard; sums
     reduced over processes. Under ZeRO-3 on gathered weights (full_weights), so that unequal shards need no lockstep."""
     queries, samples, best = data
     device = accelerator.device
-    total, correct = torch.zeros(2, device=device), torch.zeros(len(queries), device=device)  # [loss sum, count]; per label
+    # [loss sum, count]; per label
+    total, correct = torch.zeros(2, device=device), torch.zeros(len(queries), device=device)
     shard = range(accelerator.process_index, len(queries), accelerator.num_processes)
     idx = torch.tensor(list(shard), dtype=torch.long)
     with full_weights(reward_model, accelerator) as model:
         model.eval()
         for i in range(0, len(idx), args.local_micro_batch_size):
             j = idx[i : i + args.local_micro_batch_size]
-            r = label_rewards(model, queries[j].to(device), samples[j].to(device), pad_token_id)
-            loss, _ = choice_loss(r, best[j].to(device), kind)
-            correct[j.to(device)] = (r.argmax(1) == best[j].to(device)).float()
+            rewards = label_rewards(model, queries[j].to(device), samples[j].to(device), pad_token_id)  # (b, n)
+            loss, _ = choice_loss(rewards, best[j].to(device), label_kind)
+            correct[j.to(device)] = (rewards.argmax(1) == best[j].to(device)).float()
             total += torch.stack([loss * len(j), torch.tensor(float(len(j)), device=device)])
         model.train()
     total, correct = accelerator.reduce(total, reduction="sum"), accelerator.reduce(correct, reduction="sum")
@@ -318,9 +387,8 @@ def accuracy(reward_model, data: tuple, kind: str, args: Args, accelerator, pad_
 
 
 def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[str] = None) -> Path:
-    """The reward model. run_dir: the run folder (train_both.py gives its stage folder; --resume the folder to continue);
-    resume_command: what the message of a run stopped by a signal tells the user to type."""
-    start_time = time.time()
+    """The reward model. run_dir: the run folder (train_both.py gives its stage folder; --resume the folder to
+    continue); resume_command: what the message of a run stopped by a signal tells the user to type."""
     world = start_processes().num_processes
     check_args(args)
     grad_accum = args.batch_size // (world * args.local_micro_batch_size)
@@ -330,134 +398,134 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
         return Path(args.resume)
 
     # 1. Models: the reward model (base LM + head, gain, bias) and the frozen base policy that samples for the
-    #    normalization (sharded under ZeRO-3: place_frozen). The seed is the same on every process, so every copy of the
-    #    head starts identical.
+    #    normalization (sharded under ZeRO-3: place_frozen; kept in bf16 under --mixed_precision bf16, while the trained
+    #    reward model multiplies in bf16 by autocast). The seed is the same on every process, so every copy of the head
+    #    starts identical.
     torch.manual_seed(args.seed)
     lm, tokenizer = prepare_lm(*load_base_model(args.base_model, load_in_4bit=args.load_in_4bit))
-    # the frozen sampler is kept in bf16 under --mixed_precision bf16; the trained reward model multiplies in bf16 by autocast
     if args.load_in_4bit:  # a 4-bit model is neither copied nor moved: the sampler is a second 4-bit load
         policy_lm = prepare_lm(*load_base_model(args.base_model, load_in_4bit=True))[0].eval().requires_grad_(False)
     else:
-        policy_lm = place_frozen(copy.deepcopy(lm), accelerator, torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32)
+        policy_lm = place_frozen(copy.deepcopy(lm), accelerator,
+                                 torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32)
     lora = add_lora(lm, args)  # under LoRA only the adapters of lm train; the head, gain and bias train in full
     reward_model = RewardModel(lm)
     pad = tokenizer.pad_token_id
 
-    # 2. Labels (checked before anything is written) and queries for the normalization samples.
-    train_data, test_data, kind, test_meta = load_labels(args, tokenizer)
+    # 2. Labels (checked before anything is written): (queries, samples, best) of the training and held-out ones, all
+    #    of one kind, best-of-n (n samples, `best` the preferred one) or pairwise (n = 2, the chosen one first); the
+    #    queries of the normalization samples (a Stream: a checkpoint keeps its position); the optimizer, and
+    #    accelerator.prepare (DDP, or a DeepSpeed engine with its ZeRO optimizer); then a seed per process for sampling.
+    #    {OAI}/lm_human_preferences/utils/core.py#L108-L113
+    train_data, test_data, (label_kind, num_choices), test_meta = load_labels(args, tokenizer)
     texts = load_texts(args.query_dataset, args.query_split)
-    batches = query_batches(texts, tokenizer, args.query_length, args.response_length, args.rollout_batch_size, args.seed)
-    optimizer = make_optimizer([p for p in reward_model.parameters() if p.requires_grad], args.optimizer, args.lr, args.eps)
-    reward_model, optimizer = accelerator.prepare(reward_model, optimizer)  # DDP, or a DeepSpeed engine with its ZeRO optimizer
+    batches = Stream(query_batches(texts, tokenizer, args.query_length, args.response_length, args.rollout_batch_size,
+                                   args.seed))
+    optimizer = make_optimizer([p for p in reward_model.parameters() if p.requires_grad], args.optimizer, args.lr,
+                               args.eps)
+    reward_model, optimizer = accelerator.prepare(reward_model, optimizer)
     unwrapped = accelerator.unwrap_model(reward_model)
-    torch.manual_seed(args.seed + rank * 100003)  # {OAI}/lm_human_preferences/utils/core.py#L108-L113
+    torch.manual_seed(args.seed + rank * 100003)
 
-    # 3. Run folder, metrics file, wandb. A resumed run takes back the weights, optimizer, query position and metrics of
-    #    its last checkpoint; its generators are restored where the loop starts.
-    run_dir = Path(args.resume) if args.resume else run_dir or shared_run_dir(accelerator, args.run_root, args.exp_name, args.seed)
-    resumed = load_checkpoint(accelerator, run_dir) if args.resume else None
-    if resumed is not None:
-        load_trained_state(accelerator, reward_model, optimizer, resumed)
-    first_update, elapsed_before = (resumed["update"], resumed["elapsed_s"]) if resumed else (0, 0.0)
-    batches = Stream(batches, skip=resumed["batches"] if resumed else 0)
-    run_log = RunLog(accelerator, args, run_dir, resumed, step_key="update", keep_samples=False, info={"label_kind": kind[0]})
-    if accelerator.is_main_process:
-        print(f"run folder {run_dir}; {len(train_data[0]):,} training and {len(test_data[0]):,} held-out {kind[0]} labels "
-              f"(n = {kind[1]}); {world} process(es) x {grad_accum} micro-batch(es) of {args.local_micro_batch_size}"
-              + (f"; resumed after update {first_update} from {resumed['path']}" if resumed else ""))
+    # The run folder, its log and checkpoints (a resumed run takes back the weights, optimizer, query position, random
+    # generators and metrics of its last checkpoint).
+    run = Run(accelerator, args, run_dir, resume_command or "python train_reward.py --resume {run_dir}", "update",
+              keep_samples=False, objects=(batches,), info={"label_kind": label_kind},
+              about=f"{len(train_data[0]):,} training and {len(test_data[0]):,} held-out {label_kind} labels "
+              f"(n = {num_choices}); {world} process(es) x {grad_accum} micro-batch(es) of "
+              f"{args.local_micro_batch_size}")
 
+    # 3. Normalize before training: base-policy rewards to mean 0, std 1 (best-of-n labels carry no scale of their
+    #    own), {OAI}/lm_human_preferences/train_reward.py#L232-L234; the held-out accuracy of the untrained model.
+    #    Under DeepSpeed gain and bias are set whole and the optimizer's fp32 copy follows (full_weights(edit=True)). A
+    #    resumed run did this before its checkpoint.
     def stats_fn():
         with full_weights(policy_lm, accelerator) as sampler_lm:  # ZeRO-3: the frozen sampler gathered while it samples
             return reward_stats(unwrapped, sampler_lm, batches, args, accelerator, pad)
 
-    # 4. Normalize before training: base-policy rewards to mean 0, std 1 (best-of-n labels carry no scale of their
-    #    own). {OAI}/lm_human_preferences/train_reward.py#L232-L234. Under DeepSpeed gain and bias are set whole and the
-    #    optimizer's fp32 copy follows (full_weights(edit=True)).
-    if resumed is None:
+    if run.last is None:
         before = {"update": 0, "label": 0}
         if args.normalize_before:
             with full_weights(reward_model, accelerator, edit=True):
-                before["normalize/before_training/mean"], before["normalize/before_training/std"] = normalize(unwrapped, stats_fn)
+                before["normalize/before_training/mean"], before["normalize/before_training/std"] = normalize(
+                    unwrapped, stats_fn)
         if len(test_data[0]):
-            before["test/accuracy"], before["test/loss"], _ = accuracy(reward_model, test_data, kind[0], args, accelerator, pad)
-        run_log.write(before)
+            before["test/accuracy"], before["test/loss"], _ = accuracy(reward_model, test_data, label_kind, args,
+                                                                       accelerator, pad)
+        run.write(before)
 
-    # 5. One epoch over the labels in an order shared by all processes; each process takes every world-th label
-    #    of a batch; lr annealed to 0, linearly (OAI) or by a cosine (SFD). {OAI}/lm_human_preferences/train_reward.py#L236-L250
+    # 4. One epoch over the labels in an order shared by all processes; each process takes every world-th label of a
+    #    batch; lr annealed to 0, linearly (OAI) or by a cosine (SFD); micro-batches accumulate gradients
+    #    (accelerator.accumulate divides each loss by grad_accum; DDP averages them across processes at the last one,
+    #    DeepSpeed reduces them and steps there). {OAI}/lm_human_preferences/train_reward.py#L236-L250
     order = torch.randperm(args.num_train, generator=torch.Generator().manual_seed(args.seed))
     num_updates = args.num_train // args.batch_size
     reward_model.train()
-    if resumed is not None:
-        set_rng_state(resumed["rng"], device)
-    checkpoints = Checkpoints(accelerator, reward_model, run_dir, args.save_every, args.keep_checkpoints,
-                              resume_command or f"python train_reward.py --resume {run_dir}", resumed["path"] if resumed else None)
-    progress = tqdm(range(first_update, num_updates), initial=first_update, total=num_updates,
-                    disable=not accelerator.is_main_process, desc="reward")
-    for update in progress:
+    for update in run.steps(num_updates, "reward", {"loss": "train/loss", "test_acc": "test/accuracy"}):
         start = update * args.batch_size
-        done = start / args.num_train
-        lr = args.lr * (1 - done if args.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * done)))
+        lr = annealed_lr(args.lr, args.lr_schedule, start / args.num_train)
         for group in optimizer.param_groups:
             group["lr"] = lr
         ours = order[start : start + args.batch_size][rank::world]
-        sums = torch.zeros(2, device=device)
+        sums = torch.zeros(2, device=device)  # [loss, accuracy], averaged over the micro-batches
         for micro in range(grad_accum):
             idx = ours[micro * args.local_micro_batch_size : (micro + 1) * args.local_micro_batch_size]
-            q, s, b = (t[idx].to(device) for t in train_data)
-            with accelerator.accumulate(reward_model):  # divides the loss by grad_accum; syncs (DeepSpeed: steps) at the last
-                loss, acc = choice_loss(label_rewards(reward_model, q, s, pad), b, kind[0])
+            queries, samples, best = (t[idx].to(device) for t in train_data)  # (b, Q), (b, n, R), (b,)
+            with accelerator.accumulate(reward_model):
+                loss, acc = choice_loss(label_rewards(reward_model, queries, samples, pad), best, label_kind)
                 accelerator.backward(loss)
             sums += torch.stack([loss.detach(), acc]) / grad_accum
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         train_loss, train_acc = accelerator.reduce(sums, reduction="mean").tolist()
-        metrics = {"update": update + 1, "label": start + args.batch_size, "train/loss": train_loss, "train/accuracy": train_acc, "train/lr": lr}
-        if len(test_data[0]) and ((update + 1) % args.eval_every == 0 or update + 1 == num_updates):
-            metrics["test/accuracy"], metrics["test/loss"], correct = accuracy(reward_model, test_data, kind[0], args, accelerator, pad)
-            if update + 1 == num_updates:  # by split / batch / confidence, where the labels carry them (SFD)
-                metrics.update(accuracy_breakdown(correct, test_meta))
-            progress.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{metrics['test/accuracy']:.3f}")
-        else:
-            progress.set_postfix(loss=f"{train_loss:.3f}")
-        run_log.write(metrics)
-        # a NaN or inf stops the run (exit 3); a checkpoint every save_every updates and when SIGTERM or SIGINT came
-        check_finite(metrics, f"update {update + 1}", checkpoints.last)
-        checkpoints.after(update + 1, num_updates, lambda: {
-            **trained_state(accelerator, reward_model, optimizer), "update": update + 1, "batches": batches.position,
-            "elapsed_s": elapsed_before + time.time() - start_time, "wandb_id": run_log.wandb_id})
-    checkpoints.close()
+        metrics = {"update": update + 1, "label": start + args.batch_size, "train/loss": train_loss,
+                   "train/accuracy": train_acc, "train/lr": lr}
 
-    # 6. Normalize after training (so that the policy's KL coefficient keeps its meaning), {OAI}/lm_human_preferences/train_reward.py#L252-L254;
-    #    then SFD's reference bias; then save. Under ZeRO-3 all of it on the gathered weights; the main process writes them.
+        # 5. The held-out accuracy every eval_every updates and after the last, then also by the labels' split, batch
+        #    and confidence where they carry them (SFD).
+        if len(test_data[0]) and ((update + 1) % args.eval_every == 0 or update + 1 == num_updates):
+            metrics["test/accuracy"], metrics["test/loss"], correct = accuracy(reward_model, test_data, label_kind,
+                                                                               args, accelerator, pad)
+            if update + 1 == num_updates:
+                metrics.update(accuracy_breakdown(correct, test_meta))
+
+        # The metrics logged; a NaN or inf stops the run (exit 3); a checkpoint every save_every updates, and when
+        # SIGTERM or SIGINT asked the run to stop, which it then does (exit 128 + signal).
+        run.end_step(update + 1, num_updates, metrics)
+
+    # 6. Normalize after training (so that the policy's KL coefficient keeps its meaning),
+    #    {OAI}/lm_human_preferences/train_reward.py#L252-L254; then SFD's reference bias: the reference summaries score
+    #    0 on average. Under ZeRO-3 all of it on the gathered weights; the main process writes them.
     final = {"update": num_updates, "label": args.num_train}
     with full_weights(reward_model, accelerator):
         if args.normalize_after:
-            final["normalize/after_training/mean"], final["normalize/after_training/std"] = normalize(unwrapped, stats_fn)
+            final["normalize/after_training/mean"], final["normalize/after_training/std"] = normalize(unwrapped,
+                                                                                                      stats_fn)
         if args.reference_bias:
             final["normalize/reference_mean"] = reference_reward_mean(unwrapped, batches, args, accelerator, pad)
             with torch.no_grad():
                 unwrapped.bias -= final["normalize/reference_mean"]
         final["reward/gain"], final["reward/bias"] = unwrapped.gain.item(), unwrapped.bias.item()
-        run_log.write(final)
-        unwrapped.lm = saved_lm(unwrapped.lm, lora)  # adapters merged under LoRA
-        if accelerator.is_main_process:
-            save_reward_model(unwrapped, tokenizer, run_dir / "reward_model")
-            print(f"reward model saved to {run_dir / 'reward_model'}")
-    run_log.finish(lambda: summarize(run_dir / "metrics.jsonl", elapsed_before + time.time() - start_time), f"reward model: {run_dir}")
-    accelerator.wait_for_everyone()
-    return run_dir
+
+        # The last line of metrics.jsonl; the reward model (adapters merged under LoRA) and its tokenizer.
+        run.write(final)
+        write_reward_model(accelerator, unwrapped, lora, tokenizer, run.dir / "reward_model")
+
+    # The summary of the run.
+    run.finish(summarize, "reward model")
+    return run.dir
 
 
 # =========================================================================================================
-# Plumbing. Everything below serves train() above and is not the algorithm: reading the data, loading the
-# models, LoRA, sampling, measuring, checkpoints and resume, signals, DeepSpeed, the checks of the
-# arguments, the command line, the summary. The `# Copied from` blocks are shared with the other scripts
-# and kept identical by tests/test_pipeline.py.
+# Plumbing. Everything below serves train() above and is not the algorithm: the command line and the presets, reading
+# the label files and the query data, loading the models, sampling, LoRA, the run folder, checkpoints and resume,
+# signals, DeepSpeed, the checks of the arguments, the summary, saving. The `# Copied from` blocks are shared with the
+# other scripts and kept identical by tests/test_pipeline.py.
 # =========================================================================================================
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The command line
+# The command line and the presets (OAI's launch.py, SFD's recipe, the twin)
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -484,11 +552,13 @@ def cli(args_class, presets: dict, description: str):
         if preset[0] not in presets:
             fail(f"unknown preset {preset[0]!r}; presets: {', '.join(presets)}")
         default = replace(default, **presets[preset[0]])
-    args = tyro.cli(args_class, default=default, args=argv[len(preset) :], description=description, use_underscores=True)
+    args = tyro.cli(args_class, default=default, args=argv[len(preset) :], description=description,
+                    use_underscores=True)
     if args.resume is None:
         return args
     if len(argv) > (1 if argv[0].startswith("--resume=") else 2):
-        fail("--resume continues a run with the arguments it started with (its args.json): give no other flag or preset")
+        fail("--resume continues a run with the arguments it started with (its args.json): give no other flag or "
+             "preset")
     if not os.path.isfile(os.path.join(args.resume, "args.json")):
         fail(f"--resume {args.resume}: not a run folder (no args.json)")
     with open(os.path.join(args.resume, "args.json")) as f:
@@ -497,7 +567,8 @@ def cli(args_class, presets: dict, description: str):
 
 # Copied from train_policy.py
 def args_from_json(args_class, values: dict):
-    """args_class rebuilt from its args.json (nested argument classes too); other keys (world_size, ...) are facts of the run."""
+    """args_class rebuilt from its args.json (nested argument classes too); other keys (world_size, ...) are facts of
+    the run."""
     kwargs = {}
     for f in fields(args_class):
         if f.name in values:
@@ -506,8 +577,49 @@ def args_from_json(args_class, values: dict):
     return args_class(**kwargs)
 
 
+PRESETS = {
+    # OAI's launch.py: books_task + get_train_reward_experiments()['sentiment'|'descriptiveness']
+    # https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66/launch.py#L49-L81
+    "sentiment": dict(
+        exp_name="sentiment_reward", base_model="gpt2",
+        label_dataset="vwxyzjn/lm-human-preferences/sentiment/offline_5k.json", label_tokenizer="gpt2",
+        label_pad_token_id=50259, num_train=4992, num_test=0, query_length=64, response_length=24,
+        query_dataset="bookcorpus", temperature=0.7, batch_size=32, local_micro_batch_size=4, lr=5e-5,
+        normalize_before=True, normalize_after=True, normalize_samples=256, rollout_batch_size=512,
+    ),
+}
+
+
+PRESETS["descriptiveness"] = {**PRESETS["sentiment"], "exp_name": "descriptiveness_reward",
+                              "label_dataset": "vwxyzjn/lm-human-preferences/descriptiveness/offline_5k.json"}
+
+
+# SFD's 1B reward model: {SFD}/summarize_from_feedback_details/reward.py#L40-L124 and sbatches/reward.sbatch (8 GPUs x
+# micro-batch 1 x 8 accumulation = 64; one epoch of 92,832 comparisons; AdamW, lr 3e-6 cosine; responses up to 169
+# tokens, tldr_dataset.py's max_rm_response_length; the reference summaries' mean reward as the bias, no gain/bias
+# normalization)
+PRESETS["tldr"] = dict(
+    exp_name="tldr_reward", base_model="models/sft_tldr",
+    label_dataset="vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144", label_split="train",
+    test_split="validation", num_train=92832, num_test=6400, query_length=512, response_length=169,
+    query_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144", temperature=0.7,
+    batch_size=64, local_micro_batch_size=8, lr=3e-6, lr_schedule="cosine", eps=1e-5, optimizer="adamw",
+    normalize_before=False, normalize_after=False, normalize_samples=4096, rollout_batch_size=512, reference_bias=True,
+)
+
+
+# the summarization twin: trained as SFD trains, on the judge's comparisons of the twin's SFT samples
+# (data/tldr/comparisons.jsonl.gz)
+PRESETS["tldr_twin"] = dict(
+    exp_name="reward", base_model="runs/tldr_twin/sft_model", label_dataset="data/tldr/comparisons.jsonl.gz",
+    num_train=3072, num_test=685, query_length=160, response_length=48, query_dataset="data/tldr/train.jsonl.gz",
+    batch_size=16, local_micro_batch_size=16, lr=3e-4, lr_schedule="cosine", optimizer="adamw", normalize_before=False,
+    normalize_after=False, normalize_samples=512, rollout_batch_size=64, reference_bias=True, eval_every=192,
+)
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Data: labels and queries
+# Data: label files and their formats, queries
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -539,14 +651,16 @@ def read_label_file(path: str, config: Optional[str], split: str) -> tuple:
     if not os.path.isfile(local):
         fail(f"--label_dataset {path}: file not found")
     try:
-        with (gzip.open(local, "rt", encoding="utf-8") if local.endswith(".gz") else open(local, encoding="utf-8")) as f:
+        with (gzip.open(local, "rt", encoding="utf-8") if local.endswith(".gz") else open(local,
+                                                                                          encoding="utf-8")) as f:
             text = f.read()
     except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
         fail(f"--label_dataset {path}: cannot be read ({e})")
     if not text.strip():
         fail(f"--label_dataset {path}: the file is empty")
     try:
-        items = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+        lines = [line for line in text.splitlines() if line.strip()]
+        items = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in lines]
     except json.JSONDecodeError as e:
         fail(f"--label_dataset {path}: not valid JSON ({e.msg}, line {e.lineno})")
     if not items:
@@ -646,7 +760,8 @@ def text_pair(item: dict, fmt: str, where: str, tokenizer, query_length: int) ->
         end = os.path.commonprefix([chosen, rejected]).rfind(ASSISTANT)
         if end < 0:
             fail(f"{where} chosen and rejected share no prompt ending in {ASSISTANT!r}")
-        prompt, texts = chosen[: end + len(ASSISTANT)], [chosen[end + len(ASSISTANT) :], rejected[end + len(ASSISTANT) :]]
+        prompt, texts = chosen[: end + len(ASSISTANT)], [chosen[end + len(ASSISTANT) :],
+                                                         rejected[end + len(ASSISTANT) :]]
     else:
         prompt, texts = text(item["prompt"], "prompt"), [text(item[k], k) for k in keys]
         if all(t.startswith("TL;DR:") for t in texts):  # CarperAI/openai_summarize_comparisons
@@ -655,42 +770,6 @@ def text_pair(item: dict, fmt: str, where: str, tokenizer, query_length: int) ->
         if not t.strip():
             fail(f"{where} has an empty {key} response")
     return cut_prompt(prompt, tokenizer, query_length), texts
-
-
-def label_tensors(items: list, indices: list, kind: tuple, fmt: str, path: str, tokenizer, label_tokenizer, label_pad: int,
-                  args: Args) -> tuple:
-    """(queries (N, Q), samples (N, n, R), best (N,)) of items[indices] in the base model's tokens. Token ids: label
-    pads are dropped, ids are checked against the label tokenizer's vocabulary and, with a different tokenizer, decoded
-    and re-encoded; text is tokenized. The text formats (text_pair) end each response with EOS. Queries keep their
-    last Q tokens (left-padded), samples their first R (right-padded): a response cut short loses its EOS."""
-    same = label_tokenizer is tokenizer or label_tokenizer.get_vocab() == tokenizer.get_vocab()
-    pad, vocab = tokenizer.pad_token_id, len(label_tokenizer)
-
-    def tokens(value, i: int, key: str) -> list:
-        if isinstance(value, str):
-            return tokenizer.encode(value)
-        if not isinstance(value, list) or not all(isinstance(t, int) for t in value):
-            fail(f"--label_dataset {path}: item {i} key {key} is neither a list of token ids nor a text")
-        ids = [t for t in value if t != label_pad]
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            fail(f"--label_dataset {path}: item {i} key {key} has token id {bad[0]} outside the label tokenizer's vocabulary of {vocab}")
-        return ids if same else tokenizer.encode(label_tokenizer.decode(ids))
-
-    names = ["chosen", "rejected"] if kind[0] == "pairwise" else [f"sample{j}" for j in range(kind[1])]
-    queries, samples = [], []
-    for i in indices:
-        if fmt in ("best_of_n", "pairwise"):
-            q = tokens(items[i]["query"], i, "query")[-args.query_length :]
-            queries.append([pad] * (args.query_length - len(q)) + q)
-            rs = [tokens(items[i][k], i, k)[: args.response_length] for k in names]
-        else:
-            query, texts = text_pair(items[i], fmt, f"--label_dataset {path}: item {i}", tokenizer, args.query_length)
-            queries.append(query)
-            rs = [(tokenizer.encode(t) + [tokenizer.eos_token_id])[: args.response_length] for t in texts]
-        samples.append([r + [pad] * (args.response_length - len(r)) for r in rs])
-    best = [0] * len(indices) if kind[0] == "pairwise" else [items[i]["best"] for i in indices]
-    return torch.tensor(queries), torch.tensor(samples), torch.tensor(best)
 
 
 def label_meta(item: dict) -> dict:
@@ -712,45 +791,23 @@ def accuracy_breakdown(correct: list, meta: list) -> dict:
     return {name: sum(oks) / len(oks) for name, oks in sorted(groups.items())}
 
 
-def load_labels(args: Args, tokenizer) -> tuple:
-    """Train and held-out label tensors, the label kind, and each held-out label's metadata (label_meta)."""
-    items, local = read_label_file(args.label_dataset, args.label_config, args.label_split)
-    kind, fmt = label_format(items, args.label_dataset)
-    if args.num_train + args.num_test > len(items):
-        fail(f"--label_dataset {args.label_dataset}: {len(items)} labels, fewer than --num_train {args.num_train} + --num_test {args.num_test}")
-    meta_path = Path(local).with_suffix(".meta.json")
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    label_tokenizer = tokenizer
-    name = args.label_tokenizer or meta.get("tokenizer")
-    if name is not None:
-        try:
-            label_tokenizer = AutoTokenizer.from_pretrained(name)
-        except OSError as e:
-            fail(f"--label_tokenizer {name}: cannot be loaded ({str(e).splitlines()[0][:200]})")
-    label_pad = args.label_pad_token_id if args.label_pad_token_id is not None else meta.get("pad_token_id", label_tokenizer.pad_token_id)
-    test_items = items if args.test_split is None else read_label_file(args.label_dataset, args.label_config, args.test_split)[0]
-    test = list(range(len(items) - args.num_test, len(items))) if args.test_split is None else list(range(min(args.num_test, len(test_items))))
-    train = label_tensors(items, list(range(args.num_train)), kind, fmt, args.label_dataset, tokenizer, label_tokenizer, label_pad, args)
-    held_out = label_tensors(test_items, test, kind, fmt, args.label_dataset, tokenizer, label_tokenizer, label_pad, args)
-    return train, held_out, kind, [label_meta(test_items[i]) for i in test]
-
-
 # Copied from train_policy.py
 TLDR_KEYS = ("subreddit", "title", "post", "summary")
 
 
 # Copied from train_policy.py
 def load_texts(path: str, split: str, flag: str = "--query_dataset"):
-    """Query data, indexable: books texts (str) from a local .jsonl(.gz) of JSON strings (OAI's book_passages/{mode}.jsonl)
-    or of objects with "text" (data/corpus.jsonl.gz), or from a hub dataset with a "text" column (bookcorpus); or TL;DR
-    rows (dict with subreddit, title, post, summary) from a .jsonl(.gz) (data/tldr/, summarize-from-feedback's
-    tldr_3_filtered) or a hub dataset with those columns."""
+    """Query data, indexable: books texts (str) from a local .jsonl(.gz) of JSON strings (OAI's
+    book_passages/{mode}.jsonl) or of objects with "text" (data/corpus.jsonl.gz), or from a hub dataset with a "text"
+    column (bookcorpus); or TL;DR rows (dict with subreddit, title, post, summary) from a .jsonl(.gz) (data/tldr/,
+    summarize-from-feedback's tldr_3_filtered) or a hub dataset with those columns."""
     if os.path.exists(path) or path.endswith((".jsonl", ".gz", ".json")):
         if not os.path.isfile(path):
             fail(f"{flag} {path}: file not found")
         texts = []
         try:
-            with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
+            with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path,
+                                                                                            encoding="utf-8")) as f:
                 for n, line in enumerate(f, 1):
                     if line.strip():
                         text = json.loads(line)
@@ -759,7 +816,8 @@ def load_texts(path: str, split: str, flag: str = "--query_dataset"):
                         if isinstance(text, dict) and not all(isinstance(text.get(k), str) for k in TLDR_KEYS):
                             fail(f"{flag} {path}: line {n} is a TL;DR row without string {', '.join(TLDR_KEYS)}")
                         if not isinstance(text, (str, dict)) or (texts and type(text) is not type(texts[0])):
-                            fail(f"{flag} {path}: line {n} is neither a JSON string, an object with a string \"text\" nor a TL;DR "
+                            fail(f"{flag} {path}: line {n} is neither a JSON string, an object with a string \"text\" "
+                                 "nor a TL;DR "
                                  "row like the lines before it")
                         texts.append(text)
         except json.JSONDecodeError as e:
@@ -778,7 +836,8 @@ def load_texts(path: str, split: str, flag: str = "--query_dataset"):
         elif "text" in texts.column_names:
             texts = texts["text"]  # a lazy column: BookCorpus's 74M rows stay memory-mapped
         else:
-            fail(f"{flag} {path}: split {split} has neither a \"text\" column nor the TL;DR columns {', '.join(TLDR_KEYS)}")
+            fail(f"{flag} {path}: split {split} has neither a \"text\" column nor the TL;DR columns "
+                 f"{', '.join(TLDR_KEYS)}")
     if len(texts) == 0:
         fail(f"{flag} {path}: no texts")
     return texts
@@ -803,8 +862,9 @@ def format_query(tokens: list, dot: int, query_length: int, pad_token_id: int) -
 
 # Copied from train_policy.py
 def format_tldr_query(row: dict, tokenizer, query_length: int) -> list:
-    """OAI's TL;DR query: SUBREDDIT/TITLE/POST/TL;DR, the post cut at its last newline (else its last
-    character) until the query fits, then left-padded with the pad token to `query_length` tokens.
+    """OAI's TL;DR query: SUBREDDIT/TITLE/POST/TL;DR, the post cut at its last newline (else its last character) until
+    the query fits, then left-padded with the pad token to `query_length` tokens.
+
     https://github.com/openai/summarize-from-feedback/blob/700967448d10004279f138666442bf1497d0e705/summarize_from_feedback/tasks.py#L98-L165"""
     fmt = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
     post = row["post"]
@@ -855,17 +915,18 @@ def query_batches(texts, tokenizer, query_length: int, response_length: int, bat
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Models, the optimizer, the run folder
+# Models, sampling, the optimizer
 # ---------------------------------------------------------------------------------------------------------
 
 
 # Copied from train_policy.py
 def load_base_model(path: str, weights: bool = True, load_in_4bit: bool = False):
-    """(model, tokenizer) from a hub id, a local folder or a .gguf file; with weights=False (config, tokenizer), what the
-    checks of the arguments need. A .gguf file is de-quantized to fp32 as it is read (GgufConfig(dequantize=True)): the
-    result is an ordinary trainable model without a quantization marker, which save_pretrained writes as a plain Hugging
-    Face folder that every script loads back. (Read without it, transformers keeps the model marked as GGUF-quantized
-    and refuses to save it.) load_in_4bit: the weights quantized to 4-bit NF4 (bitsandbytes, QLoRA's format), computing in bf16."""
+    """(model, tokenizer) from a hub id, a local folder or a .gguf file; with weights=False (config, tokenizer), what
+    the checks of the arguments need. A .gguf file is de-quantized to fp32 as it is read (GgufConfig(dequantize=True)):
+    the result is an ordinary trainable model without a quantization marker, which save_pretrained writes as a plain
+    Hugging Face folder that every script loads back. (Read without it, transformers keeps the model marked as
+    GGUF-quantized and refuses to save it.) load_in_4bit: the weights quantized to 4-bit NF4 (bitsandbytes, QLoRA's
+    format), computing in bf16."""
     source, gguf = path, {}
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
@@ -881,7 +942,8 @@ def load_base_model(path: str, weights: bool = True, load_in_4bit: bool = False)
         quantization = dict(quantization_config=GgufConfig(dequantize=True)) if gguf else {}
         if load_in_4bit:
             quantization = dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                                       bnb_4bit_compute_dtype=torch.bfloat16), device_map={"": PartialState().device})
+                                                                       bnb_4bit_compute_dtype=torch.bfloat16),
+                                                                       device_map={"": PartialState().device})
         return AutoModelForCausalLM.from_pretrained(source, **gguf, **quantization), tokenizer
     except OSError as e:  # hub id with no network, or a folder without a model
         fail(f"--base_model {path}: cannot be loaded ({str(e).splitlines()[0][:200]})")
@@ -907,22 +969,15 @@ def prepare_lm(model, tokenizer):
                 setattr(module, name, GELUTanh())
     # Weights read from safetensors point into the memory-mapped file at the file's own offsets (16-byte aligned for the
     # nano model); tensors PyTorch allocates are 64-byte aligned. MKL orders a matmul's floating-point sums by the
-    # alignment of its inputs on Intel CPUs (https://www.intel.com/content/www/us/en/developer/articles/technical/getting-reproducible-results-with-intel-mkl.html),
-    # so there a loaded model and its deep copy round the same logits differently. Copied into memory of their own,
-    # the weights of every model (loaded, copied, resumed) run the same kernels on every CPU.
+    # alignment of its inputs on Intel CPUs
+    # (https://www.intel.com/content/www/us/en/developer/articles/technical/getting-reproducible-results-with-intel-mkl.html),
+    # so there a loaded model and its deep copy round the same logits differently. Copied into memory of their own, the
+    # weights of every model (loaded, copied, resumed) run the same kernels on every CPU.
     with torch.no_grad():
         for p in model.parameters():
             if p.device.type == "cpu":
                 p.data = p.data.clone()
     return model, tokenizer
-
-
-# Copied from train_policy.py
-def model_inputs(tokens: torch.Tensor, pad_token_id: int) -> dict:
-    """Pads are masked out and each real token's position counts only the real tokens before it, so that
-    padding (left or right) never changes a real token's output. {OAI}/lm_human_preferences/language/model.py#L265-L269"""
-    mask = tokens != pad_token_id
-    return dict(input_ids=tokens, attention_mask=mask.long(), position_ids=(mask.cumsum(1) - 1).clamp(min=0))
 
 
 # Copied from train_policy.py
@@ -972,7 +1027,8 @@ class Sampler:
         """(tokens, log-probs, entropies, values or None), each (b, R), for (b, Q) left-padded queries."""
         b, Q = queries.shape
         if self.cache_shape != (b, Q + response_length):
-            self.cache, self.cache_shape = StaticCache(config=self.lm.config, max_cache_len=Q + response_length), (b, Q + response_length)
+            self.cache = StaticCache(config=self.lm.config, max_cache_len=Q + response_length)
+            self.cache_shape = (b, Q + response_length)
         else:
             self.cache.reset()
         inputs = model_inputs(queries, self.pad_token_id)
@@ -1009,46 +1065,6 @@ def save_reward_model(model: RewardModel, tokenizer, folder: Path):
 
 
 # Copied from train_policy.py
-def check_lora(args):
-    """The LoRA and QLoRA flags, checked before anything runs."""
-    if args.lora_r < 0 or (args.lora_r and args.lora_alpha <= 0) or not 0 <= args.lora_dropout < 1:
-        fail(f"--lora_r {args.lora_r} must be at least 0, --lora_alpha positive, --lora_dropout in [0, 1)")
-    if args.load_in_4bit and not torch.cuda.is_available():
-        fail("--load_in_4bit (QLoRA) quantizes the weights with bitsandbytes on a CUDA GPU, and this machine has none; LoRA alone (--lora_r) runs on a CPU")
-    if args.load_in_4bit and args.lora_r == 0:
-        fail("--load_in_4bit trains LoRA adapters over frozen 4-bit weights: give --lora_r too")
-
-
-# Copied from train_policy.py
-def add_lora(lm, args):
-    """LoRA adapters (Hu et al. 2021, through peft) on lm's layers when --lora_r > 0, injected in place: lm keeps its
-    class and forward, and only the adapters of its weights train (the caller's heads train in full). Returns the
-    PeftModel around lm, which turns the adapters off (disable_adapter(): the initial model, the reference of PPO and
-    DPO without a second copy) or merges them into the weights (merge_and_unload(), before saving); None without LoRA."""
-    if args.lora_r == 0:
-        return None
-    import peft
-
-    if args.load_in_4bit:  # QLoRA (Dettmers et al. 2023): norms and heads of the 4-bit model kept in fp32
-        lm = peft.prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
-    targets = "all-linear" if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
-    transposed = any(isinstance(m, Conv1D) for m in lm.modules())  # GPT-2 stores its linear weights as (in, out)
-    config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
-                             fan_in_fan_out=transposed)
-    try:
-        return peft.get_peft_model(lm, config)
-    except ValueError as e:  # no such module
-        fail(f"--lora_target_modules {args.lora_target_modules}: {str(e).splitlines()[0][:200]}")
-
-
-# Copied from train_policy.py
-def saved_lm(lm, lora):
-    """The language model to save: under LoRA the adapters merged into the weights, so that the folder is a plain model
-    every script (and transformers) loads as it loads any other."""
-    return lm if lora is None else lora.merge_and_unload()
-
-
-# Copied from train_policy.py
 def swap_in(tmp: Path, folder: Path):
     """Replace `folder` by the fully written `tmp`, so a failure never leaves a half-written checkpoint."""
     if folder.exists():
@@ -1060,6 +1076,48 @@ def swap_in(tmp: Path, folder: Path):
         old.rmdir()
     else:
         tmp.rename(folder)
+
+
+# Copied from train_policy.py
+def check_lora(args):
+    """The LoRA and QLoRA flags, checked before anything runs."""
+    if args.lora_r < 0 or (args.lora_r and args.lora_alpha <= 0) or not 0 <= args.lora_dropout < 1:
+        fail(f"--lora_r {args.lora_r} must be at least 0, --lora_alpha positive, --lora_dropout in [0, 1)")
+    if args.load_in_4bit and not torch.cuda.is_available():
+        fail("--load_in_4bit (QLoRA) quantizes the weights with bitsandbytes on a CUDA GPU, and this machine has none; "
+             "LoRA alone (--lora_r) runs on a CPU")
+    if args.load_in_4bit and args.lora_r == 0:
+        fail("--load_in_4bit trains LoRA adapters over frozen 4-bit weights: give --lora_r too")
+
+
+# Copied from train_policy.py
+def add_lora(lm, args):
+    """LoRA adapters (Hu et al. 2021, through peft) on lm's layers when --lora_r > 0, injected in place: lm keeps its
+    class and forward, and only the adapters of its weights train (the caller's heads train in full). Returns the
+    PeftModel around lm, which turns the adapters off (disable_adapter(): the initial model, the reference of PPO and
+    DPO without a second copy) or merges them into the weights (merge_and_unload(), before saving); None without
+    LoRA."""
+    if args.lora_r == 0:
+        return None
+    import peft
+
+    if args.load_in_4bit:  # QLoRA (Dettmers et al. 2023): norms and heads of the 4-bit model kept in fp32
+        lm = peft.prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
+    targets = "all-linear" if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
+    transposed = any(isinstance(m, Conv1D) for m in lm.modules())  # GPT-2 stores its linear weights as (in, out)
+    config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                             target_modules=targets, fan_in_fan_out=transposed)
+    try:
+        return peft.get_peft_model(lm, config)
+    except ValueError as e:  # no such module
+        fail(f"--lora_target_modules {args.lora_target_modules}: {str(e).splitlines()[0][:200]}")
+
+
+# Copied from train_policy.py
+def saved_lm(lm, lora):
+    """The language model to save: under LoRA the adapters merged into the weights, so that the folder is a plain model
+    every script (and transformers) loads as it loads any other."""
+    return lm if lora is None else lora.merge_and_unload()
 
 
 # Copied from train_policy.py
@@ -1087,7 +1145,8 @@ class AdamTensorFlowStyle(torch.optim.Optimizer):
             if not params:
                 continue
             # every parameter at once: foreach ops launch a few kernels per step, not a few per parameter
-            grads, m, v = [p.grad for p in params], [self.state[p]["m"] for p in params], [self.state[p]["v"] for p in params]
+            grads = [p.grad for p in params]
+            m, v = [self.state[p]["m"] for p in params], [self.state[p]["v"] for p in params]
             torch._foreach_mul_(m, beta1)
             torch._foreach_add_(m, grads, alpha=1 - beta1)  # m = beta1 m + (1 - beta1) g
             torch._foreach_mul_(v, beta2)
@@ -1104,7 +1163,13 @@ def make_optimizer(params, name: str, lr: float, eps: float):
     """TF-style Adam, torch's Adam, or torch's AdamW (its default weight decay 0.01, as SFD ran it)."""
     if name == "adam_tf":
         return AdamTensorFlowStyle(params, lr=lr, eps=eps)
-    return torch.optim.Adam(params, lr=lr, eps=eps) if name == "adam_pytorch" else torch.optim.AdamW(params, lr=lr, eps=eps)
+    return torch.optim.Adam(params, lr=lr, eps=eps) if name == "adam_pytorch" else torch.optim.AdamW(params, lr=lr,
+                                                                                                     eps=eps)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Runs that survive: the run folder and its log, checkpoints and resume, a stop on SIGTERM/SIGINT or on a NaN
+# ---------------------------------------------------------------------------------------------------------
 
 
 # Copied from train_policy.py
@@ -1116,23 +1181,17 @@ def shared_run_dir(accelerator, run_root: str, exp_name: str, seed: int) -> Path
     return Path(run_root) / name[0]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Runs that survive: checkpoints, resume, a stop on SIGTERM/SIGINT or on a NaN; the run's log and closing summary
-# ---------------------------------------------------------------------------------------------------------
-
-
 # Copied from train_policy.py
 EXIT_NONFINITE = 3  # exit status of a run stopped by a NaN or inf (bad input: 2; stopped by a signal: 128 + its number)
 
 
 # Copied from train_policy.py
 class Stream:
-    """An iterator that counts what it has handed out: its position, which a checkpoint stores and a resumed run skips."""
+    """An iterator that counts what it has handed out: its position, which a checkpoint stores (state_dict) and a
+    resumed run skips back to (load_state_dict)."""
 
-    def __init__(self, iterator, skip: int = 0):
+    def __init__(self, iterator):
         self.iterator, self.position = iterator, 0
-        for _ in range(skip):
-            next(self)
 
     def __iter__(self):
         return self
@@ -1141,11 +1200,19 @@ class Stream:
         self.position += 1
         return next(self.iterator)
 
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict):
+        while self.position < state["position"]:
+            next(self)
+
 
 # Copied from train_policy.py
 class StopRequest:
-    """SIGTERM (a scheduler's pre-emption; torchrun passes it on) or SIGINT (Ctrl-C) makes the run stop at the end of the
-    current update, after a checkpoint; a second Ctrl-C stops it at once. close() puts the previous handlers back."""
+    """SIGTERM (a scheduler's pre-emption; torchrun passes it on) or SIGINT (Ctrl-C) makes the run stop at the end of
+    the current update, after a checkpoint; a second Ctrl-C stops it at once. close() puts the previous handlers
+    back."""
 
     def __init__(self):
         self.signum = 0
@@ -1158,7 +1225,8 @@ class StopRequest:
         self.signum = self.signum or signum
 
     def requested(self, accelerator) -> int:
-        """The signal some process received (0: none), the same on every process so that all stop after the same update."""
+        """The signal some process received (0: none), the same on every process so that all stop after the same
+        update."""
         if accelerator.num_processes == 1:
             return self.signum
         flag = torch.tensor([self.signum], device=accelerator.device)
@@ -1171,27 +1239,11 @@ class StopRequest:
 
 
 # Copied from train_policy.py
-def rng_state(device: torch.device) -> dict:
-    """Every random number generator a process draws from: torch's (CPU and GPU), Python's and NumPy's."""
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "python": random.getstate(), "numpy": np.random.get_state()}
-
-
-# Copied from train_policy.py
-def set_rng_state(state: dict, device: torch.device):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-
-
-# Copied from train_policy.py
-def save_checkpoint(accelerator, model, run_dir: Path, step: int, state: dict, keep: int) -> Path:
-    """run_dir/checkpoints/<step>/: state.pt (models, optimizer, counters: the same on every process, written by the
-    main one), rng_<rank>.pt (each process's generators), metrics.jsonl as it stands and, under DeepSpeed, deepspeed/
-    (the trained model's engine writes every process's shard of its weights and optimizer state). Written into a temporary
-    folder that is then renamed, so a kill during the save leaves the earlier checkpoints whole; the last `keep` stay."""
+def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
+    """run_dir/checkpoints/<step>/: accelerate's save_state (the prepared model and optimizer, or under DeepSpeed each
+    engine's shards; every process's random generators; the objects registered for checkpointing) and metrics.jsonl as
+    it stands. Written into a temporary folder that is then renamed, so a kill during the save leaves the earlier
+    checkpoints whole; the last `keep` stay."""
     root = run_dir / "checkpoints"
     tmp, final = root / f"tmp_{step:08d}", root / f"{step:08d}"
     if accelerator.is_main_process:
@@ -1199,11 +1251,9 @@ def save_checkpoint(accelerator, model, run_dir: Path, step: int, state: dict, k
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    if zero_stage(accelerator):
-        model.save_checkpoint(str(tmp / "deepspeed"), tag="engine")
-    torch.save(rng_state(accelerator.device), tmp / f"rng_{accelerator.process_index}.pt")
+    # pickled, not safetensors: a tied embedding would be saved once, and its model would not load it back strictly
+    accelerator.save_state(str(tmp), safe_serialization=False)
     if accelerator.is_main_process:
-        torch.save(state, tmp / "state.pt")
         shutil.copyfile(run_dir / "metrics.jsonl", tmp / "metrics.jsonl")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -1215,20 +1265,28 @@ def save_checkpoint(accelerator, model, run_dir: Path, step: int, state: dict, k
 
 
 # Copied from train_policy.py
-def load_checkpoint(accelerator, run_dir: Path) -> Optional[dict]:
-    """The state of run_dir's last checkpoint (None if it has none), with metrics.jsonl put back as it was then. The
-    process's generators are restored separately (set_rng_state(state["rng"])), right where the loop starts."""
+def load_checkpoint(accelerator, run_dir: Path) -> Optional[Path]:
+    """Put back what run_dir's last checkpoint holds (accelerate's load_state: the model, optimizer, random generators
+    and the registered objects) and metrics.jsonl as it was then; its path, or None if the run has none. A checkpoint of
+    the earlier layout (state.pt) or one without this process's random state ends the run with one line: accelerate
+    would only log the missing file, and the run would silently stop being exact."""
     root = run_dir / "checkpoints"
     steps = sorted(p for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
     if not steps:
         return None
-    state = torch.load(steps[-1] / "state.pt", map_location="cpu", weights_only=False)  # our own file; load_state_dict moves it
-    state["rng"] = torch.load(steps[-1] / f"rng_{accelerator.process_index}.pt", weights_only=False)
-    state["path"] = steps[-1]
+    path, rank = steps[-1], accelerator.process_index
+    if (path / "state.pt").is_file():
+        fail(f"--resume {run_dir}: {path} was written by an earlier version of this script (state.pt), which this one "
+             "cannot read; start the run anew")
+    if not (path / f"random_states_{rank}.pkl").is_file():
+        fail(f"--resume {run_dir}: {path} has no random_states_{rank}.pkl (process {rank}'s random generators), so the "
+             "run "
+             "could not continue exactly")
+    accelerator.load_state(str(path))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        shutil.copyfile(steps[-1] / "metrics.jsonl", run_dir / "metrics.jsonl")
-    return state
+        shutil.copyfile(path / "metrics.jsonl", run_dir / "metrics.jsonl")
+    return path
 
 
 # Copied from train_policy.py
@@ -1238,41 +1296,18 @@ def check_finite(metrics: dict, where: str, last_checkpoint: Optional[Path]):
     over processes, so every process stops at the same update."""
     bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
-        named = ", ".join(f"{k} = {metrics[k]}" for k in bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        named = ", ".join(f"{k} = {metrics[k]}" for k in bad[:4])
+        named += f" and {len(bad) - 4} more" if len(bad) > 4 else ""
         # on a line of its own, after the progress bar
-        print(f"\nerror: {where}: {named}; last good checkpoint: {last_checkpoint or 'none (none saved yet)'}", file=sys.stderr, flush=True)
+        print(f"\nerror: {where}: {named}; last good checkpoint: {last_checkpoint or 'none (none saved yet)'}",
+              file=sys.stderr, flush=True)
         sys.exit(EXIT_NONFINITE)
 
 
 # Copied from train_policy.py
-class Checkpoints:
-    """A run's checkpoints: one every save_every updates (none after the last: the run then saves its models) and one
-    when SIGTERM or SIGINT asked the run to stop, which it then does, exit status 128 + the signal. `last` is the newest
-    (that of a resumed run at first)."""
-
-    def __init__(self, accelerator, model, run_dir: Path, save_every: int, keep: int, resume_command: str, last: Optional[Path]):
-        self.accelerator, self.model, self.run_dir, self.save_every, self.keep = accelerator, model, run_dir, save_every, keep
-        self.resume_command, self.last, self.stop = resume_command, last, StopRequest()
-
-    def after(self, step: int, num_steps: int, state_fn):
-        """At the end of update `step` of num_steps; state_fn() builds the state to save, only when one is saved."""
-        signum = self.stop.requested(self.accelerator)
-        if signum or (self.save_every and step % self.save_every == 0 and step < num_steps):
-            self.last = save_checkpoint(self.accelerator, self.model, self.run_dir, step, state_fn(), self.keep)
-        if signum:
-            launch = " (launched as this run was)" if self.accelerator.num_processes > 1 else ""
-            print(f"stopped by {signal.Signals(signum).name} after update {step}; checkpoint {self.last}; continue with: "
-                  f"{self.resume_command}{launch}", flush=True)
-            sys.exit(128 + signum)
-
-    def close(self):
-        self.stop.close()
-
-
-# Copied from train_policy.py
 def resume_has_work(resume: Optional[str], world: int, stage: int) -> bool:
-    """Whether the run folder given to --resume still has work: not once it finished (summary.json); an error when it ran
-    with another number of processes (each process has its own random number generators) or another ZeRO stage (0:
+    """Whether the run folder given to --resume still has work: not once it finished (summary.json); an error when it
+    ran with another number of processes (each process has its own random number generators) or another ZeRO stage (0:
     DDP; each keeps the weights and optimizer state in its own layout): relaunch it with the same accelerate config."""
     if resume is None:
         return True
@@ -1284,13 +1319,15 @@ def resume_has_work(resume: Optional[str], world: int, stage: int) -> bool:
         fail(f"--resume {resume}: the run had {started['world_size']} process(es), not {world}")
     stage_then = started.get("zero_stage", 0)  # runs from before DeepSpeed ran under DDP
     if stage_then != stage:
-        fail(f"--resume {resume}: the run had ZeRO stage {stage_then}, not {stage} (0: plain DDP); launch it as it was launched")
+        fail(f"--resume {resume}: the run had ZeRO stage {stage_then}, not {stage} (0: plain DDP); launch it as it was "
+             "launched")
     return True
 
 
 # Copied from train_policy.py
 def write_summary(run_dir: Path, summary: dict, title: str):
-    """The run's headline figures: a table on the terminal and run_dir/summary.json, whose presence marks a finished run."""
+    """The run's headline figures: a table on the terminal and run_dir/summary.json, whose presence marks a finished
+    run."""
     table = Table(title=title)
     table.add_column("figure")
     table.add_column("value", justify="right")
@@ -1301,32 +1338,65 @@ def write_summary(run_dir: Path, summary: dict, title: str):
 
 
 # Copied from train_policy.py
-class RunLog:
-    """What a run writes besides its checkpoints and weights, all of it on the main process (on the others every method
-    does nothing): args.json (a fresh run's arguments, its process layout read from the accelerator, and `info`),
-    metrics.jsonl (a resumed run appends to it), wandb under --track (a resumed run continues its wandb run), the sample
-    tables' rows (samples.json, for the scripts that keep them: `keep_samples`), and at the end summary.json with its
-    table on the terminal."""
+class Run:
+    """A run's folder and everything it writes besides the trained model, so that train() makes one call where it would
+    otherwise keep books: args.json (a fresh run's arguments, its process layout and `about`), metrics.jsonl (a resumed
+    run appends to it), wandb under --track (a resumed run continues its wandb run), the rows of the sample tables
+    (samples.json), the checkpoints, and summary.json with its table at the end. A checkpoint is accelerate's save_state
+    with the objects registered for checkpointing: the script's (the KL controller, the position in the data) and this
+    Run itself (the steps done, the seconds spent, the samples, the wandb id). Every process makes one; files are
+    written by the main process (each process saves its own random generators)."""
 
-    def __init__(self, accelerator, args, run_dir: Path, resumed: Optional[dict], step_key: str, keep_samples: bool,
-                 info: Optional[dict] = None):
-        self.main, self.step_key, self.run_dir, self.wandb = accelerator.is_main_process, step_key, run_dir, None
-        self.samples = (resumed["samples"] if resumed else []) if keep_samples else None
-        self.wandb_id = resumed["wandb_id"] if resumed else None
-        if not self.main:
-            return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resumed is None:
-            layout = {"world_size": accelerator.num_processes, "zero_stage": zero_stage(accelerator),
-                      "grad_accum": accelerator.gradient_accumulation_steps}
-            (run_dir / "args.json").write_text(json.dumps({**asdict(args), **layout, **(info or {})}, indent=2))
-        self.file = open(run_dir / "metrics.jsonl", "a" if resumed else "w")
-        if args.track:
-            import wandb
+    def __init__(self, accelerator, args, run_dir: Optional[Path], resume_command: str, step_key: str,
+                 keep_samples: bool, objects: tuple = (), about: str = "", info: Optional[dict] = None,
+                 unit: str = "update"):
+        self.accelerator, self.args, self.step_key, self.main = accelerator, args, step_key, accelerator.is_main_process
+        self.unit = unit  # what a step is called in messages: an update, or SFT's step
+        self.step, self.elapsed_before, self.start_time = 0, 0.0, time.time()
+        self.samples, self.wandb_id, self.wandb, self.progress = [] if keep_samples else None, None, None, None
+        self.dir = Path(args.resume) if args.resume else run_dir or shared_run_dir(accelerator, args.run_root,
+                                                                                   args.exp_name, args.seed)
+        self.resume_command = resume_command.format(run_dir=self.dir)
+        accelerator.register_for_checkpointing(*objects, self)
+        self.last = load_checkpoint(accelerator, self.dir) if args.resume else None
+        self.stop = StopRequest()
+        if self.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if self.last is None:
+                layout = {"world_size": accelerator.num_processes, "zero_stage": zero_stage(accelerator),
+                          "grad_accum": accelerator.gradient_accumulation_steps}
+                (self.dir / "args.json").write_text(json.dumps({**asdict(args), **layout, **(info or {})}, indent=2))
+            self.file = open(self.dir / "metrics.jsonl", "a" if self.last else "w")
+            if args.track:
+                import wandb
 
-            self.wandb = wandb
-            self.wandb_id = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
-                                       dir=str(run_dir), id=self.wandb_id, resume="allow").id
+                self.wandb = wandb
+                self.wandb_id = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity,
+                                           name=self.dir.name, config=asdict(args), dir=str(self.dir),
+                                           id=self.wandb_id, resume="allow").id
+            resumed = f"; resumed after {unit} {self.step} from {self.last}" if self.last else ""
+            print(f"run folder {self.dir}; {about}{resumed}", flush=True)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "elapsed_s": self.elapsed(), "samples": self.samples, "wandb_id": self.wandb_id}
+
+    def load_state_dict(self, state: dict):
+        self.step, self.elapsed_before, self.samples, self.wandb_id = (state["step"], state["elapsed_s"],
+                                                                       state["samples"],
+                                                                        state["wandb_id"])
+        self.start_time = time.time()
+
+    def elapsed(self) -> float:
+        """Seconds of work, every resumed part of the run summed."""
+        return self.elapsed_before + time.time() - self.start_time
+
+    def steps(self, num_steps: int, desc: str, postfix: dict):
+        """The steps still to run (all of them, or those after the checkpoint resumed from), with a progress bar that
+        shows the metrics named in postfix (label: metrics.jsonl key) as each step ends."""
+        self.postfix = postfix
+        self.progress = tqdm(range(self.step, num_steps), initial=self.step, total=num_steps, disable=not self.main,
+                             desc=desc)
+        return self.progress
 
     def write(self, metrics: dict):
         """One line of metrics.jsonl, and a wandb step when the metrics have the step key (an evaluation before training
@@ -1337,17 +1407,38 @@ class RunLog:
             if self.wandb is not None and self.step_key in metrics:
                 self.wandb.log(metrics, step=metrics[self.step_key])
 
+    def end_step(self, step: int, num_steps: int, metrics: dict):
+        """At the end of step `step` of num_steps: its metrics logged; a NaN or inf ends the run (exit 3); a checkpoint
+        every save_every steps (none after the last: the run then saves its models), and one when SIGTERM or SIGINT
+        asked the run to stop, which it then does, exit status 128 + the signal."""
+        self.step = step
+        self.write(metrics)
+        if self.main and self.postfix:
+            self.progress.set_postfix({label: f"{metrics[key]:+.3g}" for label,
+                                       key in self.postfix.items() if key in metrics})
+        check_finite(metrics, f"{self.unit} {step}", self.last)
+        signum = self.stop.requested(self.accelerator)
+        if signum or (self.args.save_every and step % self.args.save_every == 0 and step < num_steps):
+            self.last = save_checkpoint(self.accelerator, self.dir, step, self.args.keep_checkpoints)
+        if signum:
+            if self.main:
+                launch = " (launched as this run was)" if self.accelerator.num_processes > 1 else ""
+                print(f"stopped by {signal.Signals(signum).name} after {self.unit} {step}; checkpoint {self.last}; "
+                      f"continue with: {self.resume_command}{launch}", flush=True)
+            sys.exit(128 + signum)
+
     def finish(self, summary_fn, title: str):
-        """samples.json, the metrics file closed, summary.json from summary_fn() (which reads metrics.jsonl) with its
-        table, wandb closed."""
-        if not self.main:
-            return
-        if self.samples is not None:
-            (self.run_dir / "samples.json").write_text(json.dumps(self.samples, indent=2))
-        self.file.close()
-        write_summary(self.run_dir, summary_fn(), title)
-        if self.wandb is not None:
-            self.wandb.finish()
+        """samples.json, the metrics file closed, summary.json from summary_fn(metrics.jsonl's path, seconds of work)
+        with its table, wandb closed, the signal handlers put back."""
+        self.stop.close()
+        if self.main:
+            if self.samples is not None:
+                (self.dir / "samples.json").write_text(json.dumps(self.samples, indent=2))
+            self.file.close()
+            write_summary(self.dir, summary_fn(self.dir / "metrics.jsonl", self.elapsed()), f"{title}: {self.dir}")
+            if self.wandb is not None:
+                self.wandb.finish()
+        self.accelerator.wait_for_everyone()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1357,8 +1448,8 @@ class RunLog:
 
 # Copied from train_policy.py
 def start_processes() -> PartialState:
-    """Join the launch's processes (torchrun or accelerate launch) before anything asks for the world size. Without a GPU
-    they talk over gloo: plain DDP needs cpu=True for that, while under DeepSpeed cpu=True would drop DeepSpeed and
+    """Join the launch's processes (torchrun or accelerate launch) before anything asks for the world size. Without a
+    GPU they talk over gloo: plain DDP needs cpu=True for that, while under DeepSpeed cpu=True would drop DeepSpeed and
     accelerate 1.15 leaves the group unset on a machine without a GPU, so the backend is named instead."""
     if torch.cuda.is_available():
         return PartialState()
@@ -1368,7 +1459,8 @@ def start_processes() -> PartialState:
 
 
 # Copied from train_policy.py
-def make_accelerator(args, micro_batch_size: int, grad_accum: int, max_grad_norm: float = 0.0, compile: bool = False) -> Accelerator:
+def make_accelerator(args, micro_batch_size: int, grad_accum: int, max_grad_norm: float = 0.0,
+                     compile: bool = False) -> Accelerator:
     """The run's Accelerator: DDP, or DeepSpeed ZeRO when the launch's config asks for it. DeepSpeed is handed the
     script's micro-batch, accumulation and clipping (0: none), so that an optimizer step sees the same gradient under
     both; left to accelerate, it would clip at 1.0 (as SFD's DeepSpeed runs did). SFD sets the micro-batch the same way:
@@ -1379,16 +1471,20 @@ def make_accelerator(args, micro_batch_size: int, grad_accum: int, max_grad_norm
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         if compile:
-            fail("--compile does not combine with DeepSpeed (its engine wraps the forward that would be compiled); drop one")
+            fail("--compile does not combine with DeepSpeed (its engine wraps the forward that would be compiled); "
+                 "drop one")
         if args.load_in_4bit and plugin.zero_stage == 3:
-            fail("--load_in_4bit (QLoRA) does not combine with ZeRO-3, which would shard the 4-bit weights; use configs/zero2.yaml")
+            fail("--load_in_4bit (QLoRA) does not combine with ZeRO-3, which would shard the 4-bit weights; use "
+                 "configs/zero2.yaml")
         if plugin.zero3_init_flag:
-            fail("zero3_init_flag: true in the accelerate config is not supported: the scripts load whole models, then shard them; set it false")
+            fail("zero3_init_flag: true in the accelerate config is not supported: the scripts load whole models, then "
+                 "shard them; set it false")
         # accelerate registers its DeepSpeed config with transformers whatever zero3_init_flag says, and from_pretrained
         # would then load models already sharded (zero.Init); unregistered, they load whole and prepare shards them
         unset_hf_deepspeed_config()
         # all set anew, for train_both.py's second stage shares the first one's plugin
-        plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=micro_batch_size, gradient_accumulation_steps=grad_accum,
+        plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=micro_batch_size,
+                                       gradient_accumulation_steps=grad_accum,
                                        train_batch_size=micro_batch_size * grad_accum * accelerator.num_processes,
                                        gradient_clipping=max_grad_norm if math.isfinite(max_grad_norm) else 0.0)
     return accelerator
@@ -1415,8 +1511,9 @@ def place_frozen(model: nn.Module, accelerator, dtype: torch.dtype) -> nn.Module
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     offload = config["zero_optimization"].get("offload_param", {"device": "none"})
     engine, *_ = deepspeed.initialize(model=model, config={
-        "train_micro_batch_size_per_gpu": config["train_micro_batch_size_per_gpu"], "bf16": {"enabled": dtype == torch.bfloat16},
-        "prescale_gradients": False, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1e4, "offload_param": offload}})
+        "train_micro_batch_size_per_gpu": config["train_micro_batch_size_per_gpu"],
+        "bf16": {"enabled": dtype == torch.bfloat16}, "prescale_gradients": False,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1e4, "offload_param": offload}})
     return engine
 
 
@@ -1425,8 +1522,8 @@ def place_frozen(model: nn.Module, accelerator, dtype: torch.dtype) -> nn.Module
 def full_weights(model, accelerator, edit: bool = False):
     """Inside, a model prepared by accelerate or a frozen one from place_frozen (any other model, or None, is left as it
     is) holds every weight whole on every process. Under ZeRO-3 its shards are gathered once (DeepSpeed's
-    GatheredParameters) and the per-layer gather hooks lifted until the end, so that token-by-token sampling runs as fast
-    as an unsharded model (TRL's unwrap_model_for_generation, PR #1483: about 10x), saving sees whole tensors, and
+    GatheredParameters) and the per-layer gather hooks lifted until the end, so that token-by-token sampling runs as
+    fast as an unsharded model (TRL's unwrap_model_for_generation, PR #1483: about 10x), saving sees whole tensors, and
     processes with unequal shares of held-out data need not run their forwards in lockstep. Every process enters
     together; the sampler draws exactly response_length tokens everywhere (no stop at EOS), so the ranks decode in step,
     which is what synced_gpus gives generate(). Yields the bare module (a DeepSpeed engine's own `config` hides the
@@ -1436,7 +1533,8 @@ def full_weights(model, accelerator, edit: bool = False):
     if stage == 3 and type(model).__name__ == "DeepSpeedEngine":
         import deepspeed
 
-        offload = getattr(model.optimizer, "parameter_offload", model.optimizer)  # a trained engine's, or a frozen one's
+        offload = getattr(model.optimizer, "parameter_offload",
+                          model.optimizer)  # a trained engine's, or a frozen one's
         start_hook = offload.module._forward_pre_hooks[offload.fwd_pre_hook.id]  # on the root: steps the ranks together
         with deepspeed.zero.GatheredParameters(list(model.module.parameters()), modifier_rank=0 if edit else None):
             for p in model.module.parameters():
@@ -1455,28 +1553,8 @@ def full_weights(model, accelerator, edit: bool = False):
         model.optimizer.refresh_fp32_params()
 
 
-# Copied from train_policy.py
-def trained_state(accelerator, model, optimizer) -> dict:
-    """The trained model's and optimizer's part of a checkpoint's state.pt: their state dicts (the same on every DDP
-    process); under DeepSpeed nothing, since each process holds only its shard: save_checkpoint has the engine write
-    them (DeepSpeed's own checkpoint, in the checkpoint's deepspeed/ folder)."""
-    if zero_stage(accelerator):
-        return {}
-    return {"model": accelerator.unwrap_model(model, keep_torch_compile=False).state_dict(), "optimizer": optimizer.state_dict()}
-
-
-# Copied from train_policy.py
-def load_trained_state(accelerator, model, optimizer, resumed: dict):
-    """The weights and optimizer state of the checkpoint `resumed` (load_checkpoint) put back into the prepared model."""
-    if zero_stage(accelerator):
-        model.load_checkpoint(str(resumed["path"] / "deepspeed"), tag="engine")
-    else:
-        accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Checks of the arguments, the run's summary
+# Checks of the arguments, the run's summary, saving the reward model
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -1485,7 +1563,8 @@ def check_args(args: Args):
     before anything is trained or written; train_both.py runs them before either stage."""
     world = PartialState().num_processes
     if args.batch_size % (world * args.local_micro_batch_size):
-        fail(f"--batch_size {args.batch_size} is not divisible by --local_micro_batch_size {args.local_micro_batch_size} x {world} processes")
+        fail(f"--batch_size {args.batch_size} is not divisible by --local_micro_batch_size "
+             f"{args.local_micro_batch_size} x {world} processes")
     if args.num_train % args.batch_size or args.num_train == 0:  # {OAI}/lm_human_preferences/train_reward.py#L56-L58
         fail(f"--num_train {args.num_train} is not a positive multiple of --batch_size {args.batch_size}")
     if args.rollout_batch_size % world:
@@ -1496,7 +1575,8 @@ def check_args(args: Args):
     load_base_model(args.base_model, weights=False)
     read_label_file(args.label_dataset, args.label_config, args.label_split)
     if args.reference_bias and isinstance(load_texts(args.query_dataset, args.query_split)[0], str):
-        fail(f"--reference_bias needs TL;DR posts with reference summaries; --query_dataset {args.query_dataset} holds texts")
+        fail(f"--reference_bias needs TL;DR posts with reference summaries; --query_dataset {args.query_dataset} holds "
+             "texts")
 
 
 def summarize(metrics_path: Path, wall_s: float) -> dict:
@@ -1508,12 +1588,23 @@ def summarize(metrics_path: Path, wall_s: float) -> dict:
     tenth = updates[-max(1, len(updates) // 10) :]
     summary = {"labels": updates[-1]["label"]}
     if tests:
-        summary["test/accuracy/before"], summary["test/accuracy/after"] = tests[0]["test/accuracy"], tests[-1]["test/accuracy"]
+        summary["test/accuracy/before"] = tests[0]["test/accuracy"]
+        summary["test/accuracy/after"] = tests[-1]["test/accuracy"]
         summary.update({k: v for k, v in tests[-1].items() if k.startswith("test/accuracy/batch/")})
     summary["train/accuracy/last_tenth"] = sum(m["train/accuracy"] for m in tenth) / len(tenth)
     summary.update({k: v for k, v in metrics[-1].items() if k.startswith(("reward/", "normalize/"))})
     summary["wall_s"] = wall_s
     return summary
+
+
+def write_reward_model(accelerator, model: "RewardModel", lora, tokenizer, folder: Path):
+    """The trained reward model (under LoRA its adapters merged into the language model) and its tokenizer as a
+    reward-model folder (save_reward_model), written by the main process; under ZeRO-3 called inside full_weights,
+    which every process enters."""
+    model.lm = saved_lm(model.lm, lora)
+    if accelerator.is_main_process:
+        save_reward_model(model, tokenizer, folder)
+        print(f"reward model saved to {folder}")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,18 @@
-"""Critic-free RL against a learned reward model: RLOO, GRPO, Dr. GRPO and online best-of-n, beside train_policy.py's PPO.
+"""Critic-free RL against a learned reward model, beside train_policy.py's PPO: RLOO, GRPO, Dr. GRPO, online best-of-n.
 
-    python train_rloo.py --reward_model runs/<reward run>/reward_model                     # RLOO, the embedded world (CPU, minutes)
-    python train_rloo.py --advantage grpo --reward_model ...                               # GRPO (dr_grpo, best_of_n likewise)
+    python train_rloo.py --reward_model runs/<reward run>/reward_model         # RLOO, the embedded world (CPU, minutes)
+    python train_rloo.py --advantage grpo --reward_model ...                   # GRPO (dr_grpo, best_of_n likewise)
     accelerate launch --num_processes 8 train_rloo.py tldr --reward_model models/rm_tldr   # TRL's RLOO TL;DR values
 
 Every update samples k responses for each of batch_size / k prompts and scores them with the reward model. No value
 model: each sample's advantage is its reward against the other samples of its prompt, which is what the four methods
 share; they differ in the baseline, the scaling, where the KL penalty goes and the loss (the `advantages_of` and
 `policy_loss` functions below, each with its paper). Sampling, truncation, the EOS trick, the reference baseline, the
-reward model, checkpoints, --resume and DeepSpeed are train_policy.py's (the reward model train_reward.py's), copied ({OAI} stands for
-https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66, {SFD} for
-https://github.com/vwxyzjn/summarize_from_feedback_details/blob/ee77a9abc31f5338365ee087945c5bcafac7f1ca). Metrics carry
-PPO's names where they mean the same (objective/kl, objective/scores, objective/gold_score, objective/entropy). Tensor
-shapes: b = episodes on this process (b / k prompts), Q = query_length, R = response_length.
+reward model, checkpoints, --resume and DeepSpeed are train_policy.py's (the reward model train_reward.py's), copied
+({OAI} stands for https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66, {SFD}
+for https://github.com/vwxyzjn/summarize_from_feedback_details/blob/ee77a9abc31f5338365ee087945c5bcafac7f1ca). Metrics
+carry PPO's names where they mean the same (objective/kl, objective/scores, objective/gold_score, objective/entropy).
+Tensor shapes: b = episodes on this process (b / k prompts), Q = query_length, R = response_length.
 """
 
 import collections
@@ -22,7 +22,6 @@ import gzip
 import json
 import math
 import os
-import random
 import re
 import shutil
 import signal
@@ -34,7 +33,6 @@ from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Literal, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import tyro
@@ -52,6 +50,69 @@ from transformers.pytorch_utils import Conv1D
 
 @dataclass
 class Args:
+    # ---- task and data (as train_policy.py) ----
+    base_model: str = "data/nano"
+    """initial policy and reference model: hub id, local folder or .gguf file"""
+    reward_model: Optional[str] = None
+    """folder written by train_reward.py (its run folder's reward_model/)"""
+    query_dataset: str = "data/corpus.jsonl.gz"
+    """queries: books texts (a .jsonl(.gz) of JSON strings or of {"text": ...}, or a hub dataset with a text column) or
+    TL;DR posts with reference summaries (a .jsonl(.gz) of {subreddit, title, post, summary}, or a hub dataset)"""
+    query_split: str = "train"
+    """split of a hub query dataset"""
+    query_length: int = 32
+    """query tokens, left-padded (formatted as train_policy.py formats them)"""
+    response_length: int = 24
+    """tokens sampled per response (always all of them: no stop at EOS)"""
+    truncate_token: Optional[str] = None
+    """cut each response after the first occurrence of this token at or after truncate_after before scoring (OAI: '.';
+    SFD: "eos"); None keeps it whole"""
+    truncate_after: int = 16
+    """responses are cut no earlier than this index; one with no truncate_token from here on scores the penalty"""
+    penalty_reward_value: float = -1.0
+    """score of a response that has no truncate_token at or after truncate_after"""
+    mask_after_truncate: bool = False
+    """SFD's EOS trick: what follows the truncate token leaves the loss and the KL"""
+    reference_baseline: bool = False
+    """trlX: the score is r(query, response) - r(query, reference summary) (TL;DR queries, which carry references)"""
+
+    # ---- sampling ----
+    temperature: float = 0.7
+    """sampling temperature; every log-probability is computed from logits divided by it"""
+
+    # ---- the estimator and its update ----
+    advantage: Literal["rloo", "grpo", "dr_grpo", "best_of_n"] = "rloo"
+    """rloo: reward minus the mean of the prompt's other k - 1 rewards, KL in the reward, sequence-level loss (Ahmadian
+    et al. 2024); grpo: (reward - group mean) / group std, token-level clipped loss with the k3 KL as a loss term,
+    averaged per response (Shao et al. 2024); dr_grpo: GRPO without the std and with a constant length normalisation
+    (Liu et al. 2025); best_of_n: the log-likelihood of each prompt's best sample (RAFT / ReST's simplest form)"""
+    k: int = 4
+    """samples per prompt (TRL: RLOO 2, GRPO 8)"""
+    cliprange: float = 0.2
+    """clip of the probability ratio when a batch is used more than once (sequence ratio for rloo, token ratio for grpo
+    and dr_grpo; best_of_n does not clip)"""
+    total_episodes: int = 2560
+    """episodes (query, response pairs) in all, k per prompt; updates = total_episodes / batch_size"""
+    batch_size: int = 64
+    """episodes per update (batch_size / k prompts), summed over all processes"""
+    nminibatches: int = 2
+    """minibatches per epoch (each one optimizer step)"""
+    noptepochs: int = 2
+    """epochs over each batch, reshuffled every epoch"""
+    local_micro_batch_size: int = 32
+    """episodes per forward/backward on one process (a multiple of k: whole prompts); accumulated to a minibatch"""
+    lr: float = 5e-5
+    """Adam learning rate at the first update, annealed linearly to 0 at the last"""
+    eps: float = 1e-5
+    """Adam epsilon"""
+    optimizer: Literal["adam_tf", "adam_pytorch", "adamw"] = "adam_tf"
+    """adam_tf: TF1's Adam (epsilon-hat, as OAI ran); adam_pytorch: torch.optim.Adam; adamw: torch.optim.AdamW"""
+
+    # ---- KL penalty ----
+    beta: float = 0.05
+    """KL coefficient: in the reward, per response (rloo; best_of_n picks by that reward), or the k3 estimator as a loss
+    term per token (grpo, dr_grpo). TRL: RLOO 0.05, GRPO 0.0"""
+
     # ---- experiment ----
     exp_name: str = "rloo"
     """name of the experiment; the run folder is runs/<exp_name>__<seed>__<unix time>"""
@@ -70,69 +131,7 @@ class Args:
     keep_checkpoints: int = 2
     """checkpoints kept in <run folder>/checkpoints; older ones are deleted"""
     resume: Optional[str] = None
-    """run folder to continue from its last checkpoint, with the arguments it started with (its args.json); no other flag"""
-
-    # ---- models ----
-    base_model: str = "data/nano"
-    """initial policy and reference model: hub id, local folder or .gguf file"""
-    reward_model: Optional[str] = None
-    """folder written by train_reward.py (its run folder's reward_model/)"""
-
-    # ---- task (as train_policy.py) ----
-    query_dataset: str = "data/corpus.jsonl.gz"
-    """queries: books texts (a .jsonl(.gz) of JSON strings or of {"text": ...}, or a hub dataset with a text column) or
-    TL;DR posts with reference summaries (a .jsonl(.gz) of {subreddit, title, post, summary}, or a hub dataset)"""
-    query_split: str = "train"
-    """split of a hub query dataset"""
-    query_length: int = 32
-    """query tokens, left-padded (formatted as train_policy.py formats them)"""
-    response_length: int = 24
-    """tokens sampled per response (always all of them: no stop at EOS)"""
-    truncate_token: Optional[str] = None
-    """cut each response after the first occurrence of this token at or after truncate_after before scoring (OAI: '.';
-    SFD: "eos"); None keeps it whole"""
-    truncate_after: int = 16
-    """responses are cut no earlier than this index; one with no truncate_token from here on scores penalty_reward_value"""
-    penalty_reward_value: float = -1.0
-    """score of a response that has no truncate_token at or after truncate_after"""
-    temperature: float = 0.7
-    """sampling temperature; every log-probability is computed from logits divided by it"""
-    mask_after_truncate: bool = False
-    """SFD's EOS trick: what follows the truncate token leaves the loss and the KL"""
-    reference_baseline: bool = False
-    """trlX: the score is r(query, response) - r(query, reference summary) (TL;DR queries, which carry references)"""
-
-    # ---- the estimator ----
-    advantage: Literal["rloo", "grpo", "dr_grpo", "best_of_n"] = "rloo"
-    """rloo: reward minus the mean of the prompt's other k - 1 rewards, KL in the reward, sequence-level loss (Ahmadian et
-    al. 2024); grpo: (reward - group mean) / group std, token-level clipped loss with the k3 KL as a loss term, averaged
-    per response (Shao et al. 2024); dr_grpo: GRPO without the std and with a constant length normalisation (Liu et al.
-    2025); best_of_n: the log-likelihood of each prompt's best sample (RAFT / ReST's simplest form)"""
-    k: int = 4
-    """samples per prompt (TRL: RLOO 2, GRPO 8)"""
-    beta: float = 0.05
-    """KL coefficient: in the reward, per response (rloo; best_of_n picks by that reward), or the k3 estimator as a loss
-    term per token (grpo, dr_grpo). TRL: RLOO 0.05, GRPO 0.0"""
-    cliprange: float = 0.2
-    """clip of the probability ratio when a batch is used more than once (sequence ratio for rloo, token ratio for grpo
-    and dr_grpo; best_of_n does not clip)"""
-    total_episodes: int = 2560
-    """episodes (query, response pairs) in all, k per prompt; updates = total_episodes / batch_size"""
-    batch_size: int = 64
-    """episodes per update (batch_size / k prompts), summed over all processes"""
-    nminibatches: int = 2
-    """minibatches per epoch (each one optimizer step)"""
-    noptepochs: int = 2
-    """epochs over each batch, reshuffled every epoch"""
-    local_micro_batch_size: int = 32
-    """episodes per forward/backward on one process (a multiple of k: whole prompts); gradient accumulation makes up a
-    minibatch"""
-    lr: float = 5e-5
-    """Adam learning rate at the first update, annealed linearly to 0 at the last"""
-    eps: float = 1e-5
-    """Adam epsilon"""
-    optimizer: Literal["adam_tf", "adam_pytorch", "adamw"] = "adam_tf"
-    """adam_tf: TF1's Adam (epsilon-hat, as OAI ran); adam_pytorch: torch.optim.Adam; adamw: torch.optim.AdamW"""
+    """run folder to continue from its last checkpoint, with the arguments it started with (args.json); no other flag"""
 
     # ---- logging and evaluation ----
     gold_labeler: Literal["vader", "tldr_judge", "none"] = "vader"
@@ -166,603 +165,23 @@ class Args:
 
     # ---- speed ----
     mixed_precision: Literal["no", "bf16"] = "no"
-    """bf16: every forward multiplies in bf16, the frozen reference and reward models are kept in bf16; log-probs, losses
-    and Adam's state stay fp32. The sampler's log-probs then differ from the training forward's (TRL's RLOO blog warns of
-    it): the first epoch's ratio is not exactly 1"""
+    """bf16: every forward multiplies in bf16, the frozen reference and reward models are kept in bf16; log-probs,
+    losses and Adam's state stay fp32. The sampler's log-probs then differ from the training forward's (TRL's RLOO blog
+    warns of it): the first epoch's ratio is not exactly 1"""
     local_rollout_forward_batch_size: int = 64
     """episodes per forward pass of the reference and reward models on one process (a multiple of k)"""
 
 
-PRESETS = {
-    # TRL's RLOO TL;DR run (docs, "RLOO Trainer": pythia-1b, k 2, 2 epochs, 2 minibatches, lr 3e-6, kl 0.03) with SFD's
-    # task and details as train_policy.py's tldr preset has them. base_model is the tldr SFT run's model.
-    "tldr": dict(
-        exp_name="rloo_tldr", base_model="models/sft_tldr",
-        query_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
-        query_length=512, response_length=53, truncate_token="eos", truncate_after=0, penalty_reward_value=-1.0, temperature=0.7,
-        mask_after_truncate=True, advantage="rloo", k=2, beta=0.03, total_episodes=1_000_000, batch_size=512, nminibatches=2,
-        noptepochs=2, local_micro_batch_size=16, local_rollout_forward_batch_size=64, lr=3e-6, eps=1e-5, optimizer="adamw",
-        gold_labeler="none", eval_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
-        eval_split="validation", eval_temperature=0.01,
-    ),
-}
-
-
-# the summarization twin: train_policy.py's tldr_twin sizes (data/tldr/, the nano SFT model, the judge as gold)
-PRESETS["tldr_twin"] = {**PRESETS["tldr"], **dict(
-    exp_name="rloo_twin", base_model="runs/tldr_twin/sft_model", query_dataset="data/tldr/train.jsonl.gz", query_length=160,
-    response_length=48, k=4, beta=0.05, total_episodes=1024, batch_size=64, local_micro_batch_size=32, lr=3e-5,
-    reference_baseline=True, gold_labeler="tldr_judge", eval_dataset="data/tldr/validation.jsonl.gz", num_eval=256,
-    eval_every=4, eval_temperature=0.7, print_sample_every=8,
-)}
-
-
 # ---------------------------------------------------------------------------------------------------------
-# The estimators (pure functions). Rewards and advantages are (n,) with each prompt's k samples consecutive.
+# A rollout, with PPO's pieces (copied): sampling, log-probs at the temperature, the frozen reference, truncation and
+# masks; then RLOO's own forward pass, which runs each prompt once for its k samples
 # ---------------------------------------------------------------------------------------------------------
-
-
-def sequence_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, valid: torch.Tensor,
-                     advantage: str, beta: float) -> torch.Tensor:
-    """(b,) rewards the advantages are built from: score - beta * sum_t (log pi - log ref) over the valid tokens for rloo
-    and best_of_n, whose KL penalty is part of the reward (RLOO: Ahmadian et al. 2024, section 3, https://arxiv.org/abs/2402.14740);
-    the bare score for grpo and dr_grpo, which put the KL in the loss (Shao et al. 2024, eq. 3, https://arxiv.org/abs/2402.03300)."""
-    if advantage in ("grpo", "dr_grpo"):
-        return scores
-    return scores - beta * ((logprobs - ref_logprobs) * valid).sum(1)
-
-
-def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
-    """Each reward minus the mean of the other k - 1 rewards of its prompt (the leave-one-out baseline: unbiased, since
-    it does not depend on the sample itself). Ahmadian et al. 2024, eq. 7, https://arxiv.org/abs/2402.14740"""
-    r = rewards.view(-1, k)  # (prompts, k)
-    return (r - (r.sum(1, keepdim=True) - r) / (k - 1)).flatten()
-
-
-def grpo_advantages(rewards: torch.Tensor, k: int, eps: float = 1e-4) -> torch.Tensor:
-    """(reward - group mean) / (group std + eps), the std unbiased as torch's and TRL's; 0 for a group of one sample or of
-    equal rewards (nothing to prefer). Shao et al. 2024, section 4.1.2, https://arxiv.org/abs/2402.03300"""
-    r = rewards.view(-1, k)
-    std = r.std(1, keepdim=True) if k > 1 else torch.zeros_like(r[:, :1])
-    return (dr_grpo_advantages(rewards, k).view(-1, k) / (std + eps)).flatten()
-
-
-def dr_grpo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
-    """Reward - group mean, without GRPO's division by the std, which favours prompts that are too easy or too hard
-    (Liu et al. 2025, "Understanding R1-Zero-Like Training", section 3.1, https://arxiv.org/abs/2503.20783)."""
-    r = rewards.view(-1, k)
-    return (r - r.mean(1, keepdim=True)).flatten()
-
-
-def best_of_n_weights(rewards: torch.Tensor, k: int) -> torch.Tensor:
-    """1 for each prompt's best sample (the first of equal ones), 0 for the others: online best-of-n, trained on with the
-    log-likelihood loss (RAFT, Dong et al. 2023, https://arxiv.org/abs/2304.06767; ReST's improve step with one threshold,
-    Gulcehre et al. 2023, https://arxiv.org/abs/2308.08998)."""
-    r = rewards.view(-1, k)
-    return torch.zeros_like(r).scatter_(1, r.argmax(1, keepdim=True), 1.0).flatten()
-
-
-def advantages_of(rewards: torch.Tensor, advantage: str, k: int) -> torch.Tensor:
-    """(b,) advantages (best_of_n: its weights) of --advantage."""
-    return {"rloo": rloo_advantages, "grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, "best_of_n": best_of_n_weights}[advantage](rewards, k)
-
-
-def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(pi || ref) estimate exp(ref - logp) - (ref - logp) - 1: unbiased, never negative (Schulman 2020,
-    http://joschu.net/blog/kl-approx.html), GRPO's KL term (Shao et al. 2024, eq. 4)."""
-    delta = ref_logprobs - logprobs
-    return delta.exp() - delta - 1
-
-
-def clipped_surrogate(adv: torch.Tensor, ratio: torch.Tensor, cliprange: float) -> torch.Tensor:
-    """PPO's pessimistic clipped objective, elementwise: max(-A r, -A clip(r, 1 - c, 1 + c)).
-    {OAI}/lm_human_preferences/train_policy.py#L343-L357"""
-    return torch.max(-adv * ratio, -adv * ratio.clamp(1 - cliprange, 1 + cliprange))
-
-
-def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, adv: torch.Tensor,
-                valid: torch.Tensor, args) -> tuple:
-    """(loss, stats) of a micro-batch: (b, R) log-probs of the current policy, of the sampling policy and of the reference,
-    (b,) advantages (best_of_n: weights), (b, R) valid tokens.
-    - rloo: -A * ratio of the whole response, clipped (TRL's RLOOTrainer, https://huggingface.co/docs/trl/rloo_trainer);
-    - grpo: PPO's clipped token loss with A on every token, + beta * k3 KL, averaged over each response's tokens, then
-      over responses (Shao et al. 2024, eq. 3);
-    - dr_grpo: the same sum over tokens divided by the constant response_length instead (Liu et al. 2025, eq. 7);
-    - best_of_n: -log-likelihood of the selected samples, per response_length token, averaged over the prompts
-      (k x the mean over the batch of weight x log-likelihood)."""
-    R = valid.shape[1]
-    log_ratio = (new_logprobs - old_logprobs) * valid  # (b, R)
-    stats = {"policy/approxkl": 0.5 * masked_mean(log_ratio**2, valid)}
-    if args.advantage == "rloo":
-        ratio = log_ratio.sum(1).exp()  # (b,)
-        losses = clipped_surrogate(adv, ratio, args.cliprange)
-        stats["policy/clipfrac"] = ((ratio - 1).abs() > args.cliprange).float().mean()
-        loss = losses.mean()
-    elif args.advantage in ("grpo", "dr_grpo"):
-        ratio = log_ratio.exp()  # (b, R)
-        token = clipped_surrogate(adv[:, None], ratio, args.cliprange)
-        kl = k3_kl(new_logprobs, ref_logprobs)
-        token = (token + args.beta * kl) * valid
-        length = valid.sum(1).clamp(min=1) if args.advantage == "grpo" else R
-        loss = (token.sum(1) / length).mean()
-        stats.update({"policy/clipfrac": masked_mean(((ratio - 1).abs() > args.cliprange).float(), valid), "policy/k3_kl": masked_mean(kl, valid)})
-    else:
-        loss = -(adv * (new_logprobs * valid).sum(1)).mean() * args.k / R
-    return loss, {"loss/policy": loss.detach(), **{k: v.detach() for k, v in stats.items()}}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The k samples of a prompt share its forward pass
-# ---------------------------------------------------------------------------------------------------------
-
-
-def shared_prompt_logits(lm, prompts: torch.Tensor, responses: torch.Tensor, pad_token_id: int) -> torch.Tensor:
-    """(b, R, V) logits that predict the R tokens of b = n k responses, k to each of the n (n, Q) left-padded prompts in
-    order (the rows of prompts.repeat_interleave(k, 0)): response_logits of the concatenated rows, with each prompt run
-    through the model once instead of k times. Its keys and values (a DynamicCache of attention layers, gradients
-    flowing back through it) are repeated k times and the responses attend to them, at the positions and under the mask
-    model_inputs gives the whole row: the same logits and gradients (without dropout, which would draw one mask per
-    prompt). At Q 32, R 24, k 4 the layers see 16 x 32 + 64 x 23 tokens instead of 64 x 56, 45% fewer, in the update
-    and the reference's pass. (TRL's trainers run every row whole; vLLM's prefix cache shares a prompt in sampling only.)"""
-    n, k = len(prompts), len(responses) // len(prompts)
-    if n * k != len(responses):
-        raise ValueError(f"{len(responses)} responses are not k per prompt for {n} prompts")
-    inputs = model_inputs(prompts, pad_token_id)
-    head = lm(**inputs, use_cache=True, logits_to_keep=1)  # logits (n, 1, V) predict each response's first token
-    first = head.logits.repeat_interleave(k, 0)  # (b, 1, V)
-    if responses.shape[1] == 1:
-        return first
-    cache = head.past_key_values
-    cache.batch_repeat_interleave(k)  # (n, heads, Q, d) keys and values -> (b, heads, Q, d)
-    real = (responses != pad_token_id).long()  # (b, R)
-    mask = torch.cat([inputs["attention_mask"].repeat_interleave(k, 0), real], 1)  # (b, Q + R)
-    positions = inputs["position_ids"][:, -1:].repeat_interleave(k, 0) + real.cumsum(1)  # (b, R): after the prompt's last
-    rest = lm(input_ids=responses[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-              past_key_values=cache).logits  # (b, R - 1, V): the response's own tokens predict the ones after them
-    return torch.cat([first, rest], 1)  # (b, R, V)
-
-
-def train(args: Args) -> Path:
-    """RLOO, GRPO, Dr. GRPO or online best-of-n (--advantage) against a frozen reward model; returns the run folder."""
-    start_time = time.time()
-    world = start_processes().num_processes
-    num_updates, texts, eval_texts = check_args(args)
-    local_batch_size = args.batch_size // world
-    local_minibatch_size = local_batch_size // args.nminibatches
-    grad_accum = local_minibatch_size // args.local_micro_batch_size
-    accelerator = make_accelerator(args, args.local_micro_batch_size, grad_accum)
-    rank, device = accelerator.process_index, accelerator.device
-    if not resume_has_work(args.resume, world, zero_stage(accelerator)):
-        return Path(args.resume)
-
-    # 1. Models: the policy (no value model), the frozen reference and the frozen reward model; the same init on every
-    #    process, the frozen ones sharded under ZeRO-3 (place_frozen).
-    torch.manual_seed(args.seed)
-    lm, tokenizer = prepare_lm(*load_base_model(args.base_model, load_in_4bit=args.load_in_4bit))
-    reward_model, reward_tokenizer = load_reward_model(args.reward_model)
-    if len(reward_tokenizer) != len(tokenizer) or reward_tokenizer.pad_token_id != tokenizer.pad_token_id:
-        fail(f"--reward_model {args.reward_model}: its tokenizer ({len(reward_tokenizer)} tokens) "
-             f"differs from --base_model {args.base_model}'s ({len(tokenizer)})")
-    truncate_token = truncate_token_id(args.truncate_token, tokenizer)
-    frozen_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
-    lora = add_lora(lm, args)
-    reference = FrozenReference(lm, lora, accelerator, frozen_dtype)
-    reward_model = place_frozen(reward_model, accelerator, frozen_dtype)
-    trained = [p for p in lm.parameters() if p.requires_grad]
-    num_trained = sum(p.numel() for p in trained)  # counted before ZeRO-3 shards them
-    optimizer = make_optimizer(trained, args.optimizer, args.lr, args.eps)
-    policy, optimizer = accelerator.prepare(lm, optimizer)  # DDP, or a DeepSpeed engine with its ZeRO optimizer
-    unwrapped = accelerator.unwrap_model(policy)
-    pad = tokenizer.pad_token_id
-    sampler = Sampler(unwrapped, pad, args.temperature)
-
-    def reference_logprobs(p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        """(c k, R) reference log-probs of (c, k, R) responses to (c, Q) prompts, each prompt run once (shared_prompt_logits)."""
-        r = r.flatten(0, 1)
-        return response_logprobs(reference(p, r, pad, logits_fn=shared_prompt_logits), r, args.temperature, pad)[0]
-
-    gold_fn = gold_scorer(args.gold_labeler)
-
-    # 2. Prompts: batch_size / k per update (every process takes whole prompts, so that each group of k samples lies on
-    #    one process), held-out posts for the evaluation, a seed per process for sampling and shuffles.
-    batches = query_batches(texts, tokenizer, args.query_length, args.response_length, args.batch_size // args.k, args.seed)
-    local_prompts = local_batch_size // args.k
-    if args.eval_dataset is not None:
-        eval_queries, eval_references = next(query_batches(eval_texts, tokenizer, args.query_length, args.response_length,
-                                                           min(args.num_eval, len(eval_texts)), seed=0))
-        eval_sampler = Sampler(unwrapped, pad, args.eval_temperature)
-    torch.manual_seed(args.seed + rank * 100003)
-
-    # 3. Run folder, metrics file, wandb; a resumed run takes back its last checkpoint (generators where the loop starts).
-    run_dir = Path(args.resume) if args.resume else shared_run_dir(accelerator, args.run_root, args.exp_name, args.seed)
-    resumed = load_checkpoint(accelerator, run_dir) if args.resume else None
-    if resumed is not None:
-        load_trained_state(accelerator, policy, optimizer, resumed)
-    first_update = resumed["update"] if resumed else 0
-    batches = Stream(batches, skip=first_update)
-    elapsed_before = resumed["elapsed_s"] if resumed else 0.0
-    run_log = RunLog(accelerator, args, run_dir, resumed, step_key="episode", keep_samples=True)
-    if accelerator.is_main_process:
-        print(f"run folder {run_dir}; {args.advantage}: {num_updates} updates of {args.batch_size // args.k} prompts x k = {args.k} "
-              f"({world} process(es) x {args.nminibatches} minibatch(es) x {grad_accum} micro-batch(es) of {args.local_micro_batch_size}); "
-              f"{num_trained:,} trained parameters" + (f"; resumed after update {first_update} from {resumed['path']}" if resumed else ""))
-
-    def run_eval() -> tuple:
-        """The same random draws at every evaluation (its own RNG stream), so its changes are the policy's."""
-        policy.eval()
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast(), \
-                full_weights(policy, accelerator), full_weights(reward_model, accelerator):
-            torch.manual_seed(args.seed + rank * 100003)
-            return evaluate(eval_sampler, reward_model, eval_queries.to(device), eval_references.to(device), tokenizer, args,
-                            gold_fn, accelerator, args.local_rollout_forward_batch_size)
-
-    if args.eval_dataset is not None and resumed is None:
-        run_log.write({"update": 0, **run_eval()[0]})
-
-    if resumed is not None:
-        set_rng_state(resumed["rng"], device)
-    checkpoints = Checkpoints(accelerator, policy, run_dir, args.save_every, args.keep_checkpoints,
-                              f"python train_rloo.py --resume {run_dir}", resumed["path"] if resumed else None)
-    progress = tqdm(range(first_update, num_updates), initial=first_update, total=num_updates,
-                    disable=not accelerator.is_main_process, desc=args.advantage)
-    for update in progress:
-        t0 = now(device)
-        for group in optimizer.param_groups:  # lr annealed linearly to 0, as train_policy.py
-            group["lr"] = args.lr * (1 - update / num_updates)
-
-        # 4. Rollouts: k samples of each of this process's prompts, with their log-probs from the sampling pass; the
-        #    reference's log-probs; the scores of the (truncated) responses, as train_policy.py's steps 4 and 5.
-        queries, references = next(batches)
-        prompts = queries[rank * local_prompts : (rank + 1) * local_prompts].to(device)  # (b / k, Q)
-        queries = prompts.repeat_interleave(args.k, 0)  # (b, Q)
-        if references is not None:
-            references = references[rank * local_prompts : (rank + 1) * local_prompts].repeat_interleave(args.k, 0).to(device)
-        policy.eval()
-        chunk = args.local_rollout_forward_batch_size
-        with torch.no_grad(), accelerator.autocast(), full_weights(policy, accelerator):
-            responses, logprobs, entropies, _ = sampler(queries, args.response_length)  # (b, R) each
-            ref_logprobs = in_chunks(reference_logprobs, chunk // args.k, prompts,
-                                     responses.view(local_prompts, args.k, -1))  # (b, R), whole prompts per chunk
-            t_gen = now(device)
-            scored = responses if truncate_token is None else truncate_responses(responses, truncate_token, args.truncate_after, pad)
-            scores = in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, scored], 1))  # (b,)
-            if args.reference_baseline:  # trlX's baseline, as train_policy.py
-                scores = scores - in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, references], 1))
-            if truncate_token is not None:
-                scores = penalize(scores, scored, truncate_token, args.truncate_after, args.penalty_reward_value)
-            texts_out = tokenizer.batch_decode([r[r != pad] for r in scored], skip_special_tokens=references is not None)
-            query_texts = tokenizer.batch_decode([q[q != pad] for q in queries]) if gold_fn else None
-            gold = torch.tensor(gold_fn(texts_out, query_texts), device=device) if gold_fn else None
-            valid = response_masks(scored, pad, args.mask_after_truncate)[0]  # (b, R)
-
-            # 5. Rewards and advantages within each prompt's k samples: the estimator's only work.
-            rewards = sequence_rewards(scores, logprobs, ref_logprobs, valid, args.advantage, args.beta)  # (b,)
-            advantages = advantages_of(rewards, args.advantage, args.k)  # (b,)
-        t_score = now(device)
-
-        # 6. noptepochs passes over the batch in nminibatches minibatches, reshuffled each time by whole prompts (so that
-        #    a micro-batch runs each of its prompts once for its k samples: shared_prompt_logits); micro-batches accumulate
-        #    gradients (accelerator.accumulate divides each loss by grad_accum; DDP averages, DeepSpeed steps, at the last).
-        policy.train()
-        train_stats = []
-        micro_prompts = args.local_micro_batch_size // args.k
-        for _ in range(args.noptepochs):
-            order = torch.randperm(local_prompts, device=device)
-            for mb_start in range(0, local_prompts, local_minibatch_size // args.k):
-                mb_stats = {}
-                for micro in range(grad_accum):
-                    p = order[mb_start + micro * micro_prompts : mb_start + (micro + 1) * micro_prompts]  # prompts
-                    i = (p[:, None] * args.k + torch.arange(args.k, device=device)).flatten()  # their samples, k each
-                    with accelerator.accumulate(policy):
-                        new_logprobs, entropy = response_logprobs(shared_prompt_logits(policy, prompts[p], responses[i], pad),
-                                                                  responses[i], args.temperature, pad)
-                        loss, stats = policy_loss(new_logprobs, logprobs[i], ref_logprobs[i], advantages[i], valid[i], args)
-                        accelerator.backward(loss)
-                    stats["policy/entropy"] = masked_mean(entropy.detach(), valid[i])
-                    for key, value in stats.items():
-                        mb_stats[key] = mb_stats.get(key, 0) + value / grad_accum
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                train_stats.append(mb_stats)
-        t_update = now(device)
-
-        # 7. Statistics (PPO's names where they mean the same), averaged over minibatches and processes; the evaluation.
-        kl = ((logprobs - ref_logprobs) * valid).sum(1)  # (b,)
-        local = {k: torch.stack([s[k] for s in train_stats]).mean() for k in train_stats[0]}
-        local.update({"objective/kl": kl.mean(), "objective/entropy": (-logprobs * valid).sum(1).mean(), "objective/scores": scores.mean(),
-                      "objective/entropy_exact": (entropies * valid).sum(1).mean(), "objective/rewards": rewards.mean(),
-                      "objective/advantage_std": advantages.std() if len(advantages) > 1 else torch.zeros((), device=device)})
-        if truncate_token is not None:
-            local["objective/truncated_fraction"] = (scored == pad).any(1).float().mean()
-        if gold is not None:
-            local["objective/gold_score"] = gold.mean()
-        names = sorted(local)
-        means = accelerator.reduce(torch.stack([local[k].float() for k in names]), reduction="mean").tolist()
-        metrics = {"episode": (update + 1) * args.batch_size, "update": update + 1, **dict(zip(names, means)),
-                   "lr": args.lr * (1 - update / num_updates), "timing/generation_s": t_gen - t0, "timing/scoring_s": t_score - t_gen,
-                   "timing/update_s": t_update - t_score, "throughput/episodes_per_s": args.batch_size / (now(device) - t0)}
-        if device.type == "cuda":
-            metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-        eval_texts_out = None
-        if args.eval_dataset is not None and ((update + 1) % args.eval_every == 0 or update + 1 == num_updates):
-            eval_metrics, eval_texts_out = run_eval()
-            metrics.update(eval_metrics)
-        run_log.write(metrics)
-        if accelerator.is_main_process:
-            progress.set_postfix(score=f"{metrics['objective/scores']:+.2f}", kl=f"{metrics['objective/kl']:.2f}",
-                                 **({"gold": f"{metrics['objective/gold_score']:+.2f}"} if gold is not None else {}))
-            if update % args.print_sample_every == 0 or update + 1 == num_updates:
-                n = min(args.num_print_samples, local_batch_size)
-                rows = sample_rows(update + 1, queries, texts_out, scores, gold, kl, n, tokenizer)
-                print_samples(rows, update + 1)
-                run_log.samples.extend(rows)
-            if eval_texts_out is not None:
-                run_log.samples.append({"update": update + 1, "eval_summaries": eval_texts_out[: args.num_print_samples]})
-
-        # 8. A NaN or inf stops the run (exit 3); a checkpoint every save_every updates and when SIGTERM or SIGINT came.
-        check_finite(metrics, f"update {update + 1}", checkpoints.last)
-        checkpoints.after(update + 1, num_updates, lambda: {
-            **trained_state(accelerator, policy, optimizer), "update": update + 1, "samples": run_log.samples,
-            "elapsed_s": elapsed_before + time.time() - start_time, "wandb_id": run_log.wandb_id})
-    checkpoints.close()
-
-    # 9. Save the policy (a plain model folder, adapters merged under LoRA), the samples and the summary.
-    with full_weights(policy, accelerator):
-        write_model_folder(accelerator, unwrapped, lora, tokenizer, run_dir / "policy")
-    run_log.finish(lambda: summarize(run_dir / "metrics.jsonl", elapsed_before + time.time() - start_time), f"{args.advantage}: {run_dir}")
-    accelerator.wait_for_everyone()
-    return run_dir
-
-
-# =========================================================================================================
-# Plumbing. Everything below serves train() above and is not the algorithm: reading the data, loading the
-# models, LoRA, sampling, measuring, checkpoints and resume, signals, DeepSpeed, the checks of the
-# arguments, the command line, the summary. The `# Copied from` blocks are shared with the other scripts
-# and kept identical by tests/test_pipeline.py.
-# =========================================================================================================
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The command line
-# ---------------------------------------------------------------------------------------------------------
-
-
-# Copied from train_policy.py
-FLAG_PREFIX = "--"  # how messages spell a flag: train_both.py sets "--reward." / "--policy." while a stage runs
-
-
-# Copied from train_policy.py
-def fail(message: str):
-    """Bad input: one line on stderr naming the flag as the user typed it, exit status 2, before anything is written."""
-    message = re.sub(r"(?<![\w.-])--(?=[a-z])", FLAG_PREFIX, message)
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-# Copied from train_policy.py
-def cli(args_class, presets: dict, description: str):
-    """tyro CLI with an optional first positional preset name: `script.py sentiment --seed 2`. `--resume <run folder>`
-    comes alone: the run continues with the arguments it started with, read back from its args.json."""
-    argv = sys.argv[1:]
-    preset = argv[:1] if argv and not argv[0].startswith("-") else []
-    default = args_class()
-    if preset:
-        if preset[0] not in presets:
-            fail(f"unknown preset {preset[0]!r}; presets: {', '.join(presets)}")
-        default = replace(default, **presets[preset[0]])
-    args = tyro.cli(args_class, default=default, args=argv[len(preset) :], description=description, use_underscores=True)
-    if args.resume is None:
-        return args
-    if len(argv) > (1 if argv[0].startswith("--resume=") else 2):
-        fail("--resume continues a run with the arguments it started with (its args.json): give no other flag or preset")
-    if not os.path.isfile(os.path.join(args.resume, "args.json")):
-        fail(f"--resume {args.resume}: not a run folder (no args.json)")
-    with open(os.path.join(args.resume, "args.json")) as f:
-        return replace(args_from_json(args_class, json.load(f)), resume=args.resume)
-
-
-# Copied from train_policy.py
-def args_from_json(args_class, values: dict):
-    """args_class rebuilt from its args.json (nested argument classes too); other keys (world_size, ...) are facts of the run."""
-    kwargs = {}
-    for f in fields(args_class):
-        if f.name in values:
-            default = getattr(args_class(), f.name)
-            kwargs[f.name] = args_from_json(type(default), values[f.name]) if is_dataclass(default) else values[f.name]
-    return args_class(**kwargs)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Data: queries
-# ---------------------------------------------------------------------------------------------------------
-
-
-# Copied from train_policy.py
-TLDR_KEYS = ("subreddit", "title", "post", "summary")
-
-
-# Copied from train_policy.py
-def load_texts(path: str, split: str, flag: str = "--query_dataset"):
-    """Query data, indexable: books texts (str) from a local .jsonl(.gz) of JSON strings (OAI's book_passages/{mode}.jsonl)
-    or of objects with "text" (data/corpus.jsonl.gz), or from a hub dataset with a "text" column (bookcorpus); or TL;DR
-    rows (dict with subreddit, title, post, summary) from a .jsonl(.gz) (data/tldr/, summarize-from-feedback's
-    tldr_3_filtered) or a hub dataset with those columns."""
-    if os.path.exists(path) or path.endswith((".jsonl", ".gz", ".json")):
-        if not os.path.isfile(path):
-            fail(f"{flag} {path}: file not found")
-        texts = []
-        try:
-            with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        text = json.loads(line)
-                        if isinstance(text, dict) and "post" not in text:
-                            text = text.get("text")
-                        if isinstance(text, dict) and not all(isinstance(text.get(k), str) for k in TLDR_KEYS):
-                            fail(f"{flag} {path}: line {n} is a TL;DR row without string {', '.join(TLDR_KEYS)}")
-                        if not isinstance(text, (str, dict)) or (texts and type(text) is not type(texts[0])):
-                            fail(f"{flag} {path}: line {n} is neither a JSON string, an object with a string \"text\" nor a TL;DR "
-                                 "row like the lines before it")
-                        texts.append(text)
-        except json.JSONDecodeError as e:
-            fail(f"{flag} {path}: line {n} is not valid JSON ({e.msg})")
-        except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
-            fail(f"{flag} {path}: cannot be read ({e})")
-    else:
-        import datasets
-
-        try:
-            texts = datasets.load_dataset(path, split=split)
-        except Exception as e:  # offline, unknown id or split: one line, exit 2
-            fail(f"{flag} {path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-        if set(TLDR_KEYS) <= set(texts.column_names):
-            texts = texts.select_columns(list(TLDR_KEYS))  # rows as dicts
-        elif "text" in texts.column_names:
-            texts = texts["text"]  # a lazy column: BookCorpus's 74M rows stay memory-mapped
-        else:
-            fail(f"{flag} {path}: split {split} has neither a \"text\" column nor the TL;DR columns {', '.join(TLDR_KEYS)}")
-    if len(texts) == 0:
-        fail(f"{flag} {path}: no texts")
-    return texts
-
-
-# Copied from train_policy.py
-def format_query(tokens: list, dot: int, query_length: int, pad_token_id: int) -> Optional[list]:
-    """OAI's books query: start after the first '.', keep query_length tokens, end after the last '.';
-    None when there is no '.' to end at. Left-padded with the pad token (OAI right-pads and gives explicit
-    positions; left padding with explicit positions is the same function and lets sampling append on the right).
-    {OAI}/lm_human_preferences/language/datasets.py#L48-L67"""
-    if dot in tokens:
-        first = tokens.index(dot) + 1
-        if first < len(tokens):
-            tokens = tokens[first:]
-    tokens = tokens[:query_length]
-    if dot not in tokens:
-        return None
-    tokens = tokens[: len(tokens) - tokens[::-1].index(dot)]
-    return [pad_token_id] * (query_length - len(tokens)) + tokens
-
-
-# Copied from train_policy.py
-def format_tldr_query(row: dict, tokenizer, query_length: int) -> list:
-    """OAI's TL;DR query: SUBREDDIT/TITLE/POST/TL;DR, the post cut at its last newline (else its last
-    character) until the query fits, then left-padded with the pad token to `query_length` tokens.
-    https://github.com/openai/summarize-from-feedback/blob/700967448d10004279f138666442bf1497d0e705/summarize_from_feedback/tasks.py#L98-L165"""
-    fmt = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
-    post = row["post"]
-    tokens = tokenizer.encode(fmt.format(subreddit=row["subreddit"], title=row["title"], post=post))
-    while len(tokens) > query_length:
-        if not post:
-            fail(f"--query_length {query_length} is too short for the title of post {row.get('id', '?')}")
-        cut = post.rfind("\n")
-        post = post[:cut] if cut >= 0 else post[:-1]
-        tokens = tokenizer.encode(fmt.format(subreddit=row["subreddit"], title=row["title"], post=post))
-    return [tokenizer.pad_token_id] * (query_length - len(tokens)) + tokens
-
-
-# Copied from train_policy.py
-def format_tldr_response(summary: str, tokenizer, response_length: int) -> list:
-    """SFD's reference response ' {summary}<|endoftext|>' (the upstream summary has no leading space), its text cut to
-    response_length - 1 tokens so that the EOS stays, right-padded to response_length tokens.
-    {SFD}/summarize_from_feedback_details/tldr_dataset.py#L186-L199"""
-    tokens = tokenizer.encode(" " + summary)[: response_length - 1] + [tokenizer.eos_token_id]
-    return tokens + [tokenizer.pad_token_id] * (response_length - len(tokens))
-
-
-# Copied from train_policy.py
-def query_batches(texts, tokenizer, query_length: int, response_length: int, batch_size: int, seed: int):
-    """Endless global batches in a shuffled order that is the same on every process (each process then takes its own
-    slice, as OAI shards the dataset over ranks): (queries (B, Q), reference responses (B, R)) for TL;DR rows, as
-    SFD's query data carries them, and (queries (B, Q), None) for books texts."""
-    dot = tokenizer.convert_tokens_to_ids(".")
-    gen, batch, references = torch.Generator().manual_seed(seed), [], []
-    while True:
-        found = False
-        for i in torch.randperm(len(texts), generator=gen).tolist():
-            row = texts[i]
-            if isinstance(row, str):
-                query = format_query(tokenizer.encode(row), dot, query_length, tokenizer.pad_token_id)
-                if query is None:
-                    continue
-            else:
-                query = format_tldr_query(row, tokenizer, query_length)
-                references.append(format_tldr_response(row["summary"], tokenizer, response_length))
-            found = True
-            batch.append(query)
-            if len(batch) == batch_size:
-                yield torch.tensor(batch), (torch.tensor(references) if references else None)
-                batch, references = [], []
-        if not found:
-            fail(f"no text of the query dataset has a '.' in its first {query_length} tokens after the first '.'")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Models
-# ---------------------------------------------------------------------------------------------------------
-
-
-# Copied from train_policy.py
-def load_base_model(path: str, weights: bool = True, load_in_4bit: bool = False):
-    """(model, tokenizer) from a hub id, a local folder or a .gguf file; with weights=False (config, tokenizer), what the
-    checks of the arguments need. A .gguf file is de-quantized to fp32 as it is read (GgufConfig(dequantize=True)): the
-    result is an ordinary trainable model without a quantization marker, which save_pretrained writes as a plain Hugging
-    Face folder that every script loads back. (Read without it, transformers keeps the model marked as GGUF-quantized
-    and refuses to save it.) load_in_4bit: the weights quantized to 4-bit NF4 (bitsandbytes, QLoRA's format), computing in bf16."""
-    source, gguf = path, {}
-    if path.endswith(".gguf"):
-        if not os.path.isfile(path):
-            fail(f"--base_model {path}: file not found")
-        source, name = os.path.split(os.path.abspath(path))
-        gguf = dict(gguf_file=name)
-    elif not os.path.isdir(path) and (path.startswith((".", "/")) or path.count("/") > 1):
-        fail(f"--base_model {path}: folder not found")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
-        if not weights:
-            return AutoConfig.from_pretrained(source, **gguf), tokenizer
-        quantization = dict(quantization_config=GgufConfig(dequantize=True)) if gguf else {}
-        if load_in_4bit:
-            quantization = dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                                       bnb_4bit_compute_dtype=torch.bfloat16), device_map={"": PartialState().device})
-        return AutoModelForCausalLM.from_pretrained(source, **gguf, **quantization), tokenizer
-    except OSError as e:  # hub id with no network, or a folder without a model
-        fail(f"--base_model {path}: cannot be loaded ({str(e).splitlines()[0][:200]})")
-
-
-# Copied from train_policy.py
-def prepare_lm(model, tokenizer):
-    """A dedicated pad token (never EOS: an <|endoftext|> inside a response must stay visible) and every dropout
-    layer off, as OAI runs policy, reference, value and reward models without dropout.
-    {OAI}/lm_human_preferences/language/model.py#L40-L59"""
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
-        model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        # GPT-2's gelu_new (OAI's gelu, {OAI}/lm_human_preferences/language/model.py#L35-L37) is the tanh formula
-        # as six elementwise ops; torch's gelu(approximate="tanh") is the same formula in one kernel (equal to float
-        # rounding), 5% of a PPO step on CPU.
-        for name, child in module.named_children():
-            if isinstance(child, NewGELUActivation):
-                setattr(module, name, GELUTanh())
-    # Weights read from safetensors point into the memory-mapped file at the file's own offsets (16-byte aligned for the
-    # nano model); tensors PyTorch allocates are 64-byte aligned. MKL orders a matmul's floating-point sums by the
-    # alignment of its inputs on Intel CPUs (https://www.intel.com/content/www/us/en/developer/articles/technical/getting-reproducible-results-with-intel-mkl.html),
-    # so there a loaded model and its deep copy round the same logits differently. Copied into memory of their own,
-    # the weights of every model (loaded, copied, resumed) run the same kernels on every CPU.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.device.type == "cpu":
-                p.data = p.data.clone()
-    return model, tokenizer
 
 
 # Copied from train_policy.py
 def model_inputs(tokens: torch.Tensor, pad_token_id: int) -> dict:
-    """Pads are masked out and each real token's position counts only the real tokens before it, so that
-    padding (left or right) never changes a real token's output. {OAI}/lm_human_preferences/language/model.py#L265-L269"""
+    """Pads are masked out and each real token's position counts only the real tokens before it, so that padding (left
+    or right) never changes a real token's output. {OAI}/lm_human_preferences/language/model.py#L265-L269"""
     mask = tokens != pad_token_id
     return dict(input_ids=tokens, attention_mask=mask.long(), position_ids=(mask.cumsum(1) - 1).clamp(min=0))
 
@@ -814,7 +233,8 @@ class Sampler:
         """(tokens, log-probs, entropies, values or None), each (b, R), for (b, Q) left-padded queries."""
         b, Q = queries.shape
         if self.cache_shape != (b, Q + response_length):
-            self.cache, self.cache_shape = StaticCache(config=self.lm.config, max_cache_len=Q + response_length), (b, Q + response_length)
+            self.cache = StaticCache(config=self.lm.config, max_cache_len=Q + response_length)
+            self.cache_shape = (b, Q + response_length)
         else:
             self.cache.reset()
         inputs = model_inputs(queries, self.pad_token_id)
@@ -837,6 +257,661 @@ class Sampler:
                 logits, hidden = self.step(tokens[-1], mask, position)
         values = torch.cat(values, 1) if value_head is not None else None
         return torch.cat(tokens, 1), torch.cat(logprobs, 1), torch.cat(entropies, 1), values
+
+
+# Copied from train_policy.py
+def response_logits(lm, tokens: torch.Tensor, pad_token_id: int, response_length: int) -> torch.Tensor:
+    """(b, R, V) logits that predict the R response tokens of (b, Q+R) query+response tokens. The output projection
+    (d x V, the largest matmul of a small model) runs on these R positions only, not on the Q query positions."""
+    return lm(**model_inputs(tokens, pad_token_id), logits_to_keep=response_length + 1).logits[:, :-1]
+
+
+# Copied from train_policy.py
+def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float, pad_token_id: int) -> tuple:
+    """(log-probs (b, R) of the response tokens, entropies (b, R)) from the (b, R, V) logits that predict them.
+    {OAI}/lm_human_preferences/policy.py#L114-L126"""
+    logp = torch.log_softmax(sampling_logits(logits, temperature, pad_token_id), -1)  # (b, R, V)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return logp.gather(-1, responses.unsqueeze(-1)).squeeze(-1), entropy
+
+
+# Copied from train_policy.py
+class FrozenReference:
+    """The frozen initial policy that KL penalties and DPO's log-ratios are measured against: a copy of the policy's
+    model made before training (kept in bf16 under --mixed_precision bf16; sharded under ZeRO-3: place_frozen), or,
+    under LoRA, the policy's own model with its adapters turned off, which is the initial model without a second copy in
+    memory."""
+
+    def __init__(self, lm, lora, accelerator, dtype):
+        self.lora = lora
+        self.lm = lm if lora is not None else place_frozen(copy.deepcopy(lm), accelerator, dtype)
+
+    @torch.no_grad()
+    def __call__(self, *inputs, logits_fn=None) -> torch.Tensor:
+        """(b, R, V) logits of R response tokens from the reference's model: logits_fn(lm, *inputs), by default
+        response_logits(lm, tokens, pad_token_id, response_length) of (b, Q+R) query+response tokens."""
+        with self.lora.disable_adapter() if self.lora is not None else nullcontext():
+            return (logits_fn or response_logits)(self.lm, *inputs)
+
+
+# Copied from train_policy.py
+def truncate_responses(responses: torch.Tensor, truncate_token: int, truncate_after: int,
+                       pad_token_id: int) -> torch.Tensor:
+    """Replace every token after the first truncate_token at or after index truncate_after with the pad token.
+    {OAI}/lm_human_preferences/lm_tasks.py#L39-L50"""
+    hit = responses == truncate_token
+    hit[:, :truncate_after] = False
+    after = (hit.long().cumsum(1) - hit.long()).bool()  # strictly after the first hit
+    return responses.masked_fill(after, pad_token_id)
+
+
+# Copied from train_policy.py
+def penalize(scores: torch.Tensor, responses: torch.Tensor, truncate_token: int, truncate_after: int,
+             penalty: float) -> torch.Tensor:
+    """A response with no truncate_token at or after truncate_after gets `penalty` instead of its score.
+    {OAI}/lm_human_preferences/lm_tasks.py#L58-L65 and {OAI}/lm_human_preferences/train_policy.py#L384-L390"""
+    valid = (responses[:, truncate_after:] == truncate_token).any(1)
+    return torch.where(valid, scores, torch.full_like(scores, penalty))
+
+
+# Copied from train_policy.py
+def response_masks(truncated: torch.Tensor, pad_token_id: int, mask_after_truncate: bool) -> tuple:
+    """(valid (b, R), value_valid (b, R), score index (b,)) for (b, R) truncated responses. OAI trains on whole
+    responses: everything valid, the score at the last token. SFD masks what follows the truncate token: log-probs are
+    valid up to it, values one position further, and the score goes one position after it (or on it, when it is the last
+    token). {SFD}/summarize_from_feedback_details/ppo.py#L669-L685"""
+    R = truncated.shape[1]
+    if not mask_after_truncate:
+        valid = torch.ones_like(truncated, dtype=torch.bool)
+        return valid, valid, torch.full((len(truncated),), R - 1, device=truncated.device)
+    last = (truncated != pad_token_id).sum(1) - 1  # (b,): the truncate token, or R - 1 (sampled responses hold no pads)
+    idx = torch.arange(R, device=truncated.device)
+    return idx <= last[:, None], idx <= last[:, None] + 1, torch.where(last + 1 < R, last + 1, last)
+
+
+# Copied from train_policy.py
+def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over the valid elements. {SFD}/summarize_from_feedback_details/ppo.py#L208-L213"""
+    return (values * valid).sum() / valid.sum()
+
+
+def shared_prompt_logits(lm, prompts: torch.Tensor, responses: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """(b, R, V) logits that predict the R tokens of b = n k responses, k to each of the n (n, Q) left-padded prompts in
+    order (the rows of prompts.repeat_interleave(k, 0)): response_logits of the concatenated rows, with each prompt run
+    through the model once instead of k times. Its keys and values (a DynamicCache of attention layers, gradients
+    flowing back through it) are repeated k times and the responses attend to them, at the positions and under the mask
+    model_inputs gives the whole row: the same logits and gradients (without dropout, which would draw one mask per
+    prompt). At Q 32, R 24, k 4 the layers see 16 x 32 + 64 x 23 tokens instead of 64 x 56, 45% fewer, in the update and
+    the reference's pass. (TRL's trainers run every row whole; vLLM's prefix cache shares a prompt in sampling only.)"""
+    n, k = len(prompts), len(responses) // len(prompts)
+    if n * k != len(responses):
+        raise ValueError(f"{len(responses)} responses are not k per prompt for {n} prompts")
+    inputs = model_inputs(prompts, pad_token_id)
+    head = lm(**inputs, use_cache=True, logits_to_keep=1)  # logits (n, 1, V) predict each response's first token
+    first = head.logits.repeat_interleave(k, 0)  # (b, 1, V)
+    if responses.shape[1] == 1:
+        return first
+    cache = head.past_key_values
+    cache.batch_repeat_interleave(k)  # (n, heads, Q, d) keys and values -> (b, heads, Q, d)
+    real = (responses != pad_token_id).long()  # (b, R)
+    mask = torch.cat([inputs["attention_mask"].repeat_interleave(k, 0), real], 1)  # (b, Q + R)
+    # (b, R): each response token's position, counted on from the prompt's last
+    positions = inputs["position_ids"][:, -1:].repeat_interleave(k, 0) + real.cumsum(1)
+    rest = lm(input_ids=responses[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+              past_key_values=cache).logits  # (b, R - 1, V): the response's own tokens predict the ones after them
+    return torch.cat([first, rest], 1)  # (b, R, V)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The estimators (pure functions). Rewards and advantages are (b,) with each prompt's k samples consecutive.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def sequence_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, valid: torch.Tensor,
+                     advantage: str, beta: float) -> torch.Tensor:
+    """(b,) rewards the advantages are built from: score - beta * sum_t (log pi - log ref) over the valid tokens for
+    rloo and best_of_n, whose KL penalty is part of the reward (RLOO: Ahmadian et al. 2024, section 3,
+    https://arxiv.org/abs/2402.14740); the bare score for grpo and dr_grpo, which put the KL in the loss (Shao et al.
+    2024, eq. 3, https://arxiv.org/abs/2402.03300)."""
+    if advantage in ("grpo", "dr_grpo"):
+        return scores
+    return scores - beta * ((logprobs - ref_logprobs) * valid).sum(1)
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """Each reward minus the mean of the other k - 1 rewards of its prompt (the leave-one-out baseline: unbiased, since
+    it does not depend on the sample itself). Ahmadian et al. 2024, eq. 7, https://arxiv.org/abs/2402.14740"""
+    r = rewards.view(-1, k)  # (prompts, k)
+    return (r - (r.sum(1, keepdim=True) - r) / (k - 1)).flatten()
+
+
+def grpo_advantages(rewards: torch.Tensor, k: int, eps: float = 1e-4) -> torch.Tensor:
+    """(reward - group mean) / (group std + eps), the std unbiased as torch's and TRL's; 0 for a group of one sample or
+    of equal rewards (nothing to prefer). Shao et al. 2024, section 4.1.2, https://arxiv.org/abs/2402.03300"""
+    r = rewards.view(-1, k)
+    std = r.std(1, keepdim=True) if k > 1 else torch.zeros_like(r[:, :1])
+    return (dr_grpo_advantages(rewards, k).view(-1, k) / (std + eps)).flatten()
+
+
+def dr_grpo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """Reward - group mean, without GRPO's division by the std, which favours prompts that are too easy or too hard
+    (Liu et al. 2025, "Understanding R1-Zero-Like Training", section 3.1, https://arxiv.org/abs/2503.20783)."""
+    r = rewards.view(-1, k)
+    return (r - r.mean(1, keepdim=True)).flatten()
+
+
+def best_of_n_weights(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """1 for each prompt's best sample (the first of equal ones), 0 for the others: online best-of-n, trained on with
+    the log-likelihood loss (RAFT, Dong et al. 2023, https://arxiv.org/abs/2304.06767; ReST's improve step with one
+    threshold, Gulcehre et al. 2023, https://arxiv.org/abs/2308.08998)."""
+    r = rewards.view(-1, k)
+    return torch.zeros_like(r).scatter_(1, r.argmax(1, keepdim=True), 1.0).flatten()
+
+
+def advantages_of(rewards: torch.Tensor, advantage: str, k: int) -> torch.Tensor:
+    """(b,) advantages (best_of_n: its weights) of --advantage."""
+    return {"rloo": rloo_advantages, "grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages,
+            "best_of_n": best_of_n_weights}[advantage](rewards, k)
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate exp(ref - logp) - (ref - logp) - 1: unbiased, never negative (Schulman 2020,
+    http://joschu.net/blog/kl-approx.html), GRPO's KL term (Shao et al. 2024, eq. 4)."""
+    delta = ref_logprobs - logprobs
+    return delta.exp() - delta - 1
+
+
+def clipped_surrogate(advantages: torch.Tensor, ratio: torch.Tensor, cliprange: float) -> torch.Tensor:
+    """PPO's pessimistic clipped objective, elementwise: max(-A r, -A clip(r, 1 - c, 1 + c)).
+    {OAI}/lm_human_preferences/train_policy.py#L343-L357"""
+    return torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange))
+
+
+def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                advantages: torch.Tensor, valid: torch.Tensor, advantage: str, cliprange: float, beta: float,
+                k: int) -> tuple:
+    """(loss, stats) of a micro-batch: (b, R) log-probs of the current policy, of the sampling policy and of the
+    reference, (b,) advantages (best_of_n: its 0/1 weights), (b, R) valid tokens; `advantage` names the estimator, k
+    the samples per prompt.
+    - rloo: -A * ratio of the whole response, clipped (TRL's RLOOTrainer, https://huggingface.co/docs/trl/rloo_trainer);
+    - grpo: PPO's clipped token loss with A on every token, + beta * k3 KL, averaged over each response's tokens, then
+      over responses (Shao et al. 2024, eq. 3);
+    - dr_grpo: the same sum over tokens divided by the constant response_length instead (Liu et al. 2025, eq. 7);
+    - best_of_n: -log-likelihood of the selected samples, per response_length token, averaged over the prompts
+      (k x the mean over the batch of weight x log-likelihood)."""
+    R = valid.shape[1]
+    log_ratio = (new_logprobs - old_logprobs) * valid  # (b, R)
+    stats = {"policy/approxkl": 0.5 * masked_mean(log_ratio**2, valid)}
+    if advantage == "rloo":
+        ratio = log_ratio.sum(1).exp()  # (b,)
+        losses = clipped_surrogate(advantages, ratio, cliprange)
+        stats["policy/clipfrac"] = ((ratio - 1).abs() > cliprange).float().mean()
+        loss = losses.mean()
+    elif advantage in ("grpo", "dr_grpo"):
+        ratio = log_ratio.exp()  # (b, R)
+        token = clipped_surrogate(advantages[:, None], ratio, cliprange)
+        kl = k3_kl(new_logprobs, ref_logprobs)
+        token = (token + beta * kl) * valid
+        length = valid.sum(1).clamp(min=1) if advantage == "grpo" else R
+        loss = (token.sum(1) / length).mean()
+        stats.update({"policy/clipfrac": masked_mean(((ratio - 1).abs() > cliprange).float(), valid),
+                      "policy/k3_kl": masked_mean(kl, valid)})
+    else:
+        weights = advantages  # 1 for each prompt's best sample, 0 for the others
+        loss = -(weights * (new_logprobs * valid).sum(1)).mean() * k / R
+    return loss, {"loss/policy": loss.detach(), **{name: value.detach() for name, value in stats.items()}}
+
+
+def train(args: Args) -> Path:
+    """RLOO, GRPO, Dr. GRPO or online best-of-n (--advantage) against a frozen reward model; returns the run folder."""
+    world = start_processes().num_processes
+    num_updates, texts, eval_texts = check_args(args)
+    local_batch_size = args.batch_size // world
+    local_minibatch_size = local_batch_size // args.nminibatches
+    grad_accum = local_minibatch_size // args.local_micro_batch_size
+    accelerator = make_accelerator(args, args.local_micro_batch_size, grad_accum)
+    rank, device = accelerator.process_index, accelerator.device
+    if not resume_has_work(args.resume, world, zero_stage(accelerator)):
+        return Path(args.resume)
+
+    # 1. Models: the policy (no value model), the frozen reference and the frozen reward model; the same init on every
+    #    process, the frozen ones sharded under ZeRO-3 (place_frozen) and kept in bf16 under --mixed_precision bf16.
+    torch.manual_seed(args.seed)
+    lm, tokenizer = prepare_lm(*load_base_model(args.base_model, load_in_4bit=args.load_in_4bit))
+    reward_model, reward_tokenizer = load_reward_model(args.reward_model)
+    check_same_tokenizer(reward_tokenizer, tokenizer, args)
+    truncate_token = truncate_token_id(args.truncate_token, tokenizer)
+    gold_fn = gold_scorer(args.gold_labeler)
+    frozen_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
+    lora = add_lora(lm, args)
+    reference = FrozenReference(lm, lora, accelerator, frozen_dtype)
+    reward_model = place_frozen(reward_model, accelerator, frozen_dtype)
+    trained = [p for p in lm.parameters() if p.requires_grad]
+    num_trained = sum(p.numel() for p in trained)  # counted before ZeRO-3 shards them
+    optimizer = make_optimizer(trained, args.optimizer, args.lr, args.eps)
+    policy, optimizer = accelerator.prepare(lm, optimizer)  # DDP, or a DeepSpeed engine with its ZeRO optimizer
+    unwrapped = accelerator.unwrap_model(policy)
+    pad = tokenizer.pad_token_id
+    sampler = Sampler(unwrapped, pad, args.temperature)
+
+    # 2. Prompts: batch_size / k per update, the same on every process, each taking whole prompts (so that each group
+    #    of k samples lies on one process), counted by a Stream (a checkpoint keeps the position); a seed per process
+    #    for sampling and shuffles.
+    batches = Stream(query_batches(texts, tokenizer, args.query_length, args.response_length,
+                                   args.batch_size // args.k, args.seed))
+    local_prompts = local_batch_size // args.k
+    torch.manual_seed(args.seed + rank * 100003)
+
+    # The run folder, its log and checkpoints (a resumed run takes back the weights, optimizer, query position, random
+    # generators and metrics of its last checkpoint); the held-out evaluation of the initial policy.
+    run = Run(accelerator, args, None, "python train_rloo.py --resume {run_dir}", "episode", keep_samples=True,
+              objects=(batches,), about=f"{args.advantage}: {num_updates} updates of {args.batch_size // args.k} "
+              f"prompts x k = {args.k} ({world} process(es) x {args.nminibatches} minibatch(es) x {grad_accum} "
+              f"micro-batch(es) of {args.local_micro_batch_size}); {num_trained:,} trained parameters")
+    held_out = HeldOut(eval_texts, tokenizer, unwrapped, policy, reward_model, gold_fn, args, accelerator)
+    held_out.before_training(run)
+    for update in run.steps(num_updates, args.advantage, {"score": "objective/scores", "kl": "objective/kl",
+                                                          "gold": "objective/gold_score"}):
+        t0 = now(device)
+        for group in optimizer.param_groups:  # lr annealed linearly to 0, as train_policy.py
+            group["lr"] = args.lr * (1 - update / num_updates)
+
+        # 3. Rollouts: k samples of each of this process's prompts, with their log-probs from the sampling pass; the
+        #    reference's log-probs, each prompt run once for its k samples (shared_prompt_logits), in chunks of
+        #    local_rollout_forward_batch_size episodes. Under ZeRO-3 the policy's weights are gathered (full_weights).
+        queries, references = next(batches)
+        prompts = queries[rank * local_prompts : (rank + 1) * local_prompts].to(device)  # (b / k, Q)
+        queries = prompts.repeat_interleave(args.k, 0)  # (b, Q): each prompt k times in a row
+        if references is not None:  # (b, R) TL;DR reference summaries, k times each
+            references = references[rank * local_prompts : (rank + 1) * local_prompts]
+            references = references.repeat_interleave(args.k, 0).to(device)
+        policy.eval()
+        chunk = args.local_rollout_forward_batch_size
+        with torch.no_grad(), accelerator.autocast(), full_weights(policy, accelerator):
+            responses, logprobs, entropies, _ = sampler(queries, args.response_length)  # (b, R) each
+
+            def reference_logprobs(prompt_chunk: torch.Tensor, response_chunk: torch.Tensor) -> torch.Tensor:
+                """(c k, R) reference log-probs of (c, k, R) responses to (c, Q) prompts."""
+                response_chunk = response_chunk.flatten(0, 1)
+                return response_logprobs(reference(prompt_chunk, response_chunk, pad, logits_fn=shared_prompt_logits),
+                                         response_chunk, args.temperature, pad)[0]
+
+            ref_logprobs = in_chunks(reference_logprobs, chunk // args.k, prompts,
+                                     responses.view(local_prompts, args.k, -1))  # (b, R), whole prompts per chunk
+            t_gen = now(device)
+
+            # 4. Scores of the truncated responses by the reward model (less the reference summary's with trlX's
+            #    baseline), the penalty for no truncate token, the gold labeler's score, as train_policy.py's step 4;
+            #    with SFD's mask, what follows the truncate token leaves the loss and the KL.
+            truncated = responses
+            if truncate_token is not None:
+                truncated = truncate_responses(responses, truncate_token, args.truncate_after, pad)
+            scores = in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, truncated], 1))  # (b,)
+            if args.reference_baseline:  # trlX's baseline, as train_policy.py
+                scores = scores - in_chunks(lambda qr: reward_model(qr, pad), chunk,
+                                            torch.cat([queries, references], 1))
+            if truncate_token is not None:
+                scores = penalize(scores, truncated, truncate_token, args.truncate_after, args.penalty_reward_value)
+            response_texts, gold = gold_scores(gold_fn, queries, truncated, tokenizer, references is not None)
+            valid = response_masks(truncated, pad, args.mask_after_truncate)[0]  # (b, R)
+
+            # 5. Rewards and advantages within each prompt's k samples: the estimator's only work.
+            rewards = sequence_rewards(scores, logprobs, ref_logprobs, valid, args.advantage, args.beta)  # (b,)
+            advantages = advantages_of(rewards, args.advantage, args.k)  # (b,); best_of_n: 0/1 weights
+        t_score = now(device)
+
+        # 6. noptepochs passes over the batch in nminibatches minibatches, reshuffled each time by whole prompts (so
+        #    that a micro-batch runs each of its prompts once for its k samples: shared_prompt_logits); micro-batches
+        #    accumulate gradients (accelerator.accumulate divides each loss by grad_accum; DDP averages, DeepSpeed
+        #    steps, at the last).
+        policy.train()
+        minibatch_stats = []
+        prompts_per_micro_batch = args.local_micro_batch_size // args.k
+        for _ in range(args.noptepochs):
+            order = torch.randperm(local_prompts, device=device)
+            for start in range(0, local_prompts, local_minibatch_size // args.k):
+                stats = {}
+                for micro in range(grad_accum):
+                    first = start + micro * prompts_per_micro_batch
+                    prompt_ids = order[first : first + prompts_per_micro_batch]  # of this process's prompts
+                    # the k samples of each, as rows of the batch
+                    episodes = (prompt_ids[:, None] * args.k + torch.arange(args.k, device=device)).flatten()
+                    with accelerator.accumulate(policy):
+                        new_logits = shared_prompt_logits(policy, prompts[prompt_ids], responses[episodes], pad)
+                        new_logprobs, entropy = response_logprobs(new_logits, responses[episodes],
+                                                                  args.temperature, pad)
+                        loss, micro_stats = policy_loss(new_logprobs, logprobs[episodes], ref_logprobs[episodes],
+                                                        advantages[episodes], valid[episodes], args.advantage,
+                                                        args.cliprange, args.beta, args.k)
+                        accelerator.backward(loss)
+                    micro_stats["policy/entropy"] = masked_mean(entropy.detach(), valid[episodes])
+                    for name, value in micro_stats.items():
+                        stats[name] = stats.get(name, 0) + value / grad_accum
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                minibatch_stats.append(stats)
+        t_update = now(device)
+
+        # 7. Statistics of the rollouts (PPO's names where they mean the same), averaged over processes with the
+        #    minibatches' (rloo_metrics); the held-out evaluation every eval_every updates.
+        kl = ((logprobs - ref_logprobs) * valid).sum(1)  # (b,)
+        rollout_stats = {
+            "objective/kl": kl.mean(), "objective/entropy": (-logprobs * valid).sum(1).mean(),
+            "objective/scores": scores.mean(), "objective/entropy_exact": (entropies * valid).sum(1).mean(),
+            "objective/rewards": rewards.mean(),
+            "objective/advantage_std": advantages.std() if len(advantages) > 1 else torch.zeros((), device=device),
+        }
+        if truncate_token is not None:  # the responses that ended early
+            rollout_stats["objective/truncated_fraction"] = (truncated == pad).any(1).float().mean()
+        if gold is not None:
+            rollout_stats["objective/gold_score"] = gold.mean()
+        metrics = rloo_metrics(accelerator, update, num_updates, args, rollout_stats, minibatch_stats,
+                               (t0, t_gen, t_score, t_update))
+        eval_summaries = held_out.every(update + 1, num_updates, metrics)
+
+        # The samples shown and kept, the metrics logged; a NaN or inf stops the run (exit 3); a checkpoint every
+        # save_every updates, and when SIGTERM or SIGINT asked the run to stop, which it then does (exit 128 + signal).
+        rows = sample_rows(update + 1, queries, response_texts, scores, gold, kl,
+                           min(args.num_print_samples, local_batch_size), tokenizer)
+        show_samples(run, update, num_updates, rows, eval_summaries, args)
+        run.end_step(update + 1, num_updates, metrics)
+
+    # The policy (a plain model folder, adapters merged under LoRA), the sample tables and the summary of the run.
+    save_rloo_policy(accelerator, policy, unwrapped, lora, tokenizer, run.dir)
+    run.finish(summarize, args.advantage)
+    return run.dir
+
+
+# =========================================================================================================
+# Plumbing. Everything below serves train() above and is not the algorithm: the command line and the presets, reading
+# the data, loading the models, LoRA, measuring, the run folder, checkpoints and resume, signals, DeepSpeed, the checks
+# of the arguments, the metrics and the summary. The `# Copied from` blocks are shared with the other scripts and kept
+# identical by tests/test_pipeline.py.
+# =========================================================================================================
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line and the presets
+# ---------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_policy.py
+FLAG_PREFIX = "--"  # how messages spell a flag: train_both.py sets "--reward." / "--policy." while a stage runs
+
+
+# Copied from train_policy.py
+def fail(message: str):
+    """Bad input: one line on stderr naming the flag as the user typed it, exit status 2, before anything is written."""
+    message = re.sub(r"(?<![\w.-])--(?=[a-z])", FLAG_PREFIX, message)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+# Copied from train_policy.py
+def cli(args_class, presets: dict, description: str):
+    """tyro CLI with an optional first positional preset name: `script.py sentiment --seed 2`. `--resume <run folder>`
+    comes alone: the run continues with the arguments it started with, read back from its args.json."""
+    argv = sys.argv[1:]
+    preset = argv[:1] if argv and not argv[0].startswith("-") else []
+    default = args_class()
+    if preset:
+        if preset[0] not in presets:
+            fail(f"unknown preset {preset[0]!r}; presets: {', '.join(presets)}")
+        default = replace(default, **presets[preset[0]])
+    args = tyro.cli(args_class, default=default, args=argv[len(preset) :], description=description,
+                    use_underscores=True)
+    if args.resume is None:
+        return args
+    if len(argv) > (1 if argv[0].startswith("--resume=") else 2):
+        fail("--resume continues a run with the arguments it started with (its args.json): give no other flag or "
+             "preset")
+    if not os.path.isfile(os.path.join(args.resume, "args.json")):
+        fail(f"--resume {args.resume}: not a run folder (no args.json)")
+    with open(os.path.join(args.resume, "args.json")) as f:
+        return replace(args_from_json(args_class, json.load(f)), resume=args.resume)
+
+
+# Copied from train_policy.py
+def args_from_json(args_class, values: dict):
+    """args_class rebuilt from its args.json (nested argument classes too); other keys (world_size, ...) are facts of
+    the run."""
+    kwargs = {}
+    for f in fields(args_class):
+        if f.name in values:
+            default = getattr(args_class(), f.name)
+            kwargs[f.name] = args_from_json(type(default), values[f.name]) if is_dataclass(default) else values[f.name]
+    return args_class(**kwargs)
+
+
+PRESETS = {
+    # TRL's RLOO TL;DR run (docs, "RLOO Trainer": pythia-1b, k 2, 2 epochs, 2 minibatches, lr 3e-6, kl 0.03) with SFD's
+    # task and details as train_policy.py's tldr preset has them. base_model is the tldr SFT run's model.
+    "tldr": dict(
+        exp_name="rloo_tldr", base_model="models/sft_tldr",
+        query_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
+        query_length=512, response_length=53, truncate_token="eos", truncate_after=0, penalty_reward_value=-1.0,
+        temperature=0.7, mask_after_truncate=True, advantage="rloo", k=2, beta=0.03, total_episodes=1_000_000,
+        batch_size=512, nminibatches=2, noptepochs=2, local_micro_batch_size=16, local_rollout_forward_batch_size=64,
+        lr=3e-6, eps=1e-5, optimizer="adamw", gold_labeler="none",
+        eval_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
+        eval_split="validation", eval_temperature=0.01,
+    ),
+}
+
+
+# the summarization twin: train_policy.py's tldr_twin sizes (data/tldr/, the nano SFT model, the judge as gold)
+PRESETS["tldr_twin"] = {**PRESETS["tldr"], **dict(
+    exp_name="rloo_twin", base_model="runs/tldr_twin/sft_model", query_dataset="data/tldr/train.jsonl.gz",
+    query_length=160, response_length=48, k=4, beta=0.05, total_episodes=1024, batch_size=64,
+    local_micro_batch_size=32, lr=3e-5, reference_baseline=True, gold_labeler="tldr_judge",
+    eval_dataset="data/tldr/validation.jsonl.gz", num_eval=256, eval_every=4, eval_temperature=0.7,
+    print_sample_every=8,
+)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: queries and the truncate token
+# ---------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_policy.py
+TLDR_KEYS = ("subreddit", "title", "post", "summary")
+
+
+# Copied from train_policy.py
+def load_texts(path: str, split: str, flag: str = "--query_dataset"):
+    """Query data, indexable: books texts (str) from a local .jsonl(.gz) of JSON strings (OAI's
+    book_passages/{mode}.jsonl) or of objects with "text" (data/corpus.jsonl.gz), or from a hub dataset with a "text"
+    column (bookcorpus); or TL;DR rows (dict with subreddit, title, post, summary) from a .jsonl(.gz) (data/tldr/,
+    summarize-from-feedback's tldr_3_filtered) or a hub dataset with those columns."""
+    if os.path.exists(path) or path.endswith((".jsonl", ".gz", ".json")):
+        if not os.path.isfile(path):
+            fail(f"{flag} {path}: file not found")
+        texts = []
+        try:
+            with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path,
+                                                                                            encoding="utf-8")) as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        text = json.loads(line)
+                        if isinstance(text, dict) and "post" not in text:
+                            text = text.get("text")
+                        if isinstance(text, dict) and not all(isinstance(text.get(k), str) for k in TLDR_KEYS):
+                            fail(f"{flag} {path}: line {n} is a TL;DR row without string {', '.join(TLDR_KEYS)}")
+                        if not isinstance(text, (str, dict)) or (texts and type(text) is not type(texts[0])):
+                            fail(f"{flag} {path}: line {n} is neither a JSON string, an object with a string \"text\" "
+                                 "nor a TL;DR "
+                                 "row like the lines before it")
+                        texts.append(text)
+        except json.JSONDecodeError as e:
+            fail(f"{flag} {path}: line {n} is not valid JSON ({e.msg})")
+        except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
+            fail(f"{flag} {path}: cannot be read ({e})")
+    else:
+        import datasets
+
+        try:
+            texts = datasets.load_dataset(path, split=split)
+        except Exception as e:  # offline, unknown id or split: one line, exit 2
+            fail(f"{flag} {path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        if set(TLDR_KEYS) <= set(texts.column_names):
+            texts = texts.select_columns(list(TLDR_KEYS))  # rows as dicts
+        elif "text" in texts.column_names:
+            texts = texts["text"]  # a lazy column: BookCorpus's 74M rows stay memory-mapped
+        else:
+            fail(f"{flag} {path}: split {split} has neither a \"text\" column nor the TL;DR columns "
+                 f"{', '.join(TLDR_KEYS)}")
+    if len(texts) == 0:
+        fail(f"{flag} {path}: no texts")
+    return texts
+
+
+# Copied from train_policy.py
+def format_query(tokens: list, dot: int, query_length: int, pad_token_id: int) -> Optional[list]:
+    """OAI's books query: start after the first '.', keep query_length tokens, end after the last '.';
+    None when there is no '.' to end at. Left-padded with the pad token (OAI right-pads and gives explicit
+    positions; left padding with explicit positions is the same function and lets sampling append on the right).
+    {OAI}/lm_human_preferences/language/datasets.py#L48-L67"""
+    if dot in tokens:
+        first = tokens.index(dot) + 1
+        if first < len(tokens):
+            tokens = tokens[first:]
+    tokens = tokens[:query_length]
+    if dot not in tokens:
+        return None
+    tokens = tokens[: len(tokens) - tokens[::-1].index(dot)]
+    return [pad_token_id] * (query_length - len(tokens)) + tokens
+
+
+# Copied from train_policy.py
+def format_tldr_query(row: dict, tokenizer, query_length: int) -> list:
+    """OAI's TL;DR query: SUBREDDIT/TITLE/POST/TL;DR, the post cut at its last newline (else its last character) until
+    the query fits, then left-padded with the pad token to `query_length` tokens.
+
+    https://github.com/openai/summarize-from-feedback/blob/700967448d10004279f138666442bf1497d0e705/summarize_from_feedback/tasks.py#L98-L165"""
+    fmt = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
+    post = row["post"]
+    tokens = tokenizer.encode(fmt.format(subreddit=row["subreddit"], title=row["title"], post=post))
+    while len(tokens) > query_length:
+        if not post:
+            fail(f"--query_length {query_length} is too short for the title of post {row.get('id', '?')}")
+        cut = post.rfind("\n")
+        post = post[:cut] if cut >= 0 else post[:-1]
+        tokens = tokenizer.encode(fmt.format(subreddit=row["subreddit"], title=row["title"], post=post))
+    return [tokenizer.pad_token_id] * (query_length - len(tokens)) + tokens
+
+
+# Copied from train_policy.py
+def format_tldr_response(summary: str, tokenizer, response_length: int) -> list:
+    """SFD's reference response ' {summary}<|endoftext|>' (the upstream summary has no leading space), its text cut to
+    response_length - 1 tokens so that the EOS stays, right-padded to response_length tokens.
+    {SFD}/summarize_from_feedback_details/tldr_dataset.py#L186-L199"""
+    tokens = tokenizer.encode(" " + summary)[: response_length - 1] + [tokenizer.eos_token_id]
+    return tokens + [tokenizer.pad_token_id] * (response_length - len(tokens))
+
+
+# Copied from train_policy.py
+def query_batches(texts, tokenizer, query_length: int, response_length: int, batch_size: int, seed: int):
+    """Endless global batches in a shuffled order that is the same on every process (each process then takes its own
+    slice, as OAI shards the dataset over ranks): (queries (B, Q), reference responses (B, R)) for TL;DR rows, as
+    SFD's query data carries them, and (queries (B, Q), None) for books texts."""
+    dot = tokenizer.convert_tokens_to_ids(".")
+    gen, batch, references = torch.Generator().manual_seed(seed), [], []
+    while True:
+        found = False
+        for i in torch.randperm(len(texts), generator=gen).tolist():
+            row = texts[i]
+            if isinstance(row, str):
+                query = format_query(tokenizer.encode(row), dot, query_length, tokenizer.pad_token_id)
+                if query is None:
+                    continue
+            else:
+                query = format_tldr_query(row, tokenizer, query_length)
+                references.append(format_tldr_response(row["summary"], tokenizer, response_length))
+            found = True
+            batch.append(query)
+            if len(batch) == batch_size:
+                yield torch.tensor(batch), (torch.tensor(references) if references else None)
+                batch, references = [], []
+        if not found:
+            fail(f"no text of the query dataset has a '.' in its first {query_length} tokens after the first '.'")
+
+
+# Copied from train_policy.py
+def truncate_token_id(name: Optional[str], tokenizer) -> Optional[int]:
+    """The id of --truncate_token: None, "eos" (the tokenizer's EOS, SFD's truncate_token) or a text of one token."""
+    if name is None or name == "eos":
+        return None if name is None else tokenizer.eos_token_id
+    ids = tokenizer.encode(name)
+    if len(ids) != 1:
+        fail(f"--truncate_token {name!r} is not a single token")
+    return ids[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models and the optimizer
+# ---------------------------------------------------------------------------------------------------------
+
+
+# Copied from train_policy.py
+def load_base_model(path: str, weights: bool = True, load_in_4bit: bool = False):
+    """(model, tokenizer) from a hub id, a local folder or a .gguf file; with weights=False (config, tokenizer), what
+    the checks of the arguments need. A .gguf file is de-quantized to fp32 as it is read (GgufConfig(dequantize=True)):
+    the result is an ordinary trainable model without a quantization marker, which save_pretrained writes as a plain
+    Hugging Face folder that every script loads back. (Read without it, transformers keeps the model marked as
+    GGUF-quantized and refuses to save it.) load_in_4bit: the weights quantized to 4-bit NF4 (bitsandbytes, QLoRA's
+    format), computing in bf16."""
+    source, gguf = path, {}
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            fail(f"--base_model {path}: file not found")
+        source, name = os.path.split(os.path.abspath(path))
+        gguf = dict(gguf_file=name)
+    elif not os.path.isdir(path) and (path.startswith((".", "/")) or path.count("/") > 1):
+        fail(f"--base_model {path}: folder not found")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
+        if not weights:
+            return AutoConfig.from_pretrained(source, **gguf), tokenizer
+        quantization = dict(quantization_config=GgufConfig(dequantize=True)) if gguf else {}
+        if load_in_4bit:
+            quantization = dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                                       bnb_4bit_compute_dtype=torch.bfloat16),
+                                                                       device_map={"": PartialState().device})
+        return AutoModelForCausalLM.from_pretrained(source, **gguf, **quantization), tokenizer
+    except OSError as e:  # hub id with no network, or a folder without a model
+        fail(f"--base_model {path}: cannot be loaded ({str(e).splitlines()[0][:200]})")
+
+
+# Copied from train_policy.py
+def prepare_lm(model, tokenizer):
+    """A dedicated pad token (never EOS: an <|endoftext|> inside a response must stay visible) and every dropout
+    layer off, as OAI runs policy, reference, value and reward models without dropout.
+    {OAI}/lm_human_preferences/language/model.py#L40-L59"""
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        # GPT-2's gelu_new (OAI's gelu, {OAI}/lm_human_preferences/language/model.py#L35-L37) is the tanh formula
+        # as six elementwise ops; torch's gelu(approximate="tanh") is the same formula in one kernel (equal to float
+        # rounding), 5% of a PPO step on CPU.
+        for name, child in module.named_children():
+            if isinstance(child, NewGELUActivation):
+                setattr(module, name, GELUTanh())
+    # Weights read from safetensors point into the memory-mapped file at the file's own offsets (16-byte aligned for the
+    # nano model); tensors PyTorch allocates are 64-byte aligned. MKL orders a matmul's floating-point sums by the
+    # alignment of its inputs on Intel CPUs
+    # (https://www.intel.com/content/www/us/en/developer/articles/technical/getting-reproducible-results-with-intel-mkl.html),
+    # so there a loaded model and its deep copy round the same logits differently. Copied into memory of their own, the
+    # weights of every model (loaded, copied, resumed) run the same kernels on every CPU.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.device.type == "cpu":
+                p.data = p.data.clone()
+    return model, tokenizer
 
 
 # Copied from train_policy.py
@@ -874,7 +949,8 @@ class RewardModel(nn.Module):
     def forward(self, tokens: torch.Tensor, pad_token_id: int) -> torch.Tensor:
         """(b,) rewards of (b, T) query+response tokens, read at the last real token: the EOS of a response truncated
         there (SFD reads the reward at the EOS token, {SFD}/summarize_from_feedback_details/ppo.py#L282-L300), else its
-        last token. OAI reads the last position; a masked pad makes it independent of right padding. {OAI}/lm_human_preferences/rewards.py#L47"""
+        last token. OAI reads the last position; a masked pad makes it independent of right padding.
+        {OAI}/lm_human_preferences/rewards.py#L47"""
         last = (tokens != pad_token_id).long().cumsum(1).argmax(1)  # (b,): the last real token
         return self.scores(tokens, pad_token_id)[torch.arange(len(tokens), device=tokens.device), last]
 
@@ -883,7 +959,8 @@ class RewardModel(nn.Module):
 def load_reward_model(folder: str):
     """(RewardModel, tokenizer) from a folder written by save_reward_model."""
     if not os.path.isfile(os.path.join(folder, "reward_head.safetensors")):
-        fail(f"--reward_model {folder}: not a reward model folder (no reward_head.safetensors; train one with train_reward.py)")
+        fail(f"--reward_model {folder}: not a reward model folder (no reward_head.safetensors; train one with "
+             "train_reward.py)")
     lm, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     model = RewardModel(prepare_lm(lm, tokenizer)[0])
     head = load_file(os.path.join(folder, "reward_head.safetensors"))
@@ -896,19 +973,13 @@ def load_reward_model(folder: str):
 
 
 # Copied from train_policy.py
-def response_logits(lm, tokens: torch.Tensor, pad_token_id: int, response_length: int) -> torch.Tensor:
-    """(b, R, V) logits that predict the R response tokens of (b, Q+R) query+response tokens. The output projection
-    (d x V, the largest matmul of a small model) runs on these R positions only, not on the Q query positions."""
-    return lm(**model_inputs(tokens, pad_token_id), logits_to_keep=response_length + 1).logits[:, :-1]
-
-
-# Copied from train_policy.py
 def check_lora(args):
     """The LoRA and QLoRA flags, checked before anything runs."""
     if args.lora_r < 0 or (args.lora_r and args.lora_alpha <= 0) or not 0 <= args.lora_dropout < 1:
         fail(f"--lora_r {args.lora_r} must be at least 0, --lora_alpha positive, --lora_dropout in [0, 1)")
     if args.load_in_4bit and not torch.cuda.is_available():
-        fail("--load_in_4bit (QLoRA) quantizes the weights with bitsandbytes on a CUDA GPU, and this machine has none; LoRA alone (--lora_r) runs on a CPU")
+        fail("--load_in_4bit (QLoRA) quantizes the weights with bitsandbytes on a CUDA GPU, and this machine has none; "
+             "LoRA alone (--lora_r) runs on a CPU")
     if args.load_in_4bit and args.lora_r == 0:
         fail("--load_in_4bit trains LoRA adapters over frozen 4-bit weights: give --lora_r too")
 
@@ -918,7 +989,8 @@ def add_lora(lm, args):
     """LoRA adapters (Hu et al. 2021, through peft) on lm's layers when --lora_r > 0, injected in place: lm keeps its
     class and forward, and only the adapters of its weights train (the caller's heads train in full). Returns the
     PeftModel around lm, which turns the adapters off (disable_adapter(): the initial model, the reference of PPO and
-    DPO without a second copy) or merges them into the weights (merge_and_unload(), before saving); None without LoRA."""
+    DPO without a second copy) or merges them into the weights (merge_and_unload(), before saving); None without
+    LoRA."""
     if args.lora_r == 0:
         return None
     import peft
@@ -927,8 +999,8 @@ def add_lora(lm, args):
         lm = peft.prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
     targets = "all-linear" if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
     transposed = any(isinstance(m, Conv1D) for m in lm.modules())  # GPT-2 stores its linear weights as (in, out)
-    config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
-                             fan_in_fan_out=transposed)
+    config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                             target_modules=targets, fan_in_fan_out=transposed)
     try:
         return peft.get_peft_model(lm, config)
     except ValueError as e:  # no such module
@@ -940,88 +1012,6 @@ def saved_lm(lm, lora):
     """The language model to save: under LoRA the adapters merged into the weights, so that the folder is a plain model
     every script (and transformers) loads as it loads any other."""
     return lm if lora is None else lora.merge_and_unload()
-
-
-# Copied from train_policy.py
-class FrozenReference:
-    """The frozen initial policy that KL penalties and DPO's log-ratios are measured against: a copy of the policy's
-    model made before training (kept in bf16 under --mixed_precision bf16; sharded under ZeRO-3: place_frozen), or, under
-    LoRA, the policy's own model with its adapters turned off, which is the initial model without a second copy in memory."""
-
-    def __init__(self, lm, lora, accelerator, dtype):
-        self.lora = lora
-        self.lm = lm if lora is not None else place_frozen(copy.deepcopy(lm), accelerator, dtype)
-
-    @torch.no_grad()
-    def __call__(self, *inputs, logits_fn=None) -> torch.Tensor:
-        """(b, R, V) logits of R response tokens from the reference's model: logits_fn(lm, *inputs), by default
-        response_logits(lm, tokens, pad_token_id, response_length) of (b, Q+R) query+response tokens."""
-        with self.lora.disable_adapter() if self.lora is not None else nullcontext():
-            return (logits_fn or response_logits)(self.lm, *inputs)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Pieces shared with PPO: log-probs, truncation, masks, the optimizer
-# ---------------------------------------------------------------------------------------------------------
-
-
-# Copied from train_policy.py
-def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float, pad_token_id: int) -> tuple:
-    """(log-probs (b, R) of the response tokens, entropies (b, R)) from the (b, R, V) logits that predict them.
-    {OAI}/lm_human_preferences/policy.py#L114-L126"""
-    logp = torch.log_softmax(sampling_logits(logits, temperature, pad_token_id), -1)  # (b, R, V)
-    entropy = -(logp.exp() * logp).sum(-1)
-    return logp.gather(-1, responses.unsqueeze(-1)).squeeze(-1), entropy
-
-
-# Copied from train_policy.py
-def truncate_token_id(name: Optional[str], tokenizer) -> Optional[int]:
-    """The id of --truncate_token: None, "eos" (the tokenizer's EOS, SFD's truncate_token) or a text of one token."""
-    if name is None or name == "eos":
-        return None if name is None else tokenizer.eos_token_id
-    ids = tokenizer.encode(name)
-    if len(ids) != 1:
-        fail(f"--truncate_token {name!r} is not a single token")
-    return ids[0]
-
-
-# Copied from train_policy.py
-def truncate_responses(responses: torch.Tensor, truncate_token: int, truncate_after: int, pad_token_id: int) -> torch.Tensor:
-    """Replace every token after the first truncate_token at or after index truncate_after with the pad token.
-    {OAI}/lm_human_preferences/lm_tasks.py#L39-L50"""
-    hit = responses == truncate_token
-    hit[:, :truncate_after] = False
-    after = (hit.long().cumsum(1) - hit.long()).bool()  # strictly after the first hit
-    return responses.masked_fill(after, pad_token_id)
-
-
-# Copied from train_policy.py
-def penalize(scores: torch.Tensor, responses: torch.Tensor, truncate_token: int, truncate_after: int, penalty: float) -> torch.Tensor:
-    """A response with no truncate_token at or after truncate_after gets `penalty` instead of its score.
-    {OAI}/lm_human_preferences/lm_tasks.py#L58-L65 and {OAI}/lm_human_preferences/train_policy.py#L384-L390"""
-    valid = (responses[:, truncate_after:] == truncate_token).any(1)
-    return torch.where(valid, scores, torch.full_like(scores, penalty))
-
-
-# Copied from train_policy.py
-def response_masks(scored: torch.Tensor, pad_token_id: int, mask_after_truncate: bool) -> tuple:
-    """(valid (b, R), value_valid (b, R), score index (b,)) for (b, R) truncated responses. OAI trains on whole responses:
-    everything valid, the score at the last token. SFD masks what follows the truncate token: log-probs are valid up to
-    it, values one position further, and the score goes one position after it (or on it, when it is the last token).
-    {SFD}/summarize_from_feedback_details/ppo.py#L669-L685"""
-    R = scored.shape[1]
-    if not mask_after_truncate:
-        valid = torch.ones_like(scored, dtype=torch.bool)
-        return valid, valid, torch.full((len(scored),), R - 1, device=scored.device)
-    last = (scored != pad_token_id).sum(1) - 1  # (b,): the truncate token, or R - 1 (sampled responses hold no pads)
-    idx = torch.arange(R, device=scored.device)
-    return idx <= last[:, None], idx <= last[:, None] + 1, torch.where(last + 1 < R, last + 1, last)
-
-
-# Copied from train_policy.py
-def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean over the valid elements. {SFD}/summarize_from_feedback_details/ppo.py#L208-L213"""
-    return (values * valid).sum() / valid.sum()
 
 
 # Copied from train_policy.py
@@ -1049,7 +1039,8 @@ class AdamTensorFlowStyle(torch.optim.Optimizer):
             if not params:
                 continue
             # every parameter at once: foreach ops launch a few kernels per step, not a few per parameter
-            grads, m, v = [p.grad for p in params], [self.state[p]["m"] for p in params], [self.state[p]["v"] for p in params]
+            grads = [p.grad for p in params]
+            m, v = [self.state[p]["m"] for p in params], [self.state[p]["v"] for p in params]
             torch._foreach_mul_(m, beta1)
             torch._foreach_add_(m, grads, alpha=1 - beta1)  # m = beta1 m + (1 - beta1) g
             torch._foreach_mul_(v, beta2)
@@ -1066,11 +1057,12 @@ def make_optimizer(params, name: str, lr: float, eps: float):
     """TF-style Adam, torch's Adam, or torch's AdamW (its default weight decay 0.01, as SFD ran it)."""
     if name == "adam_tf":
         return AdamTensorFlowStyle(params, lr=lr, eps=eps)
-    return torch.optim.Adam(params, lr=lr, eps=eps) if name == "adam_pytorch" else torch.optim.AdamW(params, lr=lr, eps=eps)
+    return torch.optim.Adam(params, lr=lr, eps=eps) if name == "adam_pytorch" else torch.optim.AdamW(params, lr=lr,
+                                                                                                     eps=eps)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Gold labelers and the held-out evaluation, the clock, the run folder
+# Measuring: the gold labelers, the held-out evaluation, the clock
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -1090,21 +1082,39 @@ def gold_scorer(name: str):
 
 
 # Copied from train_policy.py
-def rouge(summaries: list, references: list) -> list:
-    """Per pair {rouge1, rouge2, rougeL}: F1 of each summary against its reference, by rouge-score without stemming, as SFD's
-    evaluate.load("rouge") computes it. {SFD}/summarize_from_feedback_details/sft.py#L37"""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
-    return [{k: v.fmeasure for k, v in scorer.score(ref, summary).items()} for summary, ref in zip(summaries, references)]
+def gold_scores(gold_fn, queries: torch.Tensor, responses: torch.Tensor, tokenizer, tldr: bool) -> tuple:
+    """(the decoded responses, the gold labeler's (b,) scores of them or None). TL;DR summaries are decoded without
+    their EOS, as the judge and the sample tables read them."""
+    pad = tokenizer.pad_token_id
+    texts = tokenizer.batch_decode([r[r != pad] for r in responses], skip_special_tokens=tldr)
+    if gold_fn is None:
+        return texts, None
+    query_texts = tokenizer.batch_decode([q[q != pad] for q in queries])
+    return texts, torch.tensor(gold_fn(texts, query_texts), device=queries.device)
 
 
 # Copied from train_policy.py
-STOP_WORDS = frozenset("""a about above after again against all also am an and any are as at away back be because been before
-being below between both but by can could did do does doing down during each even ever every few for from further had has
-have having he her here hers herself him himself his how i if in into is it its itself just like me more most much my myself
-no nor not now of off on once one only onto or other our ours ourselves out over own same she should so some still such than
-that the their theirs them themselves then there these they this those through to too under until up upon us very was we were
+def rouge(summaries: list, references: list) -> list:
+    """Per pair {rouge1, rouge2, rougeL}: F1 of each summary against its reference, by rouge-score without stemming, as
+    SFD's evaluate.load("rouge") computes it. {SFD}/summarize_from_feedback_details/sft.py#L37"""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+    return [{k: v.fmeasure for k, v in scorer.score(ref, summary).items()} for summary,
+            ref in zip(summaries, references)]
+
+
+# Copied from train_policy.py
+STOP_WORDS = frozenset("""a about above after again against all also am an and any are as at away back be because been
+before
+being below between both but by can could did do does doing down during each even ever every few for from further had
+has
+have having he her here hers herself him himself his how i if in into is it its itself just like me more most much my
+myself
+no nor not now of off on once one only onto or other our ours ourselves out over own same she should so some still such
+than
+that the their theirs them themselves then there these they this those through to too under until up upon us very was we
+were
 what when where which while who whom why will with would yet you your yours yourself yourselves""".split())
 
 
@@ -1132,15 +1142,15 @@ def porter_stem(word: str) -> str:
 # Copied from train_policy.py
 def judge_summary(post: str, summary: str, key_words: int = 8, max_words: int = 30, length_penalty: float = 0.02,
                   repeat_penalty: float = 1.0) -> dict:
-    """The twin's stand-in for OpenAI's labelers, who read a post (and its title) and rated a summary on 7-point scales for
-    accuracy, coverage, coherence and overall quality (Stiennon et al. 2020). It reads the post and the summary, nothing
-    else (no reference summary; the title is no source: a copy of it would score as high as the reference). Returns
-    {"score", "faithful", "coverage", "repeated", "words"}:
-    faithful (accuracy): the share of the summary's content words that occur in the post (nothing made up);
-    coverage: the share of the post's key words (its `key_words` most frequent content words used at least twice) that
-    the summary mentions (its faithfulness if no word is used twice); repeated (coherence): the share of the summary's
-    word bigrams that repeat an earlier one; score = (faithful + coverage) / 2 - repeat_penalty * repeated -
-    length_penalty per word past max_words (concision; SmolLM2's reference summaries: median 25 words, 95% at most 33)."""
+    """The twin's stand-in for OpenAI's labelers, who read a post (and its title) and rated a summary on 7-point scales
+    for accuracy, coverage, coherence and overall quality (Stiennon et al. 2020). It reads the post and the summary,
+    nothing else (no reference summary; the title is no source: a copy of it would score as high as the reference).
+    Returns {"score", "faithful", "coverage", "repeated", "words"}: faithful (accuracy): the share of the summary's
+    content words that occur in the post (nothing made up); coverage: the share of the post's key words (its `key_words`
+    most frequent content words used at least twice) that the summary mentions (its faithfulness if no word is used
+    twice); repeated (coherence): the share of the summary's word bigrams that repeat an earlier one; score = (faithful
+    + coverage) / 2 - repeat_penalty * repeated - length_penalty per word past max_words (concision; SmolLM2's reference
+    summaries: median 25 words, 95% at most 33)."""
     said, counts = content_words(summary), collections.Counter(content_words(post))
     faithful = sum(w in counts for w in said) / len(said) if said else 0.0
     keys = [w for w, c in counts.most_common(key_words) if c >= 2]  # ties: the word used first comes first
@@ -1155,8 +1165,8 @@ def judge_summary(post: str, summary: str, key_words: int = 8, max_words: int = 
 
 # Copied from train_policy.py
 def query_post(query: str) -> str:
-    """The post read back from a decoded TL;DR query (format_tldr_query's format, pads removed): the judge reads what the
-    policy was shown, a post cut to fit the query included."""
+    """The post read back from a decoded TL;DR query (format_tldr_query's format, pads removed): the judge reads what
+    the policy was shown, a post cut to fit the query included."""
     m = re.search(r"\n\nPOST: (.*)\n\nTL;DR:", query, flags=re.S)
     if m is None:
         raise ValueError(f"not a TL;DR query (SUBREDDIT/TITLE/POST/TL;DR): {query[:80]!r}")
@@ -1171,20 +1181,22 @@ def tldr_judge(summaries: list, queries: list) -> list:
 
 # Copied from train_policy.py
 @torch.no_grad()
-def evaluate(sampler: "Sampler", reward_model, queries: torch.Tensor, references: torch.Tensor, tokenizer, args, gold_fn,
-             accelerator, chunk: int = 64) -> dict:
+def evaluate(sampler: "Sampler", reward_model, queries: torch.Tensor, references: torch.Tensor, tokenizer, args,
+             gold_fn, accelerator, chunk: int = 64) -> dict:
     """(metrics, this process's summaries): summaries of held-out (b, Q) queries sampled at the sampler's (evaluation)
-    temperature and cut at the truncate token as in training; ROUGE-1/2/L F1 against the (b, R) reference responses,
-    the reward model's win rate against them and its mean score, and the gold judge's mean, as SFD evaluates
-    ({SFD}/summarize_from_feedback_details/ppo.py#L371-L416). Each process takes every world-th query; the means cover all."""
+    temperature and cut at the truncate token as in training; ROUGE-1/2/L F1 against the (b, R) reference responses, the
+    reward model's win rate against them and its mean score, and the gold judge's mean, as SFD evaluates
+    ({SFD}/summarize_from_feedback_details/ppo.py#L371-L416). Each process takes every world-th query; the means cover
+    all."""
     world, rank, pad = accelerator.num_processes, accelerator.process_index, tokenizer.pad_token_id
     queries, references = queries[rank::world], references[rank::world]
     responses = torch.cat([sampler(q, references.shape[1])[0] for q in queries.split(chunk)])
     truncate_token = truncate_token_id(args.truncate_token, tokenizer)
-    scored = responses if truncate_token is None else truncate_responses(responses, truncate_token, args.truncate_after, pad)
-    texts = tokenizer.batch_decode([r[r != pad] for r in scored], skip_special_tokens=True)
+    truncated = responses if truncate_token is None else truncate_responses(responses, truncate_token,
+                                                                         args.truncate_after, pad)
+    texts = tokenizer.batch_decode([r[r != pad] for r in truncated], skip_special_tokens=True)
     ref_texts = tokenizer.batch_decode([r[r != pad] for r in references], skip_special_tokens=True)
-    scores = in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, scored], 1))
+    scores = in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, truncated], 1))
     ref_scores = in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, references], 1))
     per_pair = rouge(texts, ref_texts)
     sums = {f"eval/{k}": sum(r[k] for r in per_pair) for k in ("rouge1", "rouge2", "rougeL")}
@@ -1193,8 +1205,58 @@ def evaluate(sampler: "Sampler", reward_model, queries: torch.Tensor, references
     if gold_fn:
         sums["eval/gold_score"] = sum(gold_fn(texts, tokenizer.batch_decode([q[q != pad] for q in queries])))
     names = sorted(sums)
-    totals = accelerator.reduce(torch.tensor([sums[k] for k in names] + [float(len(queries))], device=accelerator.device), reduction="sum")
+    totals = accelerator.reduce(torch.tensor([sums[k] for k in names] + [float(len(queries))],
+                                             device=accelerator.device), reduction="sum")
     return {k: (v / totals[-1]).item() for k, v in zip(names, totals)}, texts
+
+
+# Copied from train_policy.py
+class HeldOut:
+    """The evaluation on held-out TL;DR posts (--eval_dataset; otherwise it does nothing): the same posts and the same
+    random draws every time (its own RNG stream), so that its changes are the policy's; summaries sampled at
+    --eval_temperature, scored by evaluate(). Under ZeRO-3 the policy and the reward model are gathered, so that unequal
+    shares of the posts need no lockstep."""
+
+    def __init__(self, eval_texts, tokenizer, lm, policy, reward_model, gold_fn, args, accelerator):
+        self.active, self.args, self.accelerator = eval_texts is not None, args, accelerator
+        if not self.active:
+            return
+        self.policy, self.reward_model, self.tokenizer, self.gold_fn = policy, reward_model, tokenizer, gold_fn
+        # the same held-out posts whatever the seed
+        self.queries, self.references = next(query_batches(eval_texts, tokenizer, args.query_length,
+                                                           args.response_length, min(args.num_eval, len(eval_texts)),
+                                                           seed=0))
+        self.sampler = Sampler(lm, tokenizer.pad_token_id, args.eval_temperature)
+
+    def __call__(self) -> tuple:
+        """(eval/* metrics, this process's summaries)."""
+        accelerator, device = self.accelerator, self.accelerator.device
+        self.policy.eval()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast(), \
+                full_weights(self.policy, accelerator), full_weights(self.reward_model, accelerator):
+            torch.manual_seed(self.args.seed + accelerator.process_index * 100003)
+            return evaluate(self.sampler, self.reward_model, self.queries.to(device), self.references.to(device),
+                            self.tokenizer, self.args, self.gold_fn, accelerator,
+                            self.args.local_rollout_forward_batch_size)
+
+    def before_training(self, run):
+        """The initial policy's figures, the baseline of later evaluations, as metrics.jsonl's first line (update 0);
+        not again when a run resumes."""
+        if self.active and run.step == 0:
+            metrics = {"update": 0, **self()[0]}
+            run.write(metrics)
+            if self.accelerator.is_main_process:
+                print("before training: " + ", ".join(f"{k} {v:.3f}" for k,
+                                                      v in metrics.items() if k.startswith("eval/")))
+
+    def every(self, step: int, num_steps: int, metrics: dict) -> Optional[list]:
+        """Every eval_every steps and after the last: the evaluation's figures added to the step's metrics; its
+        summaries."""
+        if not self.active or (step % self.args.eval_every and step != num_steps):
+            return None
+        eval_metrics, texts = self()
+        metrics.update(eval_metrics)
+        return texts
 
 
 # Copied from train_policy.py
@@ -1206,6 +1268,11 @@ def now(device: torch.device) -> float:
     return time.perf_counter()
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Runs that survive: the run folder and its log, checkpoints and resume, a stop on SIGTERM/SIGINT or on a NaN
+# ---------------------------------------------------------------------------------------------------------
+
+
 # Copied from train_policy.py
 def shared_run_dir(accelerator, run_root: str, exp_name: str, seed: int) -> Path:
     """runs/<exp_name>__<seed>__<unix time>, the same name on every process (the main process's clock)."""
@@ -1215,23 +1282,17 @@ def shared_run_dir(accelerator, run_root: str, exp_name: str, seed: int) -> Path
     return Path(run_root) / name[0]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Runs that survive: checkpoints, resume, a stop on SIGTERM/SIGINT or on a NaN; the run's log and closing summary
-# ---------------------------------------------------------------------------------------------------------
-
-
 # Copied from train_policy.py
 EXIT_NONFINITE = 3  # exit status of a run stopped by a NaN or inf (bad input: 2; stopped by a signal: 128 + its number)
 
 
 # Copied from train_policy.py
 class Stream:
-    """An iterator that counts what it has handed out: its position, which a checkpoint stores and a resumed run skips."""
+    """An iterator that counts what it has handed out: its position, which a checkpoint stores (state_dict) and a
+    resumed run skips back to (load_state_dict)."""
 
-    def __init__(self, iterator, skip: int = 0):
+    def __init__(self, iterator):
         self.iterator, self.position = iterator, 0
-        for _ in range(skip):
-            next(self)
 
     def __iter__(self):
         return self
@@ -1240,11 +1301,19 @@ class Stream:
         self.position += 1
         return next(self.iterator)
 
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict):
+        while self.position < state["position"]:
+            next(self)
+
 
 # Copied from train_policy.py
 class StopRequest:
-    """SIGTERM (a scheduler's pre-emption; torchrun passes it on) or SIGINT (Ctrl-C) makes the run stop at the end of the
-    current update, after a checkpoint; a second Ctrl-C stops it at once. close() puts the previous handlers back."""
+    """SIGTERM (a scheduler's pre-emption; torchrun passes it on) or SIGINT (Ctrl-C) makes the run stop at the end of
+    the current update, after a checkpoint; a second Ctrl-C stops it at once. close() puts the previous handlers
+    back."""
 
     def __init__(self):
         self.signum = 0
@@ -1257,7 +1326,8 @@ class StopRequest:
         self.signum = self.signum or signum
 
     def requested(self, accelerator) -> int:
-        """The signal some process received (0: none), the same on every process so that all stop after the same update."""
+        """The signal some process received (0: none), the same on every process so that all stop after the same
+        update."""
         if accelerator.num_processes == 1:
             return self.signum
         flag = torch.tensor([self.signum], device=accelerator.device)
@@ -1270,27 +1340,11 @@ class StopRequest:
 
 
 # Copied from train_policy.py
-def rng_state(device: torch.device) -> dict:
-    """Every random number generator a process draws from: torch's (CPU and GPU), Python's and NumPy's."""
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "python": random.getstate(), "numpy": np.random.get_state()}
-
-
-# Copied from train_policy.py
-def set_rng_state(state: dict, device: torch.device):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-
-
-# Copied from train_policy.py
-def save_checkpoint(accelerator, model, run_dir: Path, step: int, state: dict, keep: int) -> Path:
-    """run_dir/checkpoints/<step>/: state.pt (models, optimizer, counters: the same on every process, written by the
-    main one), rng_<rank>.pt (each process's generators), metrics.jsonl as it stands and, under DeepSpeed, deepspeed/
-    (the trained model's engine writes every process's shard of its weights and optimizer state). Written into a temporary
-    folder that is then renamed, so a kill during the save leaves the earlier checkpoints whole; the last `keep` stay."""
+def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
+    """run_dir/checkpoints/<step>/: accelerate's save_state (the prepared model and optimizer, or under DeepSpeed each
+    engine's shards; every process's random generators; the objects registered for checkpointing) and metrics.jsonl as
+    it stands. Written into a temporary folder that is then renamed, so a kill during the save leaves the earlier
+    checkpoints whole; the last `keep` stay."""
     root = run_dir / "checkpoints"
     tmp, final = root / f"tmp_{step:08d}", root / f"{step:08d}"
     if accelerator.is_main_process:
@@ -1298,11 +1352,9 @@ def save_checkpoint(accelerator, model, run_dir: Path, step: int, state: dict, k
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    if zero_stage(accelerator):
-        model.save_checkpoint(str(tmp / "deepspeed"), tag="engine")
-    torch.save(rng_state(accelerator.device), tmp / f"rng_{accelerator.process_index}.pt")
+    # pickled, not safetensors: a tied embedding would be saved once, and its model would not load it back strictly
+    accelerator.save_state(str(tmp), safe_serialization=False)
     if accelerator.is_main_process:
-        torch.save(state, tmp / "state.pt")
         shutil.copyfile(run_dir / "metrics.jsonl", tmp / "metrics.jsonl")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -1314,20 +1366,28 @@ def save_checkpoint(accelerator, model, run_dir: Path, step: int, state: dict, k
 
 
 # Copied from train_policy.py
-def load_checkpoint(accelerator, run_dir: Path) -> Optional[dict]:
-    """The state of run_dir's last checkpoint (None if it has none), with metrics.jsonl put back as it was then. The
-    process's generators are restored separately (set_rng_state(state["rng"])), right where the loop starts."""
+def load_checkpoint(accelerator, run_dir: Path) -> Optional[Path]:
+    """Put back what run_dir's last checkpoint holds (accelerate's load_state: the model, optimizer, random generators
+    and the registered objects) and metrics.jsonl as it was then; its path, or None if the run has none. A checkpoint of
+    the earlier layout (state.pt) or one without this process's random state ends the run with one line: accelerate
+    would only log the missing file, and the run would silently stop being exact."""
     root = run_dir / "checkpoints"
     steps = sorted(p for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
     if not steps:
         return None
-    state = torch.load(steps[-1] / "state.pt", map_location="cpu", weights_only=False)  # our own file; load_state_dict moves it
-    state["rng"] = torch.load(steps[-1] / f"rng_{accelerator.process_index}.pt", weights_only=False)
-    state["path"] = steps[-1]
+    path, rank = steps[-1], accelerator.process_index
+    if (path / "state.pt").is_file():
+        fail(f"--resume {run_dir}: {path} was written by an earlier version of this script (state.pt), which this one "
+             "cannot read; start the run anew")
+    if not (path / f"random_states_{rank}.pkl").is_file():
+        fail(f"--resume {run_dir}: {path} has no random_states_{rank}.pkl (process {rank}'s random generators), so the "
+             "run "
+             "could not continue exactly")
+    accelerator.load_state(str(path))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        shutil.copyfile(steps[-1] / "metrics.jsonl", run_dir / "metrics.jsonl")
-    return state
+        shutil.copyfile(path / "metrics.jsonl", run_dir / "metrics.jsonl")
+    return path
 
 
 # Copied from train_policy.py
@@ -1337,41 +1397,18 @@ def check_finite(metrics: dict, where: str, last_checkpoint: Optional[Path]):
     over processes, so every process stops at the same update."""
     bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
-        named = ", ".join(f"{k} = {metrics[k]}" for k in bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        named = ", ".join(f"{k} = {metrics[k]}" for k in bad[:4])
+        named += f" and {len(bad) - 4} more" if len(bad) > 4 else ""
         # on a line of its own, after the progress bar
-        print(f"\nerror: {where}: {named}; last good checkpoint: {last_checkpoint or 'none (none saved yet)'}", file=sys.stderr, flush=True)
+        print(f"\nerror: {where}: {named}; last good checkpoint: {last_checkpoint or 'none (none saved yet)'}",
+              file=sys.stderr, flush=True)
         sys.exit(EXIT_NONFINITE)
 
 
 # Copied from train_policy.py
-class Checkpoints:
-    """A run's checkpoints: one every save_every updates (none after the last: the run then saves its models) and one
-    when SIGTERM or SIGINT asked the run to stop, which it then does, exit status 128 + the signal. `last` is the newest
-    (that of a resumed run at first)."""
-
-    def __init__(self, accelerator, model, run_dir: Path, save_every: int, keep: int, resume_command: str, last: Optional[Path]):
-        self.accelerator, self.model, self.run_dir, self.save_every, self.keep = accelerator, model, run_dir, save_every, keep
-        self.resume_command, self.last, self.stop = resume_command, last, StopRequest()
-
-    def after(self, step: int, num_steps: int, state_fn):
-        """At the end of update `step` of num_steps; state_fn() builds the state to save, only when one is saved."""
-        signum = self.stop.requested(self.accelerator)
-        if signum or (self.save_every and step % self.save_every == 0 and step < num_steps):
-            self.last = save_checkpoint(self.accelerator, self.model, self.run_dir, step, state_fn(), self.keep)
-        if signum:
-            launch = " (launched as this run was)" if self.accelerator.num_processes > 1 else ""
-            print(f"stopped by {signal.Signals(signum).name} after update {step}; checkpoint {self.last}; continue with: "
-                  f"{self.resume_command}{launch}", flush=True)
-            sys.exit(128 + signum)
-
-    def close(self):
-        self.stop.close()
-
-
-# Copied from train_policy.py
 def resume_has_work(resume: Optional[str], world: int, stage: int) -> bool:
-    """Whether the run folder given to --resume still has work: not once it finished (summary.json); an error when it ran
-    with another number of processes (each process has its own random number generators) or another ZeRO stage (0:
+    """Whether the run folder given to --resume still has work: not once it finished (summary.json); an error when it
+    ran with another number of processes (each process has its own random number generators) or another ZeRO stage (0:
     DDP; each keeps the weights and optimizer state in its own layout): relaunch it with the same accelerate config."""
     if resume is None:
         return True
@@ -1383,13 +1420,15 @@ def resume_has_work(resume: Optional[str], world: int, stage: int) -> bool:
         fail(f"--resume {resume}: the run had {started['world_size']} process(es), not {world}")
     stage_then = started.get("zero_stage", 0)  # runs from before DeepSpeed ran under DDP
     if stage_then != stage:
-        fail(f"--resume {resume}: the run had ZeRO stage {stage_then}, not {stage} (0: plain DDP); launch it as it was launched")
+        fail(f"--resume {resume}: the run had ZeRO stage {stage_then}, not {stage} (0: plain DDP); launch it as it was "
+             "launched")
     return True
 
 
 # Copied from train_policy.py
 def write_summary(run_dir: Path, summary: dict, title: str):
-    """The run's headline figures: a table on the terminal and run_dir/summary.json, whose presence marks a finished run."""
+    """The run's headline figures: a table on the terminal and run_dir/summary.json, whose presence marks a finished
+    run."""
     table = Table(title=title)
     table.add_column("figure")
     table.add_column("value", justify="right")
@@ -1400,32 +1439,65 @@ def write_summary(run_dir: Path, summary: dict, title: str):
 
 
 # Copied from train_policy.py
-class RunLog:
-    """What a run writes besides its checkpoints and weights, all of it on the main process (on the others every method
-    does nothing): args.json (a fresh run's arguments, its process layout read from the accelerator, and `info`),
-    metrics.jsonl (a resumed run appends to it), wandb under --track (a resumed run continues its wandb run), the sample
-    tables' rows (samples.json, for the scripts that keep them: `keep_samples`), and at the end summary.json with its
-    table on the terminal."""
+class Run:
+    """A run's folder and everything it writes besides the trained model, so that train() makes one call where it would
+    otherwise keep books: args.json (a fresh run's arguments, its process layout and `about`), metrics.jsonl (a resumed
+    run appends to it), wandb under --track (a resumed run continues its wandb run), the rows of the sample tables
+    (samples.json), the checkpoints, and summary.json with its table at the end. A checkpoint is accelerate's save_state
+    with the objects registered for checkpointing: the script's (the KL controller, the position in the data) and this
+    Run itself (the steps done, the seconds spent, the samples, the wandb id). Every process makes one; files are
+    written by the main process (each process saves its own random generators)."""
 
-    def __init__(self, accelerator, args, run_dir: Path, resumed: Optional[dict], step_key: str, keep_samples: bool,
-                 info: Optional[dict] = None):
-        self.main, self.step_key, self.run_dir, self.wandb = accelerator.is_main_process, step_key, run_dir, None
-        self.samples = (resumed["samples"] if resumed else []) if keep_samples else None
-        self.wandb_id = resumed["wandb_id"] if resumed else None
-        if not self.main:
-            return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resumed is None:
-            layout = {"world_size": accelerator.num_processes, "zero_stage": zero_stage(accelerator),
-                      "grad_accum": accelerator.gradient_accumulation_steps}
-            (run_dir / "args.json").write_text(json.dumps({**asdict(args), **layout, **(info or {})}, indent=2))
-        self.file = open(run_dir / "metrics.jsonl", "a" if resumed else "w")
-        if args.track:
-            import wandb
+    def __init__(self, accelerator, args, run_dir: Optional[Path], resume_command: str, step_key: str,
+                 keep_samples: bool, objects: tuple = (), about: str = "", info: Optional[dict] = None,
+                 unit: str = "update"):
+        self.accelerator, self.args, self.step_key, self.main = accelerator, args, step_key, accelerator.is_main_process
+        self.unit = unit  # what a step is called in messages: an update, or SFT's step
+        self.step, self.elapsed_before, self.start_time = 0, 0.0, time.time()
+        self.samples, self.wandb_id, self.wandb, self.progress = [] if keep_samples else None, None, None, None
+        self.dir = Path(args.resume) if args.resume else run_dir or shared_run_dir(accelerator, args.run_root,
+                                                                                   args.exp_name, args.seed)
+        self.resume_command = resume_command.format(run_dir=self.dir)
+        accelerator.register_for_checkpointing(*objects, self)
+        self.last = load_checkpoint(accelerator, self.dir) if args.resume else None
+        self.stop = StopRequest()
+        if self.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if self.last is None:
+                layout = {"world_size": accelerator.num_processes, "zero_stage": zero_stage(accelerator),
+                          "grad_accum": accelerator.gradient_accumulation_steps}
+                (self.dir / "args.json").write_text(json.dumps({**asdict(args), **layout, **(info or {})}, indent=2))
+            self.file = open(self.dir / "metrics.jsonl", "a" if self.last else "w")
+            if args.track:
+                import wandb
 
-            self.wandb = wandb
-            self.wandb_id = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
-                                       dir=str(run_dir), id=self.wandb_id, resume="allow").id
+                self.wandb = wandb
+                self.wandb_id = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity,
+                                           name=self.dir.name, config=asdict(args), dir=str(self.dir),
+                                           id=self.wandb_id, resume="allow").id
+            resumed = f"; resumed after {unit} {self.step} from {self.last}" if self.last else ""
+            print(f"run folder {self.dir}; {about}{resumed}", flush=True)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "elapsed_s": self.elapsed(), "samples": self.samples, "wandb_id": self.wandb_id}
+
+    def load_state_dict(self, state: dict):
+        self.step, self.elapsed_before, self.samples, self.wandb_id = (state["step"], state["elapsed_s"],
+                                                                       state["samples"],
+                                                                        state["wandb_id"])
+        self.start_time = time.time()
+
+    def elapsed(self) -> float:
+        """Seconds of work, every resumed part of the run summed."""
+        return self.elapsed_before + time.time() - self.start_time
+
+    def steps(self, num_steps: int, desc: str, postfix: dict):
+        """The steps still to run (all of them, or those after the checkpoint resumed from), with a progress bar that
+        shows the metrics named in postfix (label: metrics.jsonl key) as each step ends."""
+        self.postfix = postfix
+        self.progress = tqdm(range(self.step, num_steps), initial=self.step, total=num_steps, disable=not self.main,
+                             desc=desc)
+        return self.progress
 
     def write(self, metrics: dict):
         """One line of metrics.jsonl, and a wandb step when the metrics have the step key (an evaluation before training
@@ -1436,17 +1508,38 @@ class RunLog:
             if self.wandb is not None and self.step_key in metrics:
                 self.wandb.log(metrics, step=metrics[self.step_key])
 
+    def end_step(self, step: int, num_steps: int, metrics: dict):
+        """At the end of step `step` of num_steps: its metrics logged; a NaN or inf ends the run (exit 3); a checkpoint
+        every save_every steps (none after the last: the run then saves its models), and one when SIGTERM or SIGINT
+        asked the run to stop, which it then does, exit status 128 + the signal."""
+        self.step = step
+        self.write(metrics)
+        if self.main and self.postfix:
+            self.progress.set_postfix({label: f"{metrics[key]:+.3g}" for label,
+                                       key in self.postfix.items() if key in metrics})
+        check_finite(metrics, f"{self.unit} {step}", self.last)
+        signum = self.stop.requested(self.accelerator)
+        if signum or (self.args.save_every and step % self.args.save_every == 0 and step < num_steps):
+            self.last = save_checkpoint(self.accelerator, self.dir, step, self.args.keep_checkpoints)
+        if signum:
+            if self.main:
+                launch = " (launched as this run was)" if self.accelerator.num_processes > 1 else ""
+                print(f"stopped by {signal.Signals(signum).name} after {self.unit} {step}; checkpoint {self.last}; "
+                      f"continue with: {self.resume_command}{launch}", flush=True)
+            sys.exit(128 + signum)
+
     def finish(self, summary_fn, title: str):
-        """samples.json, the metrics file closed, summary.json from summary_fn() (which reads metrics.jsonl) with its
-        table, wandb closed."""
-        if not self.main:
-            return
-        if self.samples is not None:
-            (self.run_dir / "samples.json").write_text(json.dumps(self.samples, indent=2))
-        self.file.close()
-        write_summary(self.run_dir, summary_fn(), title)
-        if self.wandb is not None:
-            self.wandb.finish()
+        """samples.json, the metrics file closed, summary.json from summary_fn(metrics.jsonl's path, seconds of work)
+        with its table, wandb closed, the signal handlers put back."""
+        self.stop.close()
+        if self.main:
+            if self.samples is not None:
+                (self.dir / "samples.json").write_text(json.dumps(self.samples, indent=2))
+            self.file.close()
+            write_summary(self.dir, summary_fn(self.dir / "metrics.jsonl", self.elapsed()), f"{title}: {self.dir}")
+            if self.wandb is not None:
+                self.wandb.finish()
+        self.accelerator.wait_for_everyone()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1456,8 +1549,8 @@ class RunLog:
 
 # Copied from train_policy.py
 def start_processes() -> PartialState:
-    """Join the launch's processes (torchrun or accelerate launch) before anything asks for the world size. Without a GPU
-    they talk over gloo: plain DDP needs cpu=True for that, while under DeepSpeed cpu=True would drop DeepSpeed and
+    """Join the launch's processes (torchrun or accelerate launch) before anything asks for the world size. Without a
+    GPU they talk over gloo: plain DDP needs cpu=True for that, while under DeepSpeed cpu=True would drop DeepSpeed and
     accelerate 1.15 leaves the group unset on a machine without a GPU, so the backend is named instead."""
     if torch.cuda.is_available():
         return PartialState()
@@ -1467,7 +1560,8 @@ def start_processes() -> PartialState:
 
 
 # Copied from train_policy.py
-def make_accelerator(args, micro_batch_size: int, grad_accum: int, max_grad_norm: float = 0.0, compile: bool = False) -> Accelerator:
+def make_accelerator(args, micro_batch_size: int, grad_accum: int, max_grad_norm: float = 0.0,
+                     compile: bool = False) -> Accelerator:
     """The run's Accelerator: DDP, or DeepSpeed ZeRO when the launch's config asks for it. DeepSpeed is handed the
     script's micro-batch, accumulation and clipping (0: none), so that an optimizer step sees the same gradient under
     both; left to accelerate, it would clip at 1.0 (as SFD's DeepSpeed runs did). SFD sets the micro-batch the same way:
@@ -1478,16 +1572,20 @@ def make_accelerator(args, micro_batch_size: int, grad_accum: int, max_grad_norm
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         if compile:
-            fail("--compile does not combine with DeepSpeed (its engine wraps the forward that would be compiled); drop one")
+            fail("--compile does not combine with DeepSpeed (its engine wraps the forward that would be compiled); "
+                 "drop one")
         if args.load_in_4bit and plugin.zero_stage == 3:
-            fail("--load_in_4bit (QLoRA) does not combine with ZeRO-3, which would shard the 4-bit weights; use configs/zero2.yaml")
+            fail("--load_in_4bit (QLoRA) does not combine with ZeRO-3, which would shard the 4-bit weights; use "
+                 "configs/zero2.yaml")
         if plugin.zero3_init_flag:
-            fail("zero3_init_flag: true in the accelerate config is not supported: the scripts load whole models, then shard them; set it false")
+            fail("zero3_init_flag: true in the accelerate config is not supported: the scripts load whole models, then "
+                 "shard them; set it false")
         # accelerate registers its DeepSpeed config with transformers whatever zero3_init_flag says, and from_pretrained
         # would then load models already sharded (zero.Init); unregistered, they load whole and prepare shards them
         unset_hf_deepspeed_config()
         # all set anew, for train_both.py's second stage shares the first one's plugin
-        plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=micro_batch_size, gradient_accumulation_steps=grad_accum,
+        plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=micro_batch_size,
+                                       gradient_accumulation_steps=grad_accum,
                                        train_batch_size=micro_batch_size * grad_accum * accelerator.num_processes,
                                        gradient_clipping=max_grad_norm if math.isfinite(max_grad_norm) else 0.0)
     return accelerator
@@ -1514,8 +1612,9 @@ def place_frozen(model: nn.Module, accelerator, dtype: torch.dtype) -> nn.Module
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     offload = config["zero_optimization"].get("offload_param", {"device": "none"})
     engine, *_ = deepspeed.initialize(model=model, config={
-        "train_micro_batch_size_per_gpu": config["train_micro_batch_size_per_gpu"], "bf16": {"enabled": dtype == torch.bfloat16},
-        "prescale_gradients": False, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1e4, "offload_param": offload}})
+        "train_micro_batch_size_per_gpu": config["train_micro_batch_size_per_gpu"],
+        "bf16": {"enabled": dtype == torch.bfloat16}, "prescale_gradients": False,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1e4, "offload_param": offload}})
     return engine
 
 
@@ -1524,8 +1623,8 @@ def place_frozen(model: nn.Module, accelerator, dtype: torch.dtype) -> nn.Module
 def full_weights(model, accelerator, edit: bool = False):
     """Inside, a model prepared by accelerate or a frozen one from place_frozen (any other model, or None, is left as it
     is) holds every weight whole on every process. Under ZeRO-3 its shards are gathered once (DeepSpeed's
-    GatheredParameters) and the per-layer gather hooks lifted until the end, so that token-by-token sampling runs as fast
-    as an unsharded model (TRL's unwrap_model_for_generation, PR #1483: about 10x), saving sees whole tensors, and
+    GatheredParameters) and the per-layer gather hooks lifted until the end, so that token-by-token sampling runs as
+    fast as an unsharded model (TRL's unwrap_model_for_generation, PR #1483: about 10x), saving sees whole tensors, and
     processes with unequal shares of held-out data need not run their forwards in lockstep. Every process enters
     together; the sampler draws exactly response_length tokens everywhere (no stop at EOS), so the ranks decode in step,
     which is what synced_gpus gives generate(). Yields the bare module (a DeepSpeed engine's own `config` hides the
@@ -1535,7 +1634,8 @@ def full_weights(model, accelerator, edit: bool = False):
     if stage == 3 and type(model).__name__ == "DeepSpeedEngine":
         import deepspeed
 
-        offload = getattr(model.optimizer, "parameter_offload", model.optimizer)  # a trained engine's, or a frozen one's
+        offload = getattr(model.optimizer, "parameter_offload",
+                          model.optimizer)  # a trained engine's, or a frozen one's
         start_hook = offload.module._forward_pre_hooks[offload.fwd_pre_hook.id]  # on the root: steps the ranks together
         with deepspeed.zero.GatheredParameters(list(model.module.parameters()), modifier_rank=0 if edit else None):
             for p in model.module.parameters():
@@ -1554,43 +1654,24 @@ def full_weights(model, accelerator, edit: bool = False):
         model.optimizer.refresh_fp32_params()
 
 
-# Copied from train_policy.py
-def trained_state(accelerator, model, optimizer) -> dict:
-    """The trained model's and optimizer's part of a checkpoint's state.pt: their state dicts (the same on every DDP
-    process); under DeepSpeed nothing, since each process holds only its shard: save_checkpoint has the engine write
-    them (DeepSpeed's own checkpoint, in the checkpoint's deepspeed/ folder)."""
-    if zero_stage(accelerator):
-        return {}
-    return {"model": accelerator.unwrap_model(model, keep_torch_compile=False).state_dict(), "optimizer": optimizer.state_dict()}
-
-
-# Copied from train_policy.py
-def load_trained_state(accelerator, model, optimizer, resumed: dict):
-    """The weights and optimizer state of the checkpoint `resumed` (load_checkpoint) put back into the prepared model."""
-    if zero_stage(accelerator):
-        model.load_checkpoint(str(resumed["path"] / "deepspeed"), tag="engine")
-    else:
-        accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Checks of the arguments, the run's summary and sample tables, saving the policy
+# Checks of the arguments, the update's metrics, the sample tables and the summary, saving the policy
 # ---------------------------------------------------------------------------------------------------------
 
 
 def check_args(args: Args) -> tuple:
-    """Every check of the arguments that needs no training, run before anything is trained or written. Returns the number
-    of updates and the query and evaluation texts it read."""
+    """Every check of the arguments that needs no training, run before anything is trained or written. Returns the
+    number of updates and the query and evaluation texts it read."""
     world = PartialState().num_processes
     if args.k < 1 or (args.k < 2 and args.advantage == "rloo"):
         fail(f"--k {args.k}: at least 1 sample per prompt, and 2 for rloo (its baseline is the other samples' mean)")
     if args.batch_size % (args.k * world):
-        fail(f"--batch_size {args.batch_size} is not divisible by --k {args.k} x {world} processes (each process takes whole prompts)")
+        fail(f"--batch_size {args.batch_size} is not divisible by --k {args.k} x {world} processes (each process takes "
+             "whole prompts)")
     local_batch_size = args.batch_size // world
     if local_batch_size % args.nminibatches or (local_batch_size // args.nminibatches) % args.local_micro_batch_size:
-        fail(f"--batch_size {args.batch_size} / {world} process(es) / --nminibatches {args.nminibatches} is not a multiple of "
-             f"--local_micro_batch_size {args.local_micro_batch_size}")
+        fail(f"--batch_size {args.batch_size} / {world} process(es) / --nminibatches {args.nminibatches} is not a "
+             f"multiple of --local_micro_batch_size {args.local_micro_batch_size}")
     if args.local_micro_batch_size % args.k or args.local_rollout_forward_batch_size % args.k:
         fail(f"--local_micro_batch_size {args.local_micro_batch_size} and --local_rollout_forward_batch_size "
              f"{args.local_rollout_forward_batch_size} must be multiples of --k {args.k} "
@@ -1603,12 +1684,15 @@ def check_args(args: Args) -> tuple:
         fail(f"--reward_model {args.reward_model}: folder not found")
     check_lora(args)
     config, tokenizer = load_base_model(args.base_model, weights=False)
-    if args.query_length + args.response_length > getattr(config, "n_positions", getattr(config, "max_position_embeddings", 1 << 30)):
-        fail(f"--query_length + --response_length = {args.query_length + args.response_length} exceeds the model's positions")
+    if args.query_length + args.response_length > getattr(config, "n_positions",
+                                                          getattr(config, "max_position_embeddings", 1 << 30)):
+        fail(f"--query_length + --response_length = {args.query_length + args.response_length} exceeds the model's "
+             "positions")
     truncate_token_id(args.truncate_token, tokenizer)
     texts = load_texts(args.query_dataset, args.query_split)
     if args.reference_baseline and isinstance(texts[0], str):
-        fail(f"--reference_baseline needs TL;DR queries with reference summaries; --query_dataset {args.query_dataset} holds texts")
+        fail(f"--reference_baseline needs TL;DR queries with reference summaries; --query_dataset {args.query_dataset} "
+             "holds texts")
     eval_texts = None if args.eval_dataset is None else load_texts(args.eval_dataset, args.eval_split, "--eval_dataset")
     if eval_texts is not None and isinstance(eval_texts[0], str):
         fail(f"--eval_dataset {args.eval_dataset}: held-out TL;DR posts with summaries are needed, not texts")
@@ -1620,9 +1704,37 @@ def check_args(args: Args) -> tuple:
 
 
 # Copied from train_policy.py
+def check_same_tokenizer(reward_tokenizer, tokenizer, args):
+    """The reward model reads the policy's token ids: its tokenizer must be the policy's.
+    {OAI}/lm_human_preferences/rewards.py#L119"""
+    if len(reward_tokenizer) != len(tokenizer) or reward_tokenizer.pad_token_id != tokenizer.pad_token_id:
+        fail(f"--reward_model {args.reward_model}: its tokenizer ({len(reward_tokenizer)} tokens) "
+             f"differs from --base_model {args.base_model}'s ({len(tokenizer)})")
+
+
+def rloo_metrics(accelerator, update: int, num_updates: int, args, rollout_stats: dict, minibatch_stats: list,
+                 times: tuple) -> dict:
+    """The update's line of metrics.jsonl: the statistics of the rollouts and of the minibatches (their mean), each
+    averaged over the processes; the learning rate, each phase's seconds and episodes per second."""
+    t0, t_gen, t_score, t_update = times
+    local = {name: torch.stack([s[name] for s in minibatch_stats]).mean() for name in minibatch_stats[0]}
+    local.update(rollout_stats)
+    names = sorted(local)
+    means = accelerator.reduce(torch.stack([local[name].float() for name in names]), reduction="mean").tolist()
+    metrics = {"episode": (update + 1) * args.batch_size, "update": update + 1, **dict(zip(names, means)),
+               "lr": args.lr * (1 - update / num_updates), "timing/generation_s": t_gen - t0,
+               "timing/scoring_s": t_score - t_gen, "timing/update_s": t_update - t_score,
+               "throughput/episodes_per_s": args.batch_size / (now(accelerator.device) - t0)}
+    if accelerator.device.type == "cuda":
+        metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 1e9
+    return metrics
+
+
+# Copied from train_policy.py
 def summarize(metrics_path: Path, wall_s: float) -> dict:
-    """Headline figures of a PPO or RLOO run: score, gold and KL at the first update and over the last tenth of updates (as the
-    README reports them), the held-out evaluation before and after, episodes/s, wall time (every resumed part summed)."""
+    """Headline figures of a PPO or RLOO run: score, gold and KL at the first update and over the last tenth of updates
+    (as the README reports them), the held-out evaluation before and after, episodes/s, wall time (every resumed part
+    summed)."""
     metrics = [json.loads(line) for line in open(metrics_path)]
     updates, evals = [m for m in metrics if "objective/scores" in m], [m for m in metrics if "eval/win_rate" in m]
     tenth = updates[-max(1, len(updates) // 10) :]
@@ -1651,12 +1763,26 @@ def print_samples(rows: list, update: int):
 
 
 # Copied from train_policy.py
-def sample_rows(update: int, queries: torch.Tensor, texts: list, scores: torch.Tensor, gold: Optional[torch.Tensor], kl: torch.Tensor,
-                n: int, tokenizer) -> list:
+def sample_rows(update: int, queries: torch.Tensor, texts: list, scores: torch.Tensor, gold: Optional[torch.Tensor],
+                kl: torch.Tensor, n: int, tokenizer) -> list:
     """The first n episodes of a batch as rows of the sample table: query, response, score, gold score, KL."""
     pad = tokenizer.pad_token_id
-    return [{"update": update, "query": tokenizer.decode(queries[i][queries[i] != pad]), "response": texts[i], "score": scores[i].item(),
-             "gold_score": gold[i].item() if gold is not None else None, "kl": kl[i].item()} for i in range(n)]
+    return [{"update": update, "query": tokenizer.decode(queries[i][queries[i] != pad]), "response": texts[i],
+             "score": scores[i].item(), "gold_score": gold[i].item() if gold is not None else None,
+             "kl": kl[i].item()} for i in range(n)]
+
+
+# Copied from train_policy.py
+def show_samples(run, update: int, num_updates: int, rows: list, eval_texts: Optional[list], args):
+    """Every print_sample_every updates and after the last, the sample table printed and its rows kept for samples.json,
+    with the first held-out summaries of an evaluation."""
+    if not run.main:
+        return
+    if update % args.print_sample_every == 0 or update + 1 == num_updates:
+        print_samples(rows, update + 1)
+        run.samples.extend(rows)
+    if eval_texts is not None:
+        run.samples.append({"update": update + 1, "eval_summaries": eval_texts[: args.num_print_samples]})
 
 
 # Copied from train_policy.py
@@ -1667,6 +1793,13 @@ def write_model_folder(accelerator, lm, lora, tokenizer, folder: Path):
         saved_lm(lm, lora).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         print(f"policy saved to {folder}")
+
+
+def save_rloo_policy(accelerator, policy, unwrapped, lora, tokenizer, run_dir: Path):
+    """The trained policy as a plain model folder, run_dir/policy (adapters merged under LoRA). Under ZeRO-3 every
+    process gathers the weights; the main one writes them."""
+    with full_weights(policy, accelerator):
+        write_model_folder(accelerator, unwrapped, lora, tokenizer, run_dir / "policy")
 
 
 if __name__ == "__main__":

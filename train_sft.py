@@ -20,7 +20,6 @@ import gzip
 import json
 import math
 import os
-import random
 import re
 import shutil
 import signal
@@ -32,7 +31,6 @@ from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Literal, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import tyro
@@ -41,7 +39,8 @@ from accelerate.utils import broadcast_object_list
 from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig, GPT2Config, GPT2LMHeadModel, StaticCache
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig, GPT2Config,
+                          GPT2LMHeadModel, StaticCache)
 from transformers.activations import GELUTanh, NewGELUActivation
 from transformers.integrations import unset_hf_deepspeed_config
 from transformers.pytorch_utils import Conv1D
@@ -49,6 +48,61 @@ from transformers.pytorch_utils import Conv1D
 
 @dataclass
 class Args:
+    # ---- task and data ----
+    task: Literal["corpus", "tldr"] = "corpus"
+    """corpus: language modelling on passages; tldr: summaries of Reddit posts, loss on the summary only"""
+    dataset: str = "data/corpus.jsonl.gz"
+    """corpus: a .jsonl(.gz) of {"text": ...}; tldr: a .jsonl(.gz) in the upstream TL;DR format or a hub dataset id"""
+    dataset_split: str = "train"
+    """split to train on when `dataset` is a hub dataset"""
+    eval_split: Optional[str] = None
+    """held-out split of a hub dataset (e.g. validation); None holds out every (1/eval_fraction)-th example"""
+    eval_fraction: float = 0.02
+    """fraction of examples held out for the held-out loss when no eval_split is given"""
+    block_size: int = 128
+    """corpus: tokens per training sequence"""
+    query_length: int = 512
+    """tldr: query tokens (OAI: 512); the post is cut at its last newline until the query fits, then left-padded"""
+    response_length: int = 53
+    """tldr: summary tokens including <|endoftext|> (summarize_from_feedback_details: 53)"""
+    train_on_query: bool = False
+    """tldr: the loss also covers the query tokens, as SFD's SFT loss covers query and summary (OAI's covers the
+    summary)"""
+
+    # ---- model (a fresh nano GPT-2 to pretrain, or a base model to fine-tune) ----
+    base_model: Optional[str] = None
+    """hub id, local folder or .gguf file to start from; None builds a fresh nano GPT-2 on `tokenizer`"""
+    tokenizer: str = "data/nano"
+    """tokenizer of a fresh nano GPT-2 (used when base_model is None)"""
+    n_layer: int = 4
+    """fresh nano GPT-2: transformer layers"""
+    n_embd: int = 256
+    """fresh nano GPT-2: width"""
+    n_head: int = 4
+    """fresh nano GPT-2: attention heads"""
+    n_positions: int = 256
+    """fresh nano GPT-2: longest sequence (query + response of the RL stages must fit)"""
+    dropout: float = 0.0
+    """probability of every dropout layer of the model (OAI trains its policies without dropout)"""
+
+    # ---- optimization (AdamW) and the learning-rate schedule ----
+    total_steps: int = 320
+    """optimizer updates"""
+    batch_size: int = 32
+    """sequences per update, summed over all processes (the same whatever --num_processes is)"""
+    local_micro_batch_size: int = 16
+    """sequences per forward pass on one process; gradient accumulation makes up the rest"""
+    lr: float = 2e-3
+    """peak learning rate of AdamW"""
+    warmup_steps: int = 40
+    """updates of linear warm-up from 0 to lr"""
+    lr_schedule: Literal["cosine", "linear"] = "cosine"
+    """decay from lr to 0 after the warm-up"""
+    weight_decay: float = 0.1
+    """AdamW weight decay (on matrices only, not on biases and norms)"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this"""
+
     # ---- experiment ----
     exp_name: str = "sft"
     """name of the experiment; the run folder is runs/<exp_name>__<seed>__<unix time>"""
@@ -67,82 +121,18 @@ class Args:
     keep_checkpoints: int = 2
     """checkpoints kept in <run folder>/checkpoints; older ones are deleted"""
     resume: Optional[str] = None
-    """run folder to continue from its last checkpoint, with the arguments it started with (its args.json); no other flag"""
+    """run folder to continue from its last checkpoint, with the arguments it started with (its args.json); no other
+    flag"""
     output_dir: Optional[str] = None
     """also save the final model and tokenizer here (replaced only once training has succeeded)"""
 
-    # ---- data ----
-    task: Literal["corpus", "tldr"] = "corpus"
-    """corpus: language modelling on passages; tldr: summaries of Reddit posts, loss on the summary only"""
-    dataset: str = "data/corpus.jsonl.gz"
-    """corpus: a .jsonl(.gz) of {"text": ...}; tldr: a .jsonl(.gz) in the upstream TL;DR format or a hub dataset id"""
-    dataset_split: str = "train"
-    """split to train on when `dataset` is a hub dataset"""
-    eval_split: Optional[str] = None
-    """held-out split of a hub dataset (e.g. validation); None holds out every (1/eval_fraction)-th example"""
-    eval_fraction: float = 0.02
-    """fraction of examples held out for the held-out loss when no eval_split is given"""
-    block_size: int = 128
-    """corpus: tokens per training sequence"""
-    query_length: int = 512
-    """tldr: query tokens (OAI: 512); the post is cut at its last newline until the query fits, then left-padded"""
-    response_length: int = 53
-    """tldr: summary tokens including <|endoftext|> (summarize_from_feedback_details: 53)"""
-    train_on_query: bool = False
-    """tldr: the loss also covers the query tokens, as SFD's SFT loss covers query and summary (OAI's covers the summary)"""
-
-    # ---- model ----
-    base_model: Optional[str] = None
-    """hub id, local folder or .gguf file to start from; None builds a fresh nano GPT-2 on `tokenizer`"""
-    tokenizer: str = "data/nano"
-    """tokenizer of a fresh nano GPT-2 (used when base_model is None)"""
-    n_layer: int = 4
-    """fresh nano GPT-2: transformer layers"""
-    n_embd: int = 256
-    """fresh nano GPT-2: width"""
-    n_head: int = 4
-    """fresh nano GPT-2: attention heads"""
-    n_positions: int = 256
-    """fresh nano GPT-2: longest sequence (query + response of the RL stages must fit)"""
-    dropout: float = 0.0
-    """probability of every dropout layer of the model (OAI trains its policies without dropout)"""
-
-    # ---- optimisation ----
-    total_steps: int = 320
-    """optimizer updates"""
-    batch_size: int = 32
-    """sequences per update, summed over all processes (the same whatever --num_processes is)"""
-    local_micro_batch_size: int = 16
-    """sequences per forward pass on one process; gradient accumulation makes up the rest"""
-    lr: float = 2e-3
-    """peak learning rate of AdamW"""
-    warmup_steps: int = 40
-    """updates of linear warm-up from 0 to lr"""
-    lr_schedule: Literal["cosine", "linear"] = "cosine"
-    """decay from lr to 0 after the warm-up"""
-    weight_decay: float = 0.1
-    """AdamW weight decay (on matrices only, not on biases and norms)"""
-    max_grad_norm: float = 1.0
-    """clip the global gradient norm to this"""
-    mixed_precision: Literal["no", "bf16"] = "no"
-    """bf16 autocast for GPUs (the weights stay fp32); on a CPU without bf16 units (AVX2 only) it is much slower"""
-
-    # ---- LoRA (peft) ----
-    lora_r: int = 0
-    """rank of the LoRA adapters put on the language model's layers (0: no LoRA, every weight trains); heads train in full"""
-    lora_alpha: float = 16.0
-    """LoRA's scale numerator: the adapters' update is multiplied by lora_alpha / lora_r"""
-    lora_dropout: float = 0.0
-    """dropout on the adapters' input (OAI and SFD train without dropout)"""
-    lora_target_modules: str = "all-linear"
-    """layers that get adapters: comma-separated module names (GPT-2: c_attn,c_proj,c_fc; Llama: q_proj,k_proj,v_proj,o_proj,...)
-    or all-linear (every linear layer but the output projection)"""
-    load_in_4bit: bool = False
-    """QLoRA: the frozen base weights quantized to 4-bit NF4 by bitsandbytes, adapters on top (a CUDA GPU only; needs --lora_r)"""
-
-    # ---- evaluation and samples ----
+    # ---- logging and evaluation ----
     eval_every: int = 100
     """compute the held-out loss and perplexity every this many updates (and at the end)"""
+    num_eval: int = 64
+    """tldr: held-out posts summarized at the end for ROUGE-1/2/L against their reference summaries"""
+    eval_temperature: float = 0.01
+    """tldr: sampling temperature of those summaries (SFD: 0.01)"""
     num_samples: int = 4
     """samples printed (and saved) at the end, continuing held-out prompts"""
     sample_prompt_tokens: int = 16
@@ -151,38 +141,43 @@ class Args:
     """tokens generated per sample"""
     temperature: float = 0.7
     """sampling temperature for the samples (top_k 0, top_p 1, as OAI samples)"""
-    num_eval: int = 64
-    """tldr: held-out posts summarized at the end for ROUGE-1/2/L against their reference summaries"""
-    eval_temperature: float = 0.01
-    """tldr: sampling temperature of those summaries (SFD: 0.01)"""
 
+    # ---- LoRA (peft) ----
+    lora_r: int = 0
+    """rank of the LoRA adapters put on the language model's layers (0: no LoRA, every weight trains); heads train in
+    full"""
+    lora_alpha: float = 16.0
+    """LoRA's scale numerator: the adapters' update is multiplied by lora_alpha / lora_r"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input (OAI and SFD train without dropout)"""
+    lora_target_modules: str = "all-linear"
+    """layers that get adapters: comma-separated module names (GPT-2: c_attn,c_proj,c_fc; Llama:
+    q_proj,k_proj,v_proj,o_proj,...) or all-linear (every linear layer but the output projection)"""
+    load_in_4bit: bool = False
+    """QLoRA: the frozen base weights quantized to 4-bit NF4 by bitsandbytes, adapters on top (a CUDA GPU only; needs
+    --lora_r)"""
 
-PRESETS = {
-    # SFD's SFT of pythia-1b-deduped on its TL;DR data: {SFD}/summarize_from_feedback_details/sft.py#L41-L127 and
-    # sbatches/sft.sbatch (8 GPUs x micro-batch 1 x 16 accumulation = 128; one epoch of 116,722 posts = 911 updates;
-    # AdamW, lr 3e-6 cosine without warm-up; no gradient clipping; loss on query and summary; ROUGE at temperature 0.01)
-    "tldr": dict(
-        exp_name="sft_tldr", task="tldr", base_model="EleutherAI/pythia-1b-deduped", output_dir="models/sft_tldr",
-        dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144", dataset_split="train",
-        eval_split="validation", query_length=512, response_length=53, train_on_query=True, total_steps=911, batch_size=128,
-        local_micro_batch_size=16, lr=3e-6, warmup_steps=0, lr_schedule="cosine", weight_decay=0.01, max_grad_norm=float("inf"),
-        num_eval=512, eval_temperature=0.01,
-    ),
-    # the summarization twin (data/tldr/, made by data/build.py): the nano model fine-tuned on post -> reference summary,
-    # one epoch in 240 updates of 16 at lr 2e-3 (at 120 updates of 32 and lr 5e-4 its samples scored 0.03 by the judge and
-    # ROUGE-L 0.220, here 0.06 and 0.234, in the same time)
-    "tldr_twin": dict(
-        exp_name="sft_tldr_twin", task="tldr", base_model="data/nano", output_dir="runs/tldr_twin/sft_model",
-        dataset="data/tldr/train.jsonl.gz", query_length=160, response_length=48, total_steps=240, batch_size=16,
-        local_micro_batch_size=16, lr=2e-3, warmup_steps=10, lr_schedule="cosine", eval_every=80, num_eval=256,
-        eval_temperature=0.7,  # as train_policy.py's tldr_twin evaluation: the nano model loops when decoding near-greedily
-    ),
-}
+    # ---- speed (the same function, computed faster; for GPUs) ----
+    mixed_precision: Literal["no", "bf16"] = "no"
+    """bf16 autocast for GPUs (the weights stay fp32); on a CPU without bf16 units (AVX2 only) it is much slower"""
 
 
 # ---------------------------------------------------------------------------------------------------------
-# SFT's pieces: packing the corpus, TL;DR examples, the loss on summary tokens, the schedule, the held-out loss
+# SFT's pieces: the nano model, packing the corpus, TL;DR examples, the shuffled batches, the loss on labelled tokens,
+# the learning-rate schedule, the held-out loss
 # ---------------------------------------------------------------------------------------------------------
+
+
+def new_nano_model(args: Args, tokenizer) -> GPT2LMHeadModel:
+    """A fresh GPT-2 of --n_layer layers, --n_embd wide with --n_head heads and --n_positions positions on the
+    tokenizer's vocabulary, its dropout at --dropout, initialised from torch's generator (seeded by train())."""
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=args.n_positions, n_embd=args.n_embd, n_layer=args.n_layer,
+        n_head=args.n_head, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, resid_pdrop=args.dropout, embd_pdrop=args.dropout,
+        attn_pdrop=args.dropout, summary_first_dropout=args.dropout,
+    )
+    return GPT2LMHeadModel(config)
 
 
 def pack_corpus(texts: list, tokenizer, block_size: int) -> torch.Tensor:
@@ -196,8 +191,30 @@ def pack_corpus(texts: list, tokenizer, block_size: int) -> torch.Tensor:
 
 def tldr_examples(rows: list, tokenizer, query_length: int, response_length: int) -> torch.Tensor:
     """(n, query_length + response_length) token ids: left-padded query, then ' {summary}<|endoftext|>' right-padded."""
-    out = [format_tldr_query(row, tokenizer, query_length) + format_tldr_response(row["summary"], tokenizer, response_length) for row in rows]
+    out = [format_tldr_query(row, tokenizer, query_length) + format_tldr_response(row["summary"], tokenizer,
+                                                                                  response_length) for row in rows]
     return torch.tensor(out, dtype=torch.long)
+
+
+def shuffled_batches(num_rows: int, batch_size: int, seed: int):
+    """(epoch, the row indices of a global batch), without end: each epoch a new permutation of the rows, drawn from a
+    generator of its own (the same on every process), cut into batches of batch_size; a remainder shorter than a batch
+    is left out of that epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    epoch = 0
+    while True:
+        order = torch.randperm(num_rows, generator=generator)
+        for start in range(0, num_rows - batch_size + 1, batch_size):
+            yield epoch, order[start : start + batch_size]
+        epoch += 1
+
+
+# Copied from train_policy.py
+def model_inputs(tokens: torch.Tensor, pad_token_id: int) -> dict:
+    """Pads are masked out and each real token's position counts only the real tokens before it, so that padding (left
+    or right) never changes a real token's output. {OAI}/lm_human_preferences/language/model.py#L265-L269"""
+    mask = tokens != pad_token_id
+    return dict(input_ids=tokens, attention_mask=mask.long(), position_ids=(mask.cumsum(1) - 1).clamp(min=0))
 
 
 def inputs_and_labels(batch: torch.Tensor, pad_token_id: int, query_length: int) -> dict:
@@ -213,7 +230,8 @@ def inputs_and_labels(batch: torch.Tensor, pad_token_id: int, query_length: int)
 def lm_loss(model, batch: dict) -> tuple:
     """(mean next-token cross-entropy over labelled tokens, number of labelled tokens): the logits at position
     t predict the token at t + 1."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]).logits
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"]).logits
     targets = batch["labels"][:, 1:]  # (b, t-1)
     loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
     return loss, (targets != -100).sum()
@@ -228,13 +246,14 @@ def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
 
 
 @torch.no_grad()
-def heldout_loss(model, blocks: torch.Tensor, args: Args, pad_token_id: int, query_length: int, accelerator) -> float:
+def heldout_loss(model, blocks: torch.Tensor, micro_batch_size: int, pad_token_id: int, query_length: int,
+                 accelerator) -> float:
     """Mean token loss over the held-out blocks; each process takes a shard and the sums are reduced."""
     model.eval()
     total = torch.zeros(2, device=accelerator.device)  # [sum of token losses, number of tokens]
     shard = blocks[accelerator.process_index :: accelerator.num_processes]
-    for i in range(0, len(shard), args.local_micro_batch_size):
-        batch = inputs_and_labels(shard[i : i + args.local_micro_batch_size].to(accelerator.device), pad_token_id, query_length)
+    for i in range(0, len(shard), micro_batch_size):
+        batch = inputs_and_labels(shard[i : i + micro_batch_size].to(accelerator.device), pad_token_id, query_length)
         loss, n_tokens = lm_loss(model, batch)
         total += torch.stack([loss * n_tokens, n_tokens.float()])
     total = accelerator.reduce(total, reduction="sum")
@@ -244,27 +263,20 @@ def heldout_loss(model, blocks: torch.Tensor, args: Args, pad_token_id: int, que
 
 def train(args: Args) -> Path:
     """Supervised fine-tuning (or pretraining from scratch) on a corpus or TL;DR; returns the run folder."""
-    start_time = time.time()
     world = start_processes().num_processes
-    if args.batch_size % (world * args.local_micro_batch_size):
-        fail(f"--batch_size {args.batch_size} is not divisible by --local_micro_batch_size {args.local_micro_batch_size} x {world} processes")
-    if args.save_every < 0 or args.keep_checkpoints < 1:
-        fail("--keep_checkpoints must be positive, --save_every at least 0")
-    check_lora(args)
-    if args.load_in_4bit and args.base_model is None:
-        fail("--load_in_4bit quantizes a pretrained --base_model; a fresh nano model has nothing to quantize")
-    grad_accum = args.batch_size // (world * args.local_micro_batch_size)
+    train_rows, eval_rows = check_args(args)
     local_batch_size = args.batch_size // world
+    grad_accum = local_batch_size // args.local_micro_batch_size
     # gradient clipping at max_grad_norm: by accelerate under DDP, inside the optimizer step under DeepSpeed
     accelerator = make_accelerator(args, args.local_micro_batch_size, grad_accum, args.max_grad_norm)
+    rank, device = accelerator.process_index, accelerator.device
     if not resume_has_work(args.resume, world, zero_stage(accelerator)):
         return Path(args.resume)
 
-    # 1. Model and tokenizer. The seed is the same on every process so that every copy starts identical.
+    # 1. The model: a fresh nano GPT-2 on --tokenizer (pretraining) or --base_model (fine-tuning), the same on every
+    #    process (one seed); a dedicated pad token, every dropout at --dropout; under LoRA only the adapters train.
     torch.manual_seed(args.seed)
     if args.base_model is None:
-        if not os.path.isfile(os.path.join(args.tokenizer, "tokenizer.json")):
-            fail(f"--tokenizer {args.tokenizer}: no tokenizer.json there (build it with: python data/build.py tokenizer)")
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         model = new_nano_model(args, tokenizer)
     else:
@@ -273,136 +285,105 @@ def train(args: Args) -> Path:
     set_dropout(model, args.dropout)
     lora = add_lora(model, args)  # under LoRA only the adapters train (--dropout still sets the model's own dropout)
 
-    # 2. Data: (n, T) token ids; `query_length` tokens at the front of each row carry no loss.
+    # 2. Data: rows of token ids (n, T) whose first query_length tokens carry no loss. Corpus: the passages joined by
+    #    <|endoftext|> and cut into blocks, every token labelled; TL;DR: the left-padded query, then the reference
+    #    summary, which alone is labelled (query and summary under --train_on_query). Every process draws the same
+    #    shuffled global batches; a Stream counts them, so that a checkpoint keeps the position.
     if args.task == "corpus":
-        train_rows, eval_rows = load_rows(args, ("text",))
         train_data = pack_corpus([r["text"] for r in train_rows], tokenizer, args.block_size)
         eval_data = pack_corpus([r["text"] for r in eval_rows], tokenizer, args.block_size)
         query_length = 0
     else:
-        train_rows, eval_rows = load_rows(args, TLDR_KEYS)
         train_data = tldr_examples(train_rows, tokenizer, args.query_length, args.response_length)
         eval_data = tldr_examples(eval_rows, tokenizer, args.query_length, args.response_length)
-        query_length = 0 if args.train_on_query else args.query_length  # tokens at the front of each row without loss
-    if len(train_data) < args.batch_size:
-        fail(f"--dataset {args.dataset}: {len(train_data)} training sequences, fewer than --batch_size {args.batch_size}")
-    if train_data.max() >= model.get_input_embeddings().num_embeddings:
-        fail(f"--dataset {args.dataset}: token ids beyond the model's vocabulary (tokenizer and model do not match)")
+        query_length = 0 if args.train_on_query else args.query_length
+    check_data(args, train_data, model)
+    batches = Stream(shuffled_batches(len(train_data), args.batch_size, args.seed))
 
-    # 3. Optimizer: AdamW with weight decay on matrices only; warm-up then decay to 0.
+    # 3. Optimizer: AdamW with weight decay on matrices only; the learning rate warms up linearly, then decays to 0
+    #    (lr_lambda).
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.total_steps, args.lr_schedule))
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.total_steps, args.lr_schedule))
     num_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)  # counted before ZeRO-3 shards them
-    model, optimizer = accelerator.prepare(model, optimizer)  # DDP, or a DeepSpeed engine (its optimizer keeps the scheduler's groups)
+    # DDP, or a DeepSpeed engine (its optimizer keeps the scheduler's groups)
+    model, optimizer = accelerator.prepare(model, optimizer)
 
-    # 4. Run folder, metrics file and (optionally) wandb. Nothing is written before the inputs were checked. A resumed
-    #    run takes back the weights, optimizer, schedule, data position and metrics of its last checkpoint; its
-    #    generators are restored where the loop starts.
-    run_dir = Path(args.resume) if args.resume else shared_run_dir(accelerator, args.run_root, args.exp_name, args.seed)
-    resumed = load_checkpoint(accelerator, run_dir) if args.resume else None
-    if resumed is not None:
-        load_trained_state(accelerator, model, optimizer, resumed)
-        scheduler.load_state_dict(resumed["scheduler"])
-    elapsed_before = resumed["elapsed_s"] if resumed else 0.0
-    run_log = RunLog(accelerator, args, run_dir, resumed, step_key="step", keep_samples=False)
-    if accelerator.is_main_process:
-        print(f"run folder {run_dir}; {num_trained:,} trained parameters; "
-              f"{len(train_data):,} training and {len(eval_data):,} held-out sequences of {train_data.shape[1]} tokens; "
-              f"{world} process(es) x {grad_accum} micro-batch(es) of {args.local_micro_batch_size}"
-              + (f"; resumed after step {resumed['step']} from {resumed['path']}" if resumed else ""))
-
-    # 5. The loop. Every process draws the same permutation of the data (same generator seed) and takes its
-    #    own slice of each global batch; gradients are averaged across processes by DDP at the last micro-batch
-    #    (accelerator.accumulate divides each loss by grad_accum; under DeepSpeed the engine steps there).
-    data_gen = torch.Generator().manual_seed(args.seed)
-    order, cursor, epoch = torch.randperm(len(train_data), generator=data_gen), 0, 0
-    first_step = 0
-    if resumed is not None:
-        data_gen.set_state(resumed["data_gen"])
-        order, cursor, epoch, first_step = resumed["order"], resumed["cursor"], resumed["epoch"], resumed["step"]
-        set_rng_state(resumed["rng"], accelerator.device)
-    checkpoints = Checkpoints(accelerator, model, run_dir, args.save_every, args.keep_checkpoints, f"python train_sft.py --resume {run_dir}",
-                              resumed["path"] if resumed else None)
+    # The run folder, its log and checkpoints (a resumed run takes back the weights, optimizer, schedule, data position,
+    # random generators and metrics of its last checkpoint).
+    run = Run(accelerator, args, None, "python train_sft.py --resume {run_dir}", "step", keep_samples=True,
+              objects=(scheduler, batches), unit="step",
+              about=f"{num_trained:,} trained parameters; {len(train_data):,} training and {len(eval_data):,} held-out "
+              f"sequences of {train_data.shape[1]} tokens; {world} process(es) x {grad_accum} micro-batch(es) of "
+              f"{args.local_micro_batch_size}")
     model.train()
-    progress = tqdm(range(first_step, args.total_steps), initial=first_step, total=args.total_steps,
-                    disable=not accelerator.is_main_process, desc="sft")
-    for step in progress:
+    for step in run.steps(args.total_steps, "sft", {"loss": "train/loss", "eval_ppl": "eval/perplexity"}):
         t0 = time.time()
-        if cursor + args.batch_size > len(order):  # new epoch, new shuffle
-            order, cursor, epoch = torch.randperm(len(train_data), generator=data_gen), 0, epoch + 1
-        global_idx = order[cursor : cursor + args.batch_size]
-        cursor += args.batch_size
-        local_idx = global_idx[accelerator.process_index * local_batch_size : (accelerator.process_index + 1) * local_batch_size]
-        loss_sum = torch.zeros((), device=accelerator.device)
-        for micro in range(grad_accum):
-            idx = local_idx[micro * args.local_micro_batch_size : (micro + 1) * args.local_micro_batch_size]
-            batch = inputs_and_labels(train_data[idx].to(accelerator.device), tokenizer.pad_token_id, query_length)
+
+        # 4. The next global batch; this process takes its share, in micro-batches, each loss the mean next-token loss
+        #    over its labelled tokens. accelerator.accumulate divides each loss by grad_accum; DDP averages the
+        #    gradients across processes at the last micro-batch (under DeepSpeed the engine steps there).
+        epoch, rows = next(batches)
+        rows = rows[rank * local_batch_size : (rank + 1) * local_batch_size]
+        loss_sum = torch.zeros((), device=device)
+        for start in range(0, local_batch_size, args.local_micro_batch_size):
+            micro_rows = rows[start : start + args.local_micro_batch_size]
+            batch = inputs_and_labels(train_data[micro_rows].to(device), tokenizer.pad_token_id, query_length)
             with accelerator.accumulate(model):
-                loss, _ = lm_loss(model, batch)  # mean over the micro-batch's labelled tokens
+                loss, _ = lm_loss(model, batch)
                 accelerator.backward(loss)
             loss_sum += loss.detach().float()
+
+        # 5. The update: the gradient's global norm clipped at max_grad_norm, an AdamW step at the schedule's learning
+        #    rate, then the schedule moves on.
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
+        # 6. Statistics: the training loss averaged over processes; every eval_every steps and after the last, the
+        #    held-out loss and perplexity (with ROUGE of held-out summaries at the end of a TL;DR run). Under ZeRO-3 the
+        #    weights are gathered on every process, so that unequal shards of held-out data (and the main process
+        #    sampling alone) need no lockstep.
         train_loss = accelerator.reduce(loss_sum / grad_accum, reduction="mean").item()
         step_s = time.time() - t0
-        metrics = {
-            "step": step + 1, "epoch": epoch, "train/loss": train_loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
-            "timing/step_s": step_s, "throughput/tokens_per_s": args.batch_size * train_data.shape[1] / step_s,
-        }
+        metrics = {"step": step + 1, "epoch": epoch, "train/loss": train_loss, "train/lr": lr,
+                   "train/grad_norm": float(grad_norm), "timing/step_s": step_s,
+                   "throughput/tokens_per_s": args.batch_size * train_data.shape[1] / step_s}
         if (step + 1) % args.eval_every == 0 or step + 1 == args.total_steps:
-            # ZeRO-3: the weights gathered on every process, so that unequal shards of held-out data (and the main
-            # process sampling alone) need no lockstep
             with full_weights(model, accelerator) as bare:
-                metrics["eval/loss"] = heldout_loss(bare, eval_data, args, tokenizer.pad_token_id, query_length, accelerator)
+                metrics["eval/loss"] = heldout_loss(bare, eval_data, args.local_micro_batch_size,
+                                                    tokenizer.pad_token_id, query_length, accelerator)
                 if args.task == "tldr" and step + 1 == args.total_steps and accelerator.is_main_process:
-                    metrics.update(tldr_rouge(bare, tokenizer, eval_data, args, accelerator.device))
+                    metrics.update(tldr_rouge(bare, tokenizer, eval_data, args, device))
             model.train()
             metrics["eval/perplexity"] = math.exp(metrics["eval/loss"])
-            progress.set_postfix(loss=f"{train_loss:.3f}", eval_ppl=f"{metrics['eval/perplexity']:.1f}")
-        else:
-            progress.set_postfix(loss=f"{train_loss:.3f}")
-        run_log.write(metrics)
-        # a NaN or inf stops the run (exit 3); a checkpoint every save_every steps and when SIGTERM or SIGINT came
-        check_finite(metrics, f"step {step + 1}", checkpoints.last)
-        checkpoints.after(step + 1, args.total_steps, lambda: {
-            **trained_state(accelerator, model, optimizer), "scheduler": scheduler.state_dict(),
-            "step": step + 1, "data_gen": data_gen.get_state(), "order": order, "cursor": cursor, "epoch": epoch,
-            "elapsed_s": elapsed_before + time.time() - start_time, "wandb_id": run_log.wandb_id})
-    checkpoints.close()
 
-    # 6. Samples continuing held-out prompts, then the model. Under ZeRO-3 every process gathers the weights; the main
-    #    one samples and writes them.
-    with full_weights(model, accelerator) as unwrapped:
-        if accelerator.is_main_process:
-            samples = sample(unwrapped, tokenizer, eval_data, args.query_length if args.task == "tldr" else 0, args, accelerator.device)
-            print_continuations(samples, args.temperature)
-            (run_dir / "samples.json").write_text(json.dumps(samples, indent=2))
-            unwrapped = saved_lm(unwrapped, lora)  # adapters merged under LoRA
-            save_model(unwrapped, tokenizer, run_dir / "model")
-            if args.output_dir is not None:
-                save_model(unwrapped, tokenizer, Path(args.output_dir))
-    run_log.finish(lambda: print_closing_line(summarize(run_dir / "metrics.jsonl", elapsed_before + time.time() - start_time), run_dir, args.output_dir),
-                   f"SFT: {run_dir}")
-    accelerator.wait_for_everyone()
-    return run_dir
+        # The metrics logged; a NaN or inf stops the run (exit 3); a checkpoint every save_every steps, and when SIGTERM
+        # or SIGINT asked the run to stop, which it then does (exit 128 + signal).
+        run.end_step(step + 1, args.total_steps, metrics)
+
+    # Samples continuing held-out prompts (samples.json), the model (adapters merged under LoRA) in the run folder's
+    # model/ and --output_dir, the summary. Under ZeRO-3 every process gathers the weights; the main one writes them.
+    save_samples_and_model(run, model, lora, tokenizer, eval_data, args)
+    run.finish(lambda path, wall_s: print_closing_line(summarize(path, wall_s), run.dir, args.output_dir), "SFT")
+    return run.dir
 
 
 # =========================================================================================================
-# Plumbing. Everything below serves train() above and is not the algorithm: reading the data, loading the
-# models, LoRA, sampling, measuring, checkpoints and resume, signals, DeepSpeed, the checks of the
-# arguments, the command line, the summary. The `# Copied from` blocks are shared with the other scripts
-# and kept identical by tests/test_pipeline.py.
+# Plumbing. Everything below serves train() above and is not the algorithm: the command line and the presets, reading
+# the data, loading and saving the models, LoRA, the run folder, checkpoints and resume, signals, DeepSpeed, the checks
+# of the arguments, sampling and ROUGE for the evaluation, the summary. The `# Copied from` blocks are shared with the
+# other scripts and kept identical by tests/test_pipeline.py.
 # =========================================================================================================
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The command line
+# The command line and the presets
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -429,11 +410,13 @@ def cli(args_class, presets: dict, description: str):
         if preset[0] not in presets:
             fail(f"unknown preset {preset[0]!r}; presets: {', '.join(presets)}")
         default = replace(default, **presets[preset[0]])
-    args = tyro.cli(args_class, default=default, args=argv[len(preset) :], description=description, use_underscores=True)
+    args = tyro.cli(args_class, default=default, args=argv[len(preset) :], description=description,
+                    use_underscores=True)
     if args.resume is None:
         return args
     if len(argv) > (1 if argv[0].startswith("--resume=") else 2):
-        fail("--resume continues a run with the arguments it started with (its args.json): give no other flag or preset")
+        fail("--resume continues a run with the arguments it started with (its args.json): give no other flag or "
+             "preset")
     if not os.path.isfile(os.path.join(args.resume, "args.json")):
         fail(f"--resume {args.resume}: not a run folder (no args.json)")
     with open(os.path.join(args.resume, "args.json")) as f:
@@ -442,7 +425,8 @@ def cli(args_class, presets: dict, description: str):
 
 # Copied from train_policy.py
 def args_from_json(args_class, values: dict):
-    """args_class rebuilt from its args.json (nested argument classes too); other keys (world_size, ...) are facts of the run."""
+    """args_class rebuilt from its args.json (nested argument classes too); other keys (world_size, ...) are facts of
+    the run."""
     kwargs = {}
     for f in fields(args_class):
         if f.name in values:
@@ -451,8 +435,32 @@ def args_from_json(args_class, values: dict):
     return args_class(**kwargs)
 
 
+PRESETS = {
+    # SFD's SFT of pythia-1b-deduped on its TL;DR data: {SFD}/summarize_from_feedback_details/sft.py#L41-L127 and
+    # sbatches/sft.sbatch (8 GPUs x micro-batch 1 x 16 accumulation = 128; one epoch of 116,722 posts = 911 updates;
+    # AdamW, lr 3e-6 cosine without warm-up; no gradient clipping; loss on query and summary; ROUGE at temperature 0.01)
+    "tldr": dict(
+        exp_name="sft_tldr", task="tldr", base_model="EleutherAI/pythia-1b-deduped", output_dir="models/sft_tldr",
+        dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144", dataset_split="train",
+        eval_split="validation", query_length=512, response_length=53, train_on_query=True, total_steps=911,
+        batch_size=128, local_micro_batch_size=16, lr=3e-6, warmup_steps=0, lr_schedule="cosine", weight_decay=0.01,
+        max_grad_norm=float("inf"), num_eval=512, eval_temperature=0.01,
+    ),
+    # the summarization twin (data/tldr/, made by data/build.py): the nano model fine-tuned on post -> reference
+    # summary, one epoch in 240 updates of 16 at lr 2e-3 (at 120 updates of 32 and lr 5e-4 its samples scored 0.03 by
+    # the judge and ROUGE-L 0.220, here 0.06 and 0.234, in the same time)
+    "tldr_twin": dict(
+        exp_name="sft_tldr_twin", task="tldr", base_model="data/nano", output_dir="runs/tldr_twin/sft_model",
+        dataset="data/tldr/train.jsonl.gz", query_length=160, response_length=48, total_steps=240, batch_size=16,
+        local_micro_batch_size=16, lr=2e-3, warmup_steps=10, lr_schedule="cosine", eval_every=80, num_eval=256,
+        # as train_policy.py's tldr_twin evaluation: the nano model loops when decoding near-greedily
+        eval_temperature=0.7,
+    ),
+}
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Data
+# Data: corpus passages and TL;DR posts
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -502,7 +510,8 @@ def load_rows(args: Args, required_keys: tuple) -> tuple:
             fail(f"--dataset {args.dataset}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
         missing = [k for k in required_keys if rows and k not in rows[0]]
         if not rows or missing:
-            fail(f"--dataset {args.dataset}: split {args.dataset_split} is empty or lacks the column(s) {', '.join(missing)}")
+            fail(f"--dataset {args.dataset}: split {args.dataset_split} is empty or lacks the column(s) "
+                 f"{', '.join(missing)}")
     if heldout is None:
         every = max(2, round(1 / args.eval_fraction))
         rows, heldout = [r for i, r in enumerate(rows) if i % every], [r for i, r in enumerate(rows) if i % every == 0]
@@ -511,8 +520,9 @@ def load_rows(args: Args, required_keys: tuple) -> tuple:
 
 # Copied from train_policy.py
 def format_tldr_query(row: dict, tokenizer, query_length: int) -> list:
-    """OAI's TL;DR query: SUBREDDIT/TITLE/POST/TL;DR, the post cut at its last newline (else its last
-    character) until the query fits, then left-padded with the pad token to `query_length` tokens.
+    """OAI's TL;DR query: SUBREDDIT/TITLE/POST/TL;DR, the post cut at its last newline (else its last character) until
+    the query fits, then left-padded with the pad token to `query_length` tokens.
+
     https://github.com/openai/summarize-from-feedback/blob/700967448d10004279f138666442bf1497d0e705/summarize_from_feedback/tasks.py#L98-L165"""
     fmt = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
     post = row["post"]
@@ -536,17 +546,18 @@ def format_tldr_response(summary: str, tokenizer, response_length: int) -> list:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Model
+# The models: loading, dropout, LoRA, saving
 # ---------------------------------------------------------------------------------------------------------
 
 
 # Copied from train_policy.py
 def load_base_model(path: str, weights: bool = True, load_in_4bit: bool = False):
-    """(model, tokenizer) from a hub id, a local folder or a .gguf file; with weights=False (config, tokenizer), what the
-    checks of the arguments need. A .gguf file is de-quantized to fp32 as it is read (GgufConfig(dequantize=True)): the
-    result is an ordinary trainable model without a quantization marker, which save_pretrained writes as a plain Hugging
-    Face folder that every script loads back. (Read without it, transformers keeps the model marked as GGUF-quantized
-    and refuses to save it.) load_in_4bit: the weights quantized to 4-bit NF4 (bitsandbytes, QLoRA's format), computing in bf16."""
+    """(model, tokenizer) from a hub id, a local folder or a .gguf file; with weights=False (config, tokenizer), what
+    the checks of the arguments need. A .gguf file is de-quantized to fp32 as it is read (GgufConfig(dequantize=True)):
+    the result is an ordinary trainable model without a quantization marker, which save_pretrained writes as a plain
+    Hugging Face folder that every script loads back. (Read without it, transformers keeps the model marked as
+    GGUF-quantized and refuses to save it.) load_in_4bit: the weights quantized to 4-bit NF4 (bitsandbytes, QLoRA's
+    format), computing in bf16."""
     source, gguf = path, {}
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
@@ -562,7 +573,8 @@ def load_base_model(path: str, weights: bool = True, load_in_4bit: bool = False)
         quantization = dict(quantization_config=GgufConfig(dequantize=True)) if gguf else {}
         if load_in_4bit:
             quantization = dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                                       bnb_4bit_compute_dtype=torch.bfloat16), device_map={"": PartialState().device})
+                                                                       bnb_4bit_compute_dtype=torch.bfloat16),
+                                                                       device_map={"": PartialState().device})
         return AutoModelForCausalLM.from_pretrained(source, **gguf, **quantization), tokenizer
     except OSError as e:  # hub id with no network, or a folder without a model
         fail(f"--base_model {path}: cannot be loaded ({str(e).splitlines()[0][:200]})")
@@ -588,9 +600,10 @@ def prepare_lm(model, tokenizer):
                 setattr(module, name, GELUTanh())
     # Weights read from safetensors point into the memory-mapped file at the file's own offsets (16-byte aligned for the
     # nano model); tensors PyTorch allocates are 64-byte aligned. MKL orders a matmul's floating-point sums by the
-    # alignment of its inputs on Intel CPUs (https://www.intel.com/content/www/us/en/developer/articles/technical/getting-reproducible-results-with-intel-mkl.html),
-    # so there a loaded model and its deep copy round the same logits differently. Copied into memory of their own,
-    # the weights of every model (loaded, copied, resumed) run the same kernels on every CPU.
+    # alignment of its inputs on Intel CPUs
+    # (https://www.intel.com/content/www/us/en/developer/articles/technical/getting-reproducible-results-with-intel-mkl.html),
+    # so there a loaded model and its deep copy round the same logits differently. Copied into memory of their own, the
+    # weights of every model (loaded, copied, resumed) run the same kernels on every CPU.
     with torch.no_grad():
         for p in model.parameters():
             if p.device.type == "cpu":
@@ -598,13 +611,12 @@ def prepare_lm(model, tokenizer):
     return model, tokenizer
 
 
-def new_nano_model(args: Args, tokenizer) -> GPT2LMHeadModel:
-    config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=args.n_positions, n_embd=args.n_embd, n_layer=args.n_layer, n_head=args.n_head,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout, summary_first_dropout=args.dropout,
-    )
-    return GPT2LMHeadModel(config)
+def set_dropout(model: nn.Module, p: float):
+    """Set every dropout layer's probability (works for any architecture; the config would not be enough
+    for a model that has already been built)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
 
 
 # Copied from train_policy.py
@@ -613,7 +625,8 @@ def check_lora(args):
     if args.lora_r < 0 or (args.lora_r and args.lora_alpha <= 0) or not 0 <= args.lora_dropout < 1:
         fail(f"--lora_r {args.lora_r} must be at least 0, --lora_alpha positive, --lora_dropout in [0, 1)")
     if args.load_in_4bit and not torch.cuda.is_available():
-        fail("--load_in_4bit (QLoRA) quantizes the weights with bitsandbytes on a CUDA GPU, and this machine has none; LoRA alone (--lora_r) runs on a CPU")
+        fail("--load_in_4bit (QLoRA) quantizes the weights with bitsandbytes on a CUDA GPU, and this machine has none; "
+             "LoRA alone (--lora_r) runs on a CPU")
     if args.load_in_4bit and args.lora_r == 0:
         fail("--load_in_4bit trains LoRA adapters over frozen 4-bit weights: give --lora_r too")
 
@@ -623,7 +636,8 @@ def add_lora(lm, args):
     """LoRA adapters (Hu et al. 2021, through peft) on lm's layers when --lora_r > 0, injected in place: lm keeps its
     class and forward, and only the adapters of its weights train (the caller's heads train in full). Returns the
     PeftModel around lm, which turns the adapters off (disable_adapter(): the initial model, the reference of PPO and
-    DPO without a second copy) or merges them into the weights (merge_and_unload(), before saving); None without LoRA."""
+    DPO without a second copy) or merges them into the weights (merge_and_unload(), before saving); None without
+    LoRA."""
     if args.lora_r == 0:
         return None
     import peft
@@ -632,8 +646,8 @@ def add_lora(lm, args):
         lm = peft.prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
     targets = "all-linear" if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
     transposed = any(isinstance(m, Conv1D) for m in lm.modules())  # GPT-2 stores its linear weights as (in, out)
-    config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
-                             fan_in_fan_out=transposed)
+    config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                             target_modules=targets, fan_in_fan_out=transposed)
     try:
         return peft.get_peft_model(lm, config)
     except ValueError as e:  # no such module
@@ -645,14 +659,6 @@ def saved_lm(lm, lora):
     """The language model to save: under LoRA the adapters merged into the weights, so that the folder is a plain model
     every script (and transformers) loads as it loads any other."""
     return lm if lora is None else lora.merge_and_unload()
-
-
-def set_dropout(model: nn.Module, p: float):
-    """Set every dropout layer's probability (works for any architecture; the config would not be enough
-    for a model that has already been built)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = p
 
 
 def save_model(model, tokenizer, folder: Path):
@@ -678,12 +684,8 @@ def swap_in(tmp: Path, folder: Path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Runs that survive: checkpoints, resume, a stop on SIGTERM/SIGINT or on a NaN; the run's log and closing summary
+# Runs that survive: the run folder and its log, checkpoints and resume, a stop on SIGTERM/SIGINT or on a NaN
 # ---------------------------------------------------------------------------------------------------------
-
-
-# Copied from train_policy.py
-EXIT_NONFINITE = 3  # exit status of a run stopped by a NaN or inf (bad input: 2; stopped by a signal: 128 + its number)
 
 
 # Copied from train_policy.py
@@ -696,9 +698,37 @@ def shared_run_dir(accelerator, run_root: str, exp_name: str, seed: int) -> Path
 
 
 # Copied from train_policy.py
+EXIT_NONFINITE = 3  # exit status of a run stopped by a NaN or inf (bad input: 2; stopped by a signal: 128 + its number)
+
+
+# Copied from train_policy.py
+class Stream:
+    """An iterator that counts what it has handed out: its position, which a checkpoint stores (state_dict) and a
+    resumed run skips back to (load_state_dict)."""
+
+    def __init__(self, iterator):
+        self.iterator, self.position = iterator, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.position += 1
+        return next(self.iterator)
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict):
+        while self.position < state["position"]:
+            next(self)
+
+
+# Copied from train_policy.py
 class StopRequest:
-    """SIGTERM (a scheduler's pre-emption; torchrun passes it on) or SIGINT (Ctrl-C) makes the run stop at the end of the
-    current update, after a checkpoint; a second Ctrl-C stops it at once. close() puts the previous handlers back."""
+    """SIGTERM (a scheduler's pre-emption; torchrun passes it on) or SIGINT (Ctrl-C) makes the run stop at the end of
+    the current update, after a checkpoint; a second Ctrl-C stops it at once. close() puts the previous handlers
+    back."""
 
     def __init__(self):
         self.signum = 0
@@ -711,7 +741,8 @@ class StopRequest:
         self.signum = self.signum or signum
 
     def requested(self, accelerator) -> int:
-        """The signal some process received (0: none), the same on every process so that all stop after the same update."""
+        """The signal some process received (0: none), the same on every process so that all stop after the same
+        update."""
         if accelerator.num_processes == 1:
             return self.signum
         flag = torch.tensor([self.signum], device=accelerator.device)
@@ -724,27 +755,11 @@ class StopRequest:
 
 
 # Copied from train_policy.py
-def rng_state(device: torch.device) -> dict:
-    """Every random number generator a process draws from: torch's (CPU and GPU), Python's and NumPy's."""
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "python": random.getstate(), "numpy": np.random.get_state()}
-
-
-# Copied from train_policy.py
-def set_rng_state(state: dict, device: torch.device):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-
-
-# Copied from train_policy.py
-def save_checkpoint(accelerator, model, run_dir: Path, step: int, state: dict, keep: int) -> Path:
-    """run_dir/checkpoints/<step>/: state.pt (models, optimizer, counters: the same on every process, written by the
-    main one), rng_<rank>.pt (each process's generators), metrics.jsonl as it stands and, under DeepSpeed, deepspeed/
-    (the trained model's engine writes every process's shard of its weights and optimizer state). Written into a temporary
-    folder that is then renamed, so a kill during the save leaves the earlier checkpoints whole; the last `keep` stay."""
+def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
+    """run_dir/checkpoints/<step>/: accelerate's save_state (the prepared model and optimizer, or under DeepSpeed each
+    engine's shards; every process's random generators; the objects registered for checkpointing) and metrics.jsonl as
+    it stands. Written into a temporary folder that is then renamed, so a kill during the save leaves the earlier
+    checkpoints whole; the last `keep` stay."""
     root = run_dir / "checkpoints"
     tmp, final = root / f"tmp_{step:08d}", root / f"{step:08d}"
     if accelerator.is_main_process:
@@ -752,11 +767,9 @@ def save_checkpoint(accelerator, model, run_dir: Path, step: int, state: dict, k
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    if zero_stage(accelerator):
-        model.save_checkpoint(str(tmp / "deepspeed"), tag="engine")
-    torch.save(rng_state(accelerator.device), tmp / f"rng_{accelerator.process_index}.pt")
+    # pickled, not safetensors: a tied embedding would be saved once, and its model would not load it back strictly
+    accelerator.save_state(str(tmp), safe_serialization=False)
     if accelerator.is_main_process:
-        torch.save(state, tmp / "state.pt")
         shutil.copyfile(run_dir / "metrics.jsonl", tmp / "metrics.jsonl")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -768,20 +781,28 @@ def save_checkpoint(accelerator, model, run_dir: Path, step: int, state: dict, k
 
 
 # Copied from train_policy.py
-def load_checkpoint(accelerator, run_dir: Path) -> Optional[dict]:
-    """The state of run_dir's last checkpoint (None if it has none), with metrics.jsonl put back as it was then. The
-    process's generators are restored separately (set_rng_state(state["rng"])), right where the loop starts."""
+def load_checkpoint(accelerator, run_dir: Path) -> Optional[Path]:
+    """Put back what run_dir's last checkpoint holds (accelerate's load_state: the model, optimizer, random generators
+    and the registered objects) and metrics.jsonl as it was then; its path, or None if the run has none. A checkpoint of
+    the earlier layout (state.pt) or one without this process's random state ends the run with one line: accelerate
+    would only log the missing file, and the run would silently stop being exact."""
     root = run_dir / "checkpoints"
     steps = sorted(p for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
     if not steps:
         return None
-    state = torch.load(steps[-1] / "state.pt", map_location="cpu", weights_only=False)  # our own file; load_state_dict moves it
-    state["rng"] = torch.load(steps[-1] / f"rng_{accelerator.process_index}.pt", weights_only=False)
-    state["path"] = steps[-1]
+    path, rank = steps[-1], accelerator.process_index
+    if (path / "state.pt").is_file():
+        fail(f"--resume {run_dir}: {path} was written by an earlier version of this script (state.pt), which this one "
+             "cannot read; start the run anew")
+    if not (path / f"random_states_{rank}.pkl").is_file():
+        fail(f"--resume {run_dir}: {path} has no random_states_{rank}.pkl (process {rank}'s random generators), so the "
+             "run "
+             "could not continue exactly")
+    accelerator.load_state(str(path))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        shutil.copyfile(steps[-1] / "metrics.jsonl", run_dir / "metrics.jsonl")
-    return state
+        shutil.copyfile(path / "metrics.jsonl", run_dir / "metrics.jsonl")
+    return path
 
 
 # Copied from train_policy.py
@@ -791,41 +812,18 @@ def check_finite(metrics: dict, where: str, last_checkpoint: Optional[Path]):
     over processes, so every process stops at the same update."""
     bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
-        named = ", ".join(f"{k} = {metrics[k]}" for k in bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        named = ", ".join(f"{k} = {metrics[k]}" for k in bad[:4])
+        named += f" and {len(bad) - 4} more" if len(bad) > 4 else ""
         # on a line of its own, after the progress bar
-        print(f"\nerror: {where}: {named}; last good checkpoint: {last_checkpoint or 'none (none saved yet)'}", file=sys.stderr, flush=True)
+        print(f"\nerror: {where}: {named}; last good checkpoint: {last_checkpoint or 'none (none saved yet)'}",
+              file=sys.stderr, flush=True)
         sys.exit(EXIT_NONFINITE)
 
 
 # Copied from train_policy.py
-class Checkpoints:
-    """A run's checkpoints: one every save_every updates (none after the last: the run then saves its models) and one
-    when SIGTERM or SIGINT asked the run to stop, which it then does, exit status 128 + the signal. `last` is the newest
-    (that of a resumed run at first)."""
-
-    def __init__(self, accelerator, model, run_dir: Path, save_every: int, keep: int, resume_command: str, last: Optional[Path]):
-        self.accelerator, self.model, self.run_dir, self.save_every, self.keep = accelerator, model, run_dir, save_every, keep
-        self.resume_command, self.last, self.stop = resume_command, last, StopRequest()
-
-    def after(self, step: int, num_steps: int, state_fn):
-        """At the end of update `step` of num_steps; state_fn() builds the state to save, only when one is saved."""
-        signum = self.stop.requested(self.accelerator)
-        if signum or (self.save_every and step % self.save_every == 0 and step < num_steps):
-            self.last = save_checkpoint(self.accelerator, self.model, self.run_dir, step, state_fn(), self.keep)
-        if signum:
-            launch = " (launched as this run was)" if self.accelerator.num_processes > 1 else ""
-            print(f"stopped by {signal.Signals(signum).name} after update {step}; checkpoint {self.last}; continue with: "
-                  f"{self.resume_command}{launch}", flush=True)
-            sys.exit(128 + signum)
-
-    def close(self):
-        self.stop.close()
-
-
-# Copied from train_policy.py
 def resume_has_work(resume: Optional[str], world: int, stage: int) -> bool:
-    """Whether the run folder given to --resume still has work: not once it finished (summary.json); an error when it ran
-    with another number of processes (each process has its own random number generators) or another ZeRO stage (0:
+    """Whether the run folder given to --resume still has work: not once it finished (summary.json); an error when it
+    ran with another number of processes (each process has its own random number generators) or another ZeRO stage (0:
     DDP; each keeps the weights and optimizer state in its own layout): relaunch it with the same accelerate config."""
     if resume is None:
         return True
@@ -837,13 +835,15 @@ def resume_has_work(resume: Optional[str], world: int, stage: int) -> bool:
         fail(f"--resume {resume}: the run had {started['world_size']} process(es), not {world}")
     stage_then = started.get("zero_stage", 0)  # runs from before DeepSpeed ran under DDP
     if stage_then != stage:
-        fail(f"--resume {resume}: the run had ZeRO stage {stage_then}, not {stage} (0: plain DDP); launch it as it was launched")
+        fail(f"--resume {resume}: the run had ZeRO stage {stage_then}, not {stage} (0: plain DDP); launch it as it was "
+             "launched")
     return True
 
 
 # Copied from train_policy.py
 def write_summary(run_dir: Path, summary: dict, title: str):
-    """The run's headline figures: a table on the terminal and run_dir/summary.json, whose presence marks a finished run."""
+    """The run's headline figures: a table on the terminal and run_dir/summary.json, whose presence marks a finished
+    run."""
     table = Table(title=title)
     table.add_column("figure")
     table.add_column("value", justify="right")
@@ -854,32 +854,65 @@ def write_summary(run_dir: Path, summary: dict, title: str):
 
 
 # Copied from train_policy.py
-class RunLog:
-    """What a run writes besides its checkpoints and weights, all of it on the main process (on the others every method
-    does nothing): args.json (a fresh run's arguments, its process layout read from the accelerator, and `info`),
-    metrics.jsonl (a resumed run appends to it), wandb under --track (a resumed run continues its wandb run), the sample
-    tables' rows (samples.json, for the scripts that keep them: `keep_samples`), and at the end summary.json with its
-    table on the terminal."""
+class Run:
+    """A run's folder and everything it writes besides the trained model, so that train() makes one call where it would
+    otherwise keep books: args.json (a fresh run's arguments, its process layout and `about`), metrics.jsonl (a resumed
+    run appends to it), wandb under --track (a resumed run continues its wandb run), the rows of the sample tables
+    (samples.json), the checkpoints, and summary.json with its table at the end. A checkpoint is accelerate's save_state
+    with the objects registered for checkpointing: the script's (the KL controller, the position in the data) and this
+    Run itself (the steps done, the seconds spent, the samples, the wandb id). Every process makes one; files are
+    written by the main process (each process saves its own random generators)."""
 
-    def __init__(self, accelerator, args, run_dir: Path, resumed: Optional[dict], step_key: str, keep_samples: bool,
-                 info: Optional[dict] = None):
-        self.main, self.step_key, self.run_dir, self.wandb = accelerator.is_main_process, step_key, run_dir, None
-        self.samples = (resumed["samples"] if resumed else []) if keep_samples else None
-        self.wandb_id = resumed["wandb_id"] if resumed else None
-        if not self.main:
-            return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resumed is None:
-            layout = {"world_size": accelerator.num_processes, "zero_stage": zero_stage(accelerator),
-                      "grad_accum": accelerator.gradient_accumulation_steps}
-            (run_dir / "args.json").write_text(json.dumps({**asdict(args), **layout, **(info or {})}, indent=2))
-        self.file = open(run_dir / "metrics.jsonl", "a" if resumed else "w")
-        if args.track:
-            import wandb
+    def __init__(self, accelerator, args, run_dir: Optional[Path], resume_command: str, step_key: str,
+                 keep_samples: bool, objects: tuple = (), about: str = "", info: Optional[dict] = None,
+                 unit: str = "update"):
+        self.accelerator, self.args, self.step_key, self.main = accelerator, args, step_key, accelerator.is_main_process
+        self.unit = unit  # what a step is called in messages: an update, or SFT's step
+        self.step, self.elapsed_before, self.start_time = 0, 0.0, time.time()
+        self.samples, self.wandb_id, self.wandb, self.progress = [] if keep_samples else None, None, None, None
+        self.dir = Path(args.resume) if args.resume else run_dir or shared_run_dir(accelerator, args.run_root,
+                                                                                   args.exp_name, args.seed)
+        self.resume_command = resume_command.format(run_dir=self.dir)
+        accelerator.register_for_checkpointing(*objects, self)
+        self.last = load_checkpoint(accelerator, self.dir) if args.resume else None
+        self.stop = StopRequest()
+        if self.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if self.last is None:
+                layout = {"world_size": accelerator.num_processes, "zero_stage": zero_stage(accelerator),
+                          "grad_accum": accelerator.gradient_accumulation_steps}
+                (self.dir / "args.json").write_text(json.dumps({**asdict(args), **layout, **(info or {})}, indent=2))
+            self.file = open(self.dir / "metrics.jsonl", "a" if self.last else "w")
+            if args.track:
+                import wandb
 
-            self.wandb = wandb
-            self.wandb_id = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
-                                       dir=str(run_dir), id=self.wandb_id, resume="allow").id
+                self.wandb = wandb
+                self.wandb_id = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity,
+                                           name=self.dir.name, config=asdict(args), dir=str(self.dir),
+                                           id=self.wandb_id, resume="allow").id
+            resumed = f"; resumed after {unit} {self.step} from {self.last}" if self.last else ""
+            print(f"run folder {self.dir}; {about}{resumed}", flush=True)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "elapsed_s": self.elapsed(), "samples": self.samples, "wandb_id": self.wandb_id}
+
+    def load_state_dict(self, state: dict):
+        self.step, self.elapsed_before, self.samples, self.wandb_id = (state["step"], state["elapsed_s"],
+                                                                       state["samples"],
+                                                                        state["wandb_id"])
+        self.start_time = time.time()
+
+    def elapsed(self) -> float:
+        """Seconds of work, every resumed part of the run summed."""
+        return self.elapsed_before + time.time() - self.start_time
+
+    def steps(self, num_steps: int, desc: str, postfix: dict):
+        """The steps still to run (all of them, or those after the checkpoint resumed from), with a progress bar that
+        shows the metrics named in postfix (label: metrics.jsonl key) as each step ends."""
+        self.postfix = postfix
+        self.progress = tqdm(range(self.step, num_steps), initial=self.step, total=num_steps, disable=not self.main,
+                             desc=desc)
+        return self.progress
 
     def write(self, metrics: dict):
         """One line of metrics.jsonl, and a wandb step when the metrics have the step key (an evaluation before training
@@ -890,17 +923,38 @@ class RunLog:
             if self.wandb is not None and self.step_key in metrics:
                 self.wandb.log(metrics, step=metrics[self.step_key])
 
+    def end_step(self, step: int, num_steps: int, metrics: dict):
+        """At the end of step `step` of num_steps: its metrics logged; a NaN or inf ends the run (exit 3); a checkpoint
+        every save_every steps (none after the last: the run then saves its models), and one when SIGTERM or SIGINT
+        asked the run to stop, which it then does, exit status 128 + the signal."""
+        self.step = step
+        self.write(metrics)
+        if self.main and self.postfix:
+            self.progress.set_postfix({label: f"{metrics[key]:+.3g}" for label,
+                                       key in self.postfix.items() if key in metrics})
+        check_finite(metrics, f"{self.unit} {step}", self.last)
+        signum = self.stop.requested(self.accelerator)
+        if signum or (self.args.save_every and step % self.args.save_every == 0 and step < num_steps):
+            self.last = save_checkpoint(self.accelerator, self.dir, step, self.args.keep_checkpoints)
+        if signum:
+            if self.main:
+                launch = " (launched as this run was)" if self.accelerator.num_processes > 1 else ""
+                print(f"stopped by {signal.Signals(signum).name} after {self.unit} {step}; checkpoint {self.last}; "
+                      f"continue with: {self.resume_command}{launch}", flush=True)
+            sys.exit(128 + signum)
+
     def finish(self, summary_fn, title: str):
-        """samples.json, the metrics file closed, summary.json from summary_fn() (which reads metrics.jsonl) with its
-        table, wandb closed."""
-        if not self.main:
-            return
-        if self.samples is not None:
-            (self.run_dir / "samples.json").write_text(json.dumps(self.samples, indent=2))
-        self.file.close()
-        write_summary(self.run_dir, summary_fn(), title)
-        if self.wandb is not None:
-            self.wandb.finish()
+        """samples.json, the metrics file closed, summary.json from summary_fn(metrics.jsonl's path, seconds of work)
+        with its table, wandb closed, the signal handlers put back."""
+        self.stop.close()
+        if self.main:
+            if self.samples is not None:
+                (self.dir / "samples.json").write_text(json.dumps(self.samples, indent=2))
+            self.file.close()
+            write_summary(self.dir, summary_fn(self.dir / "metrics.jsonl", self.elapsed()), f"{title}: {self.dir}")
+            if self.wandb is not None:
+                self.wandb.finish()
+        self.accelerator.wait_for_everyone()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -910,8 +964,8 @@ class RunLog:
 
 # Copied from train_policy.py
 def start_processes() -> PartialState:
-    """Join the launch's processes (torchrun or accelerate launch) before anything asks for the world size. Without a GPU
-    they talk over gloo: plain DDP needs cpu=True for that, while under DeepSpeed cpu=True would drop DeepSpeed and
+    """Join the launch's processes (torchrun or accelerate launch) before anything asks for the world size. Without a
+    GPU they talk over gloo: plain DDP needs cpu=True for that, while under DeepSpeed cpu=True would drop DeepSpeed and
     accelerate 1.15 leaves the group unset on a machine without a GPU, so the backend is named instead."""
     if torch.cuda.is_available():
         return PartialState()
@@ -921,7 +975,8 @@ def start_processes() -> PartialState:
 
 
 # Copied from train_policy.py
-def make_accelerator(args, micro_batch_size: int, grad_accum: int, max_grad_norm: float = 0.0, compile: bool = False) -> Accelerator:
+def make_accelerator(args, micro_batch_size: int, grad_accum: int, max_grad_norm: float = 0.0,
+                     compile: bool = False) -> Accelerator:
     """The run's Accelerator: DDP, or DeepSpeed ZeRO when the launch's config asks for it. DeepSpeed is handed the
     script's micro-batch, accumulation and clipping (0: none), so that an optimizer step sees the same gradient under
     both; left to accelerate, it would clip at 1.0 (as SFD's DeepSpeed runs did). SFD sets the micro-batch the same way:
@@ -932,16 +987,20 @@ def make_accelerator(args, micro_batch_size: int, grad_accum: int, max_grad_norm
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         if compile:
-            fail("--compile does not combine with DeepSpeed (its engine wraps the forward that would be compiled); drop one")
+            fail("--compile does not combine with DeepSpeed (its engine wraps the forward that would be compiled); "
+                 "drop one")
         if args.load_in_4bit and plugin.zero_stage == 3:
-            fail("--load_in_4bit (QLoRA) does not combine with ZeRO-3, which would shard the 4-bit weights; use configs/zero2.yaml")
+            fail("--load_in_4bit (QLoRA) does not combine with ZeRO-3, which would shard the 4-bit weights; use "
+                 "configs/zero2.yaml")
         if plugin.zero3_init_flag:
-            fail("zero3_init_flag: true in the accelerate config is not supported: the scripts load whole models, then shard them; set it false")
+            fail("zero3_init_flag: true in the accelerate config is not supported: the scripts load whole models, then "
+                 "shard them; set it false")
         # accelerate registers its DeepSpeed config with transformers whatever zero3_init_flag says, and from_pretrained
         # would then load models already sharded (zero.Init); unregistered, they load whole and prepare shards them
         unset_hf_deepspeed_config()
         # all set anew, for train_both.py's second stage shares the first one's plugin
-        plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=micro_batch_size, gradient_accumulation_steps=grad_accum,
+        plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=micro_batch_size,
+                                       gradient_accumulation_steps=grad_accum,
                                        train_batch_size=micro_batch_size * grad_accum * accelerator.num_processes,
                                        gradient_clipping=max_grad_norm if math.isfinite(max_grad_norm) else 0.0)
     return accelerator
@@ -959,8 +1018,8 @@ def zero_stage(accelerator) -> int:
 def full_weights(model, accelerator, edit: bool = False):
     """Inside, a model prepared by accelerate or a frozen one from place_frozen (any other model, or None, is left as it
     is) holds every weight whole on every process. Under ZeRO-3 its shards are gathered once (DeepSpeed's
-    GatheredParameters) and the per-layer gather hooks lifted until the end, so that token-by-token sampling runs as fast
-    as an unsharded model (TRL's unwrap_model_for_generation, PR #1483: about 10x), saving sees whole tensors, and
+    GatheredParameters) and the per-layer gather hooks lifted until the end, so that token-by-token sampling runs as
+    fast as an unsharded model (TRL's unwrap_model_for_generation, PR #1483: about 10x), saving sees whole tensors, and
     processes with unequal shares of held-out data need not run their forwards in lockstep. Every process enters
     together; the sampler draws exactly response_length tokens everywhere (no stop at EOS), so the ranks decode in step,
     which is what synced_gpus gives generate(). Yields the bare module (a DeepSpeed engine's own `config` hides the
@@ -970,7 +1029,8 @@ def full_weights(model, accelerator, edit: bool = False):
     if stage == 3 and type(model).__name__ == "DeepSpeedEngine":
         import deepspeed
 
-        offload = getattr(model.optimizer, "parameter_offload", model.optimizer)  # a trained engine's, or a frozen one's
+        offload = getattr(model.optimizer, "parameter_offload",
+                          model.optimizer)  # a trained engine's, or a frozen one's
         start_hook = offload.module._forward_pre_hooks[offload.fwd_pre_hook.id]  # on the root: steps the ranks together
         with deepspeed.zero.GatheredParameters(list(model.module.parameters()), modifier_rank=0 if edit else None):
             for p in model.module.parameters():
@@ -989,68 +1049,36 @@ def full_weights(model, accelerator, edit: bool = False):
         model.optimizer.refresh_fp32_params()
 
 
-# Copied from train_policy.py
-def trained_state(accelerator, model, optimizer) -> dict:
-    """The trained model's and optimizer's part of a checkpoint's state.pt: their state dicts (the same on every DDP
-    process); under DeepSpeed nothing, since each process holds only its shard: save_checkpoint has the engine write
-    them (DeepSpeed's own checkpoint, in the checkpoint's deepspeed/ folder)."""
-    if zero_stage(accelerator):
-        return {}
-    return {"model": accelerator.unwrap_model(model, keep_torch_compile=False).state_dict(), "optimizer": optimizer.state_dict()}
-
-
-# Copied from train_policy.py
-def load_trained_state(accelerator, model, optimizer, resumed: dict):
-    """The weights and optimizer state of the checkpoint `resumed` (load_checkpoint) put back into the prepared model."""
-    if zero_stage(accelerator):
-        model.load_checkpoint(str(resumed["path"] / "deepspeed"), tag="engine")
-    else:
-        accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-
-
 # ---------------------------------------------------------------------------------------------------------
-# The run's summary; sampling and ROUGE for the held-out evaluation
+# Checks of the arguments; sampling, ROUGE and the closing samples; saving; the summary
 # ---------------------------------------------------------------------------------------------------------
 
 
-def summarize(metrics_path: Path, wall_s: float) -> dict:
-    """Headline figures of an SFT run: the held-out loss and perplexity first and last (ROUGE of TL;DR), tokens/s, wall
-    time (every resumed part summed)."""
-    metrics = [json.loads(line) for line in open(metrics_path)]
-    evals = [m for m in metrics if "eval/loss" in m]
-    summary = {"steps": metrics[-1]["step"], "eval/perplexity/first": evals[0]["eval/perplexity"], "eval/perplexity/last": evals[-1]["eval/perplexity"]}
-    summary.update({k: v for k, v in evals[-1].items() if k.startswith("eval/rouge")})
-    summary["tokens_per_s"] = sum(m["throughput/tokens_per_s"] for m in metrics) / len(metrics)
-    summary["wall_s"] = wall_s
-    return summary
+def check_args(args: Args) -> tuple:
+    """Every check of the arguments that needs no model (sizes, checkpoints, LoRA, the tokenizer of a fresh model), run
+    before anything is trained or written, and the data read (any problem with it is one line too). Returns the
+    training and held-out rows."""
+    world = PartialState().num_processes
+    if args.batch_size % (world * args.local_micro_batch_size):
+        fail(f"--batch_size {args.batch_size} is not divisible by --local_micro_batch_size "
+             f"{args.local_micro_batch_size} x {world} processes")
+    if args.save_every < 0 or args.keep_checkpoints < 1:
+        fail("--keep_checkpoints must be positive, --save_every at least 0")
+    check_lora(args)
+    if args.load_in_4bit and args.base_model is None:
+        fail("--load_in_4bit quantizes a pretrained --base_model; a fresh nano model has nothing to quantize")
+    if args.base_model is None and not os.path.isfile(os.path.join(args.tokenizer, "tokenizer.json")):
+        fail(f"--tokenizer {args.tokenizer}: no tokenizer.json there (build it with: python data/build.py tokenizer)")
+    return load_rows(args, ("text",) if args.task == "corpus" else TLDR_KEYS)
 
 
-def print_closing_line(summary: dict, run_dir: Path, output_dir: Optional[str]) -> dict:
-    """Prints the run's closing line (the held-out perplexity, ROUGE on TL;DR, where the model was saved) before the
-    summary table; returns the summary unchanged."""
-    rouge_scores = "".join(f", {k[5:]} {summary[k]:.3f}" for k in ("eval/rouge1", "eval/rouge2", "eval/rougeL") if k in summary)
-    print(f"held-out perplexity {summary['eval/perplexity/last']:.2f}{rouge_scores}; model saved to {run_dir / 'model'}"
-          + (f" and {output_dir}" if output_dir else ""))
-    return summary
-
-
-def print_continuations(samples: list, temperature: float):
-    """The closing samples: held-out prompts and their continuations."""
-    table = Table(title=f"samples (temperature {temperature})", show_lines=True)
-    table.add_column("prompt", max_width=60)
-    table.add_column("continuation", max_width=80)
-    for s in samples:
-        table.add_row(s["prompt"], s["continuation"])
-    Console().print(table)
-
-
-# Copied from train_policy.py
-def model_inputs(tokens: torch.Tensor, pad_token_id: int) -> dict:
-    """Pads are masked out and each real token's position counts only the real tokens before it, so that
-    padding (left or right) never changes a real token's output. {OAI}/lm_human_preferences/language/model.py#L265-L269"""
-    mask = tokens != pad_token_id
-    return dict(input_ids=tokens, attention_mask=mask.long(), position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+def check_data(args: Args, train_data: torch.Tensor, model):
+    """At least a batch of training sequences, and token ids within the model's vocabulary."""
+    if len(train_data) < args.batch_size:
+        fail(f"--dataset {args.dataset}: {len(train_data)} training sequences, fewer than --batch_size "
+             f"{args.batch_size}")
+    if train_data.max() >= model.get_input_embeddings().num_embeddings:
+        fail(f"--dataset {args.dataset}: token ids beyond the model's vocabulary (tokenizer and model do not match)")
 
 
 # Copied from train_policy.py
@@ -1100,7 +1128,8 @@ class Sampler:
         """(tokens, log-probs, entropies, values or None), each (b, R), for (b, Q) left-padded queries."""
         b, Q = queries.shape
         if self.cache_shape != (b, Q + response_length):
-            self.cache, self.cache_shape = StaticCache(config=self.lm.config, max_cache_len=Q + response_length), (b, Q + response_length)
+            self.cache = StaticCache(config=self.lm.config, max_cache_len=Q + response_length)
+            self.cache_shape = (b, Q + response_length)
         else:
             self.cache.reset()
         inputs = model_inputs(queries, self.pad_token_id)
@@ -1139,7 +1168,8 @@ def sample(model, tokenizer, eval_data: torch.Tensor, query_length: int, args: A
 
 
 # Copied from train_policy.py
-def truncate_responses(responses: torch.Tensor, truncate_token: int, truncate_after: int, pad_token_id: int) -> torch.Tensor:
+def truncate_responses(responses: torch.Tensor, truncate_token: int, truncate_after: int,
+                       pad_token_id: int) -> torch.Tensor:
     """Replace every token after the first truncate_token at or after index truncate_after with the pad token.
     {OAI}/lm_human_preferences/lm_tasks.py#L39-L50"""
     hit = responses == truncate_token
@@ -1150,12 +1180,13 @@ def truncate_responses(responses: torch.Tensor, truncate_token: int, truncate_af
 
 # Copied from train_policy.py
 def rouge(summaries: list, references: list) -> list:
-    """Per pair {rouge1, rouge2, rougeL}: F1 of each summary against its reference, by rouge-score without stemming, as SFD's
-    evaluate.load("rouge") computes it. {SFD}/summarize_from_feedback_details/sft.py#L37"""
+    """Per pair {rouge1, rouge2, rougeL}: F1 of each summary against its reference, by rouge-score without stemming, as
+    SFD's evaluate.load("rouge") computes it. {SFD}/summarize_from_feedback_details/sft.py#L37"""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
-    return [{k: v.fmeasure for k, v in scorer.score(ref, summary).items()} for summary, ref in zip(summaries, references)]
+    return [{k: v.fmeasure for k, v in scorer.score(ref, summary).items()} for summary,
+            ref in zip(summaries, references)]
 
 
 @torch.no_grad()
@@ -1171,6 +1202,56 @@ def tldr_rouge(model, tokenizer, eval_data: torch.Tensor, args: Args, device) ->
                         for x in (responses, references))
     per_pair = rouge(texts, ref_texts)
     return {f"eval/{k}": sum(r[k] for r in per_pair) / len(per_pair) for k in ("rouge1", "rouge2", "rougeL")}
+
+
+def print_continuations(samples: list, temperature: float):
+    """The closing samples: held-out prompts and their continuations."""
+    table = Table(title=f"samples (temperature {temperature})", show_lines=True)
+    table.add_column("prompt", max_width=60)
+    table.add_column("continuation", max_width=80)
+    for s in samples:
+        table.add_row(s["prompt"], s["continuation"])
+    Console().print(table)
+
+
+def save_samples_and_model(run, model, lora, tokenizer, eval_data: torch.Tensor, args: Args):
+    """The closing samples, continuations of the first num_samples held-out prompts (printed, and kept for
+    samples.json), and the trained model (adapters merged under LoRA) with its tokenizer in the run folder's model/ and
+    in --output_dir. Under ZeRO-3 every process gathers the weights; the main one samples and writes them."""
+    accelerator = run.accelerator
+    with full_weights(model, accelerator) as unwrapped:
+        if accelerator.is_main_process:
+            samples = sample(unwrapped, tokenizer, eval_data, args.query_length if args.task == "tldr" else 0, args,
+                             accelerator.device)
+            print_continuations(samples, args.temperature)
+            run.samples.extend(samples)
+            unwrapped = saved_lm(unwrapped, lora)  # adapters merged under LoRA
+            save_model(unwrapped, tokenizer, run.dir / "model")
+            if args.output_dir is not None:
+                save_model(unwrapped, tokenizer, Path(args.output_dir))
+
+
+def summarize(metrics_path: Path, wall_s: float) -> dict:
+    """Headline figures of an SFT run: the held-out loss and perplexity first and last (ROUGE of TL;DR), tokens/s, wall
+    time (every resumed part summed)."""
+    metrics = [json.loads(line) for line in open(metrics_path)]
+    evals = [m for m in metrics if "eval/loss" in m]
+    summary = {"steps": metrics[-1]["step"], "eval/perplexity/first": evals[0]["eval/perplexity"],
+               "eval/perplexity/last": evals[-1]["eval/perplexity"]}
+    summary.update({k: v for k, v in evals[-1].items() if k.startswith("eval/rouge")})
+    summary["tokens_per_s"] = sum(m["throughput/tokens_per_s"] for m in metrics) / len(metrics)
+    summary["wall_s"] = wall_s
+    return summary
+
+
+def print_closing_line(summary: dict, run_dir: Path, output_dir: Optional[str]) -> dict:
+    """Prints the run's closing line (the held-out perplexity, ROUGE on TL;DR, where the model was saved) before the
+    summary table; returns the summary unchanged."""
+    rouge_scores = "".join(f", {k[5:]} {summary[k]:.3f}" for k in ("eval/rouge1", "eval/rouge2",
+                                                                   "eval/rougeL") if k in summary)
+    print(f"held-out perplexity {summary['eval/perplexity/last']:.2f}{rouge_scores}; model saved to {run_dir / 'model'}"
+          + (f" and {output_dir}" if output_dir else ""))
+    return summary
 
 
 if __name__ == "__main__":

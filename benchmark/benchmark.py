@@ -42,13 +42,15 @@ class Args:
     slurm_template: str = "benchmark/slurm_template.sh"
     """template with {job_name}, {array}, {nodes}, {command}, {seeds} and {log_dir} placeholders"""
     nodes: int = 1
-    """with --slurm: machines per run; above 1 the command must be `accelerate launch --config_file configs/multinode_zero3.yaml
-    --num_processes <8 x nodes> ...`, to which each node's rank and the first node's address are added"""
+    """with --slurm: machines per run; above 1 the command must be `accelerate launch --config_file
+    configs/multinode_zero3.yaml --num_processes <8 x nodes> ...`, to which each node's rank and the first node's
+    address are added"""
 
 
 def git_commit() -> str:
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
     return (out.stdout.strip() or "nogit") + ("-dirty" if dirty else "")
 
 
@@ -80,10 +82,12 @@ def write_slurm(args: Args, group_dir: Path) -> Path:
     seeds = " ".join(map(str, args.seeds))
     run = seed_command(args.command, 0, group_dir).replace("--seed 0", "--seed $SEED")
     if args.nodes > 1:  # accelerate's multi-node launch: one launcher per node, a c10d rendezvous at the first node
-        run = run.replace("accelerate launch ", "accelerate launch --num_machines $SLURM_NNODES --machine_rank $SLURM_NODEID "
+        run = run.replace("accelerate launch ",
+                          "accelerate launch --num_machines $SLURM_NNODES --machine_rank $SLURM_NODEID "
                           "--main_process_ip $MAIN_IP --main_process_port 29500 --rdzv_backend c10d ", 1)
     command = f"SEEDS=({seeds}); SEED=${{SEEDS[$SLURM_ARRAY_TASK_ID]}}; {run}"
-    script = template.format(job_name=args.tag, array=f"0-{len(args.seeds) - 1}", nodes=args.nodes, command=command, seeds=seeds, log_dir=group_dir)
+    script = template.format(job_name=args.tag, array=f"0-{len(args.seeds) - 1}", nodes=args.nodes, command=command,
+                             seeds=seeds, log_dir=group_dir)
     path = group_dir / f"{args.tag}.slurm"
     path.write_text(script)
     print(script)
@@ -96,7 +100,8 @@ def main(args: Args) -> int:
         print("error: --seeds is empty", file=sys.stderr)
         return 2
     if args.nodes > 1 and not (args.slurm and args.command.startswith("accelerate launch ")):
-        print("error: --nodes above 1 writes a slurm script (--slurm) for a command that starts with `accelerate launch`", file=sys.stderr)
+        print("error: --nodes above 1 writes a slurm script (--slurm) for a command that starts with `accelerate "
+              "launch`", file=sys.stderr)
         return 2
     group_dir = (ROOT / args.run_root / f"{args.tag}__{git_commit()}").resolve()
     group_dir.mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,8 @@ class Args:
     penalty_reward_value: float = -1.0
     """as train_policy.py's: the proxy score of a response without the truncate token"""
     gold_labeler: Literal["vader", "tldr_judge", "none"] = "vader"
-    """the gold score of the kept samples: VADER (the embedded labels' labeler), the summarization twin's judge, or none"""
+    """the gold score of the kept samples: VADER (the embedded labels' labeler), the summarization twin's judge, or
+    none"""
     seed: int = 1
     """sampling seed"""
     out: str = "benchmark/best_of_n.json"
@@ -104,7 +105,8 @@ def sample_and_score(a: Args) -> tuple:
     lm.eval(), reward_model.eval()
     pad = tokenizer.pad_token_id
     texts = tp.load_texts(a.query_dataset, a.query_split)
-    queries = next(tp.query_batches(texts, tokenizer, a.query_length, a.response_length, a.num_queries, seed=0))[0]  # (q, Q)
+    # (q, Q)
+    queries = next(tp.query_batches(texts, tokenizer, a.query_length, a.response_length, a.num_queries, seed=0))[0]
     gold_fn = tp.gold_scorer(a.gold_labeler)
     sampler = tp.Sampler(lm, pad, a.temperature)
     torch.manual_seed(a.seed)
@@ -121,7 +123,8 @@ def sample_and_score(a: Args) -> tuple:
             scores = tp.penalize(scores, responses, truncate_token, a.truncate_after, a.penalty_reward_value)
         proxy.append(scores)
         if gold_fn is not None:
-            decoded = tokenizer.batch_decode([r[r != pad] for r in responses], skip_special_tokens=truncate_token is not None)
+            decoded = tokenizer.batch_decode([r[r != pad] for r in responses],
+                                             skip_special_tokens=truncate_token is not None)
             gold.append(torch.tensor(gold_fn(decoded, tokenizer.batch_decode([q[q != pad] for q in chunk]))))
     proxy = torch.cat(proxy).view(a.num_queries, a.max_n)
     gold = torch.cat(gold).view(a.num_queries, a.max_n) if gold else torch.full_like(proxy, float("nan"))

@@ -24,14 +24,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import train_policy as tp  # noqa: E402
 
-METRICS = ["eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/win_rate", "eval/score", "eval/gold_score", "eval/faithful",
-           "eval/coverage", "eval/repeated", "eval/words"]
+METRICS = ["eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/win_rate", "eval/score", "eval/gold_score",
+           "eval/faithful", "eval/coverage", "eval/repeated", "eval/words"]
 
 
 @dataclass
 class Args:
     policy: List[str] = field(default_factory=list)
-    """NAME=MODEL ...: the policies to evaluate (model folders, hub ids or .gguf files), space-separated, in the order of the table"""
+    """NAME=MODEL ...: the policies to evaluate (model folders, hub ids or .gguf files), space-separated, in the order
+    of the table"""
     reward_model: Optional[str] = None
     """reward model folder (train_reward.py's reward_model/) for the win rate and score; None leaves them out"""
     eval_dataset: str = "data/tldr/validation.jsonl.gz"
@@ -59,13 +60,15 @@ def evaluate_policy(model_path: str, reward_model, a: Args, gold_fn) -> tuple:
     lm, tokenizer = tp.prepare_lm(*tp.load_base_model(model_path))
     lm.eval()
     texts = tp.load_texts(a.eval_dataset, a.eval_split, "--eval_dataset")
-    queries, references = next(tp.query_batches(texts, tokenizer, a.query_length, a.response_length, min(a.num_eval, len(texts)), seed=0))
-    one_process = SimpleNamespace(num_processes=1, process_index=0, device=torch.device("cpu"), reduce=lambda t, reduction: t)
+    queries, references = next(tp.query_batches(texts, tokenizer, a.query_length, a.response_length,
+                                                min(a.num_eval, len(texts)), seed=0))
+    one_process = SimpleNamespace(num_processes=1, process_index=0, device=torch.device("cpu"), reduce=lambda t,
+                                  reduction: t)
     run = SimpleNamespace(truncate_token="eos", truncate_after=0)
     torch.manual_seed(a.seed)
     scorer = reward_model if reward_model is not None else (lambda tokens, pad: torch.zeros(len(tokens)))
-    metrics, summaries = tp.evaluate(tp.Sampler(lm, tokenizer.pad_token_id, a.temperature), scorer, queries, references, tokenizer,
-                                     run, gold_fn, one_process)
+    metrics, summaries = tp.evaluate(tp.Sampler(lm, tokenizer.pad_token_id, a.temperature), scorer, queries,
+                                     references, tokenizer, run, gold_fn, one_process)
     if reward_model is None:
         for k in ("eval/win_rate", "eval/score", "eval/reference_score"):
             metrics.pop(k)
@@ -73,7 +76,8 @@ def evaluate_policy(model_path: str, reward_model, a: Args, gold_fn) -> tuple:
     if gold_fn is tp.tldr_judge:  # the judge's parts, to see what moved its score
         posts = [tp.query_post(q) for q in tokenizer.batch_decode([q[q != tokenizer.pad_token_id] for q in queries])]
         parts = [tp.judge_summary(p, s) for p, s in zip(posts, summaries)]
-        metrics.update({f"eval/{k}": sum(x[k] for x in parts) / len(parts) for k in ("faithful", "coverage", "repeated")})
+        metrics.update({f"eval/{k}": sum(x[k] for x in parts) / len(parts) for k in ("faithful", "coverage",
+                                                                                     "repeated")})
     return metrics, summaries
 
 
@@ -112,7 +116,9 @@ def main(a: Args):
     for name, r in rows.items():
         print(f"| {name} | " + " | ".join(f"{r[c]:.3f}" for c in columns) + " |")
     plot(rows, a.out)
-    Path(a.out).with_suffix(".json").write_text(json.dumps({"args": vars(a), "metrics": rows, "samples": {k: v[:5] for k, v in samples.items()}}, indent=2))
+    Path(a.out).with_suffix(".json").write_text(json.dumps({"args": vars(a), "metrics": rows,
+                                                            "samples": {k: v[:5] for k, v in samples.items()}},
+                                                            indent=2))
     print(f"plot: {a.out}")
 
 

@@ -2,7 +2,8 @@
 
     bash benchmark/gpu_throughput.sh          # the exact commands; or, by hand:
     python benchmark/gpu_throughput.py --like data/cache/SmolLM2-135M-Instruct \\
-        --config "micro128=--local_micro_batch_size 128" --config "micro512_compile=--local_micro_batch_size 512 --compile"
+        --config "micro128=--local_micro_batch_size 128" --config "micro512_compile=--local_micro_batch_size 512
+        --compile"
 
 The model has the architecture of the folder given by --like (its config.json and tokenizer; its weights, if any, are
 not read) with random weights: throughput does not depend on them, so the 98 MB SmolLM2 file is not needed where the
@@ -34,16 +35,18 @@ sys.path.insert(0, str(ROOT / "benchmark"))
 import train_policy as tp  # noqa: E402
 from matmul_peak import measure  # noqa: E402
 
-OAI_SHAPE = ["--query_dataset", "data/corpus.jsonl.gz", "--query_length", "64", "--response_length", "24", "--truncate_token", ".",
-             "--truncate_after", "16", "--nminibatches", "1", "--noptepochs", "4", "--lr", "1e-5", "--kl_coef", "0.15",
-             "--kl_target", "6", "--kl_horizon", "10000", "--print_sample_every", "100000"]
+OAI_SHAPE = ["--query_dataset", "data/corpus.jsonl.gz", "--query_length", "64", "--response_length", "24",
+             "--truncate_token", ".", "--truncate_after", "16", "--nminibatches", "1", "--noptepochs", "4", "--lr",
+             "1e-5", "--kl_coef", "0.15", "--kl_target", "6", "--kl_horizon", "10000", "--print_sample_every", "100000"]
 
 
 @dataclass
 class Args:
     like: str = "data/cache/SmolLM2-135M-Instruct"
-    """folder whose config.json and tokenizer give the architecture (python data/build.py smollm2 writes SmolLM2-135M's)"""
-    config: List[str] = field(default_factory=lambda: ["micro128=--local_micro_batch_size 128 --local_rollout_forward_batch_size 128"])
+    """folder whose config.json and tokenizer give the architecture (python data/build.py smollm2 writes
+    SmolLM2-135M's)"""
+    config: List[str] = field(default_factory=lambda: ["micro128=--local_micro_batch_size 128 "
+                                                       "--local_rollout_forward_batch_size 128"])
     """NAME=FLAGS: a configuration to measure, FLAGS added to OAI's shape (repeatable)"""
     updates: int = 8
     """PPO updates per configuration"""
@@ -60,8 +63,9 @@ class Args:
 
 
 def random_models(like: str, out: Path, seed: int) -> tuple:
-    """(base folder, reward model folder): the architecture of `like` with random weights, saved after prepare_lm (so that
-    its tokenizer already has the dedicated pad token and TRL reads the same vocabulary), and a reward model on it."""
+    """(base folder, reward model folder): the architecture of `like` with random weights, saved after prepare_lm (so
+    that its tokenizer already has the dedicated pad token and TRL reads the same vocabulary), and a reward model on
+    it."""
     base, reward = out / "random_base", out / "random_reward_model"
     if not (reward / "reward_head.safetensors").exists():
         torch.manual_seed(seed)
@@ -106,10 +110,11 @@ def trl(base: Path, reward: Path, a: Args, micro: int, out: Path) -> dict:
     queries = next(tp.query_batches(texts, tokenizer, 64, 24, a.updates * a.batch_size, seed=a.seed))[0]
     (out / "trl_queries.json").write_text(json.dumps(queries.tolist()))
     cmd = [a.trl_python, "benchmark/trl_ppo.py", "--base_model", str(base), "--reward_model", str(reward), "--queries",
-           str(out / "trl_queries.json"), "--output_dir", str(out / "trl"), "--total_episodes", str(a.updates * a.batch_size),
-           "--batch_size", str(a.batch_size), "--nminibatches", "1", "--micro_batch_size", str(micro),
-           "--rollout_forward_batch_size", str(micro), "--lr", "1e-5",
-           "--stop_token_id", str(tokenizer.convert_tokens_to_ids(".")), "--seed", str(a.seed)] + ["--bf16"] * (a.mixed_precision == "bf16")
+           str(out / "trl_queries.json"), "--output_dir", str(out / "trl"), "--total_episodes",
+           str(a.updates * a.batch_size), "--batch_size", str(a.batch_size), "--nminibatches", "1",
+           "--micro_batch_size", str(micro), "--rollout_forward_batch_size", str(micro), "--lr", "1e-5",
+           "--stop_token_id", str(tokenizer.convert_tokens_to_ids(".")), "--seed",
+           str(a.seed)] + ["--bf16"] * (a.mixed_precision == "bf16")
     print("$ " + shlex.join(cmd), flush=True)
     with open(out / "trl.log", "w") as log:
         if subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode:
@@ -137,17 +142,23 @@ def main(a: Args):
         micro = int(first[first.index("--local_micro_batch_size") + 1]) if "--local_micro_batch_size" in first else 32
         results.append(trl(base, reward, a, micro, out))
         print(json.dumps(results[-1]), flush=True)
-    print(f"\n{where}, {a.updates} updates of {a.batch_size} episodes, {sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base).parameters()) / 1e6:.0f}M parameters")
-    print("| system | config | episodes/s (all updates) | steady episodes/s | generation s | scoring s | update s | update / peak | peak GB |")
+    print(f"\n{where}, {a.updates} updates of {a.batch_size} episodes, "
+          f"{sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base).parameters()) / 1e6:.0f}M parameters")
+    print("| system | config | episodes/s (all updates) | steady episodes/s | generation s | scoring s | update s | "
+          "update / peak | peak GB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         cells = [f"{r[k]:.3f}" if isinstance(r.get(k), float) else "" for k in
-                 ("steady_episodes_per_s", "generation_s", "scoring_s", "update_s", "update_peak_fraction", "peak_memory_gb")]
+                 ("steady_episodes_per_s", "generation_s", "scoring_s", "update_s", "update_peak_fraction",
+                  "peak_memory_gb")]
         print(f"| {r['system']} | {r['config']} | {r['episodes_per_s']:.1f} | " + " | ".join(cells) + " |")
     if a.trl_python:
-        print(f"ours ({results[0]['config']}) / TRL: {results[0]['episodes_per_s'] / results[-1]['episodes_per_s']:.2f}x; "
-              f"best config / TRL: {max(r['episodes_per_s'] for r in results[:-1]) / results[-1]['episodes_per_s']:.2f}x")
-    (out / "result.json").write_text(json.dumps({"device": where, "peak_flops": peak, "time": time.time(), "runs": results}, indent=2))
+        print(f"ours ({results[0]['config']}) / TRL: "
+              f"{results[0]['episodes_per_s'] / results[-1]['episodes_per_s']:.2f}x; "
+              "best config / TRL: "
+              f"{max(r['episodes_per_s'] for r in results[:-1]) / results[-1]['episodes_per_s']:.2f}x")
+    (out / "result.json").write_text(json.dumps({"device": where, "peak_flops": peak, "time": time.time(),
+                                                 "runs": results}, indent=2))
 
 
 if __name__ == "__main__":

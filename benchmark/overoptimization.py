@@ -4,7 +4,7 @@ learned reward model) against the distance from the initial policy, d = sqrt(KL)
 critic-free methods of train_rloo.py (RLOO, GRPO, online best-of-n).
 
     bash benchmark/overoptimization.sh                      # runs everything, then this and benchmark/turn_down.py
-    python benchmark/overoptimization.py --root runs/overoptimization --out benchmark/overoptimization.png
+    python benchmark/overoptimization.py --root runs/overoptimization --out docs/images/overoptimization.png
 
 The folder holds what overoptimization.sh writes: reward/ (one reward model per seed), bon_<seed>.json
 (benchmark/best_of_n.py), ppo/, dpo/ and rloo/ (runs named <exp>__<seed>__<time>, exp = ppo_<setting>, dpo_<setting>,
@@ -44,7 +44,7 @@ from best_of_n import fit_gao  # noqa: E402
 class Args:
     root: str = "runs/overoptimization"
     """the folder benchmark/overoptimization.sh wrote"""
-    out: str = "benchmark/overoptimization.png"
+    out: str = "docs/images/overoptimization.png"
     """the plot; the table goes to the same name with .md, the points and fits to .json"""
     matched_kl: tuple = (0.5, 1.0, 2.0, 4.0, 8.0)
     """KL values (nats) at which the methods' gold and proxy scores are compared"""
@@ -59,18 +59,21 @@ CRITIC_FREE = {"rloo": "RLOO", "grpo": "GRPO", "best_of_n": "online best-of-n"}
 
 
 def ppo_points(metrics: list, bin_updates: int) -> list:
-    """(kl, proxy, gold) of each bin of bin_updates consecutive updates (PPO, RLOO, ...): means over the bin's samples."""
+    """(kl, proxy, gold) of each bin of bin_updates consecutive updates (PPO, RLOO, ...): means over the bin's
+    samples."""
     updates = [m for m in metrics if "objective/kl" in m and "objective/gold_score" in m]
     out = []
     for i in range(0, len(updates) - bin_updates + 1, bin_updates):
         b = updates[i : i + bin_updates]
-        out.append(tuple(sum(m[k] for m in b) / len(b) for k in ("objective/kl", "objective/scores", "objective/gold_score")))
+        out.append(tuple(sum(m[k] for m in b) / len(b) for k in ("objective/kl", "objective/scores",
+                                                                 "objective/gold_score")))
     return out
 
 
 def dpo_points(metrics: list) -> list:
     """(kl, proxy, gold) at each evaluation of a DPO run (including the initial policy's at update 0)."""
-    return [(m["objective/kl"], m["objective/scores"], m["objective/gold_score"]) for m in metrics if "objective/scores" in m and "objective/kl" in m]
+    return [(m["objective/kl"], m["objective/scores"],
+             m["objective/gold_score"]) for m in metrics if "objective/scores" in m and "objective/kl" in m]
 
 
 def runs(folder: Path) -> dict:
@@ -98,8 +101,10 @@ def take_previous(points: dict, previous: dict, path: str):
     earlier best-of-n points equal these (within 1e-6: the same reward models and initial policy)."""
     for seed, pts in points["best-of-n"].items():
         old = previous["points"]["best-of-n"].get(str(seed))
-        if old is None or len(old) != len(pts) or any(abs(x - y) > 1e-6 for p, q in zip(old, pts) for x, y in zip(p, q)):
-            sys.exit(f"error: --previous {path}: its best-of-n points of seed {seed} differ from bon_{seed}.json's, so its "
+        if old is None or len(old) != len(pts) or any(abs(x - y) > 1e-6 for p, q in zip(old, pts) for x,
+                                                      y in zip(p, q)):
+            sys.exit(f"error: --previous {path}: its best-of-n points of seed {seed} differ from bon_{seed}.json's, so "
+                     "its "
                      "reward models are not these; run every method here instead")
     for method, per_seed in previous["points"].items():
         if method in points and not points[method]:
@@ -110,7 +115,9 @@ def mean_std(values: list) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "-"
-    return f"{statistics.mean(values):+.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:+.3f}"
+    if len(values) == 1:
+        return f"{values[0]:+.3f}"
+    return f"{statistics.mean(values):+.3f} ± {statistics.stdev(values):.3f}"
 
 
 def main(a: Args):
@@ -154,8 +161,10 @@ def main(a: Args):
                 per_seed.append(fit_gao([math.sqrt(p[0]) for p in pts], [p[2] for p in pts], form))
         if per_seed:
             fits[method] = {"form": form, "per_seed": per_seed,
-                            "alpha": [statistics.mean(f[0] for f in per_seed), statistics.stdev(f[0] for f in per_seed) if len(per_seed) > 1 else 0.0],
-                            "beta": [statistics.mean(f[1] for f in per_seed), statistics.stdev(f[1] for f in per_seed) if len(per_seed) > 1 else 0.0]}
+                            "alpha": [statistics.mean(f[0] for f in per_seed),
+                                      statistics.stdev(f[0] for f in per_seed) if len(per_seed) > 1 else 0.0],
+                            "beta": [statistics.mean(f[1] for f in per_seed),
+                                     statistics.stdev(f[1] for f in per_seed) if len(per_seed) > 1 else 0.0]}
 
     # the plot: gold and proxy against d, every point of every seed, and the fitted gold curves (mean coefficients)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
@@ -164,26 +173,30 @@ def main(a: Args):
     markers = ["o", "s", "^", "v", "D", "P"]
     for ax, index, name in ((axes[0], 2, "gold (VADER) - initial"), (axes[1], 1, "proxy (reward model) - initial")):
         seed_bon = [p for s in sorted(points["best-of-n"]) for p in points["best-of-n"][s]]
-        ax.scatter([math.sqrt(p[0]) for p in seed_bon], [p[index] for p in seed_bon], s=14, color=colors["best-of-n"], label="best-of-n (n = 1 ... 256)")
+        ax.scatter([math.sqrt(p[0]) for p in seed_bon], [p[index] for p in seed_bon], s=14, color=colors["best-of-n"],
+                   label="best-of-n (n = 1 ... 256)")
         for method in settings:
             groups = sorted(settings[method].items()) or [(method, [p for s in points[method].values() for p in s])]
             for i, (exp, pts) in enumerate(groups):  # a method read from --previous is one group
-                ax.scatter([math.sqrt(max(p[0], 0)) for p in pts], [p[index] for p in pts], s=12, alpha=0.6, color=colors[method],
-                           marker=markers[i % len(markers)], label=exp if method in ("PPO", "DPO") else method)
+                ax.scatter([math.sqrt(max(p[0], 0)) for p in pts], [p[index] for p in pts], s=12, alpha=0.6,
+                           color=colors[method], marker=markers[i % len(markers)],
+                           label=exp if method in ("PPO", "DPO") else method)
         if index == 2:
             for method, f in fits.items():
                 # each fitted curve over the distances its own method reached (no extrapolation)
                 d = np.linspace(1e-3, max(math.sqrt(max(p[0], 0)) for pts in points[method].values() for p in pts), 200)
                 second = d * d if f["form"] == "bon" else d * np.log(d)
                 ax.plot(d, d * f["alpha"][0] - f["beta"][0] * second, color=colors[method], lw=2,
-                        label=f"{method} fit: d({f['alpha'][0]:.3f} {'-' if f['beta'][0] >= 0 else '+'} {abs(f['beta'][0]):.3f} "
+                        label=f"{method} fit: d({f['alpha'][0]:.3f} {'-' if f['beta'][0] >= 0 else '+'} "
+                              f"{abs(f['beta'][0]):.3f} "
                               f"{'d' if f['form'] == 'bon' else 'log d'})")
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_xlabel("d = sqrt(KL(policy || initial policy))  [nats^0.5]")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"Reward over-optimization on the embedded sentiment world ({len(seeds)} seeds; one reward model per seed)")
+    fig.suptitle(f"Reward over-optimization on the embedded sentiment world ({len(seeds)} seeds; one reward model per "
+                 "seed)")
     fig.tight_layout()
     fig.savefig(a.out, dpi=110)
 
@@ -191,23 +204,32 @@ def main(a: Args):
     lines = ["| method | form | alpha (mean ± std over seeds) | beta |", "|---|---|---|---|"]
     for method, f in fits.items():
         form = "d(α − β d)" if f["form"] == "bon" else "d(α − β log d)"
-        lines.append(f"| {method} | {form} | {f['alpha'][0]:.3f} ± {f['alpha'][1]:.3f} | {f['beta'][0]:.3f} ± {f['beta'][1]:.3f} |")
+        lines.append(f"| {method} | {form} | {f['alpha'][0]:.3f} ± {f['alpha'][1]:.3f} | {f['beta'][0]:.3f} ± "
+                     f"{f['beta'][1]:.3f} |")
     for index, score in ((2, "gold"), (1, "proxy")):
-        lines += ["", f"| KL (nats): {score} - initial | " + " | ".join(points) + " |", "|---" * (1 + len(points)) + "|"]
+        lines += ["", f"| KL (nats): {score} - initial | " + " | ".join(points) + " |",
+                  "|---" * (1 + len(points)) + "|"]
         for kl in a.matched_kl:
             cells = [mean_std([interpolate(pts, kl, index) for pts in points[method].values()]) for method in points]
             lines.append(f"| {kl:g} | " + " | ".join(cells) + " |")
-    lines += ["", "| run setting | seeds | largest KL reached | gold at the end - initial | proxy at the end - initial |", "|---|---|---|---|---|"]
+    lines += ["",
+              "| run setting | seeds | largest KL reached | gold at the end - initial | proxy at the end - initial |",
+              "|---|---|---|---|---|"]
     for (method, exp), finals in sorted(ends.items(), key=lambda kv: (kv[0][0] != "PPO", kv[0][1])):
-        lines.append(f"| {exp} | {len(finals)} | {mean_std([f[0] for f in finals])} | {mean_std([f[2] for f in finals])} | "
+        lines.append(f"| {exp} | {len(finals)} | {mean_std([f[0] for f in finals])} | "
+                     f"{mean_std([f[2] for f in finals])} | "
                      f"{mean_std([f[1] for f in finals])} |")
     if a.previous:  # the rows of the settings read from --previous, as its table (next to its .json) gave them
         table_rows = Path(a.previous).with_suffix(".md").read_text().split("| run setting |")[1].splitlines()[2:]
-        lines += [row for row in table_rows if row.startswith("| ") and (row.split(" | ")[0][2:] not in {e for _, e in ends})]
+        lines += [row for row in table_rows if row.startswith("| ") and (row.split(" | ")[0][2:] not in {e for _,
+                                                                                                         e in ends})]
     table = "\n".join(lines)
     Path(a.out).with_suffix(".md").write_text(table + "\n")
-    Path(a.out).with_suffix(".json").write_text(json.dumps({"points": {m: {str(s): p for s, p in v.items()} for m, v in points.items()},
-                                                            "fits": fits, "ends": {f"{m}/{e}": v for (m, e), v in ends.items()}}, indent=1))
+    Path(a.out).with_suffix(".json").write_text(json.dumps({"points": {m: {str(s): p for s, p in v.items()} for m,
+                                                                       v in points.items()},
+                                                            "fits": fits,
+                                                            "ends": {f"{m}/{e}": v for (m, e), v in ends.items()}},
+                                                            indent=1))
     print(table)
     print(f"plot: {a.out}")
 

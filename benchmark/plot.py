@@ -1,7 +1,8 @@
 """Learning curves (mean and spread over seeds) and a table of final values per group of runs.
 
-    python benchmark/plot.py runs/benchmark/default__1e8dbb8 --out benchmark/default.png
-    python benchmark/plot.py runs/benchmark/default__<c> runs/benchmark/adam_pytorch__<c> --seeds 1 2 3 --out benchmark/adam.png
+    python benchmark/plot.py runs/benchmark/default__1e8dbb8 --out docs/images/default_sweep.png
+    python benchmark/plot.py runs/benchmark/default__<c> runs/benchmark/adam_pytorch__<c> --seeds 1 2 3 \\
+        --out docs/images/adam_ablation.png
 
 Each positional folder is one group (its name is the label) holding run folders; a run is any folder with a
 metrics.jsonl (train_both.py runs have policy/ and reward/ stages, read together; the reward stage's held-out
@@ -31,7 +32,8 @@ POLICY_METRICS = [
     "objective/scores", "objective/gold_score", "objective/kl", "objective/kl_coef", "objective/entropy",
     "ppo/loss/policy", "ppo/loss/value", "ppo/policy/approxkl", "ppo/policy/clipfrac", "ppo/val/error",
 ]
-FINAL_METRICS = ["reward/test_accuracy", "objective/gold_score", "objective/scores", "objective/kl", "throughput/episodes_per_s"]
+FINAL_METRICS = ["reward/test_accuracy", "objective/gold_score", "objective/scores", "objective/kl",
+                 "throughput/episodes_per_s"]
 FIRST_METRICS = ["ppo/policy/approxkl", "ppo/policy/clipfrac"]  # the size of the first PPO steps (e.g. Adam's epsilon)
 
 
@@ -53,7 +55,9 @@ def read_jsonl(path: Path) -> list:
 
 def load_run(run_dir: Path) -> dict:
     """{'curve': [policy metrics per update], 'reward_curve': [held-out accuracy evaluations], 'final': {...}}."""
-    policy = run_dir / "metrics.jsonl" if (run_dir / "metrics.jsonl").is_file() else run_dir / "policy" / "metrics.jsonl"
+    policy = run_dir / "metrics.jsonl"
+    if not policy.is_file():
+        policy = run_dir / "policy" / "metrics.jsonl"
     curve = [m for m in read_jsonl(policy) if "episode" in m] if policy.is_file() else []
     final, reward_curve = {}, []
     reward = run_dir / "reward" / "metrics.jsonl"
@@ -79,16 +83,20 @@ def load_group(path: str, seeds: Optional[List[int]] = None) -> tuple:
         with open(p) as f:
             for row in csv.DictReader(f):
                 name = row.get("run") or row.get("Name") or "run"
-                runs.setdefault(name, []).append({k: float(v) for k, v in row.items() if v not in ("", None) and k not in ("run", "Name")})
+                runs.setdefault(name,
+                                []).append({k: float(v) for k,
+                                            v in row.items() if v not in ("", None) and k not in ("run", "Name")})
         return p.stem, [{"curve": c, "reward_curve": [], "final": {}} for c in runs.values()]
     if not p.is_dir():
         print(f"error: {path}: no such folder or .csv file", file=sys.stderr)
         sys.exit(2)
-    runs = sorted(d for d in p.iterdir() if d.is_dir() and ((d / "metrics.jsonl").is_file() or (d / "policy" / "metrics.jsonl").is_file()))
+    runs = sorted(d for d in p.iterdir() if d.is_dir() and ((d / "metrics.jsonl").is_file()
+                                                            or (d / "policy" / "metrics.jsonl").is_file()))
     if seeds is not None:
         runs = [d for d in runs if len(d.name.split("__")) >= 3 and d.name.split("__")[-2] in {str(x) for x in seeds}]
     if not runs:
-        print(f"error: {path}: no run folders with a metrics.jsonl" + (f" for seeds {seeds}" if seeds else ""), file=sys.stderr)
+        print(f"error: {path}: no run folders with a metrics.jsonl" + (f" for seeds {seeds}" if seeds else ""),
+              file=sys.stderr)
         sys.exit(2)
     return p.name, [load_run(d) for d in runs]
 

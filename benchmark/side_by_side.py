@@ -53,8 +53,8 @@ class Args:
 
 def run(cmd: list, log: Path) -> dict:
     """Run a child to its end; its peak resident memory is the largest VmHWM (the resident high-water mark of the
-    program it runs) read from /proc/<pid>/status every 0.1 s. Not wait4's ru_maxrss: Linux carries the forking
-    parent's high-water mark into the child across exec, so a child smaller than this script reported this script's peak."""
+    program it runs) read from /proc/<pid>/status every 0.1 s. Not wait4's ru_maxrss: Linux carries the forking parent's
+    high-water mark into the child across exec, so a child smaller than this script reported this script's peak."""
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
                                 env={**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"})
@@ -62,7 +62,8 @@ def run(cmd: list, log: Path) -> dict:
         while proc.poll() is None:
             status = Path(f"/proc/{proc.pid}/status")
             lines = status.read_text().splitlines() if status.exists() else []  # gone once the child is reaped
-            peak_kb = max([peak_kb] + [int(line.split()[1]) for line in lines if line.startswith("VmHWM:")])  # none in a zombie
+            # none in a zombie
+            peak_kb = max([peak_kb] + [int(line.split()[1]) for line in lines if line.startswith("VmHWM:")])
             time.sleep(0.1)
     if proc.returncode != 0:
         sys.exit(f"error: {' '.join(map(str, cmd[:4]))} failed, see {log}")
@@ -103,11 +104,14 @@ def main(a: Args):
     summary = {}
     for system in a.systems:
         rows = [x for x in results if x["system"] == system]
-        summary[system] = {k: statistics.mean(x[k] for x in rows) for k in ("episodes_per_s", "train_s", "peak_rss_gb", "gold")}
+        summary[system] = {k: statistics.mean(x[k] for x in rows) for k in ("episodes_per_s", "train_s", "peak_rss_gb",
+                                                                            "gold")}
         summary[system]["gold_std"] = statistics.stdev(x["gold"] for x in rows) if len(rows) > 1 else 0.0
     if len(a.systems) == 2:
-        summary["ratio_ours_over_trl"] = {k: summary["ours"][k] / summary["trl"][k] for k in ("episodes_per_s", "peak_rss_gb")}
-    (out / "result.json").write_text(json.dumps({"ours_flags": a.ours_flags, "runs": results, "summary": summary}, indent=2))
+        summary["ratio_ours_over_trl"] = {k: summary["ours"][k] / summary["trl"][k] for k in ("episodes_per_s",
+                                                                                              "peak_rss_gb")}
+    (out / "result.json").write_text(json.dumps({"ours_flags": a.ours_flags, "runs": results, "summary": summary},
+                                                indent=2))
     print(json.dumps(summary, indent=2))
 
 
@@ -121,8 +125,8 @@ def run_ours(a: Args, seed: int, r: int, ours_dir: Path, out: Path, heldout: tor
     metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     train_s = sum(m["timing/generation_s"] + m["timing/scoring_s"] + m["timing/update_s"] for m in metrics)
     update_flops = statistics.median(m["throughput/update_flops_per_s"] for m in metrics)
-    return {"system": "ours", "round": r, "seed": seed, "episodes_per_s": a.episodes / train_s, "train_s": train_s, **res,
-            "gold": gold(str(run_dir / "policy"), heldout), "update_flops_per_s": update_flops}
+    return {"system": "ours", "round": r, "seed": seed, "episodes_per_s": a.episodes / train_s, "train_s": train_s,
+            **res, "gold": gold(str(run_dir / "policy"), heldout), "update_flops_per_s": update_flops}
 
 
 def run_trl(a: Args, seed: int, r: int, queries_file: Path, trl_dir: Path, out: Path, heldout: torch.Tensor) -> dict:
@@ -131,8 +135,8 @@ def run_trl(a: Args, seed: int, r: int, queries_file: Path, trl_dir: Path, out: 
                "--output_dir", str(trl_dir), "--total_episodes", str(a.episodes), "--seed", str(seed),
                "--nminibatches", str(a.nminibatches)], out / f"trl_{r}.log")
     trl = json.loads((trl_dir / "result.json").read_text())
-    return {"system": "trl", "round": r, "seed": seed, "episodes_per_s": trl["episodes_per_s"], "train_s": trl["train_s"],
-            **res, "gold": gold(str(trl_dir / "policy"), heldout)}
+    return {"system": "trl", "round": r, "seed": seed, "episodes_per_s": trl["episodes_per_s"],
+            "train_s": trl["train_s"], **res, "gold": gold(str(trl_dir / "policy"), heldout)}
 
 
 if __name__ == "__main__":

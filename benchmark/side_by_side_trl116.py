@@ -6,7 +6,8 @@ state. Reports episodes (or pairs) per second of training (loading excluded), pe
 the gold score (VADER) and the KL to the initial policy of each final policy on the same held-out queries (rloo, grpo,
 dpo), the held-out pairwise accuracy (reward).
 
-    python3 -m venv benchmark/.trl116-venv && benchmark/.trl116-venv/bin/pip install -r benchmark/trl116-requirements.txt
+    python3 -m venv benchmark/.trl116-venv && benchmark/.trl116-venv/bin/pip install -r
+    benchmark/trl116-requirements.txt
     python benchmark/side_by_side_trl116.py --reward_model runs/<reward run>/reward_model --seeds 1 2 3
     python benchmark/side_by_side_trl116.py --reward_model ... --methods rloo --episodes 128 --seeds 1   # a smoke test
 
@@ -24,7 +25,8 @@ Same for ours and TRL:
   * dpo: our pairs (the first 2048 best-of-4 labels, each its best sample against each other one: 6,144 pairs) as token
     ids, in our order, 64 pairs per step (2 x 32), one pass, beta 0.1, sigmoid loss, AdamW lr 1e-4 cosine to 0 without
     warm-up, epsilon 1e-5, weight decay 0.01, no gradient clipping, the reference's log-probs computed on the fly.
-  * reward: the same pairwise label file, written here from the best-of-4 labels (train_reward.py has no pairwise mode of
+  * reward: the same pairwise label file, written here from the best-of-4 labels (train_reward.py has no pairwise mode
+  of
     its own but reads pairwise {"query", "chosen", "rejected"} labels with -log sigmoid(r_chosen - r_rejected)): the
     first 2048 labels' 6,144 pairs for training, in our order, 16 per step, lr 1e-3 annealed linearly, Adam epsilon
     1e-5, no clipping; the last 512 labels' 1,536 pairs held out, accuracy computed the same way.
@@ -43,7 +45,8 @@ What differs (TRL 1.16 cannot be set to ours):
     Trainer exempts biases and LayerNorm weights from weight decay (ours decays every weight). TRL's DPO normally
     appends EOS to each response; here it gets our ids, without.
   * reward: TRL's model is GPT2ForSequenceClassification, a bias-free score head initialised N(0, 0.02), trained with
-    torch's AdamW (no weight decay); ours is the backbone with a Linear(d, 1) head initialised N(0, 1 / sqrt(d + 1)) plus
+    torch's AdamW (no weight decay); ours is the backbone with a Linear(d, 1) head initialised N(0, 1 / sqrt(d + 1))
+    plus
     a trained gain and bias, TF1-style Adam, and the rewards normalized (mean 0, std 1 on 256 base-policy samples)
     before and after training, outside the timed loop (normalization leaves the accuracy unchanged).
   * throughput: ours counts training time from its metrics (train_rloo.py: timing/generation_s + scoring_s + update_s;
@@ -99,7 +102,8 @@ class Args:
     """folder for the runs, result.json and result.md"""
     previous: List[str] = field(default_factory=list)
     """result.json files of earlier runs of this script with other seeds and the same settings: their rounds join this
-    run's in the summary (the seeds, run one call at a time, as one table; a figure a round lacks is left out of its mean)"""
+    run's in the summary (the seeds, run one call at a time, as one table; a figure a round lacks is left out of its
+    mean)"""
 
 
 def run_dir_of(root: Path) -> Path:
@@ -113,8 +117,8 @@ def metrics_of(run_dir: Path) -> list:
 
 @torch.no_grad()
 def gold_and_kl(policy_dir: str, queries: torch.Tensor, reference) -> dict:
-    """Gold score (VADER) of one sample per held-out query at temperature 0.7 (the draws of side_by_side.py's `gold`), and
-    the KL of the policy to the initial one on those samples: sum over the response of log pi - log ref, both at
+    """Gold score (VADER) of one sample per held-out query at temperature 0.7 (the draws of side_by_side.py's `gold`),
+    and the KL of the policy to the initial one on those samples: sum over the response of log pi - log ref, both at
     temperature 0.7, averaged over the queries (train_rloo.py's objective/kl)."""
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     model = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
@@ -181,7 +185,8 @@ def timed_train_reward():
     (Path(run_dir) / "timing.json").write_text(json.dumps({"train_s": clock["loop_s"] - clock["eval_s"], **clock}))
 
 
-def round_of(method: str, r: int, seed: int, a: Args, out: Path, heldout: torch.Tensor, reference, shared: dict) -> list:
+def round_of(method: str, r: int, seed: int, a: Args, out: Path, heldout: torch.Tensor, reference,
+             shared: dict) -> list:
     """Ours, then TRL, for one method and seed: two result rows."""
     ours_dir, trl_dir = out / f"{method}_ours_{r}", out / f"{method}_trl_{r}"
     for d in (ours_dir, trl_dir):  # this script's own outputs of an earlier measurement
@@ -190,9 +195,10 @@ def round_of(method: str, r: int, seed: int, a: Args, out: Path, heldout: torch.
     reward_model = str(Path(a.reward_model).resolve())
     if method in ("rloo", "grpo"):
         queries_file = out / f"queries_{seed}.json"
-        res = run([sys.executable, "train_rloo.py", "--advantage", method, "--reward_model", reward_model, "--total_episodes",
-                   str(a.episodes), "--k", str(a.k), "--seed", str(seed), "--run_root", str(ours_dir), "--save_every", "0",
-                   "--print_sample_every", "100000"], out / f"{method}_ours_{r}.log")
+        res = run([sys.executable, "train_rloo.py", "--advantage", method, "--reward_model", reward_model,
+                   "--total_episodes", str(a.episodes), "--k", str(a.k), "--seed", str(seed), "--run_root",
+                   str(ours_dir), "--save_every", "0", "--print_sample_every", "100000"],
+                   out / f"{method}_ours_{r}.log")
         run_dir = run_dir_of(ours_dir)
         m = metrics_of(run_dir)
         train_s = sum(x["timing/generation_s"] + x["timing/scoring_s"] + x["timing/update_s"] for x in m)
@@ -224,21 +230,24 @@ def round_of(method: str, r: int, seed: int, a: Args, out: Path, heldout: torch.
     else:
         train_pairs, test_pairs = shared["reward_pairs"]
         n_train, n_test = len(train_pairs[0]), len(test_pairs[0])
-        code = f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'benchmark')!r}]; import side_by_side_trl116 as s; s.timed_train_reward()"
-        res = run([sys.executable, "-c", code, "--label_dataset", str(shared["reward_labels"]), "--num_train", str(n_train),
-                   "--num_test", str(n_test), "--seed", str(seed), "--run_root", str(ours_dir), "--save_every", "0",
-                   "--eval_every", "100000"], out / f"reward_ours_{r}.log")
+        code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'benchmark')!r}]; "
+                "import side_by_side_trl116 as s; s.timed_train_reward()")
+        res = run([sys.executable, "-c", code, "--label_dataset", str(shared["reward_labels"]), "--num_train",
+                   str(n_train), "--num_test", str(n_test), "--seed", str(seed), "--run_root", str(ours_dir),
+                   "--save_every", "0", "--eval_every", "100000"], out / f"reward_ours_{r}.log")
         run_dir = run_dir_of(ours_dir)
         train_s = json.loads((run_dir / "timing.json").read_text())["train_s"]
         accuracy = [x for x in metrics_of(run_dir) if "test/accuracy" in x][-1]["test/accuracy"]
-        rows[0].update(unit="pairs/s", throughput=(n_train // 16 * 16) / train_s, train_s=train_s, **res, accuracy=accuracy)
+        rows[0].update(unit="pairs/s", throughput=(n_train // 16 * 16) / train_s, train_s=train_s, **res,
+                       accuracy=accuracy)
         order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))  # train_reward.py's order
         pairs_file = out / f"reward_pairs_{seed}.json"
         pairs_file.write_text(json.dumps({"train": pairs_json(train_pairs, order), "test": pairs_json(test_pairs)}))
         res = run([a.trl_python, "benchmark/trl_reward.py", "--pairs", str(pairs_file), "--output_dir", str(trl_dir),
                    "--seed", str(seed)], out / f"reward_trl_{r}.log")
         trl = json.loads((trl_dir / "result.json").read_text())
-        rows[1].update(unit="pairs/s", throughput=trl["pairs_per_s"], train_s=trl["train_s"], **res, accuracy=trl["test_accuracy"])
+        rows[1].update(unit="pairs/s", throughput=trl["pairs_per_s"], train_s=trl["train_s"], **res,
+                       accuracy=trl["test_accuracy"])
     for row in rows:
         print(json.dumps(row), flush=True)
     return rows
@@ -252,7 +261,8 @@ def table(summary: dict) -> str:
         for system in ("ours", "trl"):
             s = systems[system]
             ratio = f"{systems['ratio_ours_over_trl']['throughput']:.2f}x" if system == "ours" else ""
-            lines.append(f"| {method} | {'TRL 1.16' if system == 'trl' else 'ours'} | {fmt(s, 'throughput', '{:.2f}')} {s['unit']} | "
+            lines.append(f"| {method} | {'TRL 1.16' if system == 'trl' else 'ours'} | {fmt(s, 'throughput', '{:.2f}')} "
+                         f"{s['unit']} | "
                          f"{s['peak_rss_gb']:.2f} | {fmt(s, 'gold', '{:+.3f}')} | {fmt(s, 'kl', '{:.2f}')} | "
                          f"{fmt(s, 'accuracy', '{:.3f}')} | {ratio} |")
     return "\n".join(lines)
@@ -296,11 +306,14 @@ def main(a: Args):
         summary[method] = {}
         for system in ("ours", "trl"):
             rows = [x for x in results if x["method"] == method and x["system"] == system]
-            values = {k: [x[k] for x in rows if k in x] for k in ("throughput", "peak_rss_gb", "gold", "kl", "accuracy")}
-            s = {k: statistics.mean(v) for k, v in values.items() if v}  # a figure a round lacks is left out of its mean
+            values = {k: [x[k] for x in rows if k in x] for k in ("throughput", "peak_rss_gb", "gold", "kl",
+                                                                  "accuracy")}
+            # a figure a round lacks is left out of its mean
+            s = {k: statistics.mean(v) for k, v in values.items() if v}
             s.update({f"{k}_std": statistics.stdev(v) for k, v in values.items() if len(v) > 1 and k != "peak_rss_gb"})
             summary[method][system] = {**s, "unit": rows[0]["unit"]}
-        summary[method]["ratio_ours_over_trl"] = {k: summary[method]["ours"][k] / summary[method]["trl"][k] for k in ("throughput", "peak_rss_gb")}
+        ours, trl = summary[method]["ours"], summary[method]["trl"]
+        summary[method]["ratio_ours_over_trl"] = {k: ours[k] / trl[k] for k in ("throughput", "peak_rss_gb")}
     (out / "result.json").write_text(json.dumps({"runs": results, "summary": summary}, indent=2))
     md = table(summary)
     (out / "result.md").write_text(md + "\n")

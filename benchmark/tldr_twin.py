@@ -4,7 +4,7 @@ PPO's and DPO's held-out judge score, ROUGE-L and KL before and after, and the w
 (markdown, and JSON beside the plot) and a plot of the held-out judge score and ROUGE-L against the share of training
 done, for PPO and DPO (mean and spread over seeds) with the SFT model's level.
 
-    python benchmark/tldr_twin.py --root runs/tldr_twin_sweep --out benchmark/tldr_twin.png
+    python benchmark/tldr_twin.py --root runs/tldr_twin_sweep --out docs/images/tldr_twin.png
 
 The SFT model's figures are PPO's evaluation before its first update (the same 256 held-out posts, temperature 0.7);
 DPO samples the same posts at the same temperature.
@@ -26,7 +26,7 @@ import tyro  # noqa: E402
 class Args:
     root: str = "runs/tldr_twin_sweep"
     """benchmark/tldr_twin.sh's run folder"""
-    out: str = "benchmark/tldr_twin.png"
+    out: str = "docs/images/tldr_twin.png"
     """the plot; the table goes to <out>.md and the figures to <out>.json"""
 
 
@@ -58,12 +58,12 @@ def seed_figures(root: Path, seed: int) -> dict:
         "sft_judge": ppo_evals[0]["eval/gold_score"], "sft_rougeL": ppo_evals[0]["eval/rougeL"],
         "rm_accuracy": reward["test/accuracy/after"], "rm_accuracy_samples": reward["test/accuracy/batch/twin_samples"],
         "bon1_judge": bon[1]["gold"], "bon8_judge": bon[8]["gold"],
-        "ppo_judge": ppo_evals[-1]["eval/gold_score"], "ppo_rougeL": ppo_evals[-1]["eval/rougeL"], "ppo_kl": policy["kl/last_tenth"],
-        "dpo_judge_before": dpo_evals[0]["objective/gold_score"], "dpo_rougeL_before": dpo_evals[0]["eval/rougeL"],
-        "dpo_judge": dpo_evals[-1]["objective/gold_score"], "dpo_rougeL": dpo_evals[-1]["eval/rougeL"], "dpo_kl": dpo_evals[-1]["objective/kl"],
+        "ppo_judge": ppo_evals[-1]["eval/gold_score"], "ppo_rougeL": ppo_evals[-1]["eval/rougeL"],
+        "ppo_kl": policy["kl/last_tenth"], "dpo_judge_before": dpo_evals[0]["objective/gold_score"],
+        "dpo_rougeL_before": dpo_evals[0]["eval/rougeL"], "dpo_judge": dpo_evals[-1]["objective/gold_score"],
+        "dpo_rougeL": dpo_evals[-1]["eval/rougeL"], "dpo_kl": dpo_evals[-1]["objective/kl"],
         "wall_sft": json.loads((sft / "summary.json").read_text())["wall_s"], "wall_reward": reward["wall_s"],
-        "wall_ppo": policy["wall_s"], "wall_dpo": json.loads((dpo / "summary.json").read_text())["wall_s"],
-        "curves": {
+        "wall_ppo": policy["wall_s"], "wall_dpo": json.loads((dpo / "summary.json").read_text())["wall_s"], "curves": {
             "PPO": [(m["update"] / last_ppo, m["eval/gold_score"], m["eval/rougeL"]) for m in ppo_evals],
             "DPO": [(m["update"] / last_dpo, m["objective/gold_score"], m["eval/rougeL"]) for m in dpo_evals],
         },
@@ -74,15 +74,18 @@ COLUMNS = [  # (header, format of one seed's row)
     ("seed", lambda f: str(f["seed"])),
     ("SFT judge / ROUGE-L", lambda f: f"{f['sft_judge']:.3f} / {f['sft_rougeL']:.3f}"),
     ("RM accuracy (all / sample vs sample)", lambda f: f"{f['rm_accuracy']:.3f} / {f['rm_accuracy_samples']:.3f}"),
-    ("best-of-8 judge (n = 1 -> 8)", lambda f: f"{f['bon1_judge']:.3f} -> {f['bon8_judge']:.3f} ({f['bon8_judge'] - f['bon1_judge']:+.3f})"),
+    ("best-of-8 judge (n = 1 -> 8)",
+     lambda f: f"{f['bon1_judge']:.3f} -> {f['bon8_judge']:.3f} ({f['bon8_judge'] - f['bon1_judge']:+.3f})"),
     ("PPO judge", lambda f: f"{f['sft_judge']:.3f} -> {f['ppo_judge']:.3f} ({f['ppo_judge'] - f['sft_judge']:+.3f})"),
     ("PPO ROUGE-L", lambda f: f"{f['sft_rougeL']:.3f} -> {f['ppo_rougeL']:.3f}"),
     ("PPO KL (last rollouts)", lambda f: f"{f['ppo_kl']:.2f}"),
-    ("DPO judge", lambda f: f"{f['dpo_judge_before']:.3f} -> {f['dpo_judge']:.3f} ({f['dpo_judge'] - f['dpo_judge_before']:+.3f})"),
+    ("DPO judge",
+     lambda f: f"{f['dpo_judge_before']:.3f} -> {f['dpo_judge']:.3f} ({f['dpo_judge'] - f['dpo_judge_before']:+.3f})"),
     ("DPO ROUGE-L", lambda f: f"{f['dpo_rougeL_before']:.3f} -> {f['dpo_rougeL']:.3f}"),
     ("DPO KL (held-out samples)", lambda f: f"{f['dpo_kl']:.2f}"),
     ("wall SFT + RM + PPO (DPO)", lambda f: f"{f['wall_sft']:.0f} + {f['wall_reward']:.0f} + {f['wall_ppo']:.0f} = "
-                                          f"{f['wall_sft'] + f['wall_reward'] + f['wall_ppo']:.0f} s ({f['wall_dpo']:.0f} s)"),
+                                          f"{f['wall_sft'] + f['wall_reward'] + f['wall_ppo']:.0f} s "
+                                          f"({f['wall_dpo']:.0f} s)"),
 ]
 
 
@@ -98,12 +101,14 @@ def plot(figures: list, out: str):
         sft = statistics.mean(f["curves"]["PPO"][0][column] for f in figures)
         ax.axhline(sft, color="gray", linestyle="--", label="SFT")
         for method, color in (("PPO", "C0"), ("DPO", "C1")):
-            points = list(zip(*[[p[column] for p in f["curves"][method]] for f in figures]))  # per evaluation, one value per seed
+            # per evaluation, one value per seed
+            points = list(zip(*[[p[column] for p in f["curves"][method]] for f in figures]))
             x = [p[0] for p in figures[0]["curves"][method]]
             mean = [statistics.mean(v) for v in points]
             spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in points]
             ax.plot(x, mean, color=color, marker="o", label=method)
-            ax.fill_between(x, [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)], color=color, alpha=0.2)
+            ax.fill_between(x, [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)],
+                            color=color, alpha=0.2)
         ax.set_xlabel("share of training done (PPO: 16 updates of 64 episodes; DPO: 32 of 64 pairs)")
         ax.set_title(label)
         ax.legend()
@@ -119,7 +124,9 @@ def main(a: Args) -> list:
     md = table(figures)
     print(md)
     Path(a.out).with_suffix(".md").write_text(md + "\n")
-    Path(a.out).with_suffix(".json").write_text(json.dumps([{k: v for k, v in f.items() if k != "curves"} for f in figures], indent=2))
+    Path(a.out).with_suffix(".json").write_text(json.dumps([{k: v for k,
+                                                             v in f.items() if k != "curves"} for f in figures],
+                                                             indent=2))
     plot(figures, a.out)
     return figures
 

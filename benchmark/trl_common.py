@@ -11,7 +11,8 @@ from transformers import AutoModelForSequenceClassification
 
 def reward_model_for_trl(folder: str):
     """Our reward model folder (backbone + reward_head.safetensors) as a sequence-classification model whose `score`
-    layer is Linear(d, 1) with gain * w and gain * b + bias, so TRL reads the same reward at the same (last non-pad) token."""
+    layer is Linear(d, 1) with gain * w and gain * b + bias, so TRL reads the same reward at the same (last non-pad)
+    token."""
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1)
     head = load_file(f"{folder}/reward_head.safetensors")
     score = torch.nn.Linear(head["head.weight"].shape[1], 1)

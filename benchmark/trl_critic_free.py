@@ -64,7 +64,8 @@ def main():
     p.add_argument("--trainer", choices=["rloo", "grpo"], required=True)
     p.add_argument("--base_model", default="data/nano")
     p.add_argument("--reward_model", required=True, help="our reward model folder (train_reward.py's reward_model/)")
-    p.add_argument("--queries", required=True, help="JSON list of left-padded query token lists, one per prompt, in training order")
+    p.add_argument("--queries", required=True,
+                   help="JSON list of left-padded query token lists, one per prompt, in training order")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--total_episodes", type=int, default=2560)
     p.add_argument("--batch_size", type=int, default=64, help="episodes per update (batch_size / k prompts)")
@@ -85,7 +86,8 @@ def main():
     pad = tokenizer.pad_token_id
     queries = json.load(open(a.queries))[: a.total_episodes // a.k]
     if len(queries) * a.k != a.total_episodes or a.total_episodes % a.batch_size:
-        raise SystemExit(f"--total_episodes {a.total_episodes} needs {a.total_episodes // a.k} queries (has {len(queries)}) "
+        raise SystemExit(f"--total_episodes {a.total_episodes} needs {a.total_episodes // a.k} queries (has "
+                         f"{len(queries)}) "
                          f"and a multiple of --batch_size {a.batch_size}")
     ids_of, texts = {}, []
     for q in queries:
@@ -104,20 +106,20 @@ def main():
     else:
         reward_funcs, reward_tokenizers = reward, AutoTokenizer.from_pretrained(a.reward_model)
     common = dict(
-        output_dir=a.output_dir, per_device_train_batch_size=a.batch_size // a.nminibatches, gradient_accumulation_steps=1,
-        steps_per_generation=a.nminibatches, num_generations=a.k, num_iterations=a.noptepochs,
-        max_completion_length=a.response_length, temperature=a.temperature, top_p=1.0, top_k=0,
-        generation_kwargs={"eos_token_id": pad, "suppress_tokens": [pad]}, shuffle_dataset=False, num_train_epochs=1,
-        learning_rate=a.lr, lr_scheduler_type="linear", warmup_steps=0, optim="adamw_torch", weight_decay=0.0,
-        adam_epsilon=a.eps, max_grad_norm=0.0, beta=a.beta, epsilon=a.cliprange, disable_dropout=True, bf16=False,
-        gradient_checkpointing=False, report_to="none", save_strategy="no", logging_steps=1, seed=a.seed,
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        output_dir=a.output_dir, per_device_train_batch_size=a.batch_size // a.nminibatches,
+        gradient_accumulation_steps=1, steps_per_generation=a.nminibatches, num_generations=a.k,
+        num_iterations=a.noptepochs, max_completion_length=a.response_length, temperature=a.temperature, top_p=1.0,
+        top_k=0, generation_kwargs={"eos_token_id": pad, "suppress_tokens": [pad]}, shuffle_dataset=False,
+        num_train_epochs=1, learning_rate=a.lr, lr_scheduler_type="linear", warmup_steps=0, optim="adamw_torch",
+        weight_decay=0.0, adam_epsilon=a.eps, max_grad_norm=0.0, beta=a.beta, epsilon=a.cliprange,
+        disable_dropout=True, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
+        logging_steps=1, seed=a.seed, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
     )
     if a.trainer == "rloo":
         config, trainer_class = RLOOConfig(**common, normalize_advantages=False), RLOOTrainer
     else:  # ours: group-std scaling, k3 KL in the loss (no importance weight on it), per-response token mean
-        config, trainer_class = GRPOConfig(**common, loss_type="grpo", scale_rewards="group", use_bias_correction_kl=False,
-                                           importance_sampling_level="token"), GRPOTrainer
+        config, trainer_class = GRPOConfig(**common, loss_type="grpo", scale_rewards="group",
+                                           use_bias_correction_kl=False, importance_sampling_level="token"), GRPOTrainer
     trainer = with_our_prompt_ids(trainer_class, ids_of)(
         model=policy, reward_funcs=reward_funcs, args=config, train_dataset=dataset, processing_class=tokenizer,
         reward_processing_classes=reward_tokenizers)

@@ -24,7 +24,8 @@ from trl_common import write_result
 
 
 class DPOTrainerOnIds(DPOTrainer):
-    """DPOTrainer whose dataset already holds prompt_ids, chosen_ids and rejected_ids (no EOS appended, no tokenizing)."""
+    """DPOTrainer whose dataset already holds prompt_ids, chosen_ids and rejected_ids (no EOS appended, no
+    tokenizing)."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset
@@ -39,7 +40,8 @@ def main():
     p.add_argument("--micro_batch_size", type=int, default=32, help="pairs per forward/backward")
     p.add_argument("--lr", type=float, default=1e-4, help="annealed to 0 by a cosine without warm-up")
     p.add_argument("--eps", type=float, default=1e-5, help="AdamW epsilon")
-    p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (ours: torch.optim.AdamW's default)")
+    p.add_argument("--weight_decay", type=float, default=0.01,
+                   help="AdamW weight decay (ours: torch.optim.AdamW's default)")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=1)
     a = p.parse_args()

@@ -27,14 +27,17 @@ def main():
     p.add_argument("--total_episodes", type=int, default=2560)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--nminibatches", type=int, default=2)
-    p.add_argument("--micro_batch_size", type=int, default=None, help="episodes per forward/backward (default: a whole minibatch)")
-    p.add_argument("--rollout_forward_batch_size", type=int, default=None, help="episodes per rollout forward (default: the batch)")
+    p.add_argument("--micro_batch_size", type=int, default=None,
+                   help="episodes per forward/backward (default: a whole minibatch)")
+    p.add_argument("--rollout_forward_batch_size", type=int, default=None,
+                   help="episodes per rollout forward (default: the batch)")
     p.add_argument("--noptepochs", type=int, default=4)
     p.add_argument("--response_length", type=int, default=24)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--kl_coef", type=float, default=0.15)
-    p.add_argument("--stop_token_id", type=int, default=None, help="truncate responses after this token (ours: --truncate_token)")
+    p.add_argument("--stop_token_id", type=int, default=None,
+                   help="truncate responses after this token (ours: --truncate_token)")
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (ours: --mixed_precision bf16)")
     p.add_argument("--seed", type=int, default=1)
     a = p.parse_args()

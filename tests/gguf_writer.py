@@ -60,7 +60,8 @@ def write_tiny_gguf(path: Path, tokenizer_dir: Path, seed: int = 0, hidden_size:
         num_key_value_heads=kv_heads, intermediate_size=intermediate, max_position_embeddings=256,
         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,  # tied, like SmolLM2-135M
         bos_token_id=token_id[tok_config["bos_token"]], eos_token_id=token_id[tok_config["eos_token"]],
-        pad_token_id=token_id[tok_config["eos_token"]],  # pad = eos, as in SmolLM2's file: the scripts add their own pad
+        pad_token_id=token_id[tok_config["eos_token"]],
+        # pad = eos, as in SmolLM2's file: the scripts add their own pad
     )
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config).eval()

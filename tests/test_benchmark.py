@@ -22,7 +22,8 @@ def fake_group(root, name, gold_end, seeds):
                 m.update({"episode": 64 * u, "update": u, "objective/gold_score": gold_end * u / 20 + 0.01 * seed,
                           "throughput/episodes_per_s": 10.0})
                 f.write(json.dumps(m) + "\n")
-        evals = [{"update": u, "label": 16 * u, "test/accuracy": 0.25 + (0.35 + 0.01 * seed) * u / 64} for u in (0, 32, 64)]
+        evals = [{"update": u, "label": 16 * u, "test/accuracy": 0.25 + (0.35 + 0.01 * seed) * u / 64} for u in (0, 32,
+                                                                                                                 64)]
         (run / "reward" / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
     return group
 
@@ -61,7 +62,8 @@ def test_plot_keeps_only_the_seeds_asked_for(tmp_path):
 
 def test_benchmark_writes_a_slurm_array_with_one_seed_per_task(tmp_path):
     r = run_script([sys.executable, "benchmark/benchmark.py", "--slurm", "--seeds", "1", "2", "3", "--tag", "sent",
-                    "--command", "accelerate launch --num_processes 8 train_both.py sentiment", "--run_root", str(tmp_path)])
+                    "--command", "accelerate launch --num_processes 8 train_both.py sentiment", "--run_root",
+                    str(tmp_path)])
     assert r.returncode == 0, r.stderr
     (script,) = tmp_path.glob("sent__*/sent.slurm")
     text = script.read_text()
@@ -78,7 +80,8 @@ def test_benchmark_writes_a_multi_node_slurm_script_with_accelerates_flags(tmp_p
     assert "#SBATCH --nodes=2" in text and "srun --nodes=2 --ntasks-per-node=1 bash -c '" in text
     assert ("accelerate launch --num_machines $SLURM_NNODES --machine_rank $SLURM_NODEID --main_process_ip $MAIN_IP "
             "--main_process_port 29500 --rdzv_backend c10d --config_file configs/multinode_zero3.yaml") in text
-    r = run_script([sys.executable, "benchmark/benchmark.py", "--nodes", "2", "--command", "python train_policy.py", "--run_root", str(tmp_path)])
+    r = run_script([sys.executable, "benchmark/benchmark.py", "--nodes", "2", "--command", "python train_policy.py",
+                    "--run_root", str(tmp_path)])
     assert r.returncode == 2 and r.stderr.startswith("error: --nodes")
 
 
@@ -96,15 +99,17 @@ def test_benchmark_runs_each_seed_locally_and_records_it(tmp_path):
 @pytest.mark.slow
 def test_gpu_throughput_measures_each_config_on_a_model_of_the_given_architecture(tmp_path):
     """The GPU harness at toy size on the CPU: a random model of the --like folder's architecture (its config and
-    tokenizer only), one train_policy.py run per --config, episodes/s, phase seconds and the share of the matmul peak."""
+    tokenizer only), one train_policy.py run per --config, episodes/s, phase seconds and the share of the matmul
+    peak."""
     from transformers import AutoTokenizer, GPT2Config
 
     like = tmp_path / "like"
     GPT2Config(vocab_size=4096, n_positions=128, n_embd=32, n_layer=1, n_head=2).save_pretrained(like)
     AutoTokenizer.from_pretrained(ROOT / "data" / "nano").save_pretrained(like)
-    r = run_script([sys.executable, "benchmark/gpu_throughput.py", "--like", str(like), "--updates", "2", "--batch_size", "16",
-                    "--mixed_precision", "no", "--config", "micro8=--local_micro_batch_size 8 --local_rollout_forward_batch_size 8",
-                    "--out", str(tmp_path / "out")], timeout=600)
+    r = run_script([sys.executable, "benchmark/gpu_throughput.py", "--like", str(like), "--updates", "2",
+                    "--batch_size", "16", "--mixed_precision", "no", "--config",
+                    "micro8=--local_micro_batch_size 8 --local_rollout_forward_batch_size 8", "--out",
+                    str(tmp_path / "out")], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     (run,) = result["runs"]

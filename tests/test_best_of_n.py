@@ -42,7 +42,8 @@ def test_group_estimator_keeps_the_best_proxy_of_each_group_and_reports_its_gold
 def test_best_of_n_end_to_end_on_a_tiny_reward_model(tmp_path, tiny_reward_model, capsys):
     out = tmp_path / "bon.json"
     run_best_of_n("--reward_model", tiny_reward_model, "--base_model", ROOT / "data" / "nano", "--query_dataset",
-                  ROOT / "data" / "corpus.jsonl.gz", "--num_queries", "4", "--max_n", "8", "--batch_size", "16", "--out", out)
+                  ROOT / "data" / "corpus.jsonl.gz", "--num_queries", "4", "--max_n", "8", "--batch_size", "16",
+                  "--out", out)
     rows = json.loads(out.read_text())["rows"]
     assert [row["n"] for row in rows] == [1, 2, 4, 8]
     assert rows[0]["kl"] == 0 and rows[3]["kl"] == pytest.approx(math.log(8) - 7 / 8)

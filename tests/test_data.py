@@ -126,7 +126,8 @@ def test_cached_sampling_draws_what_plain_sampling_draws(tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2)).eval()
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2,
+                                       n_head=2)).eval()
     pad = tokenizer.pad_token_id
     short, long = tokenizer.encode("The rain fell all night."), tokenizer.encode(
         "She opened the door and looked outside at the garden, where the old dog was sleeping in the sun")
@@ -141,7 +142,8 @@ def test_cached_sampling_draws_what_plain_sampling_draws(tokenizer):
             mask = ids != pad
             pos = (mask.cumsum(1) - 1).clamp(min=0)
             logits = model(input_ids=ids, attention_mask=mask.long(), position_ids=pos).logits[:, -1]
-            ids = torch.cat([ids, train_sft.sample_token(torch.softmax(train_sft.sampling_logits(logits, 0.7, pad), -1))], 1)
+            ids = torch.cat([ids,
+                             train_sft.sample_token(torch.softmax(train_sft.sampling_logits(logits, 0.7, pad), -1))], 1)
     assert torch.equal(cached, ids[:, queries.shape[1]:])
 
 
@@ -158,13 +160,16 @@ def test_twin_pairs_put_the_best_sample_against_the_worst_and_baselines_on_every
 def test_twin_comparisons_follow_openai_schema_and_the_judge(tokenizer):
     records = [json.loads(line) for line in gzip.open(build.COMPARISONS, "rt", encoding="utf-8")]
     train = [r for r in records if r["split"] == "train"]
-    assert len(train) >= 5000 and records[len(train) :] == [r for r in records if r["split"] == "valid1"]  # held-out last
+    # held-out last
+    assert len(train) >= 5000 and records[len(train) :] == [r for r in records if r["split"] == "valid1"]
     batches = [r["batch"] for r in train]
     assert batches.count("twin_samples") > len(train) / 2  # most compare two samples of the SFT model
     import train_policy as tp
 
-    for r in records[:: max(1, len(records) // 300)]:  # ~300 of them: the judge, recomputed, chose and its gap made the confidence
-        assert set(r) >= {"info", "summaries", "choice", "worker", "batch", "split", "extra"} and set(r["info"]) >= {"id", "post", "title", "subreddit"}
+    # ~300 of them: the judge, recomputed, chose and its gap made the confidence
+    for r in records[:: max(1, len(records) // 300)]:
+        assert set(r) >= {"info", "summaries", "choice", "worker", "batch", "split",
+                          "extra"} and set(r["info"]) >= {"id", "post", "title", "subreddit"}
         scores = [tp.judge_summary(r["info"]["post"], s["text"].strip())["score"] for s in r["summaries"]]
         assert scores[r["choice"]] > scores[1 - r["choice"]]
         assert r["extra"]["confidence"] == min(9, 1 + int(abs(scores[0] - scores[1]) / 0.1))

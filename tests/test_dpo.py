@@ -1,6 +1,7 @@
 """train_dpo.py: the DPO and IPO losses against a hand computation, pairs from best-of-n and pairwise labels, summed
 response log-probs, tiny end-to-end runs (one process, LoRA, a run stopped and resumed; two processes in
-test_deepspeed.py), and the LoRA reference (adapters off) against the base model (--load_in_4bit on a CPU: test_lora.py)."""
+test_distributed.py), and the LoRA reference (adapters off) against the base model (--load_in_4bit on a CPU:
+test_lora.py)."""
 
 import json
 import math
@@ -12,15 +13,16 @@ import torch
 import train_dpo
 from conftest import NANO, only_run, read_metrics, stable, stopped_midway, weights
 
-TINY_DPO = ["--num_train", "32", "--num_test", "8", "--batch_size", "16", "--local_micro_batch_size", "8", "--num_eval", "8",
-            "--eval_every", "2", "--local_rollout_forward_batch_size", "8"]
+TINY_DPO = ["--num_train", "32", "--num_test", "8", "--batch_size", "16", "--local_micro_batch_size", "8",
+            "--num_eval", "8", "--eval_every", "2", "--local_rollout_forward_batch_size", "8"]
 
 
 def test_dpo_loss_matches_a_hand_computation():
     chosen, rejected = torch.tensor([-10.0, -4.0]), torch.tensor([-12.0, -3.0])
     ref_chosen, ref_rejected = torch.tensor([-11.0, -5.0]), torch.tensor([-11.0, -2.0])
     beta = 0.1
-    # h = (chosen - rejected) - (ref_chosen - ref_rejected) = (2 - 0, -1 - (-3)) = (2, 2)... the second one: (-4 + 3) - (-5 + 2) = 2
+    # h = (chosen - rejected) - (ref_chosen - ref_rejected) = (2 - 0, -1 - (-3)) = (2, 2)... the second one: (-4 + 3) -
+    # (-5 + 2) = 2
     h = [2.0, 2.0]
     loss, stats = train_dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, "sigmoid")
     expected = sum(math.log(1 + math.exp(-beta * x)) for x in h) / 2  # -log sigmoid(z) = log(1 + e^-z)
@@ -43,10 +45,12 @@ def test_pairs_from_best_of_n_and_pairwise_labels():
     q, chosen, rejected = train_dpo.preference_pairs(queries, samples, torch.tensor([1, 3]))
     assert q.tolist() == [[5, 6]] * 3 + [[7, 8]] * 3
     assert chosen.tolist() == [samples[0, 1].tolist()] * 3 + [samples[1, 3].tolist()] * 3
-    assert rejected.tolist() == [samples[0, j].tolist() for j in (0, 2, 3)] + [samples[1, j].tolist() for j in (0, 1, 2)]
+    assert rejected.tolist() == [samples[0, j].tolist() for j in (0, 2, 3)] + [samples[1, j].tolist() for j in (0, 1,
+                                                                                                                2)]
     pairwise = torch.arange(2 * 2 * 3).view(2, 2, 3)  # column 0 chosen
     q, chosen, rejected = train_dpo.preference_pairs(queries, pairwise, torch.zeros(2, dtype=torch.long))
-    assert q.tolist() == queries.tolist() and chosen.tolist() == pairwise[:, 0].tolist() and rejected.tolist() == pairwise[:, 1].tolist()
+    assert q.tolist() == queries.tolist()
+    assert chosen.tolist() == pairwise[:, 0].tolist() and rejected.tolist() == pairwise[:, 1].tolist()
 
 
 def test_sequence_logprobs_sum_the_real_tokens_at_the_temperature():
@@ -76,9 +80,10 @@ def test_lora_reference_with_adapters_off_equals_the_base_model():
     tokens = torch.randint(2, 4000, (3, 20))
     reference = train_dpo.FrozenReference(lm, lora, torch.device("cpu"), torch.float32)
     assert reference.lm is lm  # no second copy
-    # Bitwise equality needs the same kernels on both sides: Intel's MKL picks its matmul loop by the weights' alignment,
-    # and weights left in the safetensors file's mapping (16-byte aligned) rounded differently from the deep copy's
-    # (64-byte aligned) on an Intel Xeon; prepare_lm copies them out, so both models' weights are 64-byte aligned.
+    # Bitwise equality needs the same kernels on both sides: Intel's MKL picks its matmul loop by the weights'
+    # alignment, and weights left in the safetensors file's mapping (16-byte aligned) rounded differently from the deep
+    # copy's (64-byte aligned) on an Intel Xeon; prepare_lm copies them out, so both models' weights are 64-byte
+    # aligned.
     assert all(p.data_ptr() % 64 == 0 for model in (lm, base) for p in model.parameters())
     with torch.no_grad():
         expected = train_dpo.response_logits(base, tokens, tokenizer.pad_token_id, 8)
@@ -125,7 +130,8 @@ def test_tiny_dpo_run_logs_the_figures_and_saves_a_policy(tmp_path, main):
 def test_dpo_under_lora_and_with_a_reward_model(tmp_path, tiny_reward_model, main):
     r = main(train_dpo, *TINY_DPO, "--lora_r", "4", "--reward_model", tiny_reward_model, "--run_root", tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "65,536 trained parameters" in r.stdout  # rank 4 on c_attn, attn.c_proj, c_fc, mlp.c_proj of 4 layers: 4 x 16,384
+    # rank 4 on c_attn, attn.c_proj, c_fc, mlp.c_proj of 4 layers: 4 x 16,384
+    assert "65,536 trained parameters" in r.stdout
     metrics = read_metrics(tmp_path)
     assert "objective/scores" in metrics[0] and "objective/scores" in metrics[-1]
     saved = train_dpo.AutoModelForCausalLM.from_pretrained(only_run(tmp_path) / "policy")  # merged: a plain GPT-2
@@ -137,8 +143,8 @@ def test_stopped_and_resumed_dpo_run_ends_exactly_as_an_uninterrupted_one(tmp_pa
     flags = [*TINY_DPO, "--num_train", "64", "--save_every", "2", "--base_model", str(tiny_models / "base")]
     whole = main(train_dpo, *flags, "--run_root", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
-    stopped = stopped_midway([sys.executable, "train_dpo.py", *flags, "--run_root", str(tmp_path / "stopped")], tmp_path / "stopped",
-                             "metrics.jsonl", after_lines=2)
+    stopped = stopped_midway([sys.executable, "train_dpo.py", *flags, "--run_root", str(tmp_path / "stopped")],
+                             tmp_path / "stopped", "metrics.jsonl", after_lines=2)
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
     run_dir = only_run(tmp_path / "stopped")
     resumed = main(train_dpo, "--resume", run_dir)

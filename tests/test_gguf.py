@@ -15,10 +15,10 @@ import train_reward as tr
 import train_sft
 
 TINY_BOTH = [
-    "--reward.num_train", "16", "--reward.num_test", "8", "--reward.batch_size", "8", "--reward.local_micro_batch_size", "4",
-    "--reward.normalize_samples", "16", "--reward.rollout_batch_size", "16", "--reward.eval_every", "1",
-    "--policy.total_episodes", "16", "--policy.batch_size", "16", "--policy.nminibatches", "1",
-    "--policy.local_micro_batch_size", "8", "--policy.noptepochs", "1", "--policy.print_sample_every", "100",
+    "--reward.num_train", "16", "--reward.num_test", "8", "--reward.batch_size", "8",
+    "--reward.local_micro_batch_size", "4", "--reward.normalize_samples", "16", "--reward.rollout_batch_size", "16",
+    "--reward.eval_every", "1", "--policy.total_episodes", "16", "--policy.batch_size", "16", "--policy.nminibatches",
+    "1", "--policy.local_micro_batch_size", "8", "--policy.noptepochs", "1", "--policy.print_sample_every", "100",
 ]
 
 

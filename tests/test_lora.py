@@ -26,13 +26,15 @@ def test_reward_model_under_lora_trains_adapters_and_head_and_saves_merged(tiny_
     assert 0 < rank_of_change(tiny_reward_model) <= 4  # moved, and only along the rank-4 adapters
     assert not any("lora" in k for k in load_file(tiny_reward_model / "model.safetensors"))
     head = load_file(tiny_reward_model / "reward_head.safetensors")
-    assert head["gain"].item() != 1.0  # the normalization set it; the head trained in full (no way to tell from init alone)
+    # the normalization set it; the head trained in full (no way to tell from init alone)
+    assert head["gain"].item() != 1.0
 
 
 @pytest.mark.slow
 def test_ppo_under_lora(tmp_path, tiny_reward_model, main):
-    r = main(train_policy, "--reward_model", tiny_reward_model, "--total_episodes", "32", "--batch_size", "16", "--nminibatches", "1",
-             "--local_micro_batch_size", "8", "--noptepochs", "2", "--lora_r", "4", "--run_root", tmp_path)
+    r = main(train_policy, "--reward_model", tiny_reward_model, "--total_episodes", "32", "--batch_size", "16",
+             "--nminibatches", "1", "--local_micro_batch_size", "8", "--noptepochs", "2", "--lora_r", "4",
+             "--run_root", tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "65,793 trained policy and value parameters" in r.stdout  # 65,536 of adapters + the value head's 256 + 1
     policy = only_run(tmp_path) / "policy"
@@ -52,7 +54,9 @@ def test_sft_under_lora(tmp_path, small_corpus, main):
 
 @pytest.mark.parametrize("script", [train_sft, train_reward, train_policy, train_dpo])
 def test_load_in_4bit_on_a_cpu_is_one_clear_line(tmp_path, script, main):
-    extra = ["--base_model", NANO] if script is train_sft else ["--reward_model", NANO] if script is train_policy else []
+    extra = ["--base_model", NANO] if script is train_sft else ["--reward_model",
+                                                                NANO] if script is train_policy else []
     r = main(script, *extra, "--lora_r", "4", "--load_in_4bit", "--run_root", tmp_path)
-    assert r.returncode == 2 and r.stderr.startswith("error: --load_in_4bit (QLoRA)") and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: --load_in_4bit (QLoRA)") and r.stderr.count("\n") == 1, r.stderr[-2000:]
     assert not list(tmp_path.iterdir())

@@ -42,10 +42,12 @@ def root(tmp_path):
         # PPO: 6 bins of 4 updates with the same figures inside a bin (the bin's mean is then exact)
         ppo = []
         for i, kl in enumerate([0.5, 1.0, 2.0, 4.0, 8.0, 12.0]):
-            ppo += [{"update": 4 * i + j + 1, "objective/kl": kl, "objective/scores": PROXY0 + kl, "objective/gold_score": rl_gold(kl)}
+            ppo += [{"update": 4 * i + j + 1, "objective/kl": kl, "objective/scores": PROXY0 + kl,
+                     "objective/gold_score": rl_gold(kl)}
                     for j in range(4)]
         write_run(tmp_path / "ppo" / f"ppo_kl2__{seed}__100", "ppo", ppo)
-        dpo = [{"update": 8 * i, "objective/kl": kl, "objective/scores": PROXY0 + kl / 2, "objective/gold_score": rl_gold(kl)}
+        dpo = [{"update": 8 * i, "objective/kl": kl, "objective/scores": PROXY0 + kl / 2,
+                "objective/gold_score": rl_gold(kl)}
                for i, kl in enumerate([1e-7, 1.0, 3.0, 9.0])]
         write_run(tmp_path / "dpo" / f"dpo_beta0.1__{seed}__100", "dpo", dpo)
         # train_rloo.py --advantage grpo: binned as PPO, gold on the same RL curve
@@ -58,15 +60,20 @@ def test_overoptimization_fits_and_matched_kl_table(root, tmp_path, capsys):
     overoptimization.main(overoptimization.Args(root=str(root), out=str(out), matched_kl=(1.0, 4.0, 16.0)))
     assert out.is_file() and out.stat().st_size > 10_000
     fits = json.loads(out.with_suffix(".json").read_text())["fits"]
-    assert fits["best-of-n"]["alpha"][0] == pytest.approx(BON[0], abs=1e-6) and fits["best-of-n"]["beta"][0] == pytest.approx(BON[1], abs=1e-6)
-    assert fits["PPO"]["alpha"][0] == pytest.approx(RL[0], abs=1e-6) and fits["PPO"]["beta"][0] == pytest.approx(RL[1], abs=1e-6)
+    assert fits["best-of-n"]["alpha"][0] == pytest.approx(BON[0], abs=1e-6)
+    assert fits["best-of-n"]["beta"][0] == pytest.approx(BON[1], abs=1e-6)
+    assert fits["PPO"]["alpha"][0] == pytest.approx(RL[0], abs=1e-6)
+    assert fits["PPO"]["beta"][0] == pytest.approx(RL[1], abs=1e-6)
     assert fits["best-of-n"]["alpha"][1] == pytest.approx(0.0, abs=1e-9)  # two identical seeds: no spread
-    assert fits["GRPO"]["alpha"][0] == pytest.approx(RL[0], abs=1e-6) and fits["GRPO"]["beta"][0] == pytest.approx(RL[1], abs=1e-6)
+    assert fits["GRPO"]["alpha"][0] == pytest.approx(RL[0], abs=1e-6)
+    assert fits["GRPO"]["beta"][0] == pytest.approx(RL[1], abs=1e-6)
     assert "RLOO" not in fits  # no runs of it
     table = out.with_suffix(".md").read_text()
     gold_table, proxy_table = table.split("| KL (nats): gold - initial |")[1].split("| KL (nats): proxy - initial |")
     assert gold_table.splitlines()[0].split("|")[:-1] == [" best-of-n ", " PPO ", " DPO ", " GRPO "]
-    cell = lambda t, kl: [c.strip() for c in next(line for line in t.splitlines() if line.startswith(f"| {kl} |")).strip("|").split("|")]
+    def cell(table: str, kl) -> list:
+        row = next(line for line in table.splitlines() if line.startswith(f"| {kl} |"))
+        return [c.strip() for c in row.strip("|").split("|")]
     # KL 4 = d 2: best-of-n gold 2 (0.5 - 0.2) = 0.6, proxy 4; PPO and GRPO gold exact at a point (kl 4), proxy 4
     assert cell(gold_table, 4)[1] == "+0.600 ± 0.000" and cell(proxy_table, 4)[1] == "+4.000 ± 0.000"
     assert cell(gold_table, 4)[2] == cell(gold_table, 4)[4] == f"{rl_gold(4.0) - GOLD0:+.3f} ± 0.000"
@@ -82,7 +89,8 @@ def test_previous_fills_missing_methods_only_from_the_same_reward_models(root, t
         for run in (root / folder).iterdir():
             (run / "summary.json").unlink()
     second = tmp_path / "second.png"
-    overoptimization.main(overoptimization.Args(root=str(root), out=str(second), matched_kl=(1.0, 4.0), previous=str(first.with_suffix(".json"))))
+    overoptimization.main(overoptimization.Args(root=str(root), out=str(second), matched_kl=(1.0, 4.0),
+                                                previous=str(first.with_suffix(".json"))))
     a, b = (json.loads(f.with_suffix(".json").read_text()) for f in (first, second))
     assert b["points"]["PPO"] == a["points"]["PPO"] and b["fits"]["DPO"] == a["fits"]["DPO"]
     assert "ppo_kl2 | 2 |" in second.with_suffix(".md").read_text()  # the row carried over from the earlier table
@@ -90,7 +98,8 @@ def test_previous_fills_missing_methods_only_from_the_same_reward_models(root, t
     rows["rows"][3]["gold"] += 0.01  # another reward model: the merge is refused
     (root / "bon_1.json").write_text(json.dumps(rows))
     with pytest.raises(SystemExit, match="differ from bon_1.json"):
-        overoptimization.main(overoptimization.Args(root=str(root), out=str(second), previous=str(first.with_suffix(".json"))))
+        overoptimization.main(overoptimization.Args(root=str(root), out=str(second),
+                                                    previous=str(first.with_suffix(".json"))))
 
 
 def test_turn_down_finds_the_gold_falling_while_the_proxy_climbs(root, tmp_path):
@@ -100,9 +109,11 @@ def test_turn_down_finds_the_gold_falling_while_the_proxy_climbs(root, tmp_path)
         for n, golds in ((256, [0.1, 0.3, 0.5, 0.6, 0.45, 0.3]), (2048, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])):
             rows = []
             for i, (kl, g) in enumerate(zip([1.0, 4.0, 9.0, 16.0, 25.0, 36.0], golds)):
-                rows += [{"update": 4 * i + j + 1, "objective/kl": kl, "objective/scores": kl / 4, "objective/gold_score": GOLD0 + g} for j in range(4)]
+                rows += [{"update": 4 * i + j + 1, "objective/kl": kl, "objective/scores": kl / 4,
+                          "objective/gold_score": GOLD0 + g} for j in range(4)]
             write_run(root / "labels" / f"ppo_nokl_{n}__{seed}__100", "ppo", rows)
-            reward = root / ("labels" if n < 2048 else "reward") / (f"reward_{n}__{seed}__100" if n < 2048 else f"reward__{seed}__100")
+            name = f"reward_{n}__{seed}__100" if n < 2048 else f"reward__{seed}__100"
+            reward = root / ("labels" if n < 2048 else "reward") / name
             reward.mkdir(parents=True)
             (reward / "summary.json").write_text(json.dumps({"test/accuracy/after": 0.5 + n / 10000}))
             (reward / "metrics.jsonl").write_text(json.dumps({"train/loss": 1.0}) + "\n")
@@ -111,7 +122,8 @@ def test_turn_down_finds_the_gold_falling_while_the_proxy_climbs(root, tmp_path)
     assert out.is_file() and out.stat().st_size > 10_000
     figures = json.loads(out.with_suffix(".json").read_text())["figures"]
     low, high = figures["256"]["1"], figures["2048"]["1"]
-    assert low["gold_peak"] == pytest.approx(0.6) and low["d_at_peak"] == pytest.approx(4.0) and low["drop"] == pytest.approx(0.3)
+    assert low["gold_peak"] == pytest.approx(0.6)
+    assert low["d_at_peak"] == pytest.approx(4.0) and low["drop"] == pytest.approx(0.3)
     assert low["proxy_gain_after_peak"] == pytest.approx(5.0)  # kl 36 / 4 - kl 16 / 4
     assert high["drop"] == pytest.approx(0.0)
     table = out.with_suffix(".md").read_text()

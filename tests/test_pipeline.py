@@ -16,11 +16,12 @@ import train_reward
 import train_rloo
 
 POLICY_METRICS = [
-    "objective/scores", "objective/gold_score", "objective/kl", "objective/entropy", "objective/score_total", "objective/kl_coef",
-    "ppo/loss/policy", "ppo/loss/value", "ppo/loss/total", "ppo/policy/approxkl", "ppo/policy/clipfrac", "ppo/policy/entropy",
-    "ppo/val/vpred", "ppo/val/error", "ppo/val/clipfrac", "ppo/val/mean", "ppo/val/var", "ppo/returns/mean", "ppo/returns/var",
-    "timing/generation_s", "timing/scoring_s", "timing/update_s", "throughput/episodes_per_s", "episode", "update",
-    "throughput/update_flops_per_s", "throughput/update_peak_fraction",
+    "objective/scores", "objective/gold_score", "objective/kl", "objective/entropy", "objective/score_total",
+    "objective/kl_coef", "ppo/loss/policy", "ppo/loss/value", "ppo/loss/total", "ppo/policy/approxkl",
+    "ppo/policy/clipfrac", "ppo/policy/entropy", "ppo/val/vpred", "ppo/val/error", "ppo/val/clipfrac", "ppo/val/mean",
+    "ppo/val/var", "ppo/returns/mean", "ppo/returns/var", "timing/generation_s", "timing/scoring_s", "timing/update_s",
+    "throughput/episodes_per_s", "episode", "update", "throughput/update_flops_per_s",
+    "throughput/update_peak_fraction",
 ]
 
 
@@ -31,8 +32,9 @@ def read(run_dir: Path, stage: str) -> list:
 @pytest.mark.slow
 def test_train_both_end_to_end_with_wandb_offline(tmp_path):
     # truncation at '.' after 4 tokens and the -1 penalty are on here (the embedded default keeps responses whole)
-    r = run_script([sys.executable, "train_both.py", *TINY_BOTH, "--policy.truncate_token", ".", "--policy.truncate_after", "4",
-                    "--policy.peak_flops", "1e11", "--run_root", str(tmp_path), "--track"], {"WANDB_MODE": "offline"})
+    r = run_script([sys.executable, "train_both.py", *TINY_BOTH, "--policy.truncate_token", ".",
+                    "--policy.truncate_after", "4", "--policy.peak_flops", "1e11", "--run_root", str(tmp_path),
+                    "--track"], {"WANDB_MODE": "offline"})
     assert r.returncode == 0, r.stderr[-3000:]
     run_dir = only_run(tmp_path)
     reward, policy = read(run_dir, "reward"), read(run_dir, "policy")
@@ -48,7 +50,8 @@ def test_train_both_end_to_end_with_wandb_offline(tmp_path):
         assert all(name in m for m in policy), name
     assert [m["lr"] for m in policy] == pytest.approx([train_policy.Args().lr, train_policy.Args().lr / 2])
     assert policy[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # the policy starts as the reference
-    assert policy[0]["throughput/update_peak_fraction"] == pytest.approx(policy[0]["throughput/update_flops_per_s"] / 1e11)
+    peak_fraction = policy[0]["throughput/update_flops_per_s"] / 1e11
+    assert policy[0]["throughput/update_peak_fraction"] == pytest.approx(peak_fraction)
     args = json.loads((run_dir / "policy" / "args.json").read_text())
     assert args["reward_model"] == str(run_dir / "reward" / "reward_model")
     assert (run_dir / "reward" / "reward_model" / "reward_head.safetensors").is_file()
@@ -86,7 +89,8 @@ def test_query_dataset_in_oai_book_passages_format():
     # a hub dataset with a "text" column (bookcorpus's layout) gives the same queries
     import datasets
 
-    hub_like = datasets.Dataset.from_dict({"text": texts, "other": list(range(len(texts)))})["text"]  # what load_texts returns
+    # what load_texts returns
+    hub_like = datasets.Dataset.from_dict({"text": texts, "other": list(range(len(texts)))})["text"]
     assert next(train_policy.query_batches(hub_like, tok, 24, 8, 4, seed=1))[0].tolist() == batch.tolist()
 
 
@@ -96,7 +100,8 @@ DESIGN_TABLE = {  # DESIGN.md, "Presets", column "sentiment / descriptiveness"
     "query_length": 64, "response_length": 24, "truncate_token": ".", "truncate_after": 16, "temperature": 0.7,
     "reward_lr": 5e-5, "reward_batch_size": 32, "num_train": 4992, "policy_lr": 1e-5, "policy_batch_size": 512,
     "total_episodes": 1_000_000, "kl_coef": 0.15, "adaptive_kl": True, "kl_target": 6.0, "kl_horizon": 10000,
-    "noptepochs": 4, "nminibatches": 1, "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1, "gamma": 1.0, "lam": 0.95,
+    "noptepochs": 4, "nminibatches": 1, "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1, "gamma": 1.0,
+    "lam": 0.95,
 }
 
 
@@ -107,10 +112,12 @@ def test_presets_equal_oai_launch_values(name):
     t = DESIGN_TABLE
     assert (p.query_length, p.response_length, p.truncate_token, p.truncate_after, p.temperature) == (
         t["query_length"], t["response_length"], t["truncate_token"], t["truncate_after"], t["temperature"])
-    assert (r.query_length, r.response_length, r.temperature) == (t["query_length"], t["response_length"], t["temperature"])
+    assert (r.query_length, r.response_length, r.temperature) == (t["query_length"], t["response_length"],
+                                                                  t["temperature"])
     assert (r.lr, r.batch_size, r.num_train) == (t["reward_lr"], t["reward_batch_size"], t["num_train"])
     assert (p.lr, p.batch_size, p.total_episodes) == (t["policy_lr"], t["policy_batch_size"], t["total_episodes"])
-    assert (p.kl_coef, p.adaptive_kl, p.kl_target, p.kl_horizon) == (t["kl_coef"], t["adaptive_kl"], t["kl_target"], t["kl_horizon"])
+    assert (p.kl_coef, p.adaptive_kl, p.kl_target, p.kl_horizon) == (t["kl_coef"], t["adaptive_kl"], t["kl_target"],
+                                                                     t["kl_horizon"])
     for k in ("noptepochs", "nminibatches", "cliprange", "cliprange_value", "vf_coef", "gamma", "lam"):
         assert getattr(p, k) == t[k], k
     assert p.base_model == r.base_model == "gpt2" and p.query_dataset == r.query_dataset == "bookcorpus"
@@ -120,10 +127,12 @@ def test_presets_equal_oai_launch_values(name):
     assert r.batch_size % (8 * r.local_micro_batch_size) == 0
 
 
-SFD_TABLE = {  # DESIGN.md, "Presets", column "tldr (SFD)", checked against SFD's scripts (links in the presets' comments)
-    "query_length": 512, "response_length": 53, "temperature": 0.7, "reward_lr": 3e-6, "reward_batch_size": 64, "num_train": 92832,
-    "policy_lr": 3e-6, "policy_batch_size": 512, "total_episodes": 1_000_000, "kl_coef": 0.05, "noptepochs": 4, "nminibatches": 1,
-    "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1, "gamma": 1.0, "lam": 0.95,
+# DESIGN.md, "Presets", column "tldr (SFD)", checked against SFD's scripts (links in the presets' comments)
+SFD_TABLE = {
+    "query_length": 512, "response_length": 53, "temperature": 0.7, "reward_lr": 3e-6, "reward_batch_size": 64,
+    "num_train": 92832, "policy_lr": 3e-6, "policy_batch_size": 512, "total_episodes": 1_000_000, "kl_coef": 0.05,
+    "noptepochs": 4, "nminibatches": 1, "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1, "gamma": 1.0,
+    "lam": 0.95,
 }
 
 
@@ -132,21 +141,31 @@ def test_tldr_presets_equal_sfd_1b_recipe():
 
     both = train_both.PRESETS["tldr"]
     r, p, t = both["reward"], both["policy"], SFD_TABLE
-    assert (p.query_length, p.response_length, p.temperature) == (t["query_length"], t["response_length"], t["temperature"])
+    assert (p.query_length, p.response_length, p.temperature) == (t["query_length"], t["response_length"],
+                                                                  t["temperature"])
     assert (p.truncate_token, p.truncate_after, p.penalty_reward_value) == ("eos", 0, -1.0)  # the EOS trick
-    assert (r.lr, r.batch_size, r.num_train, r.lr_schedule, r.optimizer) == (t["reward_lr"], t["reward_batch_size"], t["num_train"], "cosine", "adamw")
-    assert (r.query_length, r.response_length, r.reference_bias, r.normalize_before, r.normalize_after) == (512, 169, True, False, False)
-    assert (p.lr, p.batch_size, p.total_episodes, p.optimizer) == (t["policy_lr"], t["policy_batch_size"], t["total_episodes"], "adamw")
-    assert (p.kl_coef, p.adaptive_kl, p.whiten_rewards, p.value_model, p.mask_after_truncate) == (t["kl_coef"], False, False, "reward", True)
+    assert (r.lr, r.batch_size, r.num_train, r.lr_schedule, r.optimizer) == (t["reward_lr"], t["reward_batch_size"],
+                                                                             t["num_train"], "cosine", "adamw")
+    assert (r.query_length, r.response_length, r.reference_bias, r.normalize_before,
+            r.normalize_after) == (512, 169, True, False, False)
+    assert (p.lr, p.batch_size, p.total_episodes, p.optimizer) == (t["policy_lr"], t["policy_batch_size"],
+                                                                   t["total_episodes"], "adamw")
+    assert (p.kl_coef, p.adaptive_kl, p.whiten_rewards, p.value_model, p.mask_after_truncate) == (t["kl_coef"], False,
+                                                                                                  False, "reward", True)
     for k in ("noptepochs", "nminibatches", "cliprange", "cliprange_value", "vf_coef", "gamma", "lam"):
         assert getattr(p, k) == t[k], k
     assert p.eval_temperature == 0.01 and p.eval_split == "validation"
-    assert p.query_dataset == r.query_dataset == "vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144"
-    assert r.label_dataset == "vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144" and r.test_split == "validation"
-    assert p.batch_size // 8 == 4 * p.local_micro_batch_size  # 8 GPUs x micro-batch 16 x 4 accumulation, as SFD's sbatch
+    tldr_posts = "vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144"
+    assert p.query_dataset == r.query_dataset == tldr_posts
+    assert r.label_dataset == "vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144"
+    assert r.test_split == "validation"
+    # 8 GPUs x micro-batch 16 x 4 accumulation, as SFD's sbatch
+    assert p.batch_size // 8 == 4 * p.local_micro_batch_size
     sft = train_sft.PRESETS["tldr"]
-    assert (sft["lr"], sft["batch_size"], sft["lr_schedule"], sft["warmup_steps"], sft["total_steps"]) == (3e-6, 128, "cosine", 0, 116722 // 128)
-    assert (sft["query_length"], sft["response_length"], sft["train_on_query"], sft["eval_temperature"]) == (512, 53, True, 0.01)
+    assert (sft["lr"], sft["batch_size"], sft["lr_schedule"], sft["warmup_steps"],
+            sft["total_steps"]) == (3e-6, 128, "cosine", 0, 116722 // 128)
+    assert (sft["query_length"], sft["response_length"], sft["train_on_query"], sft["eval_temperature"]) == (512, 53,
+                                                                                                             True, 0.01)
     assert p.base_model == r.base_model == sft["output_dir"]  # PPO and the reward model start from the SFT model
 
 
@@ -186,10 +205,12 @@ def test_copies_of_helpers_are_identical_to_their_originals():
                 assert source == originals[origin][name][0], f"{script}: {name} differs from {origin}"
                 assert not originals[origin][name][1], f"{script}: {name} is copied from a copy"
                 n += 1
-            elif script != "train_policy.py" and not name.isupper():  # constants (PRESETS, ...) may differ; a marked one may not
+            # constants (PRESETS, ...) may differ; a marked one may not
+            elif script != "train_policy.py" and not name.isupper():
                 # an unmarked name of this script is in train_policy.py only as a marked copy of it (RewardModel)
                 in_policy = originals["train_policy.py"].get(name)
-                assert in_policy is None or in_policy[1] == script or name in ("train", "Args", "check_args", "summarize", "print_samples"), \
+                assert in_policy is None or in_policy[1] == script or name in ("train", "Args", "check_args",
+                                                                               "summarize", "print_samples"), \
                     f"{script}: {name} is a copy without its marker"
     assert n >= 60
 

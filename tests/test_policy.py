@@ -19,7 +19,8 @@ def nano():
 
 def tiny_lm(vocab=64, pad=1):
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=2, n_head=2, pad_token_id=pad, resid_pdrop=0.1)
+    config = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=2, n_head=2, pad_token_id=pad,
+                        resid_pdrop=0.1)
     return GPT2LMHeadModel(config)
 
 
@@ -69,8 +70,9 @@ def tiny_llama(vocab: int, pad: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=pad)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True, pad_token_id=pad)
     return LlamaForCausalLM(config).eval()
 
 
@@ -80,13 +82,15 @@ def test_sampling_is_fixed_length_never_pads_and_matches_the_temperature_logprob
     pad = tokenizer.pad_token_id
     model = model if arch == "gpt2" else tiny_llama(len(tokenizer), pad)
     texts = ["It was a cold morning.", "The dog slept. Then it rained all day long and nobody came.", "Hello."]
-    queries = torch.tensor([[pad] * (16 - len(ids)) + ids for ids in (tokenizer.encode(t)[:16] for t in texts)] * 22)  # (66, 16)
+    # (66, 16)
+    queries = torch.tensor([[pad] * (16 - len(ids)) + ids for ids in (tokenizer.encode(t)[:16] for t in texts)] * 22)
     policy = tp.PolicyAndValue(model).eval()
     torch.nn.init.normal_(policy.value_head.weight)
     sampler = tp.Sampler(model, pad, 0.7)
     torch.manual_seed(0)
     responses, logprobs, entropies, values = sampler(queries, 12, policy.value_head)
-    assert responses.shape == logprobs.shape == entropies.shape == values.shape == (66, 12) and not (responses == pad).any()
+    assert responses.shape == logprobs.shape == entropies.shape == values.shape == (66,
+                                                                                    12) and not (responses == pad).any()
     # what the sampler computed at each step with its static KV cache equals one forward over query+response
     # (today's path: full logits (b, R, V)), so the rollout's log-probs, entropies and values are the policy's
     with torch.no_grad():
@@ -100,8 +104,9 @@ def test_sampling_is_fixed_length_never_pads_and_matches_the_temperature_logprob
     again = sampler(queries, 12, policy.value_head)
     assert sampler.cache is cache
     with torch.no_grad():
-        torch.testing.assert_close(again[1], tp.response_logprobs(policy(torch.cat([queries, again[0]], 1), pad, 12)[0], again[0], 0.7, pad)[0],
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(again[1],
+                                   tp.response_logprobs(policy(torch.cat([queries, again[0]], 1), pad, 12)[0],
+                                                        again[0], 0.7, pad)[0], atol=1e-4, rtol=1e-4)
     assert sampler(queries[:5], 3)[0].shape == (5, 3) and sampler.cache is not cache
     # the first token's empirical distribution follows softmax(logits / T) with the pad token removed
     with torch.no_grad():
@@ -129,7 +134,8 @@ def test_logprobs_divide_the_logits_by_the_temperature():
     logits = torch.randn(2, 7, 10)
     responses = torch.randint(2, 10, (2, 3))
     logp, entropy = tp.response_logprobs(logits[:, 3:6], responses, 0.5, pad_token_id=0)
-    expected = torch.log_softmax(tp.sampling_logits(logits[:, 3:6], 0.5, 0), -1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+    expected = torch.log_softmax(tp.sampling_logits(logits[:, 3:6], 0.5, 0),
+                                 -1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(logp, expected)
     manual = torch.log_softmax(torch.cat([torch.full((2, 3, 1), -1e9), logits[:, 3:6, 1:] / 0.5], -1), -1)
     torch.testing.assert_close(logp, manual.gather(-1, responses.unsqueeze(-1)).squeeze(-1))
@@ -216,7 +222,8 @@ def test_prepare_lm_swaps_gpt2_gelu_for_the_same_formula_in_one_kernel():
     assert sum(isinstance(m, GELUTanh) for m in lm.modules()) == lm.config.n_layer
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
     x = torch.linspace(-6, 6, 1001)
-    torch.testing.assert_close(GELUTanh()(x), 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))))  # OAI's gelu
+    torch.testing.assert_close(GELUTanh()(x),
+                               0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))))  # OAI's gelu
 
 
 # 9. per-token KL penalty, score at the last token ----------------------------------------------------------------
@@ -233,7 +240,7 @@ def test_rewards_are_minus_kl_per_token_plus_the_score_at_the_last_token():
 
 
 def test_adaptive_kl_controller_follows_oai_formula():
-    ctl = tp.AdaptiveKLController(0.15, SimpleNamespace(target=6.0, horizon=10000))
+    ctl = tp.AdaptiveKLController(0.15, target=6.0, horizon=10000)
     value = 0.15
     for kl, n in [(6.0, 512), (12.0, 512), (3.0, 512), (6.6, 512), (0.0, 64), (100.0, 10000)]:
         ctl.update(kl, n)
@@ -280,13 +287,13 @@ def test_gae_matches_a_plain_backwards_loop():
 
 
 def test_ppo_losses_clip_the_ratio_and_take_the_max_of_value_errors():
-    args = SimpleNamespace(cliprange=0.2, cliprange_value=0.2, vf_coef=0.1)
     old_logp = torch.zeros(1, 4)
     logp = torch.log(torch.tensor([[1.5, 0.5, 1.1, 0.9]]))  # ratios
     adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
     old_v, v, ret = torch.zeros(1, 4), torch.tensor([[0.5, -0.5, 0.1, 0.0]]), torch.tensor([[1.0, 1.0, 0.0, 0.0]])
     everything = torch.ones(1, 4, dtype=torch.bool)
-    loss, stats = tp.ppo_loss(logp, v, old_logp, old_v, adv, ret, args, everything, everything)
+    loss, stats = tp.ppo_loss(logp, v, old_logp, old_v, adv, ret, everything, everything, cliprange=0.2,
+                              cliprange_value=0.2, vf_coef=0.1)
     # pg: max(-A r, -A clip(r)) per token: 1.5->clip 1.2: max(-1.5,-1.2) = -1.2; 0.5->0.8 for A=-1: max(0.5, 0.8) = 0.8
     pg = torch.tensor([-1.2, 0.8, -1.1, 0.9]).mean()
     # vf: clipped vpred = 0.2, -0.2, 0.1, 0; max of squared errors
@@ -335,7 +342,8 @@ def test_format_query_starts_after_the_first_dot_and_ends_at_the_last():
 
 def test_query_batches_are_identical_whatever_the_process():
     tok = AutoTokenizer.from_pretrained(NANO)
-    texts = ["First one. The cat sat down. It purred.", "Nothing here", "Hello there. A day. Another day.", "Go. Run fast."] * 5
+    texts = ["First one. The cat sat down. It purred.", "Nothing here", "Hello there. A day. Another day.",
+             "Go. Run fast."] * 5
     a = next(tp.query_batches(texts, tok, 12, 4, 8, seed=3))[0]
     b = next(tp.query_batches(texts, tok, 12, 4, 8, seed=3))[0]
     assert torch.equal(a, b) and a.shape == (8, 12)

@@ -1,5 +1,5 @@
-"""Runs that survive: a run stopped by SIGTERM in the middle and resumed ends exactly where an uninterrupted run with the
-same seed ends (metrics and weights, bit for bit), in one process and in two; a NaN stops a run; every stage's
+"""Runs that survive: a run stopped by SIGTERM in the middle and resumed ends exactly where an uninterrupted run with
+the same seed ends (metrics and weights, bit for bit), in one process and in two; a NaN stops a run; every stage's
 arguments are checked before any stage starts; each run ends with summary.json. The runs train the session's 1-layer
 model (tests/conftest.py: tiny_models), so that each takes seconds; the stopped ones are left several updates after the
 signal is sent."""
@@ -33,14 +33,14 @@ def assert_same_runs(a: Path, b: Path):
 
 @pytest.mark.slow
 def test_run_stopped_in_each_stage_and_resumed_ends_exactly_as_an_uninterrupted_one(tmp_path, tiny_models, main):
-    """Stopped by SIGTERM in the reward stage, resumed, stopped again in the PPO stage, resumed: the same metrics, weights
-    and summary as a run that was never stopped; the last keep_checkpoints (2) of PPO's checkpoints remain."""
+    """Stopped by SIGTERM in the reward stage, resumed, stopped again in the PPO stage, resumed: the same metrics,
+    weights and summary as a run that was never stopped; the last keep_checkpoints (2) of PPO's checkpoints remain."""
     flags = long_both(tiny_models)
     whole = main(train_both, *flags, "--run_root", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
     parts = tmp_path / "parts"
-    stopped = stopped_midway([sys.executable, "train_both.py", *flags, "--run_root", str(parts)], parts, "reward/metrics.jsonl",
-                             after_lines=2)
+    stopped = stopped_midway([sys.executable, "train_both.py", *flags, "--run_root", str(parts)], parts,
+                             "reward/metrics.jsonl", after_lines=2)
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
     run_dir = only_run(parts)
     assert f"continue with: python train_both.py --resume {run_dir}" in stopped.stdout
@@ -60,12 +60,12 @@ def test_run_stopped_in_each_stage_and_resumed_ends_exactly_as_an_uninterrupted_
 
 @pytest.mark.slow
 def test_sft_stopped_and_resumed_ends_exactly_as_uninterrupted(tmp_path, small_corpus, main):
-    common = [*TINY, "--dataset", str(small_corpus), "--total_steps", "24", "--batch_size", "8", "--local_micro_batch_size", "8",
-              "--save_every", "5"]
+    common = [*TINY, "--dataset", str(small_corpus), "--total_steps", "24", "--batch_size", "8",
+              "--local_micro_batch_size", "8", "--save_every", "5"]
     whole = main(train_sft, *common, "--run_root", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
-    stopped = stopped_midway([sys.executable, "train_sft.py", *common, "--run_root", str(tmp_path / "parts")], tmp_path / "parts",
-                             "metrics.jsonl", after_lines=3)
+    stopped = stopped_midway([sys.executable, "train_sft.py", *common, "--run_root", str(tmp_path / "parts")],
+                             tmp_path / "parts", "metrics.jsonl", after_lines=3)
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
     run_dir = only_run(tmp_path / "parts")
     resumed = main(train_sft, "--resume", run_dir)
@@ -90,10 +90,12 @@ def test_a_nan_reward_stops_the_run_naming_the_update_and_quantity(tmp_path, tin
     head["gain"] = torch.full_like(head["gain"], float("nan"))
     save_file(head, broken / "reward_head.safetensors")
     r = main(train_policy, "--base_model", tiny_models / "base", "--reward_model", broken, "--total_episodes", "64",
-             "--batch_size", "16", "--nminibatches", "1", "--local_micro_batch_size", "8", "--run_root", tmp_path / "runs")
+             "--batch_size", "16", "--nminibatches", "1", "--local_micro_batch_size", "8", "--run_root",
+             tmp_path / "runs")
     assert r.returncode == 3, r.stderr[-3000:]
     (last,) = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert last.startswith("error: update 1: ") and "objective/scores = nan" in last and "last good checkpoint: none" in last
+    assert last.startswith("error: update 1: ")
+    assert "objective/scores = nan" in last and "last good checkpoint: none" in last
     run_dir = only_run(tmp_path / "runs")
     assert len(stable(run_dir / "metrics.jsonl")) == 1 and not (run_dir / "policy").exists()
 
@@ -101,7 +103,8 @@ def test_a_nan_reward_stops_the_run_naming_the_update_and_quantity(tmp_path, tin
 def test_train_both_checks_every_stage_before_any_work(tmp_path, main):
     r = main(train_both, "--policy.batch_size", "60", "--run_root", tmp_path)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith("error: --policy.batch_size 60 / 1 process(es) / --policy.nminibatches 2")
+    assert r.stderr.strip().splitlines()[-1].startswith("error: --policy.batch_size 60 / 1 process(es) / "
+                                                        "--policy.nminibatches 2")
     r = main(train_both, "--policy.truncate_token", "two words", "--run_root", tmp_path)
     assert r.returncode == 2 and "--policy.truncate_token 'two words' is not a single token" in r.stderr
     r = main(train_both, "--reward.label_dataset", tmp_path / "none.json", "--run_root", tmp_path)
@@ -114,7 +117,9 @@ def test_total_episodes_rounding_is_said_first(tmp_path, tiny_models, main):
              "--total_episodes", "20", "--batch_size", "16", "--nminibatches", "1", "--local_micro_batch_size", "8",
              "--run_root", tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.splitlines()[0] == ("note: --total_episodes 20 is not a multiple of --batch_size 16: 2 updates train on 32 "
+    assert r.stdout.splitlines()[0] == ("note: --total_episodes 20 is not a multiple of --batch_size 16: 2 updates "
+                                        "train on 32 "
                                         "episodes (rounded up, as OAI)")
     summary = json.loads((only_run(tmp_path) / "summary.json").read_text())
-    assert summary["updates"] == 2 and summary["episodes"] == 32 and {"score/first_update", "kl/last_tenth", "wall_s"} <= set(summary)
+    assert summary["updates"] == 2 and summary["episodes"] == 32 and {"score/first_update", "kl/last_tenth",
+                                                                      "wall_s"} <= set(summary)

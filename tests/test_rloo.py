@@ -1,6 +1,6 @@
-"""train_rloo.py: each estimator against a hand computation, the k3 KL estimator, the losses at ratio 1, the shared prompt
-forward against the whole rows, a tiny run per estimator, and a run stopped by SIGTERM and resumed that ends as an
-uninterrupted one, in one process and in two."""
+"""train_rloo.py: each estimator against a hand computation, the k3 KL estimator, the losses at ratio 1, the shared
+prompt forward against the whole rows, a tiny run per estimator, and a run stopped by SIGTERM and resumed that ends as
+an uninterrupted one, in one process and in two."""
 
 import json
 import math
@@ -24,9 +24,11 @@ def test_rloo_baseline_is_the_mean_of_the_other_samples():
 
 def test_grpo_normalises_by_the_group_std_and_handles_one_sample_and_equal_rewards():
     adv = tr.grpo_advantages(torch.tensor([1.0, 3.0, 5.0, 5.0]), 2)
-    assert adv[:2].tolist() == pytest.approx([-1 / (math.sqrt(2) + 1e-4), 1 / (math.sqrt(2) + 1e-4)])  # unbiased std of (1, 3)
+    # unbiased std of (1, 3)
+    assert adv[:2].tolist() == pytest.approx([-1 / (math.sqrt(2) + 1e-4), 1 / (math.sqrt(2) + 1e-4)])
     assert adv[2:].tolist() == [0.0, 0.0]
-    assert tr.grpo_advantages(torch.tensor([0.3, -2.0]), 1).tolist() == [0.0, 0.0]  # k = 1: no group, no advantage, no NaN
+    # k = 1: no group, no advantage, no NaN
+    assert tr.grpo_advantages(torch.tensor([0.3, -2.0]), 1).tolist() == [0.0, 0.0]
 
 
 def test_dr_grpo_keeps_the_scale_and_best_of_n_picks_the_first_best():
@@ -44,7 +46,9 @@ def test_k3_kl_estimator():
 
 
 def test_kl_goes_into_the_reward_or_into_the_loss():
-    scores, logp, ref = torch.tensor([1.0, 2.0]), torch.tensor([[-1.0, -1.0], [-2.0, -1.0]]), torch.tensor([[-1.5, -1.0], [-1.0, -1.0]])
+    scores, logp, ref = torch.tensor([1.0, 2.0]), torch.tensor([[-1.0, -1.0],
+                                                                [-2.0, -1.0]]), torch.tensor([[-1.5, -1.0],
+                                                                                              [-1.0, -1.0]])
     valid = torch.tensor([[True, True], [True, False]])
     assert tr.sequence_rewards(scores, logp, ref, valid, "rloo", 0.1).tolist() == pytest.approx([1.0 - 0.05, 2.0 + 0.1])
     assert tr.sequence_rewards(scores, logp, ref, valid, "grpo", 0.1).tolist() == [1.0, 2.0]
@@ -52,14 +56,13 @@ def test_kl_goes_into_the_reward_or_into_the_loss():
 
 @pytest.mark.parametrize("advantage", ["rloo", "grpo", "dr_grpo", "best_of_n"])
 def test_losses_at_the_sampling_policy(advantage):
-    """With the policy still the sampling one (ratio 1) each loss is the advantage-weighted log-likelihood, scaled as its
-    paper scales it; its gradient is -A x grad log pi."""
-    args = tr.Args(advantage=advantage, k=2, beta=0.0)
+    """With the policy still the sampling one (ratio 1) each loss is the advantage-weighted log-likelihood, scaled as
+    its paper scales it; its gradient is -A x grad log pi."""
     old = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, -1.1]])
     new = old.clone().requires_grad_(True)
     valid = torch.tensor([[True, True, False], [True, True, True]])
     adv = torch.tensor([1.0, -2.0]) if advantage != "best_of_n" else torch.tensor([0.0, 1.0])
-    loss, stats = tr.policy_loss(new, old, old, adv, valid, args)
+    loss, stats = tr.policy_loss(new, old, old, adv, valid, advantage, cliprange=0.2, beta=0.0, k=2)
     loss.backward()
     n = valid.sum(1, keepdim=True).float()
     expected_grad = {"rloo": -adv[:, None] / 2, "grpo": -adv[:, None] / n / 2, "dr_grpo": -adv[:, None] / 3 / 2,
@@ -69,10 +72,10 @@ def test_losses_at_the_sampling_policy(advantage):
 
 
 def test_rloo_clips_the_sequence_ratio():
-    args = tr.Args(advantage="rloo", cliprange=0.2)
     old = torch.zeros(1, 2)
     new = torch.tensor([[0.3, 0.2]])  # sequence ratio e^0.5 = 1.65, beyond 1.2
-    loss, stats = tr.policy_loss(new, old, old, torch.tensor([1.0]), torch.ones(1, 2, dtype=torch.bool), args)
+    loss, stats = tr.policy_loss(new, old, old, torch.tensor([1.0]), torch.ones(1, 2, dtype=torch.bool), "rloo",
+                                 cliprange=0.2, beta=tr.Args().beta, k=tr.Args().k)
     assert loss.item() == pytest.approx(-1.2) and stats["policy/clipfrac"] == 1.0
 
 
@@ -102,9 +105,10 @@ def test_shared_prompt_logits_equal_the_whole_rows_and_so_do_their_gradients():
     shared[real].sum().backward()
     for p, e in zip(lm.parameters(), expected):
         assert torch.allclose(p.grad, e, atol=1e-5)
-    one = torch.cat([prompts.repeat_interleave(k, 0), responses[:, :1]], 1)  # one-token responses: the prompt's pass alone
-    assert torch.allclose(tr.shared_prompt_logits(lm, prompts, responses[:, :1], pad), tr.response_logits(lm, one, pad, 1),
-                          atol=1e-5)
+    one = torch.cat([prompts.repeat_interleave(k, 0), responses[:, :1]],
+                    1)  # one-token responses: the prompt's pass alone
+    assert torch.allclose(tr.shared_prompt_logits(lm, prompts, responses[:, :1], pad),
+                          tr.response_logits(lm, one, pad, 1), atol=1e-5)
 
 
 def test_micro_batches_hold_whole_prompts(tmp_path, tiny_reward_model, main):
@@ -120,13 +124,15 @@ def test_tiny_run_per_estimator(advantage, tmp_path, tiny_reward_model, main):
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = read_metrics(tmp_path)
     assert len(metrics) == 2
-    for key in ("objective/kl", "objective/scores", "objective/gold_score", "objective/entropy", "loss/policy", "objective/advantage_std"):
+    for key in ("objective/kl", "objective/scores", "objective/gold_score", "objective/entropy", "loss/policy",
+                "objective/advantage_std"):
         assert math.isfinite(metrics[0][key]), key
     assert metrics[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # the policy starts as the reference
     if advantage in ("grpo", "dr_grpo"):
         assert "policy/k3_kl" in metrics[0]
     run_dir = only_run(tmp_path)
-    assert (run_dir / "policy" / "model.safetensors").is_file() and json.loads((run_dir / "summary.json").read_text())["updates"] == 2
+    assert (run_dir / "policy" / "model.safetensors").is_file()
+    assert json.loads((run_dir / "summary.json").read_text())["updates"] == 2
 
 
 def test_rloo_needs_two_samples_per_prompt_and_whole_prompts_per_process(tmp_path, tiny_reward_model, main):
@@ -138,8 +144,8 @@ def test_rloo_needs_two_samples_per_prompt_and_whole_prompts_per_process(tmp_pat
 
 def stop_and_resume(head: list, flags: list, tmp_path, resume) -> Path:
     """The run stopped by SIGTERM after its first update or so, then resumed by resume(run folder); its folder."""
-    stopped = stopped_midway([*head, "train_rloo.py", *flags, "--run_root", str(tmp_path / "parts")], tmp_path / "parts",
-                             "metrics.jsonl", after_lines=1)
+    stopped = stopped_midway([*head, "train_rloo.py", *flags, "--run_root", str(tmp_path / "parts")],
+                             tmp_path / "parts", "metrics.jsonl", after_lines=1)
     assert "stopped by SIGTERM" in stopped.stdout, stopped.stderr[-3000:]
     if len(head) == 1:
         assert stopped.returncode == 128 + signal.SIGTERM
@@ -151,8 +157,8 @@ def stop_and_resume(head: list, flags: list, tmp_path, resume) -> Path:
 
 @pytest.mark.slow
 def test_stopped_and_resumed_run_ends_as_uninterrupted(tmp_path, tiny_models, main):
-    """Against an uninterrupted run in this process (one thread, as a launched process computes: the same kernels); resumed
-    here too."""
+    """Against an uninterrupted run in this process (one thread, as a launched process computes: the same kernels);
+    resumed here too."""
     flags = long_rloo(tiny_models)
     whole = main(tr, *flags, "--run_root", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]

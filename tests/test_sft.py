@@ -80,7 +80,8 @@ def test_tldr_sft_from_a_local_base_model(tmp_path, main):
     metrics = read_metrics(tmp_path)
     assert len(metrics) == 3 and metrics[-1]["eval/perplexity"] > 1
     # ROUGE of held-out summaries at the evaluation temperature, at the end
-    assert all(0 <= metrics[-1][f"eval/{k}"] <= 1 for k in ("rouge1", "rouge2", "rougeL")) and "eval/rougeL" not in metrics[0]
+    assert all(0 <= metrics[-1][f"eval/{k}"] <= 1 for k in ("rouge1", "rouge2",
+                                                            "rougeL")) and "eval/rougeL" not in metrics[0]
     assert "rougeL" in out.stdout
 
 
@@ -141,7 +142,8 @@ def test_every_argument_is_documented_and_read(main):
 def test_sft_on_query_puts_the_loss_on_the_query_too():
     """SFD's SFT loss covers query and summary (--train_on_query); OAI's only the summary."""
     pad = 1
-    batch = torch.tensor([[pad, pad, 5, 6, 7, 8, 9, pad], [3, 4, 5, 6, 7, 8, 9, 2]])  # query of 4 (left-padded), response of 4
+    # query of 4 (left-padded), response of 4
+    batch = torch.tensor([[pad, pad, 5, 6, 7, 8, 9, pad], [3, 4, 5, 6, 7, 8, 9, 2]])
     summary_only = train_sft.inputs_and_labels(batch, pad, query_length=4)["labels"]
     everything = train_sft.inputs_and_labels(batch, pad, query_length=0)["labels"]
     assert (summary_only[:, :4] == -100).all() and summary_only[0, 4:].tolist() == [7, 8, 9, -100]

@@ -140,8 +140,8 @@ def test_reference_and_reward_forwards_in_chunks_equal_one_forward(tiny):
             chunked = tp.in_chunks(lambda t, r: tp.response_logprobs(tp.response_logits(lm, t, pad, 5), r, 0.7, pad)[0],
                                    size, tokens, tokens[:, -5:])
             torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(tp.in_chunks(lambda t: reward_model(t, pad), size, tokens), reward_model(tokens, pad),
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(tp.in_chunks(lambda t: reward_model(t, pad), size, tokens),
+                                       reward_model(tokens, pad), atol=1e-5, rtol=1e-5)
 
 
 def adam_tf_per_parameter_loop(params, grads_per_step, lr, eps, betas=(0.9, 0.999)):

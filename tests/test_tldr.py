@@ -45,7 +45,8 @@ def test_tldr_rows_give_sfd_queries_with_reference_responses(tok):
     want = (ids[:23] + [tok.eos_token_id] + [tok.pad_token_id] * 24)[:24]
     assert references[0].tolist() == want and tok.eos_token_id in references[0].tolist()
     short = tp.format_tldr_response("Short one.", tok, 24)
-    assert short[: len(tok.encode(" Short one.")) + 1] == tok.encode(" Short one.") + [tok.eos_token_id] and short[-1] == tok.pad_token_id
+    assert short[: len(tok.encode(" Short one.")) + 1] == tok.encode(" Short one.") + [tok.eos_token_id]
+    assert short[-1] == tok.pad_token_id
 
 
 def test_eos_trick_truncates_after_the_first_eos_and_penalizes_responses_without_one(tok):
@@ -77,16 +78,17 @@ def test_sfd_masks_end_log_probs_at_the_eos_values_one_later_and_put_the_score_a
 
 def test_masked_whitening_and_losses_see_only_the_valid_tokens():
     torch.manual_seed(0)
-    x, valid = torch.randn(3, 6), torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    x, valid = torch.randn(3, 6), torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]],
+                                               dtype=torch.bool)
     w = tp.whiten(x, valid=valid)
     kept = x[valid]
     torch.testing.assert_close(w[valid], (kept - kept.mean()) / torch.sqrt(kept.var(unbiased=False) + 1e-8))
-    args = type("A", (), dict(cliprange=0.2, cliprange_value=0.2, vf_coef=0.1))
+    clips = dict(cliprange=0.2, cliprange_value=0.2, vf_coef=0.1)
     logp, old, v, old_v, adv, ret = (torch.randn(3, 6) for _ in range(6))
-    loss, stats = tp.ppo_loss(logp, v, old, old_v, adv, ret, args, valid, valid)
+    loss, stats = tp.ppo_loss(logp, v, old, old_v, adv, ret, valid, valid, **clips)
     sub = [t[valid][None] for t in (logp, v, old, old_v, adv, ret)]
     every = torch.ones_like(sub[0], dtype=torch.bool)
-    want, want_stats = tp.ppo_loss(sub[0], sub[1], sub[2], sub[3], sub[4], sub[5], args, every, every)
+    want, want_stats = tp.ppo_loss(sub[0], sub[1], sub[2], sub[3], sub[4], sub[5], every, every, **clips)
     assert loss.item() == pytest.approx(want.item(), abs=1e-6)
     assert stats["ppo/policy/clipfrac"].item() == pytest.approx(want_stats["ppo/policy/clipfrac"].item(), abs=1e-6)
 
@@ -120,11 +122,13 @@ def test_base_critic_starts_as_the_base_model_and_trains_apart_from_the_policy(t
     assert r.returncode == 0, r.stderr[-3000:]
     (run_dir,) = tmp_path.iterdir()
     critic = tp.load_reward_model(str(run_dir / "critic"))[0]
-    base, policy, reward_model = (tp.AutoModelForCausalLM.from_pretrained(folder / "base"), tp.AutoModelForCausalLM.from_pretrained(run_dir / "policy"),
+    base, policy, reward_model = (tp.AutoModelForCausalLM.from_pretrained(folder / "base"),
+                                  tp.AutoModelForCausalLM.from_pretrained(run_dir / "policy"),
                                   tp.load_reward_model(str(folder / "reward_model"))[0])
     weights = lambda m: torch.cat([p.detach().flatten() for p in m.base_model.parameters()])
-    # trained from the base's weights (close to them after two small steps), apart from the policy's, with its own head (not
-    # the reward model's: the tiny reward model shares the base's transformer, so only the heads tell the two apart)
+    # trained from the base's weights (close to them after two small steps), apart from the policy's, with its own head
+    # (not the reward model's: the tiny reward model shares the base's transformer, so only the heads tell the two
+    # apart)
     assert 0 < (weights(critic.lm) - weights(base)).abs().max() < 0.01
     assert (critic.head.weight - reward_model.head.weight).abs().max() > 0.05
     assert (weights(critic.lm) - weights(policy)).abs().max() > 0
@@ -138,7 +142,8 @@ def test_rouge_on_hand_examples():
     assert partial["rouge1"] == pytest.approx(0.5) and partial["rouge2"] == pytest.approx(1 / 3)
 
 
-POST = ("Mia found a stray kitten in the rain. She carried the kitten home out of the rain, dried the kitten and named it Pebble. "
+POST = ("Mia found a stray kitten in the rain. She carried the kitten home out of the rain, dried the kitten and named "
+        "it Pebble. "
         "Pebble slept by the fire.")
 TITLE = "A kitten in the storm"
 
@@ -155,14 +160,16 @@ def test_the_twin_judge_on_hand_examples():
     assert j == pytest.approx(dict(score=1.0, faithful=1.0, coverage=1.0, repeated=0.0, words=11))
     j = tp.judge_summary(POST, "A kitten danced on the moon.")
     # kitten is in the post, danc and moon are not: faithful 1/3; coverage: kitten only, 1/3
-    assert j["faithful"] == pytest.approx(1 / 3) and j["coverage"] == pytest.approx(1 / 3) and j["score"] == pytest.approx(1 / 3)
+    assert j["faithful"] == pytest.approx(1 / 3)
+    assert j["coverage"] == pytest.approx(1 / 3) and j["score"] == pytest.approx(1 / 3)
     # the title is no source: "storm" is only in it
     assert tp.judge_summary(POST, "stray storm")["faithful"] == 0.5
     # repetition: 9 bigrams of which 4 repeat an earlier one; the key words covered: kitten and rain of 3
     j = tp.judge_summary(POST, "the kitten in the rain the kitten in the rain")
     assert j["repeated"] == pytest.approx(4 / 9) and j["score"] == pytest.approx((1 + 2 / 3) / 2 - 4 / 9)
     # concision: 0.02 off per word past 30
-    long = "Mia found a kitten in the rain and named it Pebble " + " ".join("x" + chr(97 + i) for i in range(25))  # xa .. xy
+    # xa .. xy
+    long = "Mia found a kitten in the rain and named it Pebble " + " ".join("x" + chr(97 + i) for i in range(25))
     j = tp.judge_summary(POST, long)
     assert j["words"] == 36 and j["score"] == pytest.approx(1.0 - 0.02 * 6)
     assert tp.judge_summary(POST, "")["score"] == 0.0  # nothing said, nothing right
@@ -171,7 +178,8 @@ def test_the_twin_judge_on_hand_examples():
 
 
 def test_tldr_judge_reads_the_post_from_the_query_and_needs_no_reference(tok):
-    query = tok.decode(tp.format_tldr_query({"subreddit": "pets", "title": TITLE, "post": POST}, tok, 160), skip_special_tokens=True)
+    query = tok.decode(tp.format_tldr_query({"subreddit": "pets", "title": TITLE, "post": POST}, tok, 160),
+                       skip_special_tokens=True)
     assert tp.query_post(query) == POST
     summary = "Mia named the kitten Pebble."
     assert tp.tldr_judge([summary], [query]) == [tp.judge_summary(POST, summary)["score"]]
@@ -190,7 +198,8 @@ def test_evaluate_reports_rouge_win_rate_and_gold_on_held_out_posts(tiny, tok):
     torch.manual_seed(0)
     metrics, texts = tp.evaluate(tp.Sampler(lm, tok.pad_token_id, 0.01), reward_model, queries, references, tok, args,
                                  tp.tldr_judge, state, chunk=3)
-    assert len(texts) == 8 and set(metrics) >= {"eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/win_rate", "eval/gold_score"}
+    assert len(texts) == 8 and set(metrics) >= {"eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/win_rate",
+                                                "eval/gold_score"}
     ref_texts = tok.batch_decode([r[r != tok.pad_token_id] for r in references], skip_special_tokens=True)
     assert metrics["eval/rougeL"] == pytest.approx(sum(r["rougeL"] for r in tp.rouge(texts, ref_texts)) / 8)
     query_texts = tok.batch_decode([q[q != tok.pad_token_id] for q in queries])
@@ -201,21 +210,25 @@ def test_evaluate_reports_rouge_win_rate_and_gold_on_held_out_posts(tiny, tok):
 def test_ppo_on_tldr_posts_with_sfd_details_runs_end_to_end(tiny, tmp_path, main):
     folder, _ = tiny
     r = main(tp, "--base_model", folder / "base", "--reward_model", folder / "reward_model", "--query_dataset", TLDR,
-             "--eval_dataset", TLDR, "--num_eval", "4", "--eval_every", "1", "--query_length", "160", "--response_length", "16",
-             "--truncate_token", "eos", "--truncate_after", "0", "--mask_after_truncate", "--value_model", "reward",
-             "--reference_baseline", "--no_whiten_rewards", "--no_adaptive_kl", "--kl_coef", "0.05", "--optimizer", "adamw",
-             "--gold_labeler", "tldr_judge", "--total_episodes", "16", "--batch_size", "8", "--nminibatches", "1",
-             "--local_micro_batch_size", "4", "--noptepochs", "1", "--print_sample_every", "1", "--run_root", tmp_path)
+             "--eval_dataset", TLDR, "--num_eval", "4", "--eval_every", "1", "--query_length", "160",
+             "--response_length", "16", "--truncate_token", "eos", "--truncate_after", "0", "--mask_after_truncate",
+             "--value_model", "reward", "--reference_baseline", "--no_whiten_rewards", "--no_adaptive_kl", "--kl_coef",
+             "0.05", "--optimizer", "adamw", "--gold_labeler", "tldr_judge", "--total_episodes", "16", "--batch_size",
+             "8", "--nminibatches", "1", "--local_micro_batch_size", "4", "--noptepochs", "1", "--print_sample_every",
+             "1", "--run_root", tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     (run_dir,) = tmp_path.iterdir()
     start, *metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     # the evaluation of the initial policy comes first (update 0), then one record per update
-    assert start["update"] == 0 and "episode" not in start and {"eval/rougeL", "eval/win_rate", "eval/gold_score"} <= set(start)
+    assert start["update"] == 0 and "episode" not in start and {"eval/rougeL", "eval/win_rate",
+                                                                "eval/gold_score"} <= set(start)
     assert [m["update"] for m in metrics] == [1, 2]
     for m in metrics:
-        assert {"eval/rougeL", "eval/win_rate", "eval/gold_score", "objective/gold_score", "objective/truncated_fraction"} <= set(m)
+        assert {"eval/rougeL", "eval/win_rate", "eval/gold_score", "objective/gold_score",
+                "objective/truncated_fraction"} <= set(m)
     assert metrics[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)
-    assert (run_dir / "critic" / "reward_head.safetensors").is_file() and not (run_dir / "policy" / "value_head.safetensors").exists()
+    assert (run_dir / "critic" / "reward_head.safetensors").is_file()
+    assert not (run_dir / "policy" / "value_head.safetensors").exists()
     r = main(tp, "--reward_model", folder / "reward_model", "--reference_baseline", "--run_root", tmp_path / "no")
     assert r.returncode == 2 and "--reference_baseline needs TL;DR queries" in r.stderr
 
@@ -224,11 +237,12 @@ def test_best_of_n_on_tldr_posts_cuts_at_eos_and_reports_the_judge(tiny, tmp_pat
     folder, _ = tiny
     out = tmp_path / "bon.json"
     best_of_n.main(tyro.cli(best_of_n.Args, args=[
-        "--reward_model", str(folder / "reward_model"), "--base_model", str(folder / "base"), "--query_dataset", str(TLDR),
-        "--query_length", "160", "--response_length", "8", "--truncate_token", "eos", "--gold_labeler", "tldr_judge",
-        "--num_queries", "4", "--max_n", "4", "--batch_size", "8", "--out", str(out)]))
+        "--reward_model", str(folder / "reward_model"), "--base_model", str(folder / "base"), "--query_dataset",
+        str(TLDR), "--query_length", "160", "--response_length", "8", "--truncate_token", "eos", "--gold_labeler",
+        "tldr_judge", "--num_queries", "4", "--max_n", "4", "--batch_size", "8", "--out", str(out)]))
     rows = json.loads(out.read_text())["rows"]
     assert [row["n"] for row in rows] == [1, 2, 4]
-    assert all(row["gold"] <= 1 for row in rows) and all(a["proxy"] <= b["proxy"] + 1e-6 for a, b in zip(rows, rows[1:]))
+    assert all(row["gold"] <= 1 for row in rows) and all(a["proxy"] <= b["proxy"] + 1e-6 for a,
+                                                         b in zip(rows, rows[1:]))
     # a random 1-layer model rarely samples EOS within 8 tokens: those samples get the penalty, -1, as PPO's rollouts do
     assert rows[0]["proxy"] < -0.5
