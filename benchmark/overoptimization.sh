@@ -4,9 +4,9 @@
 # PPO with three KL settings (adaptive KL target 2 and 8 nats, and no KL penalty), DPO with three betas (0.1, 0.3, 1),
 # and the critic-free methods of train_rloo.py (RLOO, GRPO, online best-of-n; beta 0.05). Then the turn-down study:
 # reward models on 256, 512 and 1,024 labels beside the 2,048, each optimized by PPO without a KL penalty for twice the
-# default episodes. Last, the plots, the fits and the tables (benchmark/overoptimization.{png,md,json} and
-# benchmark/turn_down.{png,md,json}).
-#   bash benchmark/overoptimization.sh                    # everything (about 2.35 hours on two cores, see README.md)
+# default episodes. Last, the plots, the fits and the tables (docs/images/overoptimization.{png,md,json} and
+# docs/images/turn_down.{png,md,json}).
+#   bash benchmark/overoptimization.sh                    # everything (about 2.35 hours on two cores, see docs/overoptimization.md)
 #   PARTS="rloo labels" bash benchmark/overoptimization.sh  # only some parts (of: bon ppo dpo rloo labels)
 # OUT= picks another folder for the runs. Run it again after a stop: finished runs (those with a summary.json) are kept.
 set -euo pipefail
@@ -53,6 +53,6 @@ if has labels; then
                 --kl_coef 0 --no_adaptive_kl --total_episodes 5120 --exp_name ppo_nokl_$N --run_root $OUT/labels
         done
     done
-    python benchmark/turn_down.py --root $OUT --out benchmark/turn_down.png
+    python benchmark/turn_down.py --root $OUT --out docs/images/turn_down.png
 fi
-python benchmark/overoptimization.py --root $OUT --out benchmark/overoptimization.png
+python benchmark/overoptimization.py --root $OUT --out docs/images/overoptimization.png

@@ -1,8 +1,9 @@
 #!/bin/bash
-# The summarization twin over seeds, one job at a time on a 2-core machine, with the README's commands: per seed the SFT
-# model (train_sft.py tldr_twin), the reward model and PPO (train_both.py tldr_twin), best-of-8 by that reward model on
-# held-out posts (benchmark/best_of_n.py), and DPO on the same comparisons from the same SFT model (train_dpo.py tldr_twin);
-# then the table and the plot of the held-out judge and ROUGE-L against updates (benchmark/tldr_twin.py).
+# The summarization twin over seeds, one job at a time on a 2-core machine, with docs/summarization.md's commands: per
+# seed the SFT model (train_sft.py tldr_twin), the reward model and PPO (train_both.py tldr_twin), best-of-8 by that
+# reward model on held-out posts (benchmark/best_of_n.py), and DPO on the same comparisons from the same SFT model
+# (train_dpo.py tldr_twin); then the table and the plot of the held-out judge and ROUGE-L against updates
+# (benchmark/tldr_twin.py).
 #   bash benchmark/tldr_twin.sh [seeds...]        # default: 1 2 3; runs go to runs/tldr_twin_sweep/ (OUT= picks another)
 # Run it again after a stop: finished runs (those with a summary.json) are kept, not run again.
 set -euo pipefail
@@ -21,4 +22,4 @@ for SEED in $SEEDS; do
         --gold_labeler tldr_judge --num_queries 256 --max_n 8 --batch_size 128 --seed $SEED --out $OUT/best_of_8_$SEED.json
     [ -n "$(finished $OUT/dpo/dpo $SEED)" ] || python train_dpo.py tldr_twin --seed $SEED --base_model $SFT --run_root $OUT/dpo
 done
-python benchmark/tldr_twin.py --root $OUT --out benchmark/tldr_twin.png
+python benchmark/tldr_twin.py --root $OUT --out docs/images/tldr_twin.png
