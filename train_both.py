@@ -6,7 +6,9 @@
 
 The run folder runs/<exp_name>__<seed>__<unix time>/ holds reward/ (train_reward.py's run, with reward_model/) and
 policy/ (train_policy.py's run, which loads that reward model). As OAI's train_policy with rewards.train_new_model, both
-stages must share the task: base model, query and response lengths, query data and temperature. A first positional word
+stages must share the task: base model, query length, query data and temperature (not the response length: a reward
+model may read longer responses than the policy samples, as SFD's does). Every flag of both stages is checked before
+the reward model starts training. A first positional word
 picks a preset for both stages: `sentiment`, `descriptiveness` (OAI), `tldr` (SFD's 1B recipe on the hub data, after
 `train_sft.py tldr`), `tldr_twin` (the offline summarization twin, after `train_sft.py tldr_twin`).
 """
@@ -60,25 +62,24 @@ def train(args: Args) -> Path:
                           "existing reward model)")
     if args.reward.resume or args.policy.resume:
         train_policy.fail("--reward.resume and --policy.resume are set by train_both.py: use --resume <run folder>")
-    # one folder name on every process: accelerate's process group exists once PartialState is made (gloo on a CPU)
-    state = train_policy.start_processes()
-    folder_seed = args.policy.seed if args.seed is None else args.seed
-    run_dir = Path(args.resume) if args.resume else train_policy.shared_run_dir(state, args.run_root, args.exp_name,
-                                                                                folder_seed)
-    seeds = {} if args.seed is None else {"seed": args.seed}
-    tracks = {"track": True} if args.track else {}
-    stages = {"reward": (train_reward, replace(args.reward, **seeds, **tracks)),
-              "policy": (train_policy,
-                         replace(args.policy, **seeds, **tracks,
-                                 reward_model=str(run_dir / "reward" / "reward_model")))}
+    state = train_policy.start_processes()  # accelerate's process group (gloo on a CPU), before the world size is asked
+    shared = {"run_root": args.run_root, **({} if args.seed is None else {"seed": args.seed}),
+              **({"track": True} if args.track else {})}
+    stages = {"reward": (train_reward, replace(args.reward, **shared)),
+              "policy": (train_policy, replace(args.policy, **shared))}
 
     # Both stages' arguments are checked before either starts, and messages name the flags as typed here (--policy.*).
+    # Then the run folder, made exclusively (one per run); the PPO stage reads the reward stage's model from it.
     train_reward.FLAG_PREFIX, train_policy.FLAG_PREFIX = "--reward.", "--policy."
     try:
         train_reward.check_args(stages["reward"][1])
         train_policy.check_args(stages["policy"][1], reward_model_follows=True)
+        folder_seed = args.policy.seed if args.seed is None else args.seed
+        run_dir = Path(args.resume) if args.resume else train_policy.shared_run_dir(state, args.run_root, args.exp_name,
+                                                                                    folder_seed)
+        reward_model = str(run_dir / "reward" / "reward_model")
+        stages["policy"] = (train_policy, replace(stages["policy"][1], reward_model=reward_model))
         if state.is_main_process and not args.resume:
-            run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "args.json").write_text(json.dumps({**asdict(args), "world_size": state.num_processes},
                                                           indent=2))
         for name, (script, stage_args) in stages.items():  # a resumed run continues each stage that has begun

@@ -8,13 +8,14 @@ A first positional word picks a preset (`sentiment` or `descriptiveness`): OAI's
 flag after it. Every implementation detail that matters is written out below, with a link to the OAI line it reproduces
 ({OAI} stands for https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66, {SFD}
 for https://github.com/vwxyzjn/summarize_from_feedback_details/blob/ee77a9abc31f5338365ee087945c5bcafac7f1ca);
-DETAILS.md lists them with their tests. Tensor shapes: b = episodes on this process, Q = query_length, R =
+docs/ppo.md lists them with their tests. Tensor shapes: b = episodes on this process, Q = query_length, R =
 response_length.
 """
 
 import collections
 import copy
 import functools
+import itertools
 import gzip
 import json
 import math
@@ -528,6 +529,7 @@ def make_optimizer(params, name: str, lr: float, eps: float):
 def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[str] = None) -> Path:
     """PPO. run_dir: the run folder (train_both.py gives its stage folder; --resume the folder to continue);
     resume_command: what the message of a run stopped by a signal tells the user to type."""
+    stop = StopRequest()  # from here on SIGTERM or SIGINT stops the run after a checkpoint, not in the middle
     world = start_processes().num_processes
     num_updates, texts, eval_texts = check_args(args)
     local_batch_size = args.batch_size // world
@@ -575,7 +577,7 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
     # The run folder, its log and checkpoints (a resumed run takes back the weights, optimizer, KL coefficient, query
     # position, random generators and metrics of its last checkpoint); the held-out evaluation of the initial policy.
     run = Run(accelerator, args, run_dir, resume_command or "python train_policy.py --resume {run_dir}", "episode",
-              keep_samples=True, objects=(kl_ctl, batches),
+              keep_samples=True, objects=(kl_ctl, batches), stop=stop,
               about=f"{num_updates} updates of {args.batch_size} episodes "
               f"({world} process(es) x {args.nminibatches} minibatch(es) x {grad_accum} micro-batch(es) of "
               f"{args.local_micro_batch_size}); {num_trained:,} trained policy and value parameters")
@@ -1349,14 +1351,29 @@ def now(device: torch.device) -> float:
 
 
 def shared_run_dir(accelerator, run_root: str, exp_name: str, seed: int) -> Path:
-    """runs/<exp_name>__<seed>__<unix time>, the same name on every process (the main process's clock)."""
-    name = [f"{exp_name}__{seed}__{int(time.time())}"]
+    """A new folder runs/<exp_name>__<seed>__<unix time>, made by the main process, its name sent to the others. It is
+    made exclusively: a run that starts in the same second with the same name gets a suffix (_2, _3, ...), so that two
+    runs never share a folder."""
+    name = [None]
+    if accelerator.is_main_process:
+        base = f"{exp_name}__{seed}__{int(time.time())}"
+        for i in itertools.count(1):
+            folder = Path(run_root) / (base if i == 1 else f"{base}_{i}")
+            try:
+                folder.mkdir(parents=True)
+            except FileExistsError:
+                continue
+            name = [folder.name]
+            break
     if accelerator.num_processes > 1:
         broadcast_object_list(name)
     return Path(run_root) / name[0]
 
 
-EXIT_NONFINITE = 3  # exit status of a run stopped by a NaN or inf (bad input: 2; stopped by a signal: 128 + its number)
+EXIT_NONFINITE = 3  # a NaN or inf stopped the run (docs/runs.md lists every exit status: 0, 2, 3, 4, 128 + signal)
+
+
+EXIT_NO_SPACE = 4  # a checkpoint could not be written: the disk is full
 
 
 class Stream:
@@ -1410,22 +1427,38 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
+def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, resume_command: str) -> Path:
     """run_dir/checkpoints/<step>/: accelerate's save_state (the prepared model and optimizer, or under DeepSpeed each
     engine's shards; every process's random generators; the objects registered for checkpointing) and metrics.jsonl as
     it stands. Written into a temporary folder that is then renamed, so a kill during the save leaves the earlier
-    checkpoints whole; the last `keep` stay."""
+    checkpoints whole; the last `keep` stay. A save that fails (a full disk) removes its temporary folder, keeps the
+    earlier checkpoints and ends the run with one line: the path, the space free and the space a checkpoint takes
+    (exit 4); freed, the run resumes from its last checkpoint as if it had never stopped."""
     root = run_dir / "checkpoints"
     tmp, final = root / f"tmp_{step:08d}", root / f"{step:08d}"
-    if accelerator.is_main_process:
-        if tmp.exists():  # left by a run killed while saving
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    # pickled, not safetensors: a tied embedding would be saved once, and its model would not load it back strictly
-    accelerator.save_state(str(tmp), safe_serialization=False)
-    if accelerator.is_main_process:
-        shutil.copyfile(run_dir / "metrics.jsonl", tmp / "metrics.jsonl")
+    failed = None
+    try:
+        if accelerator.is_main_process:
+            if tmp.exists():  # left by a run killed while saving
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        # pickled, not safetensors: a tied embedding would be saved once, and its model would not load it back strictly
+        accelerator.save_state(str(tmp), safe_serialization=False)
+        if accelerator.is_main_process:
+            shutil.copyfile(run_dir / "metrics.jsonl", tmp / "metrics.jsonl")
+    except OSError as e:
+        failed = e
+    if any_process(accelerator, failed is not None):
+        size = max((folder_size(p) for p in [tmp, *root.glob("[0-9]*")] if p.is_dir()), default=0)
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(root if root.exists() else run_dir).free
+        reason = f"{failed.strerror or failed}" if failed is not None else "another process could not write its part"
+        print(f"\nerror: checkpoint {final} could not be written ({reason}); {free / 1e9:.2f} GB free in {root}, a "
+              f"checkpoint takes about {size / 1e9:.2f} GB: free space, then continue with: {resume_command}",
+              file=sys.stderr, flush=True)
+        sys.exit(EXIT_NO_SPACE)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tmp.rename(final)
@@ -1435,23 +1468,69 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
     return final
 
 
-def load_checkpoint(accelerator, run_dir: Path) -> Optional[Path]:
-    """Put back what run_dir's last checkpoint holds (accelerate's load_state: the model, optimizer, random generators
-    and the registered objects) and metrics.jsonl as it was then; its path, or None if the run has none. A checkpoint of
-    the earlier layout (state.pt) or one without this process's random state ends the run with one line: accelerate
-    would only log the missing file, and the run would silently stop being exact."""
+def any_process(accelerator, flag: bool) -> bool:
+    """Whether `flag` holds on some process, the same answer on all of them."""
+    if accelerator.num_processes == 1:
+        return flag
+    flag = torch.tensor([float(flag)], device=accelerator.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def folder_size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def unreadable(checkpoint: Path, rank: int) -> Optional[str]:
+    """Why this process cannot resume from `checkpoint` (None if it can): a file of its that does not load (truncated,
+    corrupt), a line of its metrics.jsonl that does not parse, this process's random generators missing."""
+    if not (checkpoint / f"random_states_{rank}.pkl").is_file():
+        return f"no random_states_{rank}.pkl (process {rank}'s random generators): it would not continue exactly"
+    # the files load_state reads on this process: the model and optimizer (DeepSpeed: its shards and the model states),
+    # the registered objects, its own random generators
+    mine = lambda f: (f.suffix == ".bin" or f.name.startswith(("custom_checkpoint_", "mp_rank_"))
+                      or f.name == f"random_states_{rank}.pkl" or f"pp_rank_{rank}_" in f.name)
+    try:
+        for line in open(checkpoint / "metrics.jsonl"):
+            json.loads(line)
+        for f in sorted(checkpoint.rglob("*")):
+            if f.is_file() and mine(f):
+                torch.load(f, map_location="cpu", weights_only=False)  # files this project wrote
+    except Exception as e:  # whatever fails to read, the checkpoint is passed over and the reason told
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else 'unreadable'}"
+    return None
+
+
+def load_checkpoint(accelerator, run_dir: Path) -> Path:
+    """Put back what run_dir's newest readable checkpoint holds (accelerate's load_state: the model, optimizer, random
+    generators and the registered objects) and metrics.jsonl as it was then; its path. A checkpoint that cannot be read
+    (a file truncated or corrupt, a metrics copy that does not parse, this process's random state missing: accelerate
+    would only log it, and the run would silently stop being exact) is passed over for the one before it, saying which
+    and why; every process takes the same one. No checkpoint at all, none readable, or one of the earlier layout
+    (state.pt): one line, exit 2."""
     root = run_dir / "checkpoints"
-    steps = sorted(p for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+    steps = sorted((p for p in root.iterdir() if p.name.isdigit()), reverse=True) if root.is_dir() else []
     if not steps:
-        return None
-    path, rank = steps[-1], accelerator.process_index
-    if (path / "state.pt").is_file():
-        fail(f"--resume {run_dir}: {path} was written by an earlier version of this script (state.pt), which this one "
-             "cannot read; start the run anew")
-    if not (path / f"random_states_{rank}.pkl").is_file():
-        fail(f"--resume {run_dir}: {path} has no random_states_{rank}.pkl (process {rank}'s random generators), so the "
-             "run "
-             "could not continue exactly")
+        fail(f"--resume {run_dir}: it has no checkpoint (checkpoints/ is empty or missing), so there is nothing to "
+             "continue from; start the run anew")
+    if (steps[0] / "state.pt").is_file():
+        fail(f"--resume {run_dir}: {steps[0]} was written by an earlier version of this script (state.pt), which this "
+             "one cannot read; start the run anew")
+    passed_over = []
+    for path in steps:
+        why = unreadable(path, accelerator.process_index)
+        if not any_process(accelerator, why is not None):
+            break
+        if accelerator.is_main_process or why is not None:
+            print(f"note: checkpoint {path} cannot be read ({why or 'by another process'}); trying the one before it",
+                  flush=True)
+        passed_over.append(path)
+    else:
+        fail(f"--resume {run_dir}: none of its {len(steps)} checkpoint(s) can be read")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:  # kept for a look, out of the way of the checkpoints the run will write again
+        for bad in passed_over:
+            bad.rename(bad.with_name(f"unreadable_{bad.name}"))
     accelerator.load_state(str(path))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -1515,7 +1594,7 @@ class Run:
 
     def __init__(self, accelerator, args, run_dir: Optional[Path], resume_command: str, step_key: str,
                  keep_samples: bool, objects: tuple = (), about: str = "", info: Optional[dict] = None,
-                 unit: str = "update"):
+                 unit: str = "update", stop: Optional[StopRequest] = None):
         self.accelerator, self.args, self.step_key, self.main = accelerator, args, step_key, accelerator.is_main_process
         self.unit = unit  # what a step is called in messages: an update, or SFT's step
         self.step, self.elapsed_before, self.start_time = 0, 0.0, time.time()
@@ -1525,7 +1604,7 @@ class Run:
         self.resume_command = resume_command.format(run_dir=self.dir)
         accelerator.register_for_checkpointing(*objects, self)
         self.last = load_checkpoint(accelerator, self.dir) if args.resume else None
-        self.stop = StopRequest()
+        self.stop = stop or StopRequest()  # train() makes it first thing: a signal while models load waits too
         if self.main:
             self.dir.mkdir(parents=True, exist_ok=True)
             if self.last is None:
@@ -1560,6 +1639,12 @@ class Run:
         """The steps still to run (all of them, or those after the checkpoint resumed from), with a progress bar that
         shows the metrics named in postfix (label: metrics.jsonl key) as each step ends."""
         self.postfix = postfix
+        signum = self.stop.requested(self.accelerator)
+        if signum and self.step == 0:  # the signal came while the run was loading: nothing to save yet
+            if self.main:
+                print(f"stopped by {signal.Signals(signum).name} before the first {self.unit}; nothing was saved: "
+                      "start the run anew", flush=True)
+            sys.exit(128 + signum)
         self.progress = tqdm(range(self.step, num_steps), initial=self.step, total=num_steps, disable=not self.main,
                              desc=desc)
         return self.progress
@@ -1585,7 +1670,8 @@ class Run:
         check_finite(metrics, f"{self.unit} {step}", self.last)
         signum = self.stop.requested(self.accelerator)
         if signum or (self.args.save_every and step % self.args.save_every == 0 and step < num_steps):
-            self.last = save_checkpoint(self.accelerator, self.dir, step, self.args.keep_checkpoints)
+            self.last = save_checkpoint(self.accelerator, self.dir, step, self.args.keep_checkpoints,
+                                        self.resume_command)
         if signum:
             if self.main:
                 launch = " (launched as this run was)" if self.accelerator.num_processes > 1 else ""
@@ -1719,10 +1805,49 @@ def full_weights(model, accelerator, edit: bool = False):
 # ---------------------------------------------------------------------------------------------------------
 
 
+# The flags of every script, checked before any work by check_common: sizes and counts at least 1, counts that may be
+# 0, and quantities that must be positive (the temperature divides the logits; Adam divides by epsilon) or within [0, 1]
+AT_LEAST_ONE = ("total_episodes", "batch_size", "nminibatches", "noptepochs", "local_micro_batch_size",
+                "local_rollout_forward_batch_size", "query_length", "response_length", "k", "num_train", "num_test",
+                "normalize_samples", "rollout_batch_size", "total_steps", "block_size", "n_layer", "n_embd", "n_head",
+                "n_positions", "num_eval", "eval_every", "print_sample_every", "keep_checkpoints", "kl_horizon",
+                "sample_length")
+AT_LEAST_ZERO = ("save_every", "truncate_after", "num_print_samples", "num_samples", "warmup_steps",
+                 "sample_prompt_tokens", "kl_coef", "vf_coef", "weight_decay", "max_grad_norm")
+POSITIVE = ("lr", "eps", "temperature", "eval_temperature", "cliprange", "cliprange_value", "kl_target")
+UNIT_INTERVAL = ("gamma", "lam", "dropout")
+
+
+def check_common(args):
+    """The checks every script's flags share, before anything is loaded or written: each named above in range (one line
+    naming the flag and its value, exit 2), and a run root that is a folder, or can be made one, that this process may
+    write in (a file or a read-only mount ends the run before any work)."""
+    for f in fields(args):
+        value = getattr(args, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if f.name in AT_LEAST_ONE and value < 1:
+            fail(f"--{f.name} {value} must be at least 1")
+        if f.name in AT_LEAST_ZERO and not value >= 0:  # (not >=: NaN fails too)
+            fail(f"--{f.name} {value} must be at least 0")
+        if f.name in POSITIVE and not (math.isfinite(value) and value > 0):
+            fail(f"--{f.name} {value} must be a finite positive number")
+        if f.name in UNIT_INTERVAL and not 0 <= value <= 1:
+            fail(f"--{f.name} {value} must be within [0, 1]")
+    if args.resume is None:
+        root = Path(args.run_root)
+        if root.exists() and not root.is_dir():
+            fail(f"--run_root {args.run_root} is a file, not a folder")
+        existing = next(p for p in [root, *root.absolute().parents] if p.exists())
+        if not os.access(existing, os.W_OK | os.X_OK):
+            fail(f"--run_root {args.run_root}: {existing} cannot be written (read-only or not ours)")
+
+
 def check_args(args: Args, reward_model_follows: bool = False) -> tuple:
     """Every check of the arguments that needs no training (sizes, paths, the data, the truncate token), run before
     anything is trained or written; train_both.py runs it before its reward stage. Returns the number of updates and the
     query and evaluation texts it read."""
+    check_common(args)
     world = PartialState().num_processes
     if args.batch_size % world:
         fail(f"--batch_size {args.batch_size} is not divisible by {world} processes")
@@ -1739,17 +1864,17 @@ def check_args(args: Args, reward_model_follows: bool = False) -> tuple:
         fail(f"--batch_size {args.batch_size} / {world} process(es) / --nminibatches {args.nminibatches} = "
              f"{local_minibatch_size} "
              "episodes per minibatch, too few to whiten rewards (at least 8)")
-    if args.total_episodes < 1 or args.save_every < 0 or args.keep_checkpoints < 1:
-        fail("--total_episodes and --keep_checkpoints must be positive, --save_every at least 0")
     if not reward_model_follows and args.reward_model is None:
         fail("--reward_model is required (a folder written by train_reward.py; train_both.py trains one first)")
+    if not reward_model_follows and os.path.isfile(args.reward_model):
+        fail(f"--reward_model {args.reward_model} is a file: give the folder train_reward.py wrote (its run's "
+             "reward_model/)")
     if not reward_model_follows and not os.path.isdir(args.reward_model):
         fail(f"--reward_model {args.reward_model}: folder not found")
     check_lora(args)
     if args.value_model == "base" and args.load_in_4bit:
         fail("--value_model base copies the base model into a critic that trains in full, which a 4-bit (QLoRA) base "
-             "cannot; "
-             "use --value_model shared or reward")
+             "cannot; use --value_model shared or reward")
     config, tokenizer = load_base_model(args.base_model, weights=False)
     if args.query_length + args.response_length > getattr(config, "n_positions",
                                                           getattr(config, "max_position_embeddings", 1 << 30)):
@@ -1807,8 +1932,8 @@ def ppo_metrics(accelerator, update: int, num_updates: int, args, rollout_stats:
 
 def summarize(metrics_path: Path, wall_s: float) -> dict:
     """Headline figures of a PPO or RLOO run: score, gold and KL at the first update and over the last tenth of updates
-    (as the README reports them), the held-out evaluation before and after, episodes/s, wall time (every resumed part
-    summed)."""
+    (as docs/ppo.md and docs/rloo.md report them), the held-out evaluation before and after, episodes/s, wall time
+    (every resumed part summed)."""
     metrics = [json.loads(line) for line in open(metrics_path)]
     updates, evals = [m for m in metrics if "objective/scores" in m], [m for m in metrics if "eval/win_rate" in m]
     tenth = updates[-max(1, len(updates) // 10) :]

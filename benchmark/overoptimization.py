@@ -101,11 +101,11 @@ def take_previous(points: dict, previous: dict, path: str):
     earlier best-of-n points equal these (within 1e-6: the same reward models and initial policy)."""
     for seed, pts in points["best-of-n"].items():
         old = previous["points"]["best-of-n"].get(str(seed))
-        if old is None or len(old) != len(pts) or any(abs(x - y) > 1e-6 for p, q in zip(old, pts) for x,
-                                                      y in zip(p, q)):
+        same = old is not None and len(old) == len(pts) and all(abs(x - y) <= 1e-6 for p, q in zip(old, pts)
+                                                                  for x, y in zip(p, q))
+        if not same:
             sys.exit(f"error: --previous {path}: its best-of-n points of seed {seed} differ from bon_{seed}.json's, so "
-                     "its "
-                     "reward models are not these; run every method here instead")
+                     "its reward models are not these; run every method here instead")
     for method, per_seed in previous["points"].items():
         if method in points and not points[method]:
             points[method] = {int(seed): [tuple(p) for p in pts] for seed, pts in per_seed.items()}

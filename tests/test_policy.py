@@ -1,4 +1,4 @@
-"""Unit tests of train_policy.py: one (or more) per implementation detail of DESIGN.md (see DETAILS.md)."""
+"""Unit tests of train_policy.py: one (or more) per implementation detail of DESIGN.md (see docs/ppo.md)."""
 
 import math
 from types import SimpleNamespace

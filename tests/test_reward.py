@@ -345,7 +345,7 @@ BAD = {
                     lambda: json.dumps([{k: v for k, v in it.items() if k != "sample2"} for it in oai_items()]),
                     "lacks the key(s) sample2"),
     "best_out_of_range": ("labels.json", lambda: json.dumps([{**it, "best": 4} for it in oai_items()]),
-                          "best = 4, outside 0..3"),
+                          "best = 4, not an integer in 0..3"),
     "id_outside_vocab": ("labels.json", lambda: json.dumps([{**it, "sample0": [5000, 7]} for it in oai_items()]),
                          "token id 5000 outside"),
     "comparison_choice": ("labels.jsonl",

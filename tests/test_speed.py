@@ -1,7 +1,7 @@
 """Faster, computing the same function: each speed change of train_policy.py against the path it replaced.
 
 bf16 on every forward, the static-cache sampler compiled, reference and reward forwards in chunks, the foreach
-TF-style Adam, the compiled training forward (DETAILS.md, "Faster, computing the same function").
+TF-style Adam, the compiled training forward (docs/ppo.md, "The same function, computed faster").
 """
 
 import json

@@ -1,4 +1,4 @@
-"""Summarization (TL;DR) in train_policy.py, detail by detail against SFD (DETAILS.md, "SFD's details"): query data with
+"""Summarization (TL;DR) in train_policy.py, detail by detail against SFD (docs/summarization.md): query data with
 reference summaries, the EOS trick and SFD's masks, the critic initialised from the reward model, trlX's reference
 baseline, ROUGE, the twin's judge and the evaluation, and a whole PPO run on tiny settings."""
 
