@@ -124,6 +124,12 @@ class Args:
     """target of the mean summed KL per response (nats)"""
     kl_horizon: int = 256
     """adaptive KL horizon in episodes (OAI: 10000 for 1M episodes)"""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """per-token KL estimate from the sampled token, d = logp - logp_ref: k1 = d (OAI), k2 = d^2 / 2, k3 = exp(-d) + d
+    - 1 (GRPO's); see kl_estimate"""
+    kl_in: Literal["reward", "loss"] = "reward"
+    """where the KL penalty goes: the per-token reward (OAI), or a loss term kl_coef x the mean over responses of the
+    summed estimate, differentiated (GRPO's place); the controller adapts kl_coef either way"""
 
     # ---- experiment ----
     exp_name: str = "policy"
@@ -385,11 +391,28 @@ def response_masks(truncated: torch.Tensor, pad_token_id: int, mask_after_trunca
     return idx <= last[:, None], idx <= last[:, None] + 1, torch.where(last + 1 < R, last + 1, last)
 
 
-def compute_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_coef: float,
-                    score_index: torch.Tensor) -> tuple:
-    """Per-token rewards (b, R): -kl_coef * (logp - logp_ref) at every token, plus the score at score_index (OAI: the
-    last token). {OAI}/lm_human_preferences/train_policy.py#L149-L154"""
-    non_score_reward = -kl_coef * (logprobs - ref_logprobs)
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi || ref) from a token sampled from pi, with d = logp - logp_ref (Schulman 2020,
+    http://joschu.net/blog/kl-approx.html); each (b, R). Which is unbiased, in value and as a gradient (Liu et al. 2025,
+    https://arxiv.org/abs/2510.01555; tests/test_pitfalls.py computes it exactly):
+    - k1 = d: unbiased in value; in the reward (OAI) its policy gradient is the reverse KL's; as a loss its expected
+      gradient is zero;
+    - k2 = d^2 / 2: biased in value; as a loss its gradient is the reverse KL's, as k1's in the reward;
+    - k3 = exp(-d) + d - 1: unbiased in value and never negative; as a loss (GRPO) its gradient is KL(ref || pi)'s,
+      the other direction."""
+    if estimator == "k1":
+        return logprobs - ref_logprobs
+    if estimator == "k2":
+        return 0.5 * (logprobs - ref_logprobs) ** 2
+    delta = ref_logprobs - logprobs
+    return delta.exp() - delta - 1
+
+
+def compute_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, score_index: torch.Tensor) -> tuple:
+    """Per-token rewards (b, R): -kl_coef * kl at every token (kl: the per-token estimate, OAI's k1 = logp - logp_ref;
+    zeros when the KL is a loss term), plus the score at score_index (OAI: the last token).
+    {OAI}/lm_human_preferences/train_policy.py#L149-L154"""
+    non_score_reward = -kl_coef * kl
     rewards = non_score_reward.clone()
     rewards[torch.arange(len(scores), device=scores.device), score_index] += scores
     return rewards, non_score_reward
@@ -445,6 +468,17 @@ def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (values * valid).sum() / valid.sum()
 
 
+def logprob_mismatch(train_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, valid: torch.Tensor) -> dict:
+    """How far the training forward's log-probs of the sampled tokens are from the sampler's while the policy is
+    still the one that sampled (before the update's first optimizer step); each (b, R). They agree up to float
+    error unless the two paths compute different distributions: a temperature, a top-k / top-p truncation or a
+    precision one of them misses (TRL #4159, #4772; docs/pitfalls.md). The mean and max |difference| over the valid
+    tokens, and the mean over responses of the whole response's ratio pi_train / pi_sampler."""
+    diff = (train_logprobs - sampler_logprobs).masked_fill(~valid, 0.0)
+    return {"mismatch/logprob_diff_mean": diff.abs().sum() / valid.sum(), "mismatch/logprob_diff_max": diff.abs().max(),
+            "mismatch/response_ratio": diff.sum(1).exp().mean()}
+
+
 def compute_gae(values: torch.Tensor, rewards: torch.Tensor, gamma: float, lam: float) -> tuple:
     """(advantages, returns), each (b, R): generalized advantage estimation backwards over the response tokens,
     the value after the last token being 0. {OAI}/lm_human_preferences/train_policy.py#L327-L336"""
@@ -459,17 +493,21 @@ def compute_gae(values: torch.Tensor, rewards: torch.Tensor, gamma: float, lam: 
     return advantages, advantages + values
 
 
-def ppo_loss(logprobs, values, old_logprobs, old_values, advantages, returns, valid, value_valid, cliprange: float,
-             cliprange_value: float, vf_coef: float) -> tuple:
-    """Clipped policy loss + vf_coef * clipped value loss (the max of clipped and unclipped squared errors), averaged
-    over the valid tokens (all of them, unless SFD's mask after the truncate token is on); each tensor (b, R).
+def ppo_loss(logprobs, values, old_logprobs, old_values, advantages, returns, valid, value_valid, token_count,
+             value_token_count, cliprange: float, cliprange_value: float, vf_coef: float) -> tuple:
+    """Clipped policy loss + vf_coef * clipped value loss (the max of clipped and unclipped squared errors) of a
+    micro-batch; each tensor (b, R). Each loss is a sum over the valid tokens (all of them, unless SFD's mask after the
+    truncate token is on) divided by token_count (value_token_count): the minibatch's valid tokens, counted over all
+    its micro-batches and processes, divided by their number. Accumulated (accelerate divides by the micro-batches,
+    DDP averages the processes), the update is the mean over the minibatch's valid tokens, whatever the micro-batch
+    size; a mean per micro-batch (SFD's masked_mean) weights a token by its micro-batch's count instead.
     {OAI}/lm_human_preferences/train_policy.py#L343-L357, {SFD}/summarize_from_feedback_details/ppo.py#L740-L755"""
     vpredclipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
     vf_losses1, vf_losses2 = (values - returns) ** 2, (vpredclipped - returns) ** 2
-    vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), value_valid)
+    vf_loss = 0.5 * (torch.max(vf_losses1, vf_losses2) * value_valid).sum() / value_token_count
     ratio = torch.exp(logprobs - old_logprobs)
     pg_losses, pg_losses2 = -advantages * ratio, -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
-    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), valid)
+    pg_loss = (torch.max(pg_losses, pg_losses2) * valid).sum() / token_count
     stats = {
         "ppo/loss/policy": pg_loss, "ppo/loss/value": vf_loss,
         "ppo/policy/approxkl": 0.5 * masked_mean((logprobs - old_logprobs) ** 2, valid),
@@ -636,7 +674,10 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
             logprobs = logprobs.masked_fill(~valid, INVALID_LOGPROB)
             ref_logprobs = ref_logprobs.masked_fill(~valid, INVALID_LOGPROB)
             values = values.masked_fill(~value_valid, 0.0)
-            rewards, non_score_reward = compute_rewards(scores, logprobs, ref_logprobs, kl_ctl.value, score_index)
+            # the KL penalty in the reward (OAI), or none there when it is a loss term (step 5)
+            kl_in_reward = (kl_estimate(logprobs, ref_logprobs, args.kl_estimator) if args.kl_in == "reward"
+                            else torch.zeros_like(logprobs))
+            rewards, non_score_reward = compute_rewards(scores, kl_in_reward, kl_ctl.value, score_index)
         t_score = now(device)
 
         # 5. PPO: noptepochs passes over the batch, reshuffled each time; per minibatch the rewards are whitened
@@ -644,7 +685,7 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
         #    gradients (accelerator.accumulate divides each loss by grad_accum), and DDP averages them across processes
         #    at the last one (DeepSpeed: reduces them and steps there; optimizer.step() is then a no-op).
         policy.train()
-        minibatch_stats = []
+        minibatch_stats, first_step = [], []  # first_step: (training, sampler log-probs, valid) before any step
         for _ in range(args.noptepochs):
             order = torch.randperm(local_batch_size, device=device)
             for start in range(0, local_batch_size, local_minibatch_size):
@@ -657,6 +698,11 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
                 advantages = whiten(advantages, valid=valid[minibatch]).masked_fill(~valid[minibatch], 0.0)
                 stats = {"ppo/returns/mean": returns.mean(), "ppo/returns/var": returns.var(unbiased=False),
                          "ppo/val/mean": values[minibatch].mean(), "ppo/val/var": values[minibatch].var(unbiased=False)}
+                # each micro-batch's share of the minibatch's valid tokens over every process: the loss is the mean
+                # over the minibatch's tokens, not a mean of per-micro-batch means (equal when all tokens are valid)
+                shares = grad_accum * world
+                token_count = accelerator.reduce(valid[minibatch].sum(), "sum") / shares
+                value_token_count = accelerator.reduce(value_valid[minibatch].sum(), "sum") / shares
                 for micro_start in range(0, local_minibatch_size, args.local_micro_batch_size):
                     rows = slice(micro_start, micro_start + args.local_micro_batch_size)  # of the minibatch
                     episodes = minibatch[rows]  # of the batch
@@ -665,11 +711,17 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
                         new_logprobs, entropy = response_logprobs(new_logits, responses[episodes], args.temperature,
                                                                   pad)
                         new_logprobs = new_logprobs.masked_fill(~valid[episodes], INVALID_LOGPROB)
+                        if not minibatch_stats:  # no step yet: the policy is the sampler's
+                            first_step.append((new_logprobs.detach(), logprobs[episodes], valid[episodes]))
                         new_values = new_values.masked_fill(~value_valid[episodes], 0.0)
                         loss, micro_stats = ppo_loss(new_logprobs, new_values, logprobs[episodes], values[episodes],
                                                      advantages[rows], returns[rows], valid[episodes],
-                                                     value_valid[episodes], args.cliprange, args.cliprange_value,
-                                                     args.vf_coef)
+                                                     value_valid[episodes], token_count, value_token_count,
+                                                     args.cliprange, args.cliprange_value, args.vf_coef)
+                        if args.kl_in == "loss":  # kl_coef x the mean over responses of the summed KL estimate
+                            kl = kl_estimate(new_logprobs, ref_logprobs[episodes], args.kl_estimator)
+                            micro_stats["ppo/loss/kl"] = (kl * valid[episodes]).sum(1).mean()
+                            loss = loss + kl_ctl.value * micro_stats["ppo/loss/kl"]
                         accelerator.backward(loss)
                     micro_stats.update({"ppo/loss/total": loss,
                                         "ppo/policy/entropy": masked_mean(entropy, valid[episodes])})
@@ -693,6 +745,7 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
             rollout_stats["objective/truncated_fraction"] = (truncated == pad).any(1).float().mean()
         if gold is not None:
             rollout_stats["objective/gold_score"] = gold.mean()
+        rollout_stats.update(logprob_mismatch(*map(torch.cat, zip(*first_step))))
         metrics = ppo_metrics(accelerator, update, num_updates, args, rollout_stats, minibatch_stats, kl_ctl.value,
                               (t0, t_gen, t_score, t_update), update_flops)
         eval_texts_out = held_out.every(update + 1, num_updates, metrics)

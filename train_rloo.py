@@ -113,6 +113,13 @@ class Args:
     beta: float = 0.05
     """KL coefficient: in the reward, per response (rloo; best_of_n picks by that reward), or the k3 estimator as a loss
     term per token (grpo, dr_grpo). TRL: RLOO 0.05, GRPO 0.0"""
+    kl_estimator: Optional[Literal["k1", "k2", "k3"]] = None
+    """per-token KL estimate, d = logp - logp_ref: k1 = d, k2 = d^2 / 2, k3 = exp(-d) + d - 1 (see kl_estimate); unset,
+    the estimator's own: k1 for rloo and best_of_n, k3 for grpo and dr_grpo"""
+    kl_in: Optional[Literal["reward", "loss"]] = None
+    """where the KL goes: each response's reward (its summed estimate), or the loss (grpo and dr_grpo: per token with
+    the clipped term; rloo and best_of_n: the mean over responses of the summed estimate); unset, the estimator's
+    own: the reward for rloo and best_of_n, the loss for grpo and dr_grpo"""
 
     # ---- experiment ----
     exp_name: str = "rloo"
@@ -336,6 +343,36 @@ def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (values * valid).sum() / valid.sum()
 
 
+# Copied from train_policy.py
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi || ref) from a token sampled from pi, with d = logp - logp_ref (Schulman 2020,
+    http://joschu.net/blog/kl-approx.html); each (b, R). Which is unbiased, in value and as a gradient (Liu et al. 2025,
+    https://arxiv.org/abs/2510.01555; tests/test_pitfalls.py computes it exactly):
+    - k1 = d: unbiased in value; in the reward (OAI) its policy gradient is the reverse KL's; as a loss its expected
+      gradient is zero;
+    - k2 = d^2 / 2: biased in value; as a loss its gradient is the reverse KL's, as k1's in the reward;
+    - k3 = exp(-d) + d - 1: unbiased in value and never negative; as a loss (GRPO) its gradient is KL(ref || pi)'s,
+      the other direction."""
+    if estimator == "k1":
+        return logprobs - ref_logprobs
+    if estimator == "k2":
+        return 0.5 * (logprobs - ref_logprobs) ** 2
+    delta = ref_logprobs - logprobs
+    return delta.exp() - delta - 1
+
+
+# Copied from train_policy.py
+def logprob_mismatch(train_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, valid: torch.Tensor) -> dict:
+    """How far the training forward's log-probs of the sampled tokens are from the sampler's while the policy is
+    still the one that sampled (before the update's first optimizer step); each (b, R). They agree up to float
+    error unless the two paths compute different distributions: a temperature, a top-k / top-p truncation or a
+    precision one of them misses (TRL #4159, #4772; docs/pitfalls.md). The mean and max |difference| over the valid
+    tokens, and the mean over responses of the whole response's ratio pi_train / pi_sampler."""
+    diff = (train_logprobs - sampler_logprobs).masked_fill(~valid, 0.0)
+    return {"mismatch/logprob_diff_mean": diff.abs().sum() / valid.sum(), "mismatch/logprob_diff_max": diff.abs().max(),
+            "mismatch/response_ratio": diff.sum(1).exp().mean()}
+
+
 def shared_prompt_logits(lm, prompts: torch.Tensor, responses: torch.Tensor, pad_token_id: int) -> torch.Tensor:
     """(b, R, V) logits that predict the R tokens of b = n k responses, k to each of the n (n, Q) left-padded prompts in
     order (the rows of prompts.repeat_interleave(k, 0)): response_logits of the concatenated rows, with each prompt run
@@ -368,15 +405,22 @@ def shared_prompt_logits(lm, prompts: torch.Tensor, responses: torch.Tensor, pad
 # ---------------------------------------------------------------------------------------------------------
 
 
+def kl_placement(advantage: str, kl_estimator: Optional[str], kl_in: Optional[str]) -> tuple:
+    """(estimator, where) of the KL penalty: the flags where given, else the estimator's own: k1 in the reward for rloo
+    and best_of_n (Ahmadian et al. 2024, section 3, https://arxiv.org/abs/2402.14740), k3 in the loss for grpo and
+    dr_grpo (Shao et al. 2024, eq. 3-4, https://arxiv.org/abs/2402.03300)."""
+    own_estimator, own_place = ("k3", "loss") if advantage in ("grpo", "dr_grpo") else ("k1", "reward")
+    return kl_estimator or own_estimator, kl_in or own_place
+
+
 def sequence_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, valid: torch.Tensor,
-                     advantage: str, beta: float) -> torch.Tensor:
-    """(b,) rewards the advantages are built from: score - beta * sum_t (log pi - log ref) over the valid tokens for
-    rloo and best_of_n, whose KL penalty is part of the reward (RLOO: Ahmadian et al. 2024, section 3,
-    https://arxiv.org/abs/2402.14740); the bare score for grpo and dr_grpo, which put the KL in the loss (Shao et al.
-    2024, eq. 3, https://arxiv.org/abs/2402.03300)."""
-    if advantage in ("grpo", "dr_grpo"):
+                     kl_estimator: str, kl_in: str, beta: float) -> torch.Tensor:
+    """(b,) rewards the advantages are built from: score - beta * the summed per-token KL estimate over the valid
+    tokens when the KL is in the reward (rloo and best_of_n by default: k1, sum_t log pi - log ref); the bare score
+    when it is a loss term (grpo and dr_grpo by default)."""
+    if kl_in == "loss":
         return scores
-    return scores - beta * ((logprobs - ref_logprobs) * valid).sum(1)
+    return scores - beta * (kl_estimate(logprobs, ref_logprobs, kl_estimator) * valid).sum(1)
 
 
 def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
@@ -415,13 +459,6 @@ def advantages_of(rewards: torch.Tensor, advantage: str, k: int) -> torch.Tensor
             "best_of_n": best_of_n_weights}[advantage](rewards, k)
 
 
-def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(pi || ref) estimate exp(ref - logp) - (ref - logp) - 1: unbiased, never negative (Schulman 2020,
-    http://joschu.net/blog/kl-approx.html), GRPO's KL term (Shao et al. 2024, eq. 4)."""
-    delta = ref_logprobs - logprobs
-    return delta.exp() - delta - 1
-
-
 def clipped_surrogate(advantages: torch.Tensor, ratio: torch.Tensor, cliprange: float) -> torch.Tensor:
     """PPO's pessimistic clipped objective, elementwise: max(-A r, -A clip(r, 1 - c, 1 + c)).
     {OAI}/lm_human_preferences/train_policy.py#L343-L357"""
@@ -430,19 +467,23 @@ def clipped_surrogate(advantages: torch.Tensor, ratio: torch.Tensor, cliprange: 
 
 def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                 advantages: torch.Tensor, valid: torch.Tensor, advantage: str, cliprange: float, beta: float,
-                k: int) -> tuple:
+                k: int, kl_estimator: str, kl_in: str) -> tuple:
     """(loss, stats) of a micro-batch: (b, R) log-probs of the current policy, of the sampling policy and of the
     reference, (b,) advantages (best_of_n: its 0/1 weights), (b, R) valid tokens; `advantage` names the estimator, k
-    the samples per prompt.
+    the samples per prompt; with kl_in "loss", beta x the kl_estimator's estimate joins the loss.
     - rloo: -A * ratio of the whole response, clipped (TRL's RLOOTrainer, https://huggingface.co/docs/trl/rloo_trainer);
-    - grpo: PPO's clipped token loss with A on every token, + beta * k3 KL, averaged over each response's tokens, then
-      over responses (Shao et al. 2024, eq. 3);
+    - grpo: PPO's clipped token loss with A on every token (+ beta * the KL estimate per token), averaged over each
+      response's tokens, then over responses (Shao et al. 2024, eq. 3);
     - dr_grpo: the same sum over tokens divided by the constant response_length instead (Liu et al. 2025, eq. 7);
     - best_of_n: -log-likelihood of the selected samples, per response_length token, averaged over the prompts
-      (k x the mean over the batch of weight x log-likelihood)."""
+      (k x the mean over the batch of weight x log-likelihood).
+    rloo and best_of_n add the KL loss term as beta x the mean over responses of the summed estimate."""
     R = valid.shape[1]
     log_ratio = (new_logprobs - old_logprobs) * valid  # (b, R)
     stats = {"policy/approxkl": 0.5 * masked_mean(log_ratio**2, valid)}
+    kl = kl_estimate(new_logprobs, ref_logprobs, kl_estimator) if kl_in == "loss" else None  # (b, R)
+    if kl is not None:
+        stats[f"policy/{kl_estimator}_kl"] = masked_mean(kl, valid)
     if advantage == "rloo":
         ratio = log_ratio.sum(1).exp()  # (b,)
         losses = clipped_surrogate(advantages, ratio, cliprange)
@@ -451,15 +492,15 @@ def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logp
     elif advantage in ("grpo", "dr_grpo"):
         ratio = log_ratio.exp()  # (b, R)
         token = clipped_surrogate(advantages[:, None], ratio, cliprange)
-        kl = k3_kl(new_logprobs, ref_logprobs)
-        token = (token + beta * kl) * valid
+        token = (token + beta * kl) * valid if kl is not None else token * valid
         length = valid.sum(1).clamp(min=1) if advantage == "grpo" else R
         loss = (token.sum(1) / length).mean()
-        stats.update({"policy/clipfrac": masked_mean(((ratio - 1).abs() > cliprange).float(), valid),
-                      "policy/k3_kl": masked_mean(kl, valid)})
+        stats["policy/clipfrac"] = masked_mean(((ratio - 1).abs() > cliprange).float(), valid)
     else:
         weights = advantages  # 1 for each prompt's best sample, 0 for the others
         loss = -(weights * (new_logprobs * valid).sum(1)).mean() * k / R
+    if kl is not None and advantage in ("rloo", "best_of_n"):
+        loss = loss + beta * (kl * valid).sum(1).mean()
     return loss, {"loss/policy": loss.detach(), **{name: value.detach() for name, value in stats.items()}}
 
 
@@ -475,6 +516,7 @@ def train(args: Args) -> Path:
     rank, device = accelerator.process_index, accelerator.device
     if not resume_has_work(args.resume, world, zero_stage(accelerator)):
         return Path(args.resume)
+    kl_estimator, kl_in = kl_placement(args.advantage, args.kl_estimator, args.kl_in)
 
     # 1. Models: the policy (no value model), the frozen reference and the frozen reward model; the same init on every
     #    process, the frozen ones sharded under ZeRO-3 (place_frozen) and kept in bf16 under --mixed_precision bf16.
@@ -559,7 +601,7 @@ def train(args: Args) -> Path:
             valid = response_masks(truncated, pad, args.mask_after_truncate)[0]  # (b, R)
 
             # 5. Rewards and advantages within each prompt's k samples: the estimator's only work.
-            rewards = sequence_rewards(scores, logprobs, ref_logprobs, valid, args.advantage, args.beta)  # (b,)
+            rewards = sequence_rewards(scores, logprobs, ref_logprobs, valid, kl_estimator, kl_in, args.beta)  # (b,)
             advantages = advantages_of(rewards, args.advantage, args.k)  # (b,); best_of_n: 0/1 weights
         t_score = now(device)
 
@@ -568,7 +610,7 @@ def train(args: Args) -> Path:
         #    accumulate gradients (accelerator.accumulate divides each loss by grad_accum; DDP averages, DeepSpeed
         #    steps, at the last).
         policy.train()
-        minibatch_stats = []
+        minibatch_stats, first_step = [], []  # first_step: (training, sampler log-probs, valid) before any step
         prompts_per_micro_batch = args.local_micro_batch_size // args.k
         for _ in range(args.noptepochs):
             order = torch.randperm(local_prompts, device=device)
@@ -583,9 +625,11 @@ def train(args: Args) -> Path:
                         new_logits = shared_prompt_logits(policy, prompts[prompt_ids], responses[episodes], pad)
                         new_logprobs, entropy = response_logprobs(new_logits, responses[episodes],
                                                                   args.temperature, pad)
+                        if not minibatch_stats:  # no step yet: the policy is the sampler's
+                            first_step.append((new_logprobs.detach(), logprobs[episodes], valid[episodes]))
                         loss, micro_stats = policy_loss(new_logprobs, logprobs[episodes], ref_logprobs[episodes],
                                                         advantages[episodes], valid[episodes], args.advantage,
-                                                        args.cliprange, args.beta, args.k)
+                                                        args.cliprange, args.beta, args.k, kl_estimator, kl_in)
                         accelerator.backward(loss)
                     micro_stats["policy/entropy"] = masked_mean(entropy.detach(), valid[episodes])
                     for name, value in micro_stats.items():
@@ -608,6 +652,7 @@ def train(args: Args) -> Path:
             rollout_stats["objective/truncated_fraction"] = (truncated == pad).any(1).float().mean()
         if gold is not None:
             rollout_stats["objective/gold_score"] = gold.mean()
+        rollout_stats.update(logprob_mismatch(*map(torch.cat, zip(*first_step))))
         metrics = rloo_metrics(accelerator, update, num_updates, args, rollout_stats, minibatch_stats,
                                (t0, t_gen, t_score, t_update))
         eval_summaries = held_out.every(update + 1, num_updates, metrics)

@@ -231,7 +231,8 @@ def test_prepare_lm_swaps_gpt2_gelu_for_the_same_formula_in_one_kernel():
 
 def test_rewards_are_minus_kl_per_token_plus_the_score_at_the_last_token():
     logp, ref = torch.tensor([[-1.0, -2.0, -0.5]]), torch.tensor([[-1.5, -1.0, -0.5]])
-    rewards, non_score = tp.compute_rewards(torch.tensor([3.0]), logp, ref, 0.2, torch.tensor([2]))
+    rewards, non_score = tp.compute_rewards(torch.tensor([3.0]), tp.kl_estimate(logp, ref, "k1"), 0.2,
+                                            torch.tensor([2]))
     torch.testing.assert_close(non_score, torch.tensor([[-0.1, 0.2, 0.0]]))
     torch.testing.assert_close(rewards, torch.tensor([[-0.1, 0.2, 3.0]]))
 
@@ -292,7 +293,7 @@ def test_ppo_losses_clip_the_ratio_and_take_the_max_of_value_errors():
     adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
     old_v, v, ret = torch.zeros(1, 4), torch.tensor([[0.5, -0.5, 0.1, 0.0]]), torch.tensor([[1.0, 1.0, 0.0, 0.0]])
     everything = torch.ones(1, 4, dtype=torch.bool)
-    loss, stats = tp.ppo_loss(logp, v, old_logp, old_v, adv, ret, everything, everything, cliprange=0.2,
+    loss, stats = tp.ppo_loss(logp, v, old_logp, old_v, adv, ret, everything, everything, 4, 4, cliprange=0.2,
                               cliprange_value=0.2, vf_coef=0.1)
     # pg: max(-A r, -A clip(r)) per token: 1.5->clip 1.2: max(-1.5,-1.2) = -1.2; 0.5->0.8 for A=-1: max(0.5, 0.8) = 0.8
     pg = torch.tensor([-1.2, 0.8, -1.1, 0.9]).mean()

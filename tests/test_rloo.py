@@ -38,11 +38,11 @@ def test_dr_grpo_keeps_the_scale_and_best_of_n_picks_the_first_best():
 
 def test_k3_kl_estimator():
     logp, ref = torch.tensor([-1.0, -0.5]), torch.tensor([-2.0, -0.5])
-    assert tr.k3_kl(logp, ref).tolist() == pytest.approx([math.exp(-1) + 1 - 1, 0.0])
+    assert tr.kl_estimate(logp, ref, "k3").tolist() == pytest.approx([math.exp(-1) + 1 - 1, 0.0])
     # unbiased: its mean under samples of p is KL(p || q)
     p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.4, 0.4, 0.2])
     exact = (p * (p / q).log()).sum()
-    assert (p * tr.k3_kl(p.log(), q.log())).sum() == pytest.approx(exact.item(), rel=1e-6)
+    assert (p * tr.kl_estimate(p.log(), q.log(), "k3")).sum() == pytest.approx(exact.item(), rel=1e-6)
 
 
 def test_kl_goes_into_the_reward_or_into_the_loss():
@@ -50,8 +50,15 @@ def test_kl_goes_into_the_reward_or_into_the_loss():
                                                                 [-2.0, -1.0]]), torch.tensor([[-1.5, -1.0],
                                                                                               [-1.0, -1.0]])
     valid = torch.tensor([[True, True], [True, False]])
-    assert tr.sequence_rewards(scores, logp, ref, valid, "rloo", 0.1).tolist() == pytest.approx([1.0 - 0.05, 2.0 + 0.1])
-    assert tr.sequence_rewards(scores, logp, ref, valid, "grpo", 0.1).tolist() == [1.0, 2.0]
+    assert tr.kl_placement("rloo", None, None) == tr.kl_placement("best_of_n", None, None) == ("k1", "reward")
+    assert tr.kl_placement("grpo", None, None) == tr.kl_placement("dr_grpo", None, None) == ("k3", "loss")
+    assert tr.kl_placement("grpo", "k2", "reward") == ("k2", "reward")
+    rewards = tr.sequence_rewards(scores, logp, ref, valid, "k1", "reward", 0.1)
+    assert rewards.tolist() == pytest.approx([1.0 - 0.05, 2.0 + 0.1])
+    assert tr.sequence_rewards(scores, logp, ref, valid, "k3", "loss", 0.1).tolist() == [1.0, 2.0]
+    # k2 in the reward: 0.1 x (0.5^2 / 2) on the first response; the second's only valid token has d = -1
+    assert tr.sequence_rewards(scores, logp, ref, valid, "k2", "reward", 0.1).tolist() == pytest.approx(
+        [1.0 - 0.0125, 2.0 - 0.05])
 
 
 @pytest.mark.parametrize("advantage", ["rloo", "grpo", "dr_grpo", "best_of_n"])
@@ -62,7 +69,8 @@ def test_losses_at_the_sampling_policy(advantage):
     new = old.clone().requires_grad_(True)
     valid = torch.tensor([[True, True, False], [True, True, True]])
     adv = torch.tensor([1.0, -2.0]) if advantage != "best_of_n" else torch.tensor([0.0, 1.0])
-    loss, stats = tr.policy_loss(new, old, old, adv, valid, advantage, cliprange=0.2, beta=0.0, k=2)
+    loss, stats = tr.policy_loss(new, old, old, adv, valid, advantage, cliprange=0.2, beta=0.0, k=2,
+                                 kl_estimator="k3", kl_in="loss")
     loss.backward()
     n = valid.sum(1, keepdim=True).float()
     expected_grad = {"rloo": -adv[:, None] / 2, "grpo": -adv[:, None] / n / 2, "dr_grpo": -adv[:, None] / 3 / 2,
@@ -75,7 +83,8 @@ def test_rloo_clips_the_sequence_ratio():
     old = torch.zeros(1, 2)
     new = torch.tensor([[0.3, 0.2]])  # sequence ratio e^0.5 = 1.65, beyond 1.2
     loss, stats = tr.policy_loss(new, old, old, torch.tensor([1.0]), torch.ones(1, 2, dtype=torch.bool), "rloo",
-                                 cliprange=0.2, beta=tr.Args().beta, k=tr.Args().k)
+                                 cliprange=0.2, beta=tr.Args().beta, k=tr.Args().k, kl_estimator="k1",
+                                 kl_in="reward")
     assert loss.item() == pytest.approx(-1.2) and stats["policy/clipfrac"] == 1.0
 
 

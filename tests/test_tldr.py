@@ -72,7 +72,7 @@ def test_sfd_masks_end_log_probs_at_the_eos_values_one_later_and_put_the_score_a
     logp, ref = torch.full((1, 5), -2.0), torch.full((1, 5), -1.0)
     valid, _, at = tp.response_masks(scored[:1], pad, True)
     logp, ref = logp.masked_fill(~valid, tp.INVALID_LOGPROB), ref.masked_fill(~valid, tp.INVALID_LOGPROB)
-    rewards, non_score = tp.compute_rewards(torch.tensor([3.0]), logp, ref, 0.1, at)
+    rewards, non_score = tp.compute_rewards(torch.tensor([3.0]), tp.kl_estimate(logp, ref, "k1"), 0.1, at)
     torch.testing.assert_close(rewards, torch.tensor([[0.1, 0.1, 3.0, 0.0, 0.0]]))  # -0.1 * (-2 - -1) per valid token
 
 
@@ -85,10 +85,10 @@ def test_masked_whitening_and_losses_see_only_the_valid_tokens():
     torch.testing.assert_close(w[valid], (kept - kept.mean()) / torch.sqrt(kept.var(unbiased=False) + 1e-8))
     clips = dict(cliprange=0.2, cliprange_value=0.2, vf_coef=0.1)
     logp, old, v, old_v, adv, ret = (torch.randn(3, 6) for _ in range(6))
-    loss, stats = tp.ppo_loss(logp, v, old, old_v, adv, ret, valid, valid, **clips)
+    loss, stats = tp.ppo_loss(logp, v, old, old_v, adv, ret, valid, valid, valid.sum(), valid.sum(), **clips)
     sub = [t[valid][None] for t in (logp, v, old, old_v, adv, ret)]
     every = torch.ones_like(sub[0], dtype=torch.bool)
-    want, want_stats = tp.ppo_loss(sub[0], sub[1], sub[2], sub[3], sub[4], sub[5], every, every, **clips)
+    want, want_stats = tp.ppo_loss(*sub, every, every, every.sum(), every.sum(), **clips)
     assert loss.item() == pytest.approx(want.item(), abs=1e-6)
     assert stats["ppo/policy/clipfrac"].item() == pytest.approx(want_stats["ppo/policy/clipfrac"].item(), abs=1e-6)
 
