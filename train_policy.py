@@ -114,6 +114,10 @@ class Args:
     model (SFD); base: a separate critic initialised from the base model with a fresh head (TRL's PPOTrainer)"""
     reference_baseline: bool = False
     """trlX: the score is r(query, response) - r(query, reference summary) (TL;DR queries, which carry references)"""
+    tis_cap: Optional[float] = None
+    """truncated importance sampling (Yao et al. 2025): the ratio's old log-probs come from a training forward of the
+    batch before the update, and each token's policy loss is weighted by min(pi_train / pi_sampler, tis_cap), detached:
+    a correction for a sampler that computes another distribution (bf16, other kernels); None: off (OAI)"""
 
     # ---- KL penalty (OAI's RewardHParams) ----
     kl_coef: float = 0.15
@@ -494,20 +498,24 @@ def compute_gae(values: torch.Tensor, rewards: torch.Tensor, gamma: float, lam: 
 
 
 def ppo_loss(logprobs, values, old_logprobs, old_values, advantages, returns, valid, value_valid, token_count,
-             value_token_count, cliprange: float, cliprange_value: float, vf_coef: float) -> tuple:
+             value_token_count, cliprange: float, cliprange_value: float, vf_coef: float, weights=None) -> tuple:
     """Clipped policy loss + vf_coef * clipped value loss (the max of clipped and unclipped squared errors) of a
     micro-batch; each tensor (b, R). Each loss is a sum over the valid tokens (all of them, unless SFD's mask after the
     truncate token is on) divided by token_count (value_token_count): the minibatch's valid tokens, counted over all
     its micro-batches and processes, divided by their number. Accumulated (accelerate divides by the micro-batches,
     DDP averages the processes), the update is the mean over the minibatch's valid tokens, whatever the micro-batch
-    size; a mean per micro-batch (SFD's masked_mean) weights a token by its micro-batch's count instead.
+    size; a mean per micro-batch (SFD's masked_mean) weights a token by its micro-batch's count instead. weights:
+    (b, R) detached per-token weights of the policy loss (truncated importance sampling), or None.
     {OAI}/lm_human_preferences/train_policy.py#L343-L357, {SFD}/summarize_from_feedback_details/ppo.py#L740-L755"""
     vpredclipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
     vf_losses1, vf_losses2 = (values - returns) ** 2, (vpredclipped - returns) ** 2
     vf_loss = 0.5 * (torch.max(vf_losses1, vf_losses2) * value_valid).sum() / value_token_count
     ratio = torch.exp(logprobs - old_logprobs)
     pg_losses, pg_losses2 = -advantages * ratio, -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
-    pg_loss = (torch.max(pg_losses, pg_losses2) * valid).sum() / token_count
+    pg_token_losses = torch.max(pg_losses, pg_losses2)
+    if weights is not None:
+        pg_token_losses = pg_token_losses * weights
+    pg_loss = (pg_token_losses * valid).sum() / token_count
     stats = {
         "ppo/loss/policy": pg_loss, "ppo/loss/value": vf_loss,
         "ppo/policy/approxkl": 0.5 * masked_mean((logprobs - old_logprobs) ** 2, valid),
@@ -678,6 +686,16 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
             kl_in_reward = (kl_estimate(logprobs, ref_logprobs, args.kl_estimator) if args.kl_in == "reward"
                             else torch.zeros_like(logprobs))
             rewards, non_score_reward = compute_rewards(scores, kl_in_reward, kl_ctl.value, score_index)
+
+            # Truncated importance sampling (--tis_cap; Yao et al. 2025): the training forward's log-probs of the
+            # samples before any step become the ratio's old ones, and min(pi_train / pi_sampler, cap) weights each
+            # token's policy loss. Off, the sampler's log-probs are the old ones, as OAI's.
+            old_logprobs, tis_weights = logprobs, None
+            if args.tis_cap is not None:
+                old_logprobs = in_chunks(lambda qr, r: response_logprobs(policy(qr, pad, args.response_length)[0], r,
+                                                                         args.temperature, pad)[0],
+                                         chunk, query_responses, responses).masked_fill(~valid, INVALID_LOGPROB)
+                tis_weights = (old_logprobs - logprobs).exp().clamp(max=args.tis_cap)  # (b, R)
         t_score = now(device)
 
         # 5. PPO: noptepochs passes over the batch, reshuffled each time; per minibatch the rewards are whitened
@@ -714,10 +732,12 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
                         if not minibatch_stats:  # no step yet: the policy is the sampler's
                             first_step.append((new_logprobs.detach(), logprobs[episodes], valid[episodes]))
                         new_values = new_values.masked_fill(~value_valid[episodes], 0.0)
-                        loss, micro_stats = ppo_loss(new_logprobs, new_values, logprobs[episodes], values[episodes],
-                                                     advantages[rows], returns[rows], valid[episodes],
-                                                     value_valid[episodes], token_count, value_token_count,
-                                                     args.cliprange, args.cliprange_value, args.vf_coef)
+                        loss, micro_stats = ppo_loss(new_logprobs, new_values, old_logprobs[episodes],
+                                                     values[episodes], advantages[rows], returns[rows],
+                                                     valid[episodes], value_valid[episodes], token_count,
+                                                     value_token_count, args.cliprange, args.cliprange_value,
+                                                     args.vf_coef,
+                                                     None if tis_weights is None else tis_weights[episodes])
                         if args.kl_in == "loss":  # kl_coef x the mean over responses of the summed KL estimate
                             kl = kl_estimate(new_logprobs, ref_logprobs[episodes], args.kl_estimator)
                             micro_stats["ppo/loss/kl"] = (kl * valid[episodes]).sum(1).mean()
@@ -746,6 +766,9 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
         if gold is not None:
             rollout_stats["objective/gold_score"] = gold.mean()
         rollout_stats.update(logprob_mismatch(*map(torch.cat, zip(*first_step))))
+        if tis_weights is not None:  # the weights over valid tokens, and the share the cap cut
+            rollout_stats.update({"tis/weight_mean": masked_mean(tis_weights, valid),
+                                  "tis/capped_fraction": masked_mean((tis_weights >= args.tis_cap).float(), valid)})
         metrics = ppo_metrics(accelerator, update, num_updates, args, rollout_stats, minibatch_stats, kl_ctl.value,
                               (t0, t_gen, t_score, t_update), update_flops)
         eval_texts_out = held_out.every(update + 1, num_updates, metrics)
@@ -1867,7 +1890,8 @@ AT_LEAST_ONE = ("total_episodes", "batch_size", "nminibatches", "noptepochs", "l
                 "sample_length")
 AT_LEAST_ZERO = ("save_every", "truncate_after", "num_print_samples", "num_samples", "warmup_steps",
                  "sample_prompt_tokens", "kl_coef", "vf_coef", "weight_decay", "max_grad_norm")
-POSITIVE = ("lr", "eps", "temperature", "eval_temperature", "cliprange", "cliprange_value", "kl_target")
+POSITIVE = ("lr", "eps", "temperature", "eval_temperature", "cliprange", "cliprange_value", "kl_target",
+            "tis_cap")
 UNIT_INTERVAL = ("gamma", "lam", "dropout")
 
 

@@ -105,6 +105,31 @@ def test_the_training_forward_computes_the_samplers_log_probs_at_any_temperature
     assert mismatch["mismatch/logprob_diff_max"] > 0.1  # what the metric shows when one path drops the temperature
 
 
+
+def test_truncated_importance_weights_scale_each_tokens_policy_loss_only():
+    torch.manual_seed(0)
+    logp, old, v, old_v, adv, ret = (torch.randn(2, 4) for _ in range(6))
+    valid = torch.ones(2, 4, dtype=torch.bool)
+    args = (logp, v, old, old_v, adv, ret, valid, valid, 8, 8, 0.2, 0.2, 0.1)
+    _, plain = train_policy.ppo_loss(*args)
+    _, ones = train_policy.ppo_loss(*args, torch.ones(2, 4))
+    _, halved = train_policy.ppo_loss(*args, torch.full((2, 4), 0.5))
+    assert torch.equal(plain["ppo/loss/policy"], ones["ppo/loss/policy"])
+    assert halved["ppo/loss/policy"].item() == pytest.approx(0.5 * plain["ppo/loss/policy"].item(), rel=1e-6)
+    assert torch.equal(halved["ppo/loss/value"], plain["ppo/loss/value"])
+
+
+@pytest.mark.slow
+def test_ppo_with_truncated_importance_sampling_runs_and_logs_its_weights(tmp_path, tiny_models, main):
+    """In fp32 sampler and trainer agree: every weight is 1 to float error and the cap (1.5) cuts none."""
+    result = main(train_policy, "--base_model", tiny_models / "base", "--reward_model", tiny_models / "reward_model",
+                  "--total_episodes", "32", "--batch_size", "16", "--nminibatches", "1", "--local_micro_batch_size",
+                  "8", "--tis_cap", "1.5", "--run_root", tmp_path)
+    assert result.returncode == 0, result.stderr
+    for metrics in map(json.loads, open(only_run(tmp_path) / "metrics.jsonl")):
+        assert metrics["tis/weight_mean"] == pytest.approx(1.0, abs=1e-4) and metrics["tis/capped_fraction"] == 0
+
+
 # Gradient accumulation -------------------------------------------------------------------------------------------
 
 # float32 sums in another order: the weights' difference, relative to the update's size (||W_a - W_b|| / ||W_a - W_0||)
