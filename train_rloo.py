@@ -113,6 +113,11 @@ class Args:
     beta: float = 0.05
     """KL coefficient: in the reward, per response (rloo; best_of_n picks by that reward), or the k3 estimator as a loss
     term per token (grpo, dr_grpo). TRL: RLOO 0.05, GRPO 0.0"""
+    loss_aggregation: Optional[Literal["token", "sequence", "constant"]] = None
+    """how grpo's and dr_grpo's token losses become one: token, the sum over the minibatch's valid tokens divided by
+    their count over every micro-batch and process (DAPO; TRL's default); sequence, each response's mean, then the
+    mean (GRPO); constant, each response's sum divided by response_length, then the mean (Dr. GRPO). Unset: the
+    estimator's own (grpo sequence, dr_grpo constant)"""
     kl_estimator: Optional[Literal["k1", "k2", "k3"]] = None
     """per-token KL estimate, d = logp - logp_ref: k1 = d, k2 = d^2 / 2, k3 = exp(-d) + d - 1 (see kl_estimate); unset,
     the estimator's own: k1 for rloo and best_of_n, k3 for grpo and dr_grpo"""
@@ -467,7 +472,7 @@ def clipped_surrogate(advantages: torch.Tensor, ratio: torch.Tensor, cliprange: 
 
 def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                 advantages: torch.Tensor, valid: torch.Tensor, advantage: str, cliprange: float, beta: float,
-                k: int, kl_estimator: str, kl_in: str) -> tuple:
+                k: int, kl_estimator: str, kl_in: str, aggregation: Optional[str] = None, token_count=None) -> tuple:
     """(loss, stats) of a micro-batch: (b, R) log-probs of the current policy, of the sampling policy and of the
     reference, (b,) advantages (best_of_n: its 0/1 weights), (b, R) valid tokens; `advantage` names the estimator, k
     the samples per prompt; with kl_in "loss", beta x the kl_estimator's estimate joins the loss.
@@ -475,6 +480,8 @@ def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logp
     - grpo: PPO's clipped token loss with A on every token (+ beta * the KL estimate per token), averaged over each
       response's tokens, then over responses (Shao et al. 2024, eq. 3);
     - dr_grpo: the same sum over tokens divided by the constant response_length instead (Liu et al. 2025, eq. 7);
+      `aggregation` (token, sequence or constant; unset: grpo sequence, dr_grpo constant) chooses either for both, or
+      DAPO's sum over all valid tokens divided by token_count, this micro-batch's share of the minibatch's count;
     - best_of_n: -log-likelihood of the selected samples, per response_length token, averaged over the prompts
       (k x the mean over the batch of weight x log-likelihood).
     rloo and best_of_n add the KL loss term as beta x the mean over responses of the summed estimate."""
@@ -493,8 +500,12 @@ def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logp
         ratio = log_ratio.exp()  # (b, R)
         token = clipped_surrogate(advantages[:, None], ratio, cliprange)
         token = (token + beta * kl) * valid if kl is not None else token * valid
-        length = valid.sum(1).clamp(min=1) if advantage == "grpo" else R
-        loss = (token.sum(1) / length).mean()
+        aggregation = aggregation or ("sequence" if advantage == "grpo" else "constant")
+        if aggregation == "token":
+            loss = token.sum() / token_count
+        else:
+            length = valid.sum(1).clamp(min=1) if aggregation == "sequence" else R
+            loss = (token.sum(1) / length).mean()
         stats["policy/clipfrac"] = masked_mean(((ratio - 1).abs() > cliprange).float(), valid)
     else:
         weights = advantages  # 1 for each prompt's best sample, 0 for the others
@@ -615,7 +626,11 @@ def train(args: Args) -> Path:
         for _ in range(args.noptepochs):
             order = torch.randperm(local_prompts, device=device)
             for start in range(0, local_prompts, local_minibatch_size // args.k):
-                stats = {}
+                stats, token_count = {}, None
+                if args.loss_aggregation == "token":  # DAPO: each micro-batch's share of the minibatch's valid tokens
+                    minibatch = order[start : start + local_minibatch_size // args.k]  # of this process's prompts
+                    rows = (minibatch[:, None] * args.k + torch.arange(args.k, device=device)).flatten()
+                    token_count = accelerator.reduce(valid[rows].sum(), "sum") / (grad_accum * world)
                 for micro in range(grad_accum):
                     first = start + micro * prompts_per_micro_batch
                     prompt_ids = order[first : first + prompts_per_micro_batch]  # of this process's prompts
@@ -629,7 +644,8 @@ def train(args: Args) -> Path:
                             first_step.append((new_logprobs.detach(), logprobs[episodes], valid[episodes]))
                         loss, micro_stats = policy_loss(new_logprobs, logprobs[episodes], ref_logprobs[episodes],
                                                         advantages[episodes], valid[episodes], args.advantage,
-                                                        args.cliprange, args.beta, args.k, kl_estimator, kl_in)
+                                                        args.cliprange, args.beta, args.k, kl_estimator, kl_in,
+                                                        args.loss_aggregation, token_count)
                         accelerator.backward(loss)
                     micro_stats["policy/entropy"] = masked_mean(entropy.detach(), valid[episodes])
                     for name, value in micro_stats.items():
@@ -1855,6 +1871,9 @@ def check_args(args: Args) -> tuple:
         fail(f"--local_micro_batch_size {args.local_micro_batch_size} and --local_rollout_forward_batch_size "
              f"{args.local_rollout_forward_batch_size} must be multiples of --k {args.k} "
              "(a prompt's k samples share its forward pass)")
+    if args.loss_aggregation is not None and args.advantage not in ("grpo", "dr_grpo"):
+        fail(f"--loss_aggregation {args.loss_aggregation} applies to grpo's and dr_grpo's token losses, not to "
+             f"--advantage {args.advantage}")
     if not args.beta >= 0:
         fail(f"--beta {args.beta} must be at least 0")
     if args.reward_model is None:

@@ -130,6 +130,33 @@ def test_ppo_with_truncated_importance_sampling_runs_and_logs_its_weights(tmp_pa
         assert metrics["tis/weight_mean"] == pytest.approx(1.0, abs=1e-4) and metrics["tis/capped_fraction"] == 0
 
 
+# Loss aggregation ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence", "constant"])
+def test_loss_aggregation_weights_each_token_as_dapo_grpo_and_dr_grpo_do(aggregation):
+    """At the sampling policy (ratio 1, no KL) each token's gradient is -A over: all the minibatch's valid tokens
+    (token, DAPO), its response's valid tokens times the responses (sequence, GRPO), response_length times the
+    responses (constant, Dr. GRPO). The long response's tokens weigh less under sequence: the length bias."""
+    old = torch.tensor([[-1.0, -2.0, -0.5, -0.1], [-0.3, -0.7, -1.1, -0.2]])
+    new = old.clone().requires_grad_(True)
+    valid = torch.tensor([[True, False, False, False], [True, True, True, True]])  # 1 and 4 valid tokens
+    adv = torch.tensor([1.0, 1.0])
+    loss, _ = train_rloo.policy_loss(new, old, old, adv, valid, "grpo", 0.2, 0.0, 2, "k3", "reward", aggregation,
+                                     token_count=valid.sum())
+    loss.backward()
+    per_token = {"token": torch.full((2, 1), 1 / 5), "sequence": torch.tensor([[1 / 1], [1 / 4]]) / 2,
+                 "constant": torch.full((2, 1), 1 / 4) / 2}[aggregation]
+    torch.testing.assert_close(new.grad, -adv[:, None] * per_token * valid)
+
+
+def test_loss_aggregation_is_refused_where_the_loss_is_not_per_token(tmp_path, main):
+    result = main(train_rloo, "--advantage", "rloo", "--loss_aggregation", "token", "--run_root", tmp_path)
+    assert result.returncode == 2 and not any(tmp_path.iterdir())
+    assert result.stderr.strip().splitlines()[-1] == ("error: --loss_aggregation token applies to grpo's and "
+                                                      "dr_grpo's token losses, not to --advantage rloo")
+
+
 # Gradient accumulation -------------------------------------------------------------------------------------------
 
 # float32 sums in another order: the weights' difference, relative to the update's size (||W_a - W_b|| / ||W_a - W_0||)
@@ -168,11 +195,15 @@ def test_a_ppo_update_with_ragged_valid_tokens_is_the_same_at_any_micro_batch_si
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
-def test_a_critic_free_update_is_the_same_at_any_micro_batch_size(advantage, tmp_path, tiny_models, main):
+@pytest.mark.parametrize("advantage, aggregation", [("grpo", []), ("grpo", ["--loss_aggregation", "token"]),
+                                                    ("rloo", [])], ids=["grpo", "grpo-token", "rloo"])
+def test_a_critic_free_update_is_the_same_at_any_micro_batch_size(advantage, aggregation, tmp_path, tiny_models,
+                                                                   main):
     """One update of 4 prompts x k = 2 samples with SFD's mask after the first '.', at micro-batches of one prompt,
-    two, and the whole minibatch: GRPO averages each response's tokens then the responses, RLOO the responses."""
-    flags = ["--reward_model", tiny_models / "reward_model", "--advantage", advantage, "--k", "2", "--total_episodes",
+    two, and the whole minibatch: GRPO averages each response's tokens then the responses (or, DAPO's token
+    aggregation, all the minibatch's tokens), RLOO the responses."""
+    flags = [*aggregation, "--reward_model", tiny_models / "reward_model", "--advantage", advantage, "--k", "2",
+             "--total_episodes",
              "8", "--batch_size", "8", "--nminibatches", "1", "--noptepochs", "1", "--truncate_token", ".",
              "--truncate_after", "2", "--mask_after_truncate", "--lr", "1e-4",
              "--local_rollout_forward_batch_size", "8"]
