@@ -472,17 +472,6 @@ def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (values * valid).sum() / valid.sum()
 
 
-def logprob_mismatch(train_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, valid: torch.Tensor) -> dict:
-    """How far the training forward's log-probs of the sampled tokens are from the sampler's while the policy is
-    still the one that sampled (before the update's first optimizer step); each (b, R). They agree up to float
-    error unless the two paths compute different distributions: a temperature, a top-k / top-p truncation or a
-    precision one of them misses (TRL #4159, #4772; docs/pitfalls.md). The mean and max |difference| over the valid
-    tokens, and the mean over responses of the whole response's ratio pi_train / pi_sampler."""
-    diff = (train_logprobs - sampler_logprobs).masked_fill(~valid, 0.0)
-    return {"mismatch/logprob_diff_mean": diff.abs().sum() / valid.sum(), "mismatch/logprob_diff_max": diff.abs().max(),
-            "mismatch/response_ratio": diff.sum(1).exp().mean()}
-
-
 def compute_gae(values: torch.Tensor, rewards: torch.Tensor, gamma: float, lam: float) -> tuple:
     """(advantages, returns), each (b, R): generalized advantage estimation backwards over the response tokens,
     the value after the last token being 0. {OAI}/lm_human_preferences/train_policy.py#L327-L336"""
@@ -1980,6 +1969,17 @@ def check_same_tokenizer(reward_tokenizer, tokenizer, args):
     if len(reward_tokenizer) != len(tokenizer) or reward_tokenizer.pad_token_id != tokenizer.pad_token_id:
         fail(f"--reward_model {args.reward_model}: its tokenizer ({len(reward_tokenizer)} tokens) "
              f"differs from --base_model {args.base_model}'s ({len(tokenizer)})")
+
+
+def logprob_mismatch(train_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, valid: torch.Tensor) -> dict:
+    """How far the training forward's log-probs of the sampled tokens are from the sampler's while the policy is
+    still the one that sampled (before the update's first optimizer step); each (b, R). They agree up to float
+    error unless the two paths compute different distributions: a temperature, a top-k / top-p truncation or a
+    precision one of them misses (TRL #4159, #4772; docs/pitfalls.md). The mean and max |difference| over the valid
+    tokens, and the mean over responses of the whole response's ratio pi_train / pi_sampler."""
+    diff = (train_logprobs - sampler_logprobs).masked_fill(~valid, 0.0)
+    return {"mismatch/logprob_diff_mean": diff.abs().sum() / valid.sum(), "mismatch/logprob_diff_max": diff.abs().max(),
+            "mismatch/response_ratio": diff.sum(1).exp().mean()}
 
 
 def ppo_metrics(accelerator, update: int, num_updates: int, args, rollout_stats: dict, minibatch_stats: list,

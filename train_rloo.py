@@ -366,18 +366,6 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
     return delta.exp() - delta - 1
 
 
-# Copied from train_policy.py
-def logprob_mismatch(train_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, valid: torch.Tensor) -> dict:
-    """How far the training forward's log-probs of the sampled tokens are from the sampler's while the policy is
-    still the one that sampled (before the update's first optimizer step); each (b, R). They agree up to float
-    error unless the two paths compute different distributions: a temperature, a top-k / top-p truncation or a
-    precision one of them misses (TRL #4159, #4772; docs/pitfalls.md). The mean and max |difference| over the valid
-    tokens, and the mean over responses of the whole response's ratio pi_train / pi_sampler."""
-    diff = (train_logprobs - sampler_logprobs).masked_fill(~valid, 0.0)
-    return {"mismatch/logprob_diff_mean": diff.abs().sum() / valid.sum(), "mismatch/logprob_diff_max": diff.abs().max(),
-            "mismatch/response_ratio": diff.sum(1).exp().mean()}
-
-
 def shared_prompt_logits(lm, prompts: torch.Tensor, responses: torch.Tensor, pad_token_id: int) -> torch.Tensor:
     """(b, R, V) logits that predict the R tokens of b = n k responses, k to each of the n (n, Q) left-padded prompts in
     order (the rows of prompts.repeat_interleave(k, 0)): response_logits of the concatenated rows, with each prompt run
@@ -1911,6 +1899,18 @@ def check_same_tokenizer(reward_tokenizer, tokenizer, args):
     if len(reward_tokenizer) != len(tokenizer) or reward_tokenizer.pad_token_id != tokenizer.pad_token_id:
         fail(f"--reward_model {args.reward_model}: its tokenizer ({len(reward_tokenizer)} tokens) "
              f"differs from --base_model {args.base_model}'s ({len(tokenizer)})")
+
+
+# Copied from train_policy.py
+def logprob_mismatch(train_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, valid: torch.Tensor) -> dict:
+    """How far the training forward's log-probs of the sampled tokens are from the sampler's while the policy is
+    still the one that sampled (before the update's first optimizer step); each (b, R). They agree up to float
+    error unless the two paths compute different distributions: a temperature, a top-k / top-p truncation or a
+    precision one of them misses (TRL #4159, #4772; docs/pitfalls.md). The mean and max |difference| over the valid
+    tokens, and the mean over responses of the whole response's ratio pi_train / pi_sampler."""
+    diff = (train_logprobs - sampler_logprobs).masked_fill(~valid, 0.0)
+    return {"mismatch/logprob_diff_mean": diff.abs().sum() / valid.sum(), "mismatch/logprob_diff_max": diff.abs().max(),
+            "mismatch/response_ratio": diff.sum(1).exp().mean()}
 
 
 def rloo_metrics(accelerator, update: int, num_updates: int, args, rollout_stats: dict, minibatch_stats: list,
