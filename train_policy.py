@@ -750,8 +750,9 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
             "objective/scores": scores.mean(), "objective/score_total": scores.mean() + non_score_reward.sum(1).mean(),
             "objective/entropy_exact": (entropies * valid).sum(1).mean(),  # the same quantity without sampling noise
         }
-        if truncate_token is not None:  # the responses that ended early
+        if truncate_token is not None:  # the responses that ended early, and the tokens responses keep
             rollout_stats["objective/truncated_fraction"] = (truncated == pad).any(1).float().mean()
+            rollout_stats["objective/response_length"] = (truncated != pad).sum(1).float().mean()
         if gold is not None:
             rollout_stats["objective/gold_score"] = gold.mean()
         rollout_stats.update(logprob_mismatch(*map(torch.cat, zip(*first_step))))

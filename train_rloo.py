@@ -652,8 +652,9 @@ def train(args: Args) -> Path:
             "objective/rewards": rewards.mean(),
             "objective/advantage_std": advantages.std() if len(advantages) > 1 else torch.zeros((), device=device),
         }
-        if truncate_token is not None:  # the responses that ended early
+        if truncate_token is not None:  # the responses that ended early, and the tokens responses keep
             rollout_stats["objective/truncated_fraction"] = (truncated == pad).any(1).float().mean()
+            rollout_stats["objective/response_length"] = (truncated != pad).sum(1).float().mean()
         if gold is not None:
             rollout_stats["objective/gold_score"] = gold.mean()
         rollout_stats.update(logprob_mismatch(*map(torch.cat, zip(*first_step))))
