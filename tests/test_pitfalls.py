@@ -1,12 +1,19 @@
 """The pitfalls RLHF users keep hitting (docs/pitfalls.md), each with a test that fails if it comes back.
 
 KL estimators: which of k1, k2, k3 is unbiased in value, as a reward and as a loss, computed exactly on a small
-categorical distribution (Liu et al. 2025, https://arxiv.org/abs/2510.01555).
+categorical distribution (Liu et al. 2025, https://arxiv.org/abs/2510.01555); the KL as a loss term.
+
+Sampler against trainer: the training forward's log-probs equal the sampler's before any step (the temperature in
+both); truncated importance weights scale the policy loss only.
+
+Loss aggregation: DAPO's token mean, GRPO's per-response mean and Dr. GRPO's constant weigh each token as stated.
 
 Gradient accumulation: an update must not depend on how a minibatch is cut into micro-batches. PPO's loss is the mean
 over the minibatch's valid tokens (their count summed over micro-batches and processes), so under SFD's mask after the
 truncate token, where responses keep different numbers of tokens, micro-batches of 1, 2 and the whole minibatch give
-the same weights; the critic-free methods average responses and DPO pairs, equal in number in every micro-batch."""
+the same weights; the critic-free methods average responses and DPO pairs, equal in number in every micro-batch.
+
+Where the score lands (TRL #3750), the no-EOS penalty with EOS in the prompt (TRL #6802), whitening in SFD's presets."""
 
 import json
 from pathlib import Path
