@@ -1809,10 +1809,13 @@ AT_LEAST_ONE = ("total_episodes", "batch_size", "nminibatches", "noptepochs", "l
                 "normalize_samples", "rollout_batch_size", "total_steps", "block_size", "n_layer", "n_embd", "n_head",
                 "n_positions", "num_eval", "eval_every", "print_sample_every", "keep_checkpoints", "kl_horizon",
                 "sample_length")
+# Copied from train_policy.py
 AT_LEAST_ZERO = ("save_every", "truncate_after", "num_print_samples", "num_samples", "warmup_steps",
                  "sample_prompt_tokens", "kl_coef", "vf_coef", "weight_decay", "max_grad_norm")
+# Copied from train_policy.py
 POSITIVE = ("lr", "eps", "temperature", "eval_temperature", "cliprange", "cliprange_value", "kl_target",
             "tis_cap")
+# Copied from train_policy.py
 UNIT_INTERVAL = ("gamma", "lam", "dropout")
 
 
