@@ -610,20 +610,18 @@ def train(args: Args) -> Path:
         #    steps, at the last).
         policy.train()
         minibatch_stats, first_step = [], []  # first_step: (training, sampler log-probs, valid) before any step
-        prompts_per_micro_batch = args.local_micro_batch_size // args.k
         for _ in range(args.noptepochs):
             order = torch.randperm(local_prompts, device=device)
             for start in range(0, local_prompts, local_minibatch_size // args.k):
+                minibatch = order[start : start + local_minibatch_size // args.k]  # of this process's prompts
+                # the k samples of each, as rows of the batch
+                minibatch_rows = (minibatch[:, None] * args.k + torch.arange(args.k, device=device)).flatten()
                 stats, token_count = {}, None
                 if args.loss_aggregation == "token":  # DAPO: each micro-batch's share of the minibatch's valid tokens
-                    minibatch = order[start : start + local_minibatch_size // args.k]  # of this process's prompts
-                    rows = (minibatch[:, None] * args.k + torch.arange(args.k, device=device)).flatten()
-                    token_count = accelerator.reduce(valid[rows].sum(), "sum") / (grad_accum * world)
+                    token_count = accelerator.reduce(valid[minibatch_rows].sum(), "sum") / (grad_accum * world)
                 for micro in range(grad_accum):
-                    first = start + micro * prompts_per_micro_batch
-                    prompt_ids = order[first : first + prompts_per_micro_batch]  # of this process's prompts
-                    # the k samples of each, as rows of the batch
-                    episodes = (prompt_ids[:, None] * args.k + torch.arange(args.k, device=device)).flatten()
+                    prompt_ids = minibatch.view(grad_accum, -1)[micro]  # this micro-batch's prompts
+                    episodes = minibatch_rows.view(grad_accum, -1)[micro]  # and their k samples each
                     with accelerator.accumulate(policy):
                         new_logits = shared_prompt_logits(policy, prompts[prompt_ids], responses[episodes], pad)
                         new_logprobs, entropy = response_logprobs(new_logits, responses[episodes],
