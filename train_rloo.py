@@ -102,6 +102,10 @@ class Args:
     """epochs over each batch, reshuffled every epoch"""
     local_micro_batch_size: int = 32
     """episodes per forward/backward on one process (a multiple of k: whole prompts); accumulated to a minibatch"""
+    tis_cap: Optional[float] = None
+    """truncated importance sampling (Yao et al. 2025): the ratio's old log-probs come from a training forward of the
+    batch before the update, and each loss is weighted by min(pi_train / pi_sampler, tis_cap), detached: per token for
+    grpo and dr_grpo, per response (the product over its tokens) for rloo and best_of_n; None: off"""
     lr: float = 5e-5
     """Adam learning rate at the first update, annealed linearly to 0 at the last"""
     eps: float = 1e-5
@@ -452,6 +456,16 @@ def advantages_of(rewards: torch.Tensor, advantage: str, k: int) -> torch.Tensor
             "best_of_n": best_of_n_weights}[advantage](rewards, k)
 
 
+def importance_weights(train_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, valid: torch.Tensor,
+                       cap: float, per_token: bool) -> torch.Tensor:
+    """Truncated importance sampling's weights (Yao et al. 2025, https://fengyao.notion.site/off-policy-rl): how much
+    likelier the trainer finds each sample than the sampler that drew it, capped; (b, R) per token, min(pi_train /
+    pi_sampler, cap), or (b,) per response, min(the product over its valid tokens, cap), from (b, R) log-probs."""
+    if per_token:
+        return (train_logprobs - sampler_logprobs).exp().clamp(max=cap)
+    return ((train_logprobs - sampler_logprobs) * valid).sum(1).exp().clamp(max=cap)
+
+
 def clipped_surrogate(advantages: torch.Tensor, ratio: torch.Tensor, cliprange: float) -> torch.Tensor:
     """PPO's pessimistic clipped objective, elementwise: max(-A r, -A clip(r, 1 - c, 1 + c)).
     {OAI}/lm_human_preferences/train_policy.py#L343-L357"""
@@ -460,7 +474,8 @@ def clipped_surrogate(advantages: torch.Tensor, ratio: torch.Tensor, cliprange: 
 
 def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                 advantages: torch.Tensor, valid: torch.Tensor, advantage: str, cliprange: float, beta: float,
-                k: int, kl_estimator: str, kl_in: str, aggregation: Optional[str] = None, token_count=None) -> tuple:
+                k: int, kl_estimator: str, kl_in: str, aggregation: Optional[str] = None, token_count=None,
+                weights: Optional[torch.Tensor] = None) -> tuple:
     """(loss, stats) of a micro-batch: (b, R) log-probs of the current policy, of the sampling policy and of the
     reference, (b,) advantages (best_of_n: its 0/1 weights), (b, R) valid tokens; `advantage` names the estimator, k
     the samples per prompt; with kl_in "loss", beta x the kl_estimator's estimate joins the loss.
@@ -472,7 +487,9 @@ def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logp
       DAPO's sum over all valid tokens divided by token_count, this micro-batch's share of the minibatch's count;
     - best_of_n: -log-likelihood of the selected samples, per response_length token, averaged over the prompts
       (k x the mean over the batch of weight x log-likelihood).
-    rloo and best_of_n add the KL loss term as beta x the mean over responses of the summed estimate."""
+    rloo and best_of_n add the KL loss term as beta x the mean over responses of the summed estimate. weights:
+    truncated importance sampling's detached weights of the policy term (not the KL's), (b, R) for grpo and dr_grpo,
+    (b,) for rloo and best_of_n (importance_weights), or None."""
     R = valid.shape[1]
     log_ratio = (new_logprobs - old_logprobs) * valid  # (b, R)
     stats = {"policy/approxkl": 0.5 * masked_mean(log_ratio**2, valid)}
@@ -482,11 +499,13 @@ def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logp
     if advantage == "rloo":
         ratio = log_ratio.sum(1).exp()  # (b,)
         losses = clipped_surrogate(advantages, ratio, cliprange)
+        losses = losses * weights if weights is not None else losses
         stats["policy/clipfrac"] = ((ratio - 1).abs() > cliprange).float().mean()
         loss = losses.mean()
     elif advantage in ("grpo", "dr_grpo"):
         ratio = log_ratio.exp()  # (b, R)
         token = clipped_surrogate(advantages[:, None], ratio, cliprange)
+        token = token * weights if weights is not None else token
         token = (token + beta * kl) * valid if kl is not None else token * valid
         aggregation = aggregation or ("sequence" if advantage == "grpo" else "constant")
         if aggregation == "token":
@@ -496,8 +515,8 @@ def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logp
             loss = (token.sum(1) / length).mean()
         stats["policy/clipfrac"] = masked_mean(((ratio - 1).abs() > cliprange).float(), valid)
     else:
-        weights = advantages  # 1 for each prompt's best sample, 0 for the others
-        loss = -(weights * (new_logprobs * valid).sum(1)).mean() * k / R
+        selected = advantages if weights is None else advantages * weights  # 1 for each prompt's best sample, else 0
+        loss = -(selected * (new_logprobs * valid).sum(1)).mean() * k / R
     if kl is not None and advantage in ("rloo", "best_of_n"):
         loss = loss + beta * (kl * valid).sum(1).mean()
     return loss, {"loss/policy": loss.detach(), **{name: value.detach() for name, value in stats.items()}}
@@ -602,6 +621,22 @@ def train(args: Args) -> Path:
             # 5. Rewards and advantages within each prompt's k samples: the estimator's only work.
             rewards = sequence_rewards(scores, logprobs, ref_logprobs, valid, kl_estimator, kl_in, args.beta)  # (b,)
             advantages = advantages_of(rewards, args.advantage, args.k)  # (b,); best_of_n: 0/1 weights
+
+            # Truncated importance sampling (--tis_cap; Yao et al. 2025), as train_policy.py: the training forward's
+            # log-probs of the samples before any step become the ratio's old ones, and min(pi_train / pi_sampler,
+            # cap) weights each loss. Off, the sampler's log-probs are the old ones.
+            old_logprobs, tis_weights = logprobs, None
+            if args.tis_cap is not None:
+                def training_logprobs(prompt_chunk: torch.Tensor, response_chunk: torch.Tensor) -> torch.Tensor:
+                    """(c k, R) the policy's log-probs of (c, k, R) responses, computed as step 6 computes them."""
+                    response_chunk = response_chunk.flatten(0, 1)
+                    return response_logprobs(shared_prompt_logits(policy, prompt_chunk, response_chunk, pad),
+                                             response_chunk, args.temperature, pad)[0]
+
+                old_logprobs = in_chunks(training_logprobs, chunk // args.k, prompts,
+                                         responses.view(local_prompts, args.k, -1))  # (b, R)
+                tis_weights = importance_weights(old_logprobs, logprobs, valid, args.tis_cap,
+                                                 args.advantage in ("grpo", "dr_grpo"))  # (b, R) or (b,)
         t_score = now(device)
 
         # 6. noptepochs passes over the batch in nminibatches minibatches, reshuffled each time by whole prompts (so
@@ -628,10 +663,11 @@ def train(args: Args) -> Path:
                                                                   args.temperature, pad)
                         if not minibatch_stats:  # no step yet: the policy is the sampler's
                             first_step.append((new_logprobs.detach(), logprobs[episodes], valid[episodes]))
-                        loss, micro_stats = policy_loss(new_logprobs, logprobs[episodes], ref_logprobs[episodes],
-                                                        advantages[episodes], valid[episodes], args.advantage,
-                                                        args.cliprange, args.beta, args.k, kl_estimator, kl_in,
-                                                        args.loss_aggregation, token_count)
+                        loss, micro_stats = policy_loss(new_logprobs, old_logprobs[episodes],
+                                                        ref_logprobs[episodes], advantages[episodes], valid[episodes],
+                                                        args.advantage, args.cliprange, args.beta, args.k, kl_estimator,
+                                                        kl_in, args.loss_aggregation, token_count,
+                                                        None if tis_weights is None else tis_weights[episodes])
                         accelerator.backward(loss)
                     micro_stats["policy/entropy"] = masked_mean(entropy.detach(), valid[episodes])
                     for name, value in micro_stats.items():
@@ -656,6 +692,11 @@ def train(args: Args) -> Path:
         if gold is not None:
             rollout_stats["objective/gold_score"] = gold.mean()
         rollout_stats.update(logprob_mismatch(*map(torch.cat, zip(*first_step))))
+        if tis_weights is not None:  # the weights (over valid tokens, or responses), and the share the cap cut
+            per_token = tis_weights.dim() == 2
+            capped = (tis_weights >= args.tis_cap).float()
+            rollout_stats["tis/weight_mean"] = masked_mean(tis_weights, valid) if per_token else tis_weights.mean()
+            rollout_stats["tis/capped_fraction"] = masked_mean(capped, valid) if per_token else capped.mean()
         metrics = rloo_metrics(accelerator, update, num_updates, args, rollout_stats, minibatch_stats,
                                (t0, t_gen, t_score, t_update))
         eval_summaries = held_out.every(update + 1, num_updates, metrics)

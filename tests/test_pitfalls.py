@@ -126,10 +126,36 @@ def test_truncated_importance_weights_scale_each_tokens_policy_loss_only():
     assert torch.equal(halved["ppo/loss/value"], plain["ppo/loss/value"])
 
 
+def test_critic_free_importance_weights_are_capped_ratios_per_token_or_per_response():
+    train, sampler = torch.tensor([[0.0, -1.0, -2.0]]), torch.tensor([[-0.5, -1.0, -1.0]])
+    valid = torch.tensor([[True, True, False]])
+    per_token = train_rloo.importance_weights(train, sampler, valid, 1.5, per_token=True)
+    assert torch.allclose(per_token, torch.tensor([[1.5, 1.0, torch.e**-1]]))  # e^0.5 = 1.65 capped at 1.5
+    per_response = train_rloo.importance_weights(train, sampler, valid, 2.0, per_token=False)
+    assert torch.allclose(per_response, torch.tensor([0.5]).exp())  # the invalid third token leaves the product
+    assert train_rloo.importance_weights(train, sampler, valid, 1.2, per_token=False).item() == pytest.approx(1.2)
+
+
+@pytest.mark.parametrize("advantage", ["rloo", "grpo", "dr_grpo", "best_of_n"])
+def test_critic_free_importance_weights_scale_the_policy_term_and_not_the_kl(advantage):
+    torch.manual_seed(0)
+    new, old, ref = (torch.randn(4, 3) for _ in range(3))
+    advantages, valid = torch.tensor([1.0, 0.0, -1.0, 0.5]), torch.ones(4, 3, dtype=torch.bool)
+    half = torch.full((4, 3) if advantage in ("grpo", "dr_grpo") else (4,), 0.5)
+
+    def loss(beta, weights):
+        return train_rloo.policy_loss(new, old, ref, advantages, valid, advantage, 0.2, beta, 2, "k3", "loss",
+                                      weights=weights)[0].item()
+
+    assert loss(0.0, half) == pytest.approx(0.5 * loss(0.0, None), rel=1e-6)
+    assert loss(0.1, half) - loss(0.0, half) == pytest.approx(loss(0.1, None) - loss(0.0, None), rel=1e-5)
+
+
 @pytest.mark.slow
-def test_ppo_with_truncated_importance_sampling_runs_and_logs_its_weights(tmp_path, tiny_models, main):
+@pytest.mark.parametrize("module", [train_policy, train_rloo])
+def test_truncated_importance_sampling_runs_and_logs_its_weights(module, tmp_path, tiny_models, main):
     """In fp32 sampler and trainer agree: every weight is 1 to float error and the cap (1.5) cuts none."""
-    result = main(train_policy, "--base_model", tiny_models / "base", "--reward_model", tiny_models / "reward_model",
+    result = main(module, "--base_model", tiny_models / "base", "--reward_model", tiny_models / "reward_model",
                   "--total_episodes", "32", "--batch_size", "16", "--nminibatches", "1", "--local_micro_batch_size",
                   "8", "--tis_cap", "1.5", "--run_root", tmp_path)
     assert result.returncode == 0, result.stderr
