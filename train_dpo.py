@@ -721,11 +721,18 @@ TLDR_KEYS = ("subreddit", "title", "post", "summary")
 
 
 # Copied from train_policy.py
+def row_kind(row) -> str:
+    """What a row of query data is: "text" (books), "tldr" (a post and its summary) or "problem" (a verifiable task)."""
+    return "text" if isinstance(row, str) else "problem" if "problem" in row else "tldr"
+
+
+# Copied from train_policy.py
 def load_texts(path: str, split: str, flag: str = "--query_dataset"):
     """Query data, indexable: books texts (str) from a local .jsonl(.gz) of JSON strings (OAI's
     book_passages/{mode}.jsonl) or of objects with "text" (data/corpus.jsonl.gz), or from a hub dataset with a "text"
     column (bookcorpus); or TL;DR rows (dict with subreddit, title, post, summary) from a .jsonl(.gz) (data/tldr/,
-    summarize-from-feedback's tldr_3_filtered) or a hub dataset with those columns."""
+    summarize-from-feedback's tldr_3_filtered) or a hub dataset with those columns; or problem rows (dict with a
+    "problem", data/arithmetic/)."""
     if os.path.exists(path) or path.endswith((".jsonl", ".gz", ".json")):
         if not os.path.isfile(path):
             fail(f"{flag} {path}: file not found")
@@ -736,14 +743,16 @@ def load_texts(path: str, split: str, flag: str = "--query_dataset"):
                 for n, line in enumerate(f, 1):
                     if line.strip():
                         text = json.loads(line)
-                        if isinstance(text, dict) and "post" not in text:
+                        if isinstance(text, dict) and "post" not in text and "problem" not in text:
                             text = text.get("text")
-                        if isinstance(text, dict) and not all(isinstance(text.get(k), str) for k in TLDR_KEYS):
+                        if isinstance(text, dict) and "problem" in text and not isinstance(text["problem"], str):
+                            fail(f"{flag} {path}: line {n} is a problem row without a string \"problem\"")
+                        if isinstance(text, dict) and "post" in text and not all(isinstance(text.get(k), str)
+                                                                                 for k in TLDR_KEYS):
                             fail(f"{flag} {path}: line {n} is a TL;DR row without string {', '.join(TLDR_KEYS)}")
-                        if not isinstance(text, (str, dict)) or (texts and type(text) is not type(texts[0])):
-                            fail(f"{flag} {path}: line {n} is neither a JSON string, an object with a string \"text\" "
-                                 "nor a TL;DR "
-                                 "row like the lines before it")
+                        if not isinstance(text, (str, dict)) or (texts and row_kind(text) != row_kind(texts[0])):
+                            fail(f"{flag} {path}: line {n} is neither a JSON string, an object with a string \"text\", "
+                                 "a TL;DR row nor a problem row like the lines before it")
                         texts.append(text)
         except json.JSONDecodeError as e:
             fail(f"{flag} {path}: line {n} is not valid JSON ({e.msg})")
@@ -813,10 +822,19 @@ def format_tldr_response(summary: str, tokenizer, response_length: int) -> list:
 
 
 # Copied from train_policy.py
+def format_problem_query(problem: str, tokenizer, query_length: int) -> list:
+    """A verifiable task's query: the problem's tokens ("347+586="), left-padded with the pad token to query_length."""
+    tokens = tokenizer.encode(problem)
+    if len(tokens) > query_length:
+        fail(f"--query_length {query_length} is too short for the problem {problem!r} ({len(tokens)} tokens)")
+    return [tokenizer.pad_token_id] * (query_length - len(tokens)) + tokens
+
+
+# Copied from train_policy.py
 def query_batches(texts, tokenizer, query_length: int, response_length: int, batch_size: int, seed: int):
     """Endless global batches in a shuffled order that is the same on every process (each process then takes its own
     slice, as OAI shards the dataset over ranks): (queries (B, Q), reference responses (B, R)) for TL;DR rows, as
-    SFD's query data carries them, and (queries (B, Q), None) for books texts."""
+    SFD's query data carries them, and (queries (B, Q), None) for books texts and problems."""
     dot = tokenizer.convert_tokens_to_ids(".")
     gen, batch, references = torch.Generator().manual_seed(seed), [], []
     while True:
@@ -827,6 +845,8 @@ def query_batches(texts, tokenizer, query_length: int, response_length: int, bat
                 query = format_query(tokenizer.encode(row), dot, query_length, tokenizer.pad_token_id)
                 if query is None:
                     continue
+            elif "problem" in row:  # a verifiable task's problem: its answer is checked, not compared to a reference
+                query = format_problem_query(row["problem"], tokenizer, query_length)
             else:
                 query = format_tldr_query(row, tokenizer, query_length)
                 references.append(format_tldr_response(row["summary"], tokenizer, response_length))

@@ -53,10 +53,15 @@ class Args:
     """initial policy and reference model: hub id, local folder or .gguf file"""
     reward_model: Optional[str] = None
     """folder written by train_reward.py (its run folder's reward_model/); train_both.py fills it in"""
+    verifier: Optional[Literal["arithmetic"]] = None
+    """instead of a reward model, a program that checks each answer (RL with verifiable rewards): arithmetic scores 1
+    for the right sum of a data/arithmetic problem and 0 otherwise (arithmetic_verifier); queries are problems"""
+    format_reward: float = 0.0
+    """with --verifier: added to the score of every well-formed answer (one "Answer: N" at the end), right or wrong"""
     query_dataset: str = "data/corpus.jsonl.gz"
     """queries: books texts (a .jsonl(.gz) of JSON strings as OAI's book_passages, or of {"text": ...}, or a hub dataset
-    with a text column) or TL;DR posts with reference summaries (a .jsonl(.gz) of {subreddit, title, post, summary}, or
-    a hub dataset)"""
+    with a text column), TL;DR posts with reference summaries (a .jsonl(.gz) of {subreddit, title, post, summary}, or
+    a hub dataset), or a verifiable task's problems (a .jsonl(.gz) of {"problem": ...}, data/arithmetic/)"""
     query_split: str = "train"
     """split of a hub query dataset"""
     query_length: int = 32
@@ -163,7 +168,7 @@ class Args:
     the post and title of its query)"""
     eval_dataset: Optional[str] = None
     """held-out TL;DR posts (a .jsonl(.gz) or a hub dataset): ROUGE, win rate against the reference and gold every
-    eval_every updates"""
+    eval_every updates; with --verifier, held-out problems: pass@1, the share of right answers"""
     eval_split: str = "validation"
     """split of a hub eval_dataset"""
     num_eval: int = 64
@@ -580,8 +585,10 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
     #    (place_frozen) and kept in bf16 under --mixed_precision bf16; the policy's weights stay fp32 (autocast).
     torch.manual_seed(args.seed)
     lm, tokenizer = prepare_lm(*load_base_model(args.base_model, load_in_4bit=args.load_in_4bit))
-    reward_model, reward_tokenizer = load_reward_model(args.reward_model)
-    check_same_tokenizer(reward_tokenizer, tokenizer, args)
+    reward_model = None  # with --verifier a program checks each answer instead (step 4)
+    if args.verifier is None:
+        reward_model, reward_tokenizer = load_reward_model(args.reward_model)
+        check_same_tokenizer(reward_tokenizer, tokenizer, args)
     truncate_token = truncate_token_id(args.truncate_token, tokenizer)
     gold_fn = gold_scorer(args.gold_labeler)
     frozen_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
@@ -589,7 +596,8 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
     lora = add_lora(lm, args)  # under LoRA only the adapters of lm train; the value head (or critic) trains in full
     reference = FrozenReference(lm, lora, accelerator, frozen_dtype)
     policy = PolicyAndValue(lm, copy.deepcopy(reward_model) if args.value_model == "reward" else base_critic)
-    reward_model = place_frozen(reward_model, accelerator, frozen_dtype)
+    if reward_model is not None:
+        reward_model = place_frozen(reward_model, accelerator, frozen_dtype)
     trained = [p for p in policy.parameters() if p.requires_grad]
     # counted before ZeRO-3 shards the weights
     num_trained, update_flops = sum(p.numel() for p in trained), ppo_update_flops(lm, args, local_batch_size)
@@ -651,12 +659,17 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
             ref_logprobs = in_chunks(reference_logprobs, chunk, query_responses, responses)
 
             # 4. Scores of the truncated responses by the reward model, less the reference summary's with trlX's
-            #    baseline; the penalty for no truncate token; the gold labeler's score. OAI trains on whole responses
-            #    and only the score sees the truncated ones; SFD masks what follows the truncate token.
+            #    baseline, or by --verifier's program; the penalty for no truncate token; the gold labeler's score. OAI
+            #    trains on whole responses and only the score sees the truncated ones; SFD masks what follows the
+            #    truncate token.
             truncated = responses
             if truncate_token is not None:
                 truncated = truncate_responses(responses, truncate_token, args.truncate_after, pad)
-            scores = in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, truncated], 1))  # (b,)
+            if args.verifier is None:
+                scores = in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, truncated], 1))  # (b,)
+            else:  # 1 for a right answer, plus format_reward for a well-formed one: (b,) each
+                checks = check_answers(args.verifier, queries, truncated, tokenizer)
+                scores = checks["correct"] + args.format_reward * checks["formatted"]
             if args.reference_baseline:  # trlX's reward_fn: r(post + sample) - r(post + reference summary)
                 # https://github.com/CarperAI/trlx/blob/7c8f1aad17de6f89dabd20ddf51dbe5e76fa09a1/examples/summarize_rlhf/trlx_gptj_text_summarization.py
                 scores = scores - in_chunks(lambda qr: reward_model(qr, pad), chunk,
@@ -755,6 +768,9 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
             rollout_stats["objective/response_length"] = (truncated != pad).sum(1).float().mean()
         if gold is not None:
             rollout_stats["objective/gold_score"] = gold.mean()
+        if args.verifier is not None:  # the share of right answers, and of well-formed ones
+            rollout_stats.update({"objective/correct": checks["correct"].mean(),
+                                  "objective/formatted": checks["formatted"].mean()})
         rollout_stats.update(logprob_mismatch(*map(torch.cat, zip(*first_step))))
         if tis_weights is not None:  # the weights over valid tokens, and the share the cap cut
             rollout_stats.update({"tis/weight_mean": masked_mean(tis_weights, valid),
@@ -880,6 +896,21 @@ PRESETS["tldr_twin"] = {**PRESETS["tldr"], **dict(
 )}
 
 
+# RL with verifiable rewards on data/arithmetic: PPO against arithmetic_verifier from train_sft.py's arithmetic model,
+# on the episodes, lengths and learning rate of train_rloo.py's arithmetic preset (GRPO); SFD's details for a response
+# that ends at its EOS (the mask after it, no reward whitening), the value head on the policy as OAI's, a fixed KL
+# coefficient. Held-out pass@1 on validation at the sampling temperature.
+PRESETS["arithmetic"] = dict(
+    exp_name="ppo_arithmetic", base_model="runs/arithmetic/sft_model", verifier="arithmetic",
+    query_dataset="data/arithmetic/train.jsonl.gz", eval_dataset="data/arithmetic/validation.jsonl.gz",
+    query_length=6, response_length=32, truncate_token="eos", truncate_after=0, penalty_reward_value=0.0,
+    mask_after_truncate=True, whiten_rewards=False, temperature=0.7, total_episodes=16384, batch_size=256,
+    nminibatches=4, noptepochs=1, local_micro_batch_size=64, local_rollout_forward_batch_size=256, lr=2e-4,
+    kl_coef=0.01, adaptive_kl=False, gold_labeler="none", num_eval=512, eval_every=8, eval_temperature=0.7,
+    print_sample_every=16,
+)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Data: queries
 # ---------------------------------------------------------------------------------------------------------
@@ -888,11 +919,17 @@ PRESETS["tldr_twin"] = {**PRESETS["tldr"], **dict(
 TLDR_KEYS = ("subreddit", "title", "post", "summary")
 
 
+def row_kind(row) -> str:
+    """What a row of query data is: "text" (books), "tldr" (a post and its summary) or "problem" (a verifiable task)."""
+    return "text" if isinstance(row, str) else "problem" if "problem" in row else "tldr"
+
+
 def load_texts(path: str, split: str, flag: str = "--query_dataset"):
     """Query data, indexable: books texts (str) from a local .jsonl(.gz) of JSON strings (OAI's
     book_passages/{mode}.jsonl) or of objects with "text" (data/corpus.jsonl.gz), or from a hub dataset with a "text"
     column (bookcorpus); or TL;DR rows (dict with subreddit, title, post, summary) from a .jsonl(.gz) (data/tldr/,
-    summarize-from-feedback's tldr_3_filtered) or a hub dataset with those columns."""
+    summarize-from-feedback's tldr_3_filtered) or a hub dataset with those columns; or problem rows (dict with a
+    "problem", data/arithmetic/)."""
     if os.path.exists(path) or path.endswith((".jsonl", ".gz", ".json")):
         if not os.path.isfile(path):
             fail(f"{flag} {path}: file not found")
@@ -903,14 +940,16 @@ def load_texts(path: str, split: str, flag: str = "--query_dataset"):
                 for n, line in enumerate(f, 1):
                     if line.strip():
                         text = json.loads(line)
-                        if isinstance(text, dict) and "post" not in text:
+                        if isinstance(text, dict) and "post" not in text and "problem" not in text:
                             text = text.get("text")
-                        if isinstance(text, dict) and not all(isinstance(text.get(k), str) for k in TLDR_KEYS):
+                        if isinstance(text, dict) and "problem" in text and not isinstance(text["problem"], str):
+                            fail(f"{flag} {path}: line {n} is a problem row without a string \"problem\"")
+                        if isinstance(text, dict) and "post" in text and not all(isinstance(text.get(k), str)
+                                                                                 for k in TLDR_KEYS):
                             fail(f"{flag} {path}: line {n} is a TL;DR row without string {', '.join(TLDR_KEYS)}")
-                        if not isinstance(text, (str, dict)) or (texts and type(text) is not type(texts[0])):
-                            fail(f"{flag} {path}: line {n} is neither a JSON string, an object with a string \"text\" "
-                                 "nor a TL;DR "
-                                 "row like the lines before it")
+                        if not isinstance(text, (str, dict)) or (texts and row_kind(text) != row_kind(texts[0])):
+                            fail(f"{flag} {path}: line {n} is neither a JSON string, an object with a string \"text\", "
+                                 "a TL;DR row nor a problem row like the lines before it")
                         texts.append(text)
         except json.JSONDecodeError as e:
             fail(f"{flag} {path}: line {n} is not valid JSON ({e.msg})")
@@ -976,10 +1015,18 @@ def format_tldr_response(summary: str, tokenizer, response_length: int) -> list:
     return tokens + [tokenizer.pad_token_id] * (response_length - len(tokens))
 
 
+def format_problem_query(problem: str, tokenizer, query_length: int) -> list:
+    """A verifiable task's query: the problem's tokens ("347+586="), left-padded with the pad token to query_length."""
+    tokens = tokenizer.encode(problem)
+    if len(tokens) > query_length:
+        fail(f"--query_length {query_length} is too short for the problem {problem!r} ({len(tokens)} tokens)")
+    return [tokenizer.pad_token_id] * (query_length - len(tokens)) + tokens
+
+
 def query_batches(texts, tokenizer, query_length: int, response_length: int, batch_size: int, seed: int):
     """Endless global batches in a shuffled order that is the same on every process (each process then takes its own
     slice, as OAI shards the dataset over ranks): (queries (B, Q), reference responses (B, R)) for TL;DR rows, as
-    SFD's query data carries them, and (queries (B, Q), None) for books texts."""
+    SFD's query data carries them, and (queries (B, Q), None) for books texts and problems."""
     dot = tokenizer.convert_tokens_to_ids(".")
     gen, batch, references = torch.Generator().manual_seed(seed), [], []
     while True:
@@ -990,6 +1037,8 @@ def query_batches(texts, tokenizer, query_length: int, response_length: int, bat
                 query = format_query(tokenizer.encode(row), dot, query_length, tokenizer.pad_token_id)
                 if query is None:
                     continue
+            elif "problem" in row:  # a verifiable task's problem: its answer is checked, not compared to a reference
+                query = format_problem_query(row["problem"], tokenizer, query_length)
             else:
                 query = format_tldr_query(row, tokenizer, query_length)
                 references.append(format_tldr_response(row["summary"], tokenizer, response_length))
@@ -1355,11 +1404,64 @@ def evaluate(sampler: "Sampler", reward_model, queries: torch.Tensor, references
     return {k: (v / totals[-1]).item() for k, v in zip(names, totals)}, texts
 
 
+# ---------------------------------------------------------------------------------------------------------
+# RL with verifiable rewards: a program checks each answer (--verifier), on problems such as data/arithmetic's
+# ---------------------------------------------------------------------------------------------------------
+
+
+def arithmetic_verifier(problem: str, response: str, ended: bool) -> dict:
+    """{"correct", "formatted"}, each 0.0 or 1.0, of a response to an addition problem "a+b=" (data/arithmetic).
+    Formatted: the response ended (its EOS was sampled within response_length; an answer cut off there is neither) and
+    ends with its only "Answer:" and an integer written plainly: digits, an optional "-", no leading zero, no "+".
+    Whitespace around the response and after "Answer:" is allowed; text after the answer is not. Correct: formatted,
+    and the integer is a + b, computed from the problem (no stored answer is trusted)."""
+    terms = re.fullmatch(r"\s*(\d+)\+(\d+)=\s*", problem)
+    if terms is None:
+        raise ValueError(f"not an addition problem a+b=: {problem!r}")
+    text = response.strip()
+    answer = re.fullmatch(r"(?s).*?Answer:[ \t]*(-?(?:0|[1-9][0-9]*))", text)
+    formatted = ended and answer is not None and text.count("Answer:") == 1
+    correct = formatted and int(answer.group(1)) == int(terms.group(1)) + int(terms.group(2))
+    return {"correct": float(correct), "formatted": float(formatted)}
+
+
+VERIFIERS = {"arithmetic": arithmetic_verifier}
+
+
+def check_answers(verifier: str, queries: torch.Tensor, responses: torch.Tensor, tokenizer) -> dict:
+    """{"correct", "formatted"}: (b,) checks by VERIFIERS[verifier] of (b, R) responses, truncated after their EOS, to
+    (b, Q) problems; a response ended if it holds the EOS, and is read without it."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    problems = tokenizer.batch_decode([q[q != pad] for q in queries])
+    texts = tokenizer.batch_decode([r[(r != pad) & (r != eos)] for r in responses])
+    checks = [VERIFIERS[verifier](p, t, e) for p, t, e in zip(problems, texts, (responses == eos).any(1).tolist())]
+    return {k: torch.tensor([c[k] for c in checks], device=queries.device) for k in ("correct", "formatted")}
+
+
+@torch.no_grad()
+def evaluate_answers(sampler: "Sampler", queries: torch.Tensor, tokenizer, args, accelerator, chunk: int = 64) -> tuple:
+    """(metrics, this process's answers) of one answer per held-out (b, Q) problem, sampled at the sampler's
+    (evaluation) temperature and cut after the EOS: eval/pass@1 (the share right), eval/formatted and
+    eval/response_length (tokens kept, EOS included). Each process takes every world-th problem; the means cover all."""
+    world, rank, pad = accelerator.num_processes, accelerator.process_index, tokenizer.pad_token_id
+    queries = queries[rank::world]
+    responses = torch.cat([sampler(q, args.response_length)[0] for q in queries.split(chunk)])
+    truncated = truncate_responses(responses, tokenizer.eos_token_id, 0, pad)
+    checks = check_answers(args.verifier, queries, truncated, tokenizer)
+    sums = torch.stack([checks["correct"].sum(), checks["formatted"].sum(), (truncated != pad).sum().float(),
+                        torch.tensor(float(len(queries)), device=queries.device)])
+    totals = accelerator.reduce(sums, reduction="sum")
+    texts = tokenizer.batch_decode([r[r != pad] for r in truncated], skip_special_tokens=True)
+    return {"eval/pass@1": (totals[0] / totals[3]).item(), "eval/formatted": (totals[1] / totals[3]).item(),
+            "eval/response_length": (totals[2] / totals[3]).item()}, texts
+
+
 class HeldOut:
     """The evaluation on held-out TL;DR posts (--eval_dataset; otherwise it does nothing): the same posts and the same
     random draws every time (its own RNG stream), so that its changes are the policy's; summaries sampled at
-    --eval_temperature, scored by evaluate(). Under ZeRO-3 the policy and the reward model are gathered, so that unequal
-    shares of the posts need no lockstep."""
+    --eval_temperature, scored by evaluate() (answers to held-out problems, checked by evaluate_answers() under
+    --verifier). Under ZeRO-3 the policy and the reward model are gathered, so that unequal shares of the posts need no
+    lockstep."""
 
     def __init__(self, eval_texts, tokenizer, lm, policy, reward_model, gold_fn, args, accelerator):
         self.active, self.args, self.accelerator = eval_texts is not None, args, accelerator
@@ -1379,6 +1481,9 @@ class HeldOut:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast(), \
                 full_weights(self.policy, accelerator), full_weights(self.reward_model, accelerator):
             torch.manual_seed(self.args.seed + accelerator.process_index * 100003)
+            if self.args.verifier is not None:
+                return evaluate_answers(self.sampler, self.queries.to(device), self.tokenizer, self.args, accelerator,
+                                        self.args.local_rollout_forward_batch_size)
             return evaluate(self.sampler, self.reward_model, self.queries.to(device), self.references.to(device),
                             self.tokenizer, self.args, self.gold_fn, accelerator,
                             self.args.local_rollout_forward_batch_size)
@@ -1931,12 +2036,14 @@ def check_args(args: Args, reward_model_follows: bool = False) -> tuple:
         fail(f"--batch_size {args.batch_size} / {world} process(es) / --nminibatches {args.nminibatches} = "
              f"{local_minibatch_size} "
              "episodes per minibatch, too few to whiten rewards (at least 8)")
-    if not reward_model_follows and args.reward_model is None:
-        fail("--reward_model is required (a folder written by train_reward.py; train_both.py trains one first)")
-    if not reward_model_follows and os.path.isfile(args.reward_model):
+    check_verifier(args)
+    if args.verifier is None and not reward_model_follows and args.reward_model is None:
+        fail("--reward_model is required (a folder written by train_reward.py; train_both.py trains one first), or "
+             "--verifier")
+    if args.verifier is None and not reward_model_follows and os.path.isfile(args.reward_model):
         fail(f"--reward_model {args.reward_model} is a file: give the folder train_reward.py wrote (its run's "
              "reward_model/)")
-    if not reward_model_follows and not os.path.isdir(args.reward_model):
+    if args.verifier is None and not reward_model_follows and not os.path.isdir(args.reward_model):
         fail(f"--reward_model {args.reward_model}: folder not found")
     check_lora(args)
     if args.value_model == "base" and args.load_in_4bit:
@@ -1953,8 +2060,7 @@ def check_args(args: Args, reward_model_follows: bool = False) -> tuple:
         fail(f"--reference_baseline needs TL;DR queries with reference summaries; --query_dataset {args.query_dataset} "
              "holds texts")
     eval_texts = None if args.eval_dataset is None else load_texts(args.eval_dataset, args.eval_split, "--eval_dataset")
-    if eval_texts is not None and isinstance(eval_texts[0], str):
-        fail(f"--eval_dataset {args.eval_dataset}: held-out TL;DR posts with summaries are needed, not texts")
+    check_query_rows(args, texts, eval_texts)
     # OAI's nupdates rounds up ({OAI}/lm_human_preferences/train_policy.py#L23-L24); said first, not done silently
     num_updates = math.ceil(args.total_episodes / args.batch_size)
     if args.total_episodes % args.batch_size and PartialState().is_main_process:
@@ -1962,6 +2068,32 @@ def check_args(args: Args, reward_model_follows: bool = False) -> tuple:
               f"{num_updates} updates train on {num_updates * args.batch_size} episodes (rounded up, as OAI)",
               flush=True)
     return num_updates, texts, eval_texts
+
+
+def check_query_rows(args, texts, eval_texts):
+    """Problems to answer under --verifier, and only there; held-out TL;DR posts, or problems under --verifier."""
+    if (args.verifier is not None) != (row_kind(texts[0]) == "problem"):
+        fail(f"--query_dataset {args.query_dataset}: " + ("--verifier checks answers to problems (rows with a "
+                                                           "\"problem\", as data/arithmetic/)" if args.verifier else
+                                                           "problems need a --verifier to check their answers"))
+    kinds = {"text": "texts", "tldr": "TL;DR posts with summaries", "problem": "problems"}
+    wanted = "problem" if args.verifier else "tldr"  # what the held-out evaluation reads
+    if eval_texts is not None and row_kind(eval_texts[0]) != wanted:
+        fail(f"--eval_dataset {args.eval_dataset}: held-out {kinds[wanted]} are needed, not "
+             f"{kinds[row_kind(eval_texts[0])]}")
+
+
+def check_verifier(args):
+    """--verifier replaces the reward model: nothing that needs one may come with it."""
+    if args.verifier is None:
+        if args.format_reward:
+            fail(f"--format_reward {args.format_reward} rewards well-formed answers, which only a --verifier checks")
+        return
+    clashes = {"--reward_model": args.reward_model is not None, "--reference_baseline": args.reference_baseline,
+               "--value_model reward": getattr(args, "value_model", None) == "reward"}  # train_rloo.py has no critic
+    for flag, given in clashes.items():
+        if given:
+            fail(f"--verifier {args.verifier} replaces the reward model, which {flag} needs")
 
 
 def check_same_tokenizer(reward_tokenizer, tokenizer, args):
@@ -2013,14 +2145,15 @@ def summarize(metrics_path: Path, wall_s: float) -> dict:
     (as docs/ppo.md and docs/rloo.md report them), the held-out evaluation before and after, episodes/s, wall time
     (every resumed part summed)."""
     metrics = [json.loads(line) for line in open(metrics_path)]
-    updates, evals = [m for m in metrics if "objective/scores" in m], [m for m in metrics if "eval/win_rate" in m]
+    updates = [m for m in metrics if "objective/scores" in m]
+    evals = [m for m in metrics if "eval/win_rate" in m or "eval/pass@1" in m]
     tenth = updates[-max(1, len(updates) // 10) :]
     summary = {"updates": len(updates), "episodes": updates[-1]["episode"]}
     for key, name in (("objective/scores", "score"), ("objective/gold_score", "gold"), ("objective/kl", "kl")):
         if key in updates[0]:
             summary[f"{name}/first_update"] = updates[0][key]
             summary[f"{name}/last_tenth"] = sum(m[key] for m in tenth) / len(tenth)
-    for key in ("eval/rougeL", "eval/gold_score", "eval/win_rate"):
+    for key in ("eval/rougeL", "eval/gold_score", "eval/win_rate", "eval/pass@1"):
         if evals and key in evals[0]:
             summary[f"{key}/before"], summary[f"{key}/after"] = evals[0][key], evals[-1][key]
     summary["episodes_per_s"] = sum(m["throughput/episodes_per_s"] for m in updates) / len(updates)

@@ -7,9 +7,12 @@ Two jobs, one loop:
   * `--task tldr`: fine-tune any `--base_model` (hub id, local folder or .gguf file) on the TL;DR data
     published with OpenAI's summarize-from-feedback (jsonl with subreddit, title, post, summary). Queries
     follow OAI's format and are left-padded to `query_length`; the loss covers the summary tokens only.
+  * `--task problems`: fine-tune on a verifiable task's problems and worked solutions (jsonl with problem, solution;
+    data/arithmetic/), the loss on the solution; at the end a program checks answers to held-out problems (pass@1).
 
     python train_sft.py                                  # nano pretraining on the embedded corpus (CPU, minutes)
     python train_sft.py --task tldr --base_model gpt2 --dataset tldr_3_filtered/train.jsonl
+    python train_sft.py arithmetic                       # the nano model learns data/arithmetic's worked solutions
     accelerate launch --num_processes 8 train_sft.py ...  # the global batch stays `batch_size`
 
 Links write {OAI} for https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66 and
@@ -50,10 +53,12 @@ from transformers.pytorch_utils import Conv1D
 @dataclass
 class Args:
     # ---- task and data ----
-    task: Literal["corpus", "tldr"] = "corpus"
-    """corpus: language modelling on passages; tldr: summaries of Reddit posts, loss on the summary only"""
+    task: Literal["corpus", "tldr", "problems"] = "corpus"
+    """corpus: language modelling on passages; tldr: summaries of Reddit posts, loss on the summary only; problems:
+    worked solutions of a verifiable task's problems, loss on the solution only"""
     dataset: str = "data/corpus.jsonl.gz"
-    """corpus: a .jsonl(.gz) of {"text": ...}; tldr: a .jsonl(.gz) in the upstream TL;DR format or a hub dataset id"""
+    """corpus: a .jsonl(.gz) of {"text": ...}; tldr: a .jsonl(.gz) in the upstream TL;DR format or a hub dataset id;
+    problems: a .jsonl(.gz) of {"problem": ..., "solution": ...}"""
     dataset_split: str = "train"
     """split to train on when `dataset` is a hub dataset"""
     eval_split: Optional[str] = None
@@ -63,9 +68,12 @@ class Args:
     block_size: int = 128
     """corpus: tokens per training sequence"""
     query_length: int = 512
-    """tldr: query tokens (OAI: 512); the post is cut at its last newline until the query fits, then left-padded"""
+    """tldr: query tokens (OAI: 512); the post is cut at its last newline until the query fits, then left-padded;
+    problems: the problem's tokens, left-padded"""
     response_length: int = 53
-    """tldr: summary tokens including <|endoftext|> (summarize_from_feedback_details: 53)"""
+    """tldr: summary tokens including <|endoftext|> (summarize_from_feedback_details: 53); problems: solution tokens"""
+    verifier: Optional[Literal["arithmetic"]] = None
+    """problems: the program that checks the answers sampled for held-out problems at the end (eval/pass@1)"""
     train_on_query: bool = False
     """tldr: the loss also covers the query tokens, as SFD's SFT loss covers query and summary (OAI's covers the
     summary)"""
@@ -131,9 +139,10 @@ class Args:
     eval_every: int = 100
     """compute the held-out loss and perplexity every this many updates (and at the end)"""
     num_eval: int = 64
-    """tldr: held-out posts summarized at the end for ROUGE-1/2/L against their reference summaries"""
+    """tldr: held-out posts summarized at the end for ROUGE-1/2/L against their reference summaries; problems: held-out
+    problems answered at the end for pass@1"""
     eval_temperature: float = 0.01
-    """tldr: sampling temperature of those summaries (SFD: 0.01)"""
+    """tldr: sampling temperature of those summaries (SFD: 0.01); problems: of those answers"""
     num_samples: int = 4
     """samples printed (and saved) at the end, continuing held-out prompts"""
     sample_prompt_tokens: int = 16
@@ -194,6 +203,14 @@ def tldr_examples(rows: list, tokenizer, query_length: int, response_length: int
     """(n, query_length + response_length) token ids: left-padded query, then ' {summary}<|endoftext|>' right-padded."""
     out = [format_tldr_query(row, tokenizer, query_length) + format_tldr_response(row["summary"], tokenizer,
                                                                                   response_length) for row in rows]
+    return torch.tensor(out, dtype=torch.long)
+
+
+def problem_examples(rows: list, tokenizer, query_length: int, response_length: int) -> torch.Tensor:
+    """(n, query_length + response_length) token ids: the left-padded problem, then ' {solution}<|endoftext|>'
+    right-padded."""
+    out = [format_problem_query(row["problem"], tokenizer, query_length) + format_tldr_response(
+        row["solution"], tokenizer, response_length) for row in rows]
     return torch.tensor(out, dtype=torch.long)
 
 
@@ -289,15 +306,17 @@ def train(args: Args) -> Path:
 
     # 2. Data: rows of token ids (n, T) whose first query_length tokens carry no loss. Corpus: the passages joined by
     #    <|endoftext|> and cut into blocks, every token labelled; TL;DR: the left-padded query, then the reference
-    #    summary, which alone is labelled (query and summary under --train_on_query). Every process draws the same
+    #    summary, which alone is labelled (query and summary under --train_on_query); problems: the left-padded
+    #    problem, then its worked solution, alike. Every process draws the same
     #    shuffled global batches; a Stream counts them, so that a checkpoint keeps the position.
     if args.task == "corpus":
         train_data = pack_corpus([r["text"] for r in train_rows], tokenizer, args.block_size)
         eval_data = pack_corpus([r["text"] for r in eval_rows], tokenizer, args.block_size)
         query_length = 0
-    else:
-        train_data = tldr_examples(train_rows, tokenizer, args.query_length, args.response_length)
-        eval_data = tldr_examples(eval_rows, tokenizer, args.query_length, args.response_length)
+    else:  # TL;DR posts and summaries, or problems and worked solutions
+        examples = tldr_examples if args.task == "tldr" else problem_examples
+        train_data = examples(train_rows, tokenizer, args.query_length, args.response_length)
+        eval_data = examples(eval_rows, tokenizer, args.query_length, args.response_length)
         query_length = 0 if args.train_on_query else args.query_length
     check_data(args, train_data, model)
     batches = Stream(shuffled_batches(len(train_data), args.batch_size, args.seed))
@@ -362,6 +381,8 @@ def train(args: Args) -> Path:
                                                     tokenizer.pad_token_id, query_length, accelerator)
                 if args.task == "tldr" and step + 1 == args.total_steps and accelerator.is_main_process:
                     metrics.update(tldr_rouge(bare, tokenizer, eval_data, args, device))
+                if args.task == "problems" and step + 1 == args.total_steps and accelerator.is_main_process:
+                    metrics.update(pass_at_1(bare, tokenizer, eval_data, args, device))
             model.train()
             metrics["eval/perplexity"] = math.exp(metrics["eval/loss"])
 
@@ -458,6 +479,15 @@ PRESETS = {
         # as train_policy.py's tldr_twin evaluation: the nano model loops when decoding near-greedily
         eval_temperature=0.7,
     ),
+    # the verifiable task (data/arithmetic, made by data/build.py): the nano model taught the worked solutions of a
+    # teacher that slips, until it answers about a quarter of held-out problems right at temperature 0.7 (at 150
+    # updates 8%, at 300 84% on solutions without slips), for train_rloo.py's and train_policy.py's arithmetic presets
+    "arithmetic": dict(
+        exp_name="sft_arithmetic", task="problems", base_model="data/nano", output_dir="runs/arithmetic/sft_model",
+        dataset="data/arithmetic/train.jsonl.gz", verifier="arithmetic", query_length=6, response_length=32,
+        total_steps=240, batch_size=64, local_micro_batch_size=64, lr=2e-3, warmup_steps=10, lr_schedule="cosine",
+        eval_every=50, num_eval=256, eval_temperature=0.7,
+    ),
 }
 
 
@@ -545,6 +575,15 @@ def format_tldr_response(summary: str, tokenizer, response_length: int) -> list:
     {SFD}/summarize_from_feedback_details/tldr_dataset.py#L186-L199"""
     tokens = tokenizer.encode(" " + summary)[: response_length - 1] + [tokenizer.eos_token_id]
     return tokens + [tokenizer.pad_token_id] * (response_length - len(tokens))
+
+
+# Copied from train_policy.py
+def format_problem_query(problem: str, tokenizer, query_length: int) -> list:
+    """A verifiable task's query: the problem's tokens ("347+586="), left-padded with the pad token to query_length."""
+    tokens = tokenizer.encode(problem)
+    if len(tokens) > query_length:
+        fail(f"--query_length {query_length} is too short for the problem {problem!r} ({len(tokens)} tokens)")
+    return [tokenizer.pad_token_id] * (query_length - len(tokens)) + tokens
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1209,10 +1248,12 @@ def check_args(args: Args) -> tuple:
         positions = getattr(config, "n_positions", getattr(config, "max_position_embeddings", 1 << 30))
     if args.task == "corpus" and args.block_size > positions:
         fail(f"--block_size {args.block_size} exceeds the model's {positions} positions")
-    if args.task == "tldr" and args.query_length + args.response_length > positions:
+    if args.task != "corpus" and args.query_length + args.response_length > positions:
         fail(f"--query_length + --response_length = {args.query_length + args.response_length} exceeds the model's "
              f"{positions} positions")
-    return load_rows(args, ("text",) if args.task == "corpus" else TLDR_KEYS)
+    if args.task == "problems" and args.verifier is None:
+        fail("--task problems needs a --verifier to check the held-out answers (e.g. --verifier arithmetic)")
+    return load_rows(args, {"corpus": ("text",), "tldr": TLDR_KEYS, "problems": ("problem", "solution")}[args.task])
 
 
 def check_data(args: Args, train_data: torch.Tensor, model):
@@ -1332,6 +1373,38 @@ def rouge(summaries: list, references: list) -> list:
             ref in zip(summaries, references)]
 
 
+# Copied from train_policy.py
+def arithmetic_verifier(problem: str, response: str, ended: bool) -> dict:
+    """{"correct", "formatted"}, each 0.0 or 1.0, of a response to an addition problem "a+b=" (data/arithmetic).
+    Formatted: the response ended (its EOS was sampled within response_length; an answer cut off there is neither) and
+    ends with its only "Answer:" and an integer written plainly: digits, an optional "-", no leading zero, no "+".
+    Whitespace around the response and after "Answer:" is allowed; text after the answer is not. Correct: formatted,
+    and the integer is a + b, computed from the problem (no stored answer is trusted)."""
+    terms = re.fullmatch(r"\s*(\d+)\+(\d+)=\s*", problem)
+    if terms is None:
+        raise ValueError(f"not an addition problem a+b=: {problem!r}")
+    text = response.strip()
+    answer = re.fullmatch(r"(?s).*?Answer:[ \t]*(-?(?:0|[1-9][0-9]*))", text)
+    formatted = ended and answer is not None and text.count("Answer:") == 1
+    correct = formatted and int(answer.group(1)) == int(terms.group(1)) + int(terms.group(2))
+    return {"correct": float(correct), "formatted": float(formatted)}
+
+
+# Copied from train_policy.py
+VERIFIERS = {"arithmetic": arithmetic_verifier}
+
+
+# Copied from train_policy.py
+def check_answers(verifier: str, queries: torch.Tensor, responses: torch.Tensor, tokenizer) -> dict:
+    """{"correct", "formatted"}: (b,) checks by VERIFIERS[verifier] of (b, R) responses, truncated after their EOS, to
+    (b, Q) problems; a response ended if it holds the EOS, and is read without it."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    problems = tokenizer.batch_decode([q[q != pad] for q in queries])
+    texts = tokenizer.batch_decode([r[(r != pad) & (r != eos)] for r in responses])
+    checks = [VERIFIERS[verifier](p, t, e) for p, t, e in zip(problems, texts, (responses == eos).any(1).tolist())]
+    return {k: torch.tensor([c[k] for c in checks], device=queries.device) for k in ("correct", "formatted")}
+
+
 @torch.no_grad()
 def tldr_rouge(model, tokenizer, eval_data: torch.Tensor, args: Args, device) -> dict:
     """ROUGE-1/2/L F1 of summaries of the first num_eval held-out posts, sampled at eval_temperature (SFD: 0.01) and cut
@@ -1345,6 +1418,18 @@ def tldr_rouge(model, tokenizer, eval_data: torch.Tensor, args: Args, device) ->
                         for x in (responses, references))
     per_pair = rouge(texts, ref_texts)
     return {f"eval/{k}": sum(r[k] for r in per_pair) / len(per_pair) for k in ("rouge1", "rouge2", "rougeL")}
+
+
+@torch.no_grad()
+def pass_at_1(model, tokenizer, eval_data: torch.Tensor, args: Args, device) -> dict:
+    """eval/pass@1: the share of the first num_eval held-out problems whose answer, one sampled at eval_temperature and
+    cut after the first EOS, --verifier finds right; eval/formatted, the share well-formed."""
+    model.eval()
+    queries = eval_data[: args.num_eval, : args.query_length].to(device)
+    responses = Sampler(model, tokenizer.pad_token_id, args.eval_temperature)(queries, args.response_length)[0]
+    responses = truncate_responses(responses, tokenizer.eos_token_id, 0, tokenizer.pad_token_id)
+    checks = check_answers(args.verifier, queries, responses, tokenizer)
+    return {"eval/pass@1": checks["correct"].mean().item(), "eval/formatted": checks["formatted"].mean().item()}
 
 
 def print_continuations(samples: list, temperature: float):
@@ -1364,7 +1449,7 @@ def save_samples_and_model(run, model, lora, tokenizer, eval_data: torch.Tensor,
     accelerator = run.accelerator
     with full_weights(model, accelerator) as unwrapped:
         if accelerator.is_main_process:
-            samples = sample(unwrapped, tokenizer, eval_data, args.query_length if args.task == "tldr" else 0, args,
+            samples = sample(unwrapped, tokenizer, eval_data, args.query_length if args.task != "corpus" else 0, args,
                              accelerator.device)
             print_continuations(samples, args.temperature)
             run.samples.extend(samples)
@@ -1381,7 +1466,7 @@ def summarize(metrics_path: Path, wall_s: float) -> dict:
     evals = [m for m in metrics if "eval/loss" in m]
     summary = {"steps": metrics[-1]["step"], "eval/perplexity/first": evals[0]["eval/perplexity"],
                "eval/perplexity/last": evals[-1]["eval/perplexity"]}
-    summary.update({k: v for k, v in evals[-1].items() if k.startswith("eval/rouge")})
+    summary.update({k: v for k, v in evals[-1].items() if k.startswith(("eval/rouge", "eval/pass@1"))})
     summary["tokens_per_s"] = sum(m["throughput/tokens_per_s"] for m in metrics) / len(metrics)
     summary["wall_s"] = wall_s
     return summary
@@ -1391,7 +1476,7 @@ def print_closing_line(summary: dict, run_dir: Path, output_dir: Optional[str]) 
     """Prints the run's closing line (the held-out perplexity, ROUGE on TL;DR, where the model was saved) before the
     summary table; returns the summary unchanged."""
     rouge_scores = "".join(f", {k[5:]} {summary[k]:.3f}" for k in ("eval/rouge1", "eval/rouge2",
-                                                                   "eval/rougeL") if k in summary)
+                                                                   "eval/rougeL", "eval/pass@1") if k in summary)
     print(f"held-out perplexity {summary['eval/perplexity/last']:.2f}{rouge_scores}; model saved to {run_dir / 'model'}"
           + (f" and {output_dir}" if output_dir else ""))
     return summary

@@ -11,6 +11,8 @@
     python data/build.py tldr_posts  # f2. TL;DR posts -> data/tldr/{train,validation,test}.jsonl.gz
     python data/build.py tldr_labels # f3. the twin's SFT model, its samples, the judge's comparisons ->
     data/tldr/comparisons.jsonl.gz
+    python data/build.py arithmetic  # g. the verifiable task: addition problems with worked solutions ->
+    data/arithmetic/{train,validation,test}.jsonl.gz
 
 `python data/build.py all` runs every stage in order; each stage skips work whose output already exists (pass --force to
 redo it). See data/README.md for the time and size of each stage.
@@ -601,11 +603,68 @@ def stage_tldr_labels(seed: int = 0, force: bool = False, batch_size: int = 128)
           f"empty summaries skipped) -> {COMPARISONS} ({COMPARISONS.stat().st_size / 1e6:.1f} MB)")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# g. A verifiable task: addition of two numbers below 100, whose answer a program checks exactly
+# (train_policy.arithmetic_verifier). The numbers are written with two digits ("07+45="), so that every problem puts the
+# digits of a column at the same positions; the worked solution adds one column at a time from the right with its
+# carry, then gives the answer without leading zeros: "7+5=12, 0+4+1=5. Answer: 52". The training split's solutions
+# come from a teacher that slips: each column's sum is off by one with probability ARITHMETIC_SLIP, the carry and the
+# answer following the slip (so the answer is wrong), as solutions written by people or sampled from a model are
+# sometimes wrong. SFT on them teaches the format and a model that slips too, whose right answer is often but not
+# always the one it samples: the regime where RL with a verifier helps (and where Yue et al. 2025 find it only surfaces
+# what the model could already sample). Validation and test solutions are right; the splits share no problem.
+# ---------------------------------------------------------------------------------------------------------
+
+ARITHMETIC = DATA / "arithmetic"
+ARITHMETIC_SPLITS = {"train": 8000, "validation": 512, "test": 512}
+ARITHMETIC_DIGITS = 2
+ARITHMETIC_SLIP = 0.5
+
+
+def worked_solution(a: int, b: int, digits: int, slip: float, rng: random.Random) -> str:
+    """Column addition from the right: each column's two digits plus the carry and their sum (with probability slip
+    written one too high or too low), a last column for a final carry, then the answer the written sums give."""
+    steps, carry, answer = [], 0, 0
+    for column in range(digits):
+        x, y = a // 10**column % 10, b // 10**column % 10
+        total = x + y + carry
+        if rng.random() < slip:
+            total = total + 1 if total == 0 or rng.random() < 0.5 else total - 1
+        steps.append(f"{x}+{y}{f'+{carry}' if carry else ''}={total}")
+        carry, answer = total // 10, answer + total % 10 * 10**column
+    if carry:
+        steps.append(f"{carry}={carry}")
+        answer += carry * 10**digits
+    return f"{', '.join(steps)}. Answer: {answer}"
+
+
+def stage_arithmetic(seed: int = 0, force: bool = False):
+    if (ARITHMETIC / "test.jsonl.gz").exists() and not force:
+        print(f"[arithmetic] {ARITHMETIC} exists (--force to rebuild)")
+        return
+    rng, seen = random.Random(seed), set()
+    ARITHMETIC.mkdir(exist_ok=True)
+    for split, n in ARITHMETIC_SPLITS.items():
+        rows, slip = [], ARITHMETIC_SLIP if split == "train" else 0.0
+        while len(rows) < n:
+            a, b = rng.randrange(10**ARITHMETIC_DIGITS), rng.randrange(10**ARITHMETIC_DIGITS)
+            if (a, b) in seen:
+                continue
+            seen.add((a, b))
+            rows.append({"problem": f"{a:0{ARITHMETIC_DIGITS}d}+{b:0{ARITHMETIC_DIGITS}d}=",
+                         "solution": worked_solution(a, b, ARITHMETIC_DIGITS, slip, rng), "answer": str(a + b)})
+        with gzip.open(ARITHMETIC / f"{split}.jsonl.gz", "wt", encoding="utf-8", compresslevel=9) as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        right = sum(r["solution"].endswith(f"Answer: {r['answer']}") for r in rows) / n
+        print(f"[arithmetic] {split}: {n} problems, {right:.0%} of the worked solutions right")
+    size = sum(p.stat().st_size for p in ARITHMETIC.glob("*.jsonl.gz"))
+    print(f"[arithmetic] -> {ARITHMETIC} ({size / 1e3:.0f} kB)")
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage",
                    choices=["smollm2", "generate", "corpus", "tokenizer", "nano", "labels", "tldr_generate",
-                            "tldr_posts", "tldr_labels", "all"])
+                            "tldr_posts", "tldr_labels", "arithmetic", "all"])
     p.add_argument("--passages", type=int, default=5400, help="raw passages to generate (some are dropped by cleaning)")
     p.add_argument("--batch_size", type=int, default=128,
                    help="generation batch (prefill dominates on a CPU: bigger is faster)")
@@ -616,7 +675,7 @@ if __name__ == "__main__":
     p.add_argument("--force", action="store_true", help="redo the stage even if its output exists")
     a = p.parse_args()
     stages = ["smollm2", "generate", "corpus", "tokenizer", "nano", "labels", "tldr_generate", "tldr_posts",
-              "tldr_labels"] if a.stage == "all" else [a.stage]
+              "tldr_labels", "arithmetic"] if a.stage == "all" else [a.stage]
     for stage in stages:
         t0 = time.time()
         if stage == "smollm2":
@@ -637,4 +696,6 @@ if __name__ == "__main__":
             stage_tldr_posts(a.force)
         elif stage == "tldr_labels":
             stage_tldr_labels(force=a.force)
+        elif stage == "arithmetic":
+            stage_arithmetic(force=a.force)
         print(f"[{stage}] {time.time() - t0:.0f}s")
