@@ -716,6 +716,7 @@ def train(args: Args) -> Path:
             rollout_stats.update({"objective/correct": checks["correct"].mean(),
                                   "objective/formatted": checks["formatted"].mean(),
                                   "objective/zero_gradient_share": same_reward_share(scores, args.k)})
+        rollout_stats.update(logprob_mismatch(*map(torch.cat, zip(*first_step))))
         if tis_weights is not None:  # the weights (over valid tokens, or responses), and the share the cap cut
             per_token = tis_weights.dim() == 2
             capped = (tis_weights >= args.tis_cap).float()
