@@ -1016,7 +1016,7 @@ def format_tldr_response(summary: str, tokenizer, response_length: int) -> list:
 
 
 def format_problem_query(problem: str, tokenizer, query_length: int) -> list:
-    """A verifiable task's query: the problem's tokens ("347+586="), left-padded with the pad token to query_length."""
+    """A verifiable task's query: the problem's tokens ("07+45="), left-padded with the pad token to query_length."""
     tokens = tokenizer.encode(problem)
     if len(tokens) > query_length:
         fail(f"--query_length {query_length} is too short for the problem {problem!r} ({len(tokens)} tokens)")
@@ -1984,7 +1984,7 @@ AT_LEAST_ONE = ("total_episodes", "batch_size", "nminibatches", "noptepochs", "l
                 "n_positions", "num_eval", "eval_every", "print_sample_every", "keep_checkpoints", "kl_horizon",
                 "sample_length")
 AT_LEAST_ZERO = ("save_every", "truncate_after", "num_print_samples", "num_samples", "warmup_steps",
-                 "sample_prompt_tokens", "kl_coef", "vf_coef", "weight_decay", "max_grad_norm")
+                 "sample_prompt_tokens", "kl_coef", "vf_coef", "weight_decay", "max_grad_norm", "format_reward")
 POSITIVE = ("lr", "eps", "temperature", "eval_temperature", "cliprange", "cliprange_value", "kl_target",
             "tis_cap")
 UNIT_INTERVAL = ("gamma", "lam", "dropout")

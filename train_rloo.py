@@ -1964,7 +1964,7 @@ AT_LEAST_ONE = ("total_episodes", "batch_size", "nminibatches", "noptepochs", "l
                 "sample_length")
 # Copied from train_policy.py
 AT_LEAST_ZERO = ("save_every", "truncate_after", "num_print_samples", "num_samples", "warmup_steps",
-                 "sample_prompt_tokens", "kl_coef", "vf_coef", "weight_decay", "max_grad_norm")
+                 "sample_prompt_tokens", "kl_coef", "vf_coef", "weight_decay", "max_grad_norm", "format_reward")
 # Copied from train_policy.py
 POSITIVE = ("lr", "eps", "temperature", "eval_temperature", "cliprange", "cliprange_value", "kl_target",
             "tis_cap")

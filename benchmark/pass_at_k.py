@@ -6,13 +6,15 @@ pass@1 and leaves pass@k at large k where it was, or lowers it (Yue et al. 2025,
 
     python benchmark/pass_at_k.py runs/arithmetic/sft_model runs/grpo_arithmetic__1__<time>/policy \
         --out runs/benchmark/pass_at_k.json --plot docs/images/pass_at_k.png
+    python benchmark/pass_at_k.py --replot runs/benchmark/verifiable__<commit>/seed*/pass_at_k.json \
+        --plot docs/images/pass_at_k.png                 # the saved tables of benchmark/verifiable.sh, drawn
 """
 
 import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
@@ -28,7 +30,7 @@ import train_policy as tp  # noqa: E402
 
 @dataclass
 class Args:
-    models: List[str]
+    models: tyro.conf.Positional[List[str]] = field(default_factory=list)
     """policy folders (an SFT model, a trained policy) to measure, each under its folder's name in the table"""
     labels: Optional[List[str]] = None
     """names of the models in the table and the plot (default: their folders)"""
@@ -54,6 +56,8 @@ class Args:
     """write the table as JSON here"""
     plot: Optional[str] = None
     """draw pass@k against k (log scale) here"""
+    replot: List[str] = field(default_factory=list)
+    """instead of sampling, draw --plot from these saved --out files (several seeds: their mean, each seed faintly)"""
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -76,7 +80,37 @@ def right_answers(model_dir: str, queries: torch.Tensor, args: Args) -> list:
     return torch.cat(correct).view(-1, args.n).sum(1).long().tolist()
 
 
+def draw(runs: list, path: str, title: str):
+    """pass@k against k (log scale): per model the mean over runs (dicts label -> {pass@k}), each run faintly."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for color, label in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], runs[0]):
+        ks = sorted(int(key[5:]) for key in runs[0][label] if key.startswith("pass@"))
+        curves = [[run[label][f"pass@{k}"] for k in ks] for run in runs]
+        ax.plot(ks, [sum(c) / len(c) for c in zip(*curves)], marker="o", color=color, label=label)
+        for curve in curves if len(curves) > 1 else []:
+            ax.plot(ks, curve, color=color, alpha=0.25, linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k (answers sampled per problem)")
+    ax.set_ylabel("pass@k")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(args: Args):
+    if args.replot:
+        saved = [json.load(open(path)) for path in args.replot]
+        first = saved[0]["args"]
+        draw([s["results"] for s in saved], args.plot, f"{first['verifier']}: pass@k, {first['num_problems']} test "
+             f"problems, T = {first['temperature']}, {len(saved)} seed(s)")
+        return None
     tokenizer = tp.prepare_lm(*tp.load_base_model(args.models[0]))[1]
     problems = tp.load_texts(args.problems, "test", "--problems")[: args.num_problems]
     queries = torch.tensor([tp.format_problem_query(p["problem"], tokenizer, args.query_length) for p in problems])
@@ -98,22 +132,7 @@ def main(args: Args):
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         json.dump({"args": vars(args), "results": results}, open(args.out, "w"), indent=1)
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for label, r in results.items():
-            ax.plot(ks, [r[f"pass@{k}"] for k in ks], marker="o", label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("k (answers sampled per problem)")
-        ax.set_ylabel("pass@k")
-        ax.set_title(f"{args.verifier}: pass@k, {len(problems)} held-out problems, T = {args.temperature}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
+        draw([results], args.plot, f"{args.verifier}: pass@k, {len(problems)} test problems, T = {args.temperature}")
     return results
 
 

@@ -2,6 +2,7 @@
 checks of the flags, and short runs of SFT, GRPO and PPO against the verifier instead of a reward model."""
 
 import gzip
+import itertools
 import json
 import random
 import sys
@@ -160,3 +161,15 @@ def test_a_run_against_the_verifier_logs_pass_at_1_and_the_share_of_right_answer
         assert m["objective/scores"] == pytest.approx(m["objective/correct"] + format_reward * m["objective/formatted"])
         assert ("objective/zero_gradient_share" in m) == (module is train_rloo)
     assert not (run / "reward_model").exists() and json.load(open(run / "args.json"))["reward_model"] is None
+
+
+def test_pass_at_k_is_the_unbiased_estimate_of_chen_et_al():
+    sys.path.insert(0, str(ROOT / "benchmark"))
+    from pass_at_k import pass_at_k
+
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3, 2) / C(4, 2)
+    assert pass_at_k(64, 0, 64) == 0.0 and pass_at_k(64, 1, 64) == 1.0 and pass_at_k(8, 8, 1) == 1.0
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)  # pass@1 is the share right
+    n, c, k = 6, 2, 3  # against the chance that k answers drawn without replacement hold a right one, by enumeration
+    draws = list(itertools.combinations(range(n), k))
+    assert pass_at_k(n, c, k) == pytest.approx(sum(any(i < c for i in d) for d in draws) / len(draws))
