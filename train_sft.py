@@ -579,7 +579,7 @@ def format_tldr_response(summary: str, tokenizer, response_length: int) -> list:
 
 # Copied from train_policy.py
 def format_problem_query(problem: str, tokenizer, query_length: int) -> list:
-    """A verifiable task's query: the problem's tokens ("347+586="), left-padded with the pad token to query_length."""
+    """A verifiable task's query: the problem's tokens ("07+45="), left-padded with the pad token to query_length."""
     tokens = tokenizer.encode(problem)
     if len(tokens) > query_length:
         fail(f"--query_length {query_length} is too short for the problem {problem!r} ({len(tokens)} tokens)")
