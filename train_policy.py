@@ -2037,14 +2037,15 @@ def check_args(args: Args, reward_model_follows: bool = False) -> tuple:
              f"{local_minibatch_size} "
              "episodes per minibatch, too few to whiten rewards (at least 8)")
     check_verifier(args)
-    if args.verifier is None and not reward_model_follows and args.reward_model is None:
-        fail("--reward_model is required (a folder written by train_reward.py; train_both.py trains one first), or "
-             "--verifier")
-    if args.verifier is None and not reward_model_follows and os.path.isfile(args.reward_model):
-        fail(f"--reward_model {args.reward_model} is a file: give the folder train_reward.py wrote (its run's "
-             "reward_model/)")
-    if args.verifier is None and not reward_model_follows and not os.path.isdir(args.reward_model):
-        fail(f"--reward_model {args.reward_model}: folder not found")
+    if args.verifier is None and not reward_model_follows:  # then a reward model, unless train_both.py trains it
+        if args.reward_model is None:
+            fail("--reward_model is required (a folder written by train_reward.py; train_both.py trains one first), "
+                 "or --verifier")
+        if os.path.isfile(args.reward_model):
+            fail(f"--reward_model {args.reward_model} is a file: give the folder train_reward.py wrote (its run's "
+                 "reward_model/)")
+        if not os.path.isdir(args.reward_model):
+            fail(f"--reward_model {args.reward_model}: folder not found")
     check_lora(args)
     if args.value_model == "base" and args.load_in_4bit:
         fail("--value_model base copies the base model into a critic that trains in full, which a 4-bit (QLoRA) base "

@@ -610,14 +610,17 @@ def train(args: Args) -> Path:
         with torch.no_grad(), accelerator.autocast(), full_weights(policy, accelerator):
             responses, logprobs, entropies, _ = sampler(queries, args.response_length)  # (b, R) each
 
-            def reference_logprobs(prompt_chunk: torch.Tensor, response_chunk: torch.Tensor) -> torch.Tensor:
-                """(c k, R) reference log-probs of (c, k, R) responses to (c, Q) prompts."""
-                response_chunk = response_chunk.flatten(0, 1)
-                return response_logprobs(reference(prompt_chunk, response_chunk, pad, logits_fn=shared_prompt_logits),
-                                         response_chunk, args.temperature, pad)[0]
+            def sample_logprobs(model_logits) -> torch.Tensor:
+                """(b, R) log-probs of this process's samples under model_logits((c, Q) prompts, (c k, R) responses),
+                in chunks of whole prompts."""
+                def one_chunk(prompt_chunk: torch.Tensor, response_chunk: torch.Tensor) -> torch.Tensor:
+                    response_chunk = response_chunk.flatten(0, 1)  # (c, k, R) -> (c k, R)
+                    return response_logprobs(model_logits(prompt_chunk, response_chunk), response_chunk,
+                                             args.temperature, pad)[0]
 
-            ref_logprobs = in_chunks(reference_logprobs, chunk // args.k, prompts,
-                                     responses.view(local_prompts, args.k, -1))  # (b, R), whole prompts per chunk
+                return in_chunks(one_chunk, chunk // args.k, prompts, responses.view(local_prompts, args.k, -1))
+
+            ref_logprobs = sample_logprobs(lambda p, r: reference(p, r, pad, logits_fn=shared_prompt_logits))
             t_gen = now(device)
 
             # 4. Scores of the truncated responses by the reward model (less the reference summary's with trlX's
@@ -647,15 +650,8 @@ def train(args: Args) -> Path:
             # log-probs of the samples before any step become the ratio's old ones, and min(pi_train / pi_sampler,
             # cap) weights each loss. Off, the sampler's log-probs are the old ones.
             old_logprobs, tis_weights = logprobs, None
-            if args.tis_cap is not None:
-                def training_logprobs(prompt_chunk: torch.Tensor, response_chunk: torch.Tensor) -> torch.Tensor:
-                    """(c k, R) the policy's log-probs of (c, k, R) responses, computed as step 6 computes them."""
-                    response_chunk = response_chunk.flatten(0, 1)
-                    return response_logprobs(shared_prompt_logits(policy, prompt_chunk, response_chunk, pad),
-                                             response_chunk, args.temperature, pad)[0]
-
-                old_logprobs = in_chunks(training_logprobs, chunk // args.k, prompts,
-                                         responses.view(local_prompts, args.k, -1))  # (b, R)
+            if args.tis_cap is not None:  # the training forward of step 6
+                old_logprobs = sample_logprobs(lambda p, r: shared_prompt_logits(policy, p, r, pad))  # (b, R)
                 tis_weights = importance_weights(old_logprobs, logprobs, valid, args.tis_cap,
                                                  args.advantage in ("grpo", "dr_grpo"))  # (b, R) or (b,)
         t_score = now(device)
@@ -718,10 +714,9 @@ def train(args: Args) -> Path:
                                   "objective/zero_gradient_share": same_reward_share(scores, args.k)})
         rollout_stats.update(logprob_mismatch(*map(torch.cat, zip(*first_step))))
         if tis_weights is not None:  # the weights (over valid tokens, or responses), and the share the cap cut
-            per_token = tis_weights.dim() == 2
-            capped = (tis_weights >= args.tis_cap).float()
-            rollout_stats["tis/weight_mean"] = masked_mean(tis_weights, valid) if per_token else tis_weights.mean()
-            rollout_stats["tis/capped_fraction"] = masked_mean(capped, valid) if per_token else capped.mean()
+            counted = valid if tis_weights.dim() == 2 else torch.ones_like(tis_weights, dtype=torch.bool)
+            rollout_stats["tis/weight_mean"] = masked_mean(tis_weights, counted)
+            rollout_stats["tis/capped_fraction"] = masked_mean((tis_weights >= args.tis_cap).float(), counted)
         metrics = rloo_metrics(accelerator, update, num_updates, args, rollout_stats, minibatch_stats,
                                (t0, t_gen, t_score, t_update))
         eval_summaries = held_out.every(update + 1, num_updates, metrics)
@@ -2022,13 +2017,14 @@ def check_args(args: Args) -> tuple:
     if not args.beta >= 0:
         fail(f"--beta {args.beta} must be at least 0")
     check_verifier(args)
-    if args.verifier is None and args.reward_model is None:
-        fail("--reward_model is required (a folder written by train_reward.py), or --verifier")
-    if args.verifier is None and os.path.isfile(args.reward_model):
-        fail(f"--reward_model {args.reward_model} is a file: give the folder train_reward.py wrote (its run's "
-             "reward_model/)")
-    if args.verifier is None and not os.path.isdir(args.reward_model):
-        fail(f"--reward_model {args.reward_model}: folder not found")
+    if args.verifier is None:  # then a reward model
+        if args.reward_model is None:
+            fail("--reward_model is required (a folder written by train_reward.py), or --verifier")
+        if os.path.isfile(args.reward_model):
+            fail(f"--reward_model {args.reward_model} is a file: give the folder train_reward.py wrote (its run's "
+                 "reward_model/)")
+        if not os.path.isdir(args.reward_model):
+            fail(f"--reward_model {args.reward_model}: folder not found")
     check_lora(args)
     config, tokenizer = load_base_model(args.base_model, weights=False)
     if args.query_length + args.response_length > getattr(config, "n_positions",

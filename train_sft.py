@@ -381,8 +381,11 @@ def train(args: Args) -> Path:
                                                     tokenizer.pad_token_id, query_length, accelerator)
                 if args.task == "tldr" and step + 1 == args.total_steps and accelerator.is_main_process:
                     metrics.update(tldr_rouge(bare, tokenizer, eval_data, args, device))
-                if args.task == "problems" and step + 1 == args.total_steps and accelerator.is_main_process:
-                    metrics.update(pass_at_1(bare, tokenizer, eval_data, args, device))
+                if args.task == "problems" and step + 1 == args.total_steps:  # each process answers its share
+                    bare.eval()
+                    metrics.update(evaluate_answers(Sampler(bare, tokenizer.pad_token_id, args.eval_temperature),
+                                                    eval_data[: args.num_eval, : args.query_length].to(device),
+                                                    tokenizer, args, accelerator, chunk=args.num_eval)[0])
             model.train()
             metrics["eval/perplexity"] = math.exp(metrics["eval/loss"])
 
@@ -486,7 +489,7 @@ PRESETS = {
         exp_name="sft_arithmetic", task="problems", base_model="data/nano", output_dir="runs/arithmetic/sft_model",
         dataset="data/arithmetic/train.jsonl.gz", verifier="arithmetic", query_length=6, response_length=32,
         total_steps=240, batch_size=64, local_micro_batch_size=64, lr=2e-3, warmup_steps=10, lr_schedule="cosine",
-        eval_every=50, num_eval=256, eval_temperature=0.7,
+        eval_every=50, num_eval=160, eval_temperature=0.7,  # every held-out problem (every 50th of 8,000)
     ),
 }
 
@@ -1405,6 +1408,25 @@ def check_answers(verifier: str, queries: torch.Tensor, responses: torch.Tensor,
     return {k: torch.tensor([c[k] for c in checks], device=queries.device) for k in ("correct", "formatted")}
 
 
+# Copied from train_policy.py
+@torch.no_grad()
+def evaluate_answers(sampler: "Sampler", queries: torch.Tensor, tokenizer, args, accelerator, chunk: int = 64) -> tuple:
+    """(metrics, this process's answers) of one answer per held-out (b, Q) problem, sampled at the sampler's
+    (evaluation) temperature and cut after the EOS: eval/pass@1 (the share right), eval/formatted and
+    eval/response_length (tokens kept, EOS included). Each process takes every world-th problem; the means cover all."""
+    world, rank, pad = accelerator.num_processes, accelerator.process_index, tokenizer.pad_token_id
+    queries = queries[rank::world]
+    responses = torch.cat([sampler(q, args.response_length)[0] for q in queries.split(chunk)])
+    truncated = truncate_responses(responses, tokenizer.eos_token_id, 0, pad)
+    checks = check_answers(args.verifier, queries, truncated, tokenizer)
+    sums = torch.stack([checks["correct"].sum(), checks["formatted"].sum(), (truncated != pad).sum().float(),
+                        torch.tensor(float(len(queries)), device=queries.device)])
+    totals = accelerator.reduce(sums, reduction="sum")
+    texts = tokenizer.batch_decode([r[r != pad] for r in truncated], skip_special_tokens=True)
+    return {"eval/pass@1": (totals[0] / totals[3]).item(), "eval/formatted": (totals[1] / totals[3]).item(),
+            "eval/response_length": (totals[2] / totals[3]).item()}, texts
+
+
 @torch.no_grad()
 def tldr_rouge(model, tokenizer, eval_data: torch.Tensor, args: Args, device) -> dict:
     """ROUGE-1/2/L F1 of summaries of the first num_eval held-out posts, sampled at eval_temperature (SFD: 0.01) and cut
@@ -1418,18 +1440,6 @@ def tldr_rouge(model, tokenizer, eval_data: torch.Tensor, args: Args, device) ->
                         for x in (responses, references))
     per_pair = rouge(texts, ref_texts)
     return {f"eval/{k}": sum(r[k] for r in per_pair) / len(per_pair) for k in ("rouge1", "rouge2", "rougeL")}
-
-
-@torch.no_grad()
-def pass_at_1(model, tokenizer, eval_data: torch.Tensor, args: Args, device) -> dict:
-    """eval/pass@1: the share of the first num_eval held-out problems whose answer, one sampled at eval_temperature and
-    cut after the first EOS, --verifier finds right; eval/formatted, the share well-formed."""
-    model.eval()
-    queries = eval_data[: args.num_eval, : args.query_length].to(device)
-    responses = Sampler(model, tokenizer.pad_token_id, args.eval_temperature)(queries, args.response_length)[0]
-    responses = truncate_responses(responses, tokenizer.eos_token_id, 0, tokenizer.pad_token_id)
-    checks = check_answers(args.verifier, queries, responses, tokenizer)
-    return {"eval/pass@1": checks["correct"].mean().item(), "eval/formatted": checks["formatted"].mean().item()}
 
 
 def print_continuations(samples: list, temperature: float):

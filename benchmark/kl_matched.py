@@ -51,9 +51,9 @@ def gold_at(kl: list, gold: list, target: float) -> Optional[float]:
 
 
 def main(args: Args):
+    paths_of = {Path(folder): run_paths(Path(folder), args.window) for folder in args.folders}
     rows = {}
-    for folder in map(Path, args.folders):
-        paths = run_paths(folder, args.window)
+    for folder, paths in paths_of.items():
         row = {"runs": len(paths)}
         for target in args.targets:
             golds = [g for g in (gold_at(kl, gold, target) for kl, gold, _ in paths) if g is not None]
@@ -78,8 +78,8 @@ def main(args: Args):
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for color, folder in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], map(Path, args.folders)):
-            for i, (kl, gold, _) in enumerate(run_paths(folder, args.window)):
+        for color, (folder, paths) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], paths_of.items()):
+            for i, (kl, gold, _) in enumerate(paths):
                 ax.plot(kl, gold, color=color, alpha=0.8, label=folder.name.split("__")[0] if i == 0 else None)
         ax.set_xlabel(f"KL to the initial policy (nats; running mean of {args.window} updates)")
         ax.set_ylabel("gold score (VADER)")

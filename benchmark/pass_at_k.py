@@ -66,11 +66,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 @torch.no_grad()
-def right_answers(model_dir: str, queries: torch.Tensor, args: Args) -> list:
-    """How many of n sampled answers to each (P, Q) problem the verifier finds right, and the seconds it took."""
+def right_answers(model_dir: str, problems: list, args: Args) -> list:
+    """How many of n answers, sampled by the model in model_dir, to each problem the verifier finds right."""
     lm, tokenizer = tp.prepare_lm(*tp.load_base_model(model_dir))
     lm.eval()
     sampler, pad = tp.Sampler(lm, tokenizer.pad_token_id, args.temperature), tokenizer.pad_token_id
+    queries = torch.tensor([tp.format_problem_query(p["problem"], tokenizer, args.query_length) for p in problems])
     torch.manual_seed(args.seed)
     rows = queries.repeat_interleave(args.n, 0)  # (P n, Q)
     correct = []
@@ -92,8 +93,9 @@ def draw(runs: list, path: str, title: str):
         ks = sorted(int(key[5:]) for key in runs[0][label] if key.startswith("pass@"))
         curves = [[run[label][f"pass@{k}"] for k in ks] for run in runs]
         ax.plot(ks, [sum(c) / len(c) for c in zip(*curves)], marker="o", color=color, label=label)
-        for curve in curves if len(curves) > 1 else []:
-            ax.plot(ks, curve, color=color, alpha=0.25, linewidth=0.8)
+        if len(curves) > 1:
+            for curve in curves:
+                ax.plot(ks, curve, color=color, alpha=0.25, linewidth=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("k (answers sampled per problem)")
     ax.set_ylabel("pass@k")
@@ -111,15 +113,13 @@ def main(args: Args):
         draw([s["results"] for s in saved], args.plot, f"{first['verifier']}: pass@k, {first['num_problems']} test "
              f"problems, T = {first['temperature']}, {len(saved)} seed(s)")
         return None
-    tokenizer = tp.prepare_lm(*tp.load_base_model(args.models[0]))[1]
     problems = tp.load_texts(args.problems, "test", "--problems")[: args.num_problems]
-    queries = torch.tensor([tp.format_problem_query(p["problem"], tokenizer, args.query_length) for p in problems])
     ks = [2**i for i in range(int(math.log2(args.n)) + 1)]
     labels = args.labels or [Path(m).name for m in args.models]
     results = {}
     for label, model in zip(labels, args.models):
         t0 = time.time()
-        counts = right_answers(model, queries, args)
+        counts = right_answers(model, problems, args)
         results[label] = {"model": model, "seconds": time.time() - t0,
                           **{f"pass@{k}": sum(pass_at_k(args.n, c, k) for c in counts) / len(counts) for k in ks}}
     table = Table(title=f"pass@k on {len(problems)} problems of {args.problems}, n = {args.n}, T = {args.temperature}")
