@@ -1,15 +1,19 @@
 """Our critic-free RL, DPO and reward training side by side with TRL 1.16 on the CPU: train_rloo.py --advantage rloo /
 grpo against RLOOTrainer / GRPOTrainer (benchmark/trl_critic_free.py), train_dpo.py against DPOTrainer
-(benchmark/trl_dpo.py), train_reward.py on pairwise labels against RewardTrainer (benchmark/trl_reward.py). TRL runs in
+(benchmark/trl_dpo.py), train_reward.py on pairwise labels against RewardTrainer (benchmark/trl_reward.py), and
+train_rloo.py's arithmetic preset (GRPO against a verifier, docs/verifiable.md) against GRPOTrainer with the same
+verifier as its reward function. TRL runs in
 its own virtual environment; for each method and seed, ours runs first, then TRL, so that both see the same machine
 state. Reports episodes (or pairs) per second of training (loading excluded), peak resident memory, and the end result:
 the gold score (VADER) and the KL to the initial policy of each final policy on the same held-out queries (rloo, grpo,
-dpo), the held-out pairwise accuracy (reward).
+dpo), the held-out pairwise accuracy (reward), pass@1 on held-out problems (verifiable).
 
     python3 -m venv benchmark/.trl116-venv && benchmark/.trl116-venv/bin/pip install -r
     benchmark/trl116-requirements.txt
     python benchmark/side_by_side_trl116.py --reward_model runs/<reward run>/reward_model --seeds 1 2 3
     python benchmark/side_by_side_trl116.py --reward_model ... --methods rloo --episodes 128 --seeds 1   # a smoke test
+    python benchmark/side_by_side_trl116.py --methods verifiable --arithmetic_model runs/arithmetic/sft_model \
+        --seeds 1 2 3
 
 Same for ours and TRL:
   * rloo, grpo: the nano base model (policy and reference), our reward model (for TRL a GPT2ForSequenceClassification
@@ -30,6 +34,15 @@ Same for ours and TRL:
     its own but reads pairwise {"query", "chosen", "rejected"} labels with -log sigmoid(r_chosen - r_rejected)): the
     first 2048 labels' 6,144 pairs for training, in our order, 16 per step, lr 1e-3 annealed linearly, Adam epsilon
     1e-5, no clipping; the last 512 labels' 1,536 pairs held out, accuracy computed the same way.
+  * verifiable: train_sft.py arithmetic's model (policy and reference), the reward 1 for a right answer and 0
+    otherwise from our own check_answers (TRL's reward function calls it on the problem's query ids and the completion
+    ids), the same training problems in the same order as token ids (the first episodes / k of query_batches(seed=s)
+    over data/arithmetic/train), and train_rloo.py's arithmetic preset for both: k 8, 256 episodes per update (32
+    problems) as 4 minibatches of 64, 1 epoch, 16,384 episodes (64 updates), query 6 tokens, response at most 32
+    tokens, stopped at EOS (the tokens after it masked), temperature 0.7, lr 2e-4 annealed linearly to 0, Adam epsilon
+    1e-5, no clipping of gradients, beta 0.01 with the k3 KL per token in the loss, clip 0.2, the GRPO advantage
+    and loss as for grpo above, fp32. Each final policy's pass@1: 8 answers to each of the 512 validation problems at
+    temperature 0.7 (the same draws for every policy), the share right; the initial model's too, once.
 
 What differs (TRL 1.16 cannot be set to ours):
   * rloo, grpo: TRL computes every training log-prob (old, new, reference) without position ids, so a left-padded
@@ -41,6 +54,9 @@ What differs (TRL 1.16 cannot be set to ours):
     step (ours once per update of 4 steps). TRL's optimizer is torch's AdamW without weight decay (ours: TF1-style Adam,
     epsilon added to the uncorrected sqrt(v)). TRL recomputes the old log-probs with a forward pass after sampling (ours
     keeps the sampler's). TRL's stop at EOS is turned off by making the never-sampled pad token its only stop token.
+  * verifiable: the same as for grpo, except that both stop at EOS; 149 of the 8,000 training problems are shorter
+    than 6 tokens and left-padded, and only those meet TRL's missing position ids. Ours evaluates pass@1 every 8
+    updates while it trains (excluded from its training time, as TRL's trainer has no evaluation here).
   * dpo: TRL's DPO log-probs are at temperature 1 (DPOConfig has no temperature; ours divides the logits by 0.7). The
     Trainer exempts biases and LayerNorm weights from weight decay (ours decays every weight). TRL's DPO normally
     appends EOS to each response; here it gets our ids, without.
@@ -61,7 +77,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Literal
+from typing import List, Literal, Optional
 
 import torch
 import tyro
@@ -70,22 +86,30 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import train_policy as tp  # noqa: E402
+import train_rloo  # noqa: E402  (its arithmetic preset: both sides' settings for verifiable)
+from pass_at_k import Args as PassAtK, right_answers  # noqa: E402
 from side_by_side import run  # noqa: E402  (a child's peak memory, read from /proc)
 
-METHODS = ("rloo", "grpo", "dpo", "reward")
+METHODS = ("rloo", "grpo", "dpo", "reward", "verifiable")
 
 
 @dataclass
 class Args:
-    reward_model: str
+    reward_model: Optional[str] = None
     """our reward model folder (train_reward.py's reward_model/): the reward of rloo and grpo"""
-    methods: List[Literal["rloo", "grpo", "dpo", "reward"]] = field(default_factory=lambda: list(METHODS))
+    arithmetic_model: Optional[str] = None
+    """verifiable: train_sft.py arithmetic's model (its run's sft_model/), the initial policy and reference of both"""
+    methods: List[Literal["rloo", "grpo", "dpo", "reward", "verifiable"]] = field(
+        default_factory=lambda: ["rloo", "grpo", "dpo", "reward"])
     """train_rloo.py --advantage rloo / grpo against RLOOTrainer / GRPOTrainer, train_dpo.py against DPOTrainer,
-    train_reward.py on pairwise labels against RewardTrainer"""
+    train_reward.py on pairwise labels against RewardTrainer, train_rloo.py arithmetic against GRPOTrainer with our
+    verifier (verifiable)"""
     seeds: List[int] = field(default_factory=lambda: [1, 2, 3])
     """one round per seed and method: ours, then TRL, both with this seed"""
     episodes: int = 2560
     """rloo and grpo: episodes per run (train_rloo.py's default), k per prompt, a multiple of 64"""
+    verifiable_episodes: int = 16384
+    """verifiable: episodes per run (train_rloo.py arithmetic's 16,384), a multiple of its 256 per update"""
     k: int = 4
     """rloo and grpo: samples per prompt (TRL: num_generations)"""
     labels: int = 2048
@@ -129,6 +153,12 @@ def gold_and_kl(policy_dir: str, queries: torch.Tensor, reference) -> dict:
     ref_logprobs = tp.response_logprobs(tp.response_logits(reference, query_responses, pad, 24), responses, 0.7, pad)[0]
     gold = statistics.mean(tp.gold_scorer("vader")(tokenizer.batch_decode(responses), None))
     return {"gold": gold, "kl": (logprobs - ref_logprobs).sum(1).mean().item()}
+
+
+def pass_at_1(policy_dir: str, problems: list, n: int = 8) -> float:
+    """The share of n answers per held-out problem (data/arithmetic/validation) that the verifier finds right, sampled
+    at the arithmetic preset's temperature, the same draws for every policy (benchmark/pass_at_k.py's)."""
+    return sum(right_answers(policy_dir, problems, PassAtK(n=n, batch_size=512))) / (n * len(problems))
 
 
 def pairs_json(pairs: tuple, order=None) -> dict:
@@ -192,8 +222,8 @@ def round_of(method: str, r: int, seed: int, a: Args, out: Path, heldout: torch.
     for d in (ours_dir, trl_dir):  # this script's own outputs of an earlier measurement
         shutil.rmtree(d, ignore_errors=True)
     rows = [{"method": method, "system": s, "round": r, "seed": seed} for s in ("ours", "trl")]
-    reward_model = str(Path(a.reward_model).resolve())
     if method in ("rloo", "grpo"):
+        reward_model = str(Path(a.reward_model).resolve())
         queries_file = out / f"queries_{seed}.json"
         res = run([sys.executable, "train_rloo.py", "--advantage", method, "--reward_model", reward_model,
                    "--total_episodes", str(a.episodes), "--k", str(a.k), "--seed", str(seed), "--run_root",
@@ -227,6 +257,27 @@ def round_of(method: str, r: int, seed: int, a: Args, out: Path, heldout: torch.
         trl = json.loads((trl_dir / "result.json").read_text())
         rows[1].update(unit="pairs/s", throughput=trl["pairs_per_s"], train_s=trl["train_s"], **res,
                        **gold_and_kl(str(trl_dir / "policy"), heldout, reference))
+    elif method == "verifiable":
+        preset, n = train_rloo.PRESETS["arithmetic"], a.verifiable_episodes
+        model = str(Path(a.arithmetic_model).resolve())
+        res = run([sys.executable, "train_rloo.py", "arithmetic", "--base_model", model, "--total_episodes", str(n),
+                   "--seed", str(seed), "--run_root", str(ours_dir), "--save_every", "0"],
+                  out / f"verifiable_ours_{r}.log")
+        run_dir = run_dir_of(ours_dir)
+        m = [x for x in metrics_of(run_dir) if "timing/generation_s" in x]
+        train_s = sum(x["timing/generation_s"] + x["timing/scoring_s"] + x["timing/update_s"] for x in m)
+        rows[0].update(unit="episodes/s", throughput=n / train_s, train_s=train_s, **res,
+                       pass_at_1=pass_at_1(str(run_dir / "policy"), shared["problems"]))
+        settings = {"--batch_size": preset["batch_size"], "--k": preset["k"], "--nminibatches": preset["nminibatches"],
+                    "--noptepochs": preset["noptepochs"], "--response_length": preset["response_length"],
+                    "--temperature": preset["temperature"], "--lr": preset["lr"], "--beta": preset["beta"]}
+        res = run([a.trl_python, "benchmark/trl_critic_free.py", "--trainer", "grpo", "--verifier", preset["verifier"],
+                   "--base_model", model, "--queries", str(out / f"problems_{seed}.json"), "--output_dir",
+                   str(trl_dir), "--total_episodes", str(n), "--seed", str(seed),
+                   *[str(x) for item in settings.items() for x in item]], out / f"verifiable_trl_{r}.log")
+        trl = json.loads((trl_dir / "result.json").read_text())
+        rows[1].update(unit="episodes/s", throughput=trl["episodes_per_s"], train_s=trl["train_s"], **res,
+                       pass_at_1=pass_at_1(str(trl_dir / "policy"), shared["problems"]))
     else:
         train_pairs, test_pairs = shared["reward_pairs"]
         n_train, n_test = len(train_pairs[0]), len(test_pairs[0])
@@ -254,8 +305,8 @@ def round_of(method: str, r: int, seed: int, a: Args, out: Path, heldout: torch.
 
 
 def table(summary: dict) -> str:
-    lines = ["| method | system | throughput | peak RSS (GB) | gold | KL | held-out accuracy | ours / TRL throughput |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | system | throughput | peak RSS (GB) | gold | KL | held-out accuracy | pass@1 | ours / TRL "
+             "throughput |", "|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda s, k, f: (f.format(s[k]) + (f" ± {s[k + '_std']:.3f}" if s.get(k + "_std") else "")) if k in s else ""
     for method, systems in summary.items():
         for system in ("ours", "trl"):
@@ -264,7 +315,7 @@ def table(summary: dict) -> str:
             lines.append(f"| {method} | {'TRL 1.16' if system == 'trl' else 'ours'} | {fmt(s, 'throughput', '{:.2f}')} "
                          f"{s['unit']} | "
                          f"{s['peak_rss_gb']:.2f} | {fmt(s, 'gold', '{:+.3f}')} | {fmt(s, 'kl', '{:.2f}')} | "
-                         f"{fmt(s, 'accuracy', '{:.3f}')} | {ratio} |")
+                         f"{fmt(s, 'accuracy', '{:.3f}')} | {fmt(s, 'pass_at_1', '{:.3f}')} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -273,12 +324,22 @@ def main(a: Args):
     out.mkdir(parents=True, exist_ok=True)
     if a.episodes % 64 or 64 % a.k:
         sys.exit(f"error: --episodes {a.episodes} must be a multiple of the batch of 64, and 64 of --k {a.k}")
+    if {"rloo", "grpo"} & set(a.methods) and a.reward_model is None:
+        sys.exit("error: rloo and grpo need --reward_model")
+    if "verifiable" in a.methods and (a.arithmetic_model is None or a.verifiable_episodes % 256):
+        sys.exit("error: verifiable needs --arithmetic_model and --verifiable_episodes a multiple of 256")
     if (3 * a.labels) % 16 or 3 * a.labels < 64:
         sys.exit(f"error: --labels {a.labels} give {3 * a.labels} pairs: at least 64 and a multiple of 16 needed")
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "data" / "nano")
     reference = AutoModelForCausalLM.from_pretrained(ROOT / "data" / "nano").eval()
     texts = tp.load_texts(str(ROOT / "data" / "corpus.jsonl.gz"), "train")
     shared = {}
+    if "verifiable" in a.methods:
+        preset = train_rloo.PRESETS["arithmetic"]
+        shared["problems"] = tp.load_texts(str(ROOT / preset["eval_dataset"]), "validation")
+        shared["train_problems"] = tp.load_texts(str(ROOT / preset["query_dataset"]), "train")
+        shared["initial_pass_at_1"] = pass_at_1(a.arithmetic_model, shared["problems"])
+        print(f"initial pass@1 of {a.arithmetic_model}: {shared['initial_pass_at_1']:.3f}", flush=True)
     if "dpo" in a.methods:
         shared["dpo_pairs"] = label_pairs("train_dpo", a.labels, a.test_labels, tokenizer)[0]
     if "reward" in a.methods:
@@ -299,6 +360,11 @@ def main(a: Args):
         queries = next(tp.query_batches(texts, tokenizer, 32, 24, prompts + a.heldout, seed=seed))[0]
         (out / f"queries_{seed}.json").write_text(json.dumps(queries[:prompts].tolist()))
         heldout = queries[prompts:]
+        if "verifiable" in a.methods:  # ours trains on the first episodes / k problems of this order; TRL gets them
+            preset = train_rloo.PRESETS["arithmetic"]
+            problems = next(tp.query_batches(shared["train_problems"], tokenizer, preset["query_length"],
+                                             preset["response_length"], a.verifiable_episodes // preset["k"], seed))[0]
+            (out / f"problems_{seed}.json").write_text(json.dumps(problems.tolist()))
         for method in a.methods:
             results += round_of(method, r, seed, a, out, heldout, reference, shared)
     summary = {}
@@ -307,15 +373,16 @@ def main(a: Args):
         for system in ("ours", "trl"):
             rows = [x for x in results if x["method"] == method and x["system"] == system]
             values = {k: [x[k] for x in rows if k in x] for k in ("throughput", "peak_rss_gb", "gold", "kl",
-                                                                  "accuracy")}
+                                                                  "accuracy", "pass_at_1")}
             # a figure a round lacks is left out of its mean
             s = {k: statistics.mean(v) for k, v in values.items() if v}
             s.update({f"{k}_std": statistics.stdev(v) for k, v in values.items() if len(v) > 1 and k != "peak_rss_gb"})
             summary[method][system] = {**s, "unit": rows[0]["unit"]}
         ours, trl = summary[method]["ours"], summary[method]["trl"]
         summary[method]["ratio_ours_over_trl"] = {k: ours[k] / trl[k] for k in ("throughput", "peak_rss_gb")}
-    (out / "result.json").write_text(json.dumps({"runs": results, "summary": summary}, indent=2))
-    md = table(summary)
+    initial = {"initial_pass_at_1": shared["initial_pass_at_1"]} if "initial_pass_at_1" in shared else {}
+    (out / "result.json").write_text(json.dumps({"runs": results, "summary": summary, **initial}, indent=2))
+    md = table(summary) + (f"\n\npass@1 of the initial model: {initial['initial_pass_at_1']:.3f}" if initial else "")
     (out / "result.md").write_text(md + "\n")
     print(md)
 

@@ -4,6 +4,8 @@ by our code.
 
     benchmark/.trl116-venv/bin/python benchmark/trl_critic_free.py --trainer rloo --reward_model <folder> \
         --queries <queries.json> --output_dir <folder>
+    benchmark/.trl116-venv/bin/python benchmark/trl_critic_free.py --trainer grpo --verifier arithmetic \
+        --base_model <SFT model> --queries <problems.json> --output_dir <folder> ...   # RL with verifiable rewards
 
 What TRL gets, and how (trl/trainer/{rloo,grpo}_trainer.py of trl 1.16.0):
   * the prompts: TRL takes text prompts and tokenizes them itself (`_tokenize_prompts`); the subclasses below return our
@@ -13,10 +15,14 @@ What TRL gets, and how (trl/trainer/{rloo,grpo}_trainer.py of trl 1.16.0):
     --reward_input ids (the default) a reward function scores the exact query + response token ids with it; with
     --reward_input text TRL's own path scores it on prompt + completion text, which it decodes (dropping special tokens
     such as a sampled <|endoftext|>) and re-tokenizes;
-  * no stop at EOS: TRL always stops at and cuts after the tokenizer's EOS (`eos_token_ids` in __init__,
-    `_generate_single_turn`) and has no option to turn that off. Here the pad token, which the sampler may never draw
-    (suppress_tokens, as our sampler forbids it), is made the only stop token, so every response has exactly
-    max_completion_length tokens, as ours;
+  * the verifier (--verifier arithmetic, RL with verifiable rewards): the reward function is our own check_answers,
+    imported from train_policy.py (the code train_rloo.py --verifier runs), on the problem's query ids and the
+    completion ids TRL passes (cut after the first EOS); the response stops at EOS on both sides, as ours with
+    --truncate_token eos --mask_after_truncate, and the pad token is never sampled;
+  * with a reward model, no stop at EOS: TRL always stops at and cuts after the tokenizer's EOS (`eos_token_ids` in
+    __init__, `_generate_single_turn`) and has no option to turn that off. Here the pad token, which the sampler may
+    never draw (suppress_tokens, as our sampler forbids it), is made the only stop token, so every response has
+    exactly max_completion_length tokens, as ours;
   * one update = batch_size episodes (batch_size / k prompts x k) sampled at once (steps_per_generation = nminibatches),
     nminibatches optimizer steps of batch_size / nminibatches episodes (gradient_accumulation_steps 1), noptepochs
     passes (num_iterations): TRL splits a batch into minibatches once (shuffled) and reuses the same split every pass.
@@ -24,7 +30,9 @@ What TRL gets, and how (trl/trainer/{rloo,grpo}_trainer.py of trl 1.16.0):
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 from datasets import Dataset
@@ -32,6 +40,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from trl_common import reward_model_for_trl, write_result
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import train_policy as tp  # noqa: E402  (the verifier: train_policy.check_answers, the code ours runs)
 
 
 def with_our_prompt_ids(trainer_class, ids_of: dict):
@@ -59,11 +70,29 @@ def reward_on_ids(model, ids_of: dict, pad_token_id: int):
     return reward_model
 
 
+def reward_of_verifier(name: str, ids_of: dict, tokenizer):
+    """A TRL reward function: train_policy.check_answers (VERIFIERS[name], as train_rloo.py --verifier calls it) on
+    each prompt's query ids, left-padded, and its completion ids, right-padded; TRL's completion ids end at the first
+    EOS, so an answer ended if it holds the EOS, and is cut off otherwise."""
+    pad = tokenizer.pad_token_id
+
+    def verifier(prompts, completions, completion_ids, **kwargs):
+        width_q = max(len(ids_of[p]) for p in prompts)
+        width_r = max(len(c) for c in completion_ids)
+        queries = torch.tensor([[pad] * (width_q - len(ids_of[p])) + list(ids_of[p]) for p in prompts])
+        responses = torch.tensor([list(c) + [pad] * (width_r - len(c)) for c in completion_ids])
+        return tp.check_answers(name, queries, responses, tokenizer)["correct"].tolist()
+
+    return verifier
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trainer", choices=["rloo", "grpo"], required=True)
     p.add_argument("--base_model", default="data/nano")
-    p.add_argument("--reward_model", required=True, help="our reward model folder (train_reward.py's reward_model/)")
+    p.add_argument("--reward_model", help="our reward model folder (train_reward.py's reward_model/)")
+    p.add_argument("--verifier", choices=sorted(tp.VERIFIERS),
+                   help="instead of a reward model, our verifier (train_policy.VERIFIERS); the response stops at EOS")
     p.add_argument("--queries", required=True,
                    help="JSON list of left-padded query token lists, one per prompt, in training order")
     p.add_argument("--output_dir", required=True)
@@ -81,6 +110,8 @@ def main():
     p.add_argument("--reward_input", choices=["ids", "text"], default="ids")
     p.add_argument("--seed", type=int, default=1)
     a = p.parse_args()
+    if (a.reward_model is None) == (a.verifier is None):
+        p.error("give one of --reward_model and --verifier")
 
     tokenizer = AutoTokenizer.from_pretrained(a.base_model)
     pad = tokenizer.pad_token_id
@@ -100,16 +131,21 @@ def main():
 
     torch.manual_seed(a.seed)
     policy = AutoModelForCausalLM.from_pretrained(a.base_model)
-    reward = reward_model_for_trl(a.reward_model)
-    if a.reward_input == "ids":
+    if a.verifier:
+        reward_funcs, reward_tokenizers = reward_of_verifier(a.verifier, ids_of, tokenizer), None
+    elif a.reward_input == "ids":
+        reward = reward_model_for_trl(a.reward_model)
         reward_funcs, reward_tokenizers = reward_on_ids(reward, ids_of, pad), None
     else:
-        reward_funcs, reward_tokenizers = reward, AutoTokenizer.from_pretrained(a.reward_model)
+        reward_funcs = reward_model_for_trl(a.reward_model)
+        reward_tokenizers = AutoTokenizer.from_pretrained(a.reward_model)
     common = dict(
         output_dir=a.output_dir, per_device_train_batch_size=a.batch_size // a.nminibatches,
         gradient_accumulation_steps=1, steps_per_generation=a.nminibatches, num_generations=a.k,
         num_iterations=a.noptepochs, max_completion_length=a.response_length, temperature=a.temperature, top_p=1.0,
-        top_k=0, generation_kwargs={"eos_token_id": pad, "suppress_tokens": [pad]}, shuffle_dataset=False,
+        top_k=0, generation_kwargs={"suppress_tokens": [pad]} if a.verifier else {"eos_token_id": pad,
+                                                                                    "suppress_tokens": [pad]},
+        shuffle_dataset=False,
         num_train_epochs=1, learning_rate=a.lr, lr_scheduler_type="linear", warmup_steps=0, optim="adamw_torch",
         weight_decay=0.0, adam_epsilon=a.eps, max_grad_norm=0.0, beta=a.beta, epsilon=a.cliprange,
         disable_dropout=True, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
@@ -123,7 +159,8 @@ def main():
     trainer = with_our_prompt_ids(trainer_class, ids_of)(
         model=policy, reward_funcs=reward_funcs, args=config, train_dataset=dataset, processing_class=tokenizer,
         reward_processing_classes=reward_tokenizers)
-    trainer.eos_token_ids = [pad]  # the only "EOS" is the pad, never sampled: no cut after <|endoftext|>
+    if not a.verifier:
+        trainer.eos_token_ids = [pad]  # the only "EOS" is the pad, never sampled: no cut after <|endoftext|>
     start = time.time()
     trainer.train()
     wall = time.time() - start
