@@ -18,7 +18,12 @@ What TRL gets, and how (trl/trainer/{rloo,grpo}_trainer.py of trl 1.16.0):
   * the verifier (--verifier arithmetic, RL with verifiable rewards): the reward function is our own check_answers,
     imported from train_policy.py (the code train_rloo.py --verifier runs), on the problem's query ids and the
     completion ids TRL passes (cut after the first EOS); the response stops at EOS on both sides, as ours with
-    --truncate_token eos --mask_after_truncate, and the pad token is never sampled;
+    --truncate_token eos --mask_after_truncate. The pad token is made impossible in sampling and in every log-prob
+    (policy, old and reference), as ours makes it (train_policy.sampling_logits): a bias of -1e9 on its logit in the LM
+    head of TRL's policy and reference (forbid_token), which TRL's generation and its fused log-prob head both add.
+    Forbidding it in sampling alone (suppress_tokens, as the reward-model runs here do) leaves it a token the samples
+    never show but the log-probs count: on this task, where most answers are wrong and pushed down, TRL's GRPO moved
+    the probability there (its KL reached 31 nats per token by update 16 and the reward fell to 0, seed 1);
   * with a reward model, no stop at EOS: TRL always stops at and cuts after the tokenizer's EOS (`eos_token_ids` in
     __init__, `_generate_single_turn`) and has no option to turn that off. Here the pad token, which the sampler may
     never draw (suppress_tokens, as our sampler forbids it), is made the only stop token, so every response has
@@ -86,6 +91,17 @@ def reward_of_verifier(name: str, ids_of: dict, tokenizer):
     return verifier
 
 
+def forbid_token(model, token_id: int):
+    """Make token_id impossible in model's logits, in generation and in TRL's fused log-prob head alike: its LM head
+    gets a bias (a buffer, not saved) of 0 everywhere and -1e9 at token_id."""
+    head = model.get_output_embeddings()
+    if head.bias is not None:
+        raise SystemExit("forbid_token: the LM head already has a bias")
+    bias = torch.zeros(head.weight.shape[0], dtype=head.weight.dtype, device=head.weight.device)
+    del head.bias
+    head.register_buffer("bias", bias.index_fill(0, torch.tensor([token_id]), -1e9), persistent=False)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trainer", choices=["rloo", "grpo"], required=True)
@@ -143,8 +159,7 @@ def main():
         output_dir=a.output_dir, per_device_train_batch_size=a.batch_size // a.nminibatches,
         gradient_accumulation_steps=1, steps_per_generation=a.nminibatches, num_generations=a.k,
         num_iterations=a.noptepochs, max_completion_length=a.response_length, temperature=a.temperature, top_p=1.0,
-        top_k=0, generation_kwargs={"suppress_tokens": [pad]} if a.verifier else {"eos_token_id": pad,
-                                                                                    "suppress_tokens": [pad]},
+        top_k=0, generation_kwargs={} if a.verifier else {"eos_token_id": pad, "suppress_tokens": [pad]},
         shuffle_dataset=False,
         num_train_epochs=1, learning_rate=a.lr, lr_scheduler_type="linear", warmup_steps=0, optim="adamw_torch",
         weight_decay=0.0, adam_epsilon=a.eps, max_grad_norm=0.0, beta=a.beta, epsilon=a.cliprange,
@@ -156,10 +171,14 @@ def main():
     else:  # ours: group-std scaling, k3 KL in the loss (no importance weight on it), per-response token mean
         config, trainer_class = GRPOConfig(**common, loss_type="grpo", scale_rewards="group",
                                            use_bias_correction_kl=False, importance_sampling_level="token"), GRPOTrainer
+    if a.verifier:
+        forbid_token(policy, pad)
     trainer = with_our_prompt_ids(trainer_class, ids_of)(
         model=policy, reward_funcs=reward_funcs, args=config, train_dataset=dataset, processing_class=tokenizer,
         reward_processing_classes=reward_tokenizers)
-    if not a.verifier:
+    if a.verifier:
+        forbid_token(trainer.ref_model, pad)  # TRL loads the reference from the model's path
+    else:
         trainer.eos_token_ids = [pad]  # the only "EOS" is the pad, never sampled: no cut after <|endoftext|>
     start = time.time()
     trainer.train()
