@@ -41,8 +41,10 @@ Same for ours and TRL:
     problems) as 4 minibatches of 64, 1 epoch, 16,384 episodes (64 updates), query 6 tokens, response at most 32
     tokens, stopped at EOS (the tokens after it masked), temperature 0.7, lr 2e-4 annealed linearly to 0, Adam epsilon
     1e-5, no clipping of gradients, beta 0.01 with the k3 KL per token in the loss, clip 0.2, the GRPO advantage
-    and loss as for grpo above, fp32. Each final policy's pass@1: 8 answers to each of the 512 validation problems at
-    temperature 0.7 (the same draws for every policy), the share right; the initial model's too, once.
+    and loss as for grpo above, fp32, the pad token impossible in sampling and in every log-prob (TRL: a -1e9 bias on
+    its logit, benchmark/trl_critic_free.py's forbid_token). Each final policy's pass@1: 8 answers to each of the 512
+    validation problems at temperature 0.7 (the same draws for every policy), the share right; the initial model's
+    too, once.
 
 What differs (TRL 1.16 cannot be set to ours):
   * rloo, grpo: TRL computes every training log-prob (old, new, reference) without position ids, so a left-padded

@@ -123,6 +123,8 @@ def main():
     p.add_argument("--eps", type=float, default=1e-5, help="Adam epsilon")
     p.add_argument("--beta", type=float, default=0.05)
     p.add_argument("--cliprange", type=float, default=0.2, help="TRL: epsilon")
+    p.add_argument("--max_grad_norm", type=float, default=0.0,
+                   help="gradient clipping (0: none, as ours; TRL's own default is 1.0)")
     p.add_argument("--reward_input", choices=["ids", "text"], default="ids")
     p.add_argument("--seed", type=int, default=1)
     a = p.parse_args()
@@ -162,7 +164,7 @@ def main():
         top_k=0, generation_kwargs={} if a.verifier else {"eos_token_id": pad, "suppress_tokens": [pad]},
         shuffle_dataset=False,
         num_train_epochs=1, learning_rate=a.lr, lr_scheduler_type="linear", warmup_steps=0, optim="adamw_torch",
-        weight_decay=0.0, adam_epsilon=a.eps, max_grad_norm=0.0, beta=a.beta, epsilon=a.cliprange,
+        weight_decay=0.0, adam_epsilon=a.eps, max_grad_norm=a.max_grad_norm, beta=a.beta, epsilon=a.cliprange,
         disable_dropout=True, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
         logging_steps=1, seed=a.seed, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
     )
