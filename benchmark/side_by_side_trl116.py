@@ -88,11 +88,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import train_policy as tp  # noqa: E402
-import train_rloo  # noqa: E402  (its arithmetic preset: both sides' settings for verifiable)
+import train_rloo  # noqa: E402
 from pass_at_k import Args as PassAtK, right_answers  # noqa: E402
 from side_by_side import run  # noqa: E402  (a child's peak memory, read from /proc)
 
 METHODS = ("rloo", "grpo", "dpo", "reward", "verifiable")
+ARITHMETIC = train_rloo.PRESETS["arithmetic"]  # both sides' settings for verifiable
 
 
 @dataclass
@@ -260,7 +261,7 @@ def round_of(method: str, r: int, seed: int, a: Args, out: Path, heldout: torch.
         rows[1].update(unit="pairs/s", throughput=trl["pairs_per_s"], train_s=trl["train_s"], **res,
                        **gold_and_kl(str(trl_dir / "policy"), heldout, reference))
     elif method == "verifiable":
-        preset, n = train_rloo.PRESETS["arithmetic"], a.verifiable_episodes
+        n = a.verifiable_episodes
         model = str(Path(a.arithmetic_model).resolve())
         res = run([sys.executable, "train_rloo.py", "arithmetic", "--base_model", model, "--total_episodes", str(n),
                    "--seed", str(seed), "--run_root", str(ours_dir), "--save_every", "0"],
@@ -270,13 +271,12 @@ def round_of(method: str, r: int, seed: int, a: Args, out: Path, heldout: torch.
         train_s = sum(x["timing/generation_s"] + x["timing/scoring_s"] + x["timing/update_s"] for x in m)
         rows[0].update(unit="episodes/s", throughput=n / train_s, train_s=train_s, **res,
                        pass_at_1=pass_at_1(str(run_dir / "policy"), shared["problems"]))
-        settings = {"--batch_size": preset["batch_size"], "--k": preset["k"], "--nminibatches": preset["nminibatches"],
-                    "--noptepochs": preset["noptepochs"], "--response_length": preset["response_length"],
-                    "--temperature": preset["temperature"], "--lr": preset["lr"], "--beta": preset["beta"]}
-        res = run([a.trl_python, "benchmark/trl_critic_free.py", "--trainer", "grpo", "--verifier", preset["verifier"],
-                   "--base_model", model, "--queries", str(out / f"problems_{seed}.json"), "--output_dir",
-                   str(trl_dir), "--total_episodes", str(n), "--seed", str(seed),
-                   *[str(x) for item in settings.items() for x in item]], out / f"verifiable_trl_{r}.log")
+        settings = [x for key in ("batch_size", "k", "nminibatches", "noptepochs", "response_length", "temperature",
+                                  "lr", "beta") for x in (f"--{key}", str(ARITHMETIC[key]))]
+        res = run([a.trl_python, "benchmark/trl_critic_free.py", "--trainer", "grpo", "--verifier",
+                   ARITHMETIC["verifier"], "--base_model", model, "--queries", str(out / f"problems_{seed}.json"),
+                   "--output_dir", str(trl_dir), "--total_episodes", str(n), "--seed", str(seed),
+                   *settings], out / f"verifiable_trl_{r}.log")
         trl = json.loads((trl_dir / "result.json").read_text())
         rows[1].update(unit="episodes/s", throughput=trl["episodes_per_s"], train_s=trl["train_s"], **res,
                        pass_at_1=pass_at_1(str(trl_dir / "policy"), shared["problems"]))
@@ -328,18 +328,19 @@ def main(a: Args):
         sys.exit(f"error: --episodes {a.episodes} must be a multiple of the batch of 64, and 64 of --k {a.k}")
     if {"rloo", "grpo"} & set(a.methods) and a.reward_model is None:
         sys.exit("error: rloo and grpo need --reward_model")
-    if "verifiable" in a.methods and (a.arithmetic_model is None or a.verifiable_episodes % 256):
-        sys.exit("error: verifiable needs --arithmetic_model and --verifiable_episodes a multiple of 256")
+    if "verifiable" in a.methods and (a.arithmetic_model is None or a.verifiable_episodes % ARITHMETIC["batch_size"]):
+        sys.exit(f"error: verifiable needs --arithmetic_model and --verifiable_episodes a multiple of "
+                 f"{ARITHMETIC['batch_size']}")
     if (3 * a.labels) % 16 or 3 * a.labels < 64:
         sys.exit(f"error: --labels {a.labels} give {3 * a.labels} pairs: at least 64 and a multiple of 16 needed")
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "data" / "nano")
-    reference = AutoModelForCausalLM.from_pretrained(ROOT / "data" / "nano").eval()
-    texts = tp.load_texts(str(ROOT / "data" / "corpus.jsonl.gz"), "train")
+    sentiment = bool({"rloo", "grpo", "dpo"} & set(a.methods))  # their prompts and the policies' gold and KL
+    reference = AutoModelForCausalLM.from_pretrained(ROOT / "data" / "nano").eval() if sentiment else None
+    texts = tp.load_texts(str(ROOT / "data" / "corpus.jsonl.gz"), "train") if sentiment else None
     shared = {}
     if "verifiable" in a.methods:
-        preset = train_rloo.PRESETS["arithmetic"]
-        shared["problems"] = tp.load_texts(str(ROOT / preset["eval_dataset"]), "validation")
-        shared["train_problems"] = tp.load_texts(str(ROOT / preset["query_dataset"]), "train")
+        shared["problems"] = tp.load_texts(str(ROOT / ARITHMETIC["eval_dataset"]), "validation")
+        shared["train_problems"] = tp.load_texts(str(ROOT / ARITHMETIC["query_dataset"]), "train")
         shared["initial_pass_at_1"] = pass_at_1(a.arithmetic_model, shared["problems"])
         print(f"initial pass@1 of {a.arithmetic_model}: {shared['initial_pass_at_1']:.3f}", flush=True)
     if "dpo" in a.methods:
@@ -358,14 +359,16 @@ def main(a: Args):
     for r, seed in enumerate(a.seeds, start=len({row["seed"] for row in results})):  # rounds go on from --previous
         # our train_rloo.py --seed s trains on the first episodes / k queries of this order (batch_size / k per update);
         # TRL gets exactly these; the next `heldout` ones measure every final policy of this seed
-        prompts = a.episodes // a.k
-        queries = next(tp.query_batches(texts, tokenizer, 32, 24, prompts + a.heldout, seed=seed))[0]
-        (out / f"queries_{seed}.json").write_text(json.dumps(queries[:prompts].tolist()))
-        heldout = queries[prompts:]
+        heldout = None
+        if sentiment:
+            prompts = a.episodes // a.k
+            queries = next(tp.query_batches(texts, tokenizer, 32, 24, prompts + a.heldout, seed=seed))[0]
+            (out / f"queries_{seed}.json").write_text(json.dumps(queries[:prompts].tolist()))
+            heldout = queries[prompts:]
         if "verifiable" in a.methods:  # ours trains on the first episodes / k problems of this order; TRL gets them
-            preset = train_rloo.PRESETS["arithmetic"]
-            problems = next(tp.query_batches(shared["train_problems"], tokenizer, preset["query_length"],
-                                             preset["response_length"], a.verifiable_episodes // preset["k"], seed))[0]
+            problems = next(tp.query_batches(shared["train_problems"], tokenizer, ARITHMETIC["query_length"],
+                                             ARITHMETIC["response_length"], a.verifiable_episodes // ARITHMETIC["k"],
+                                             seed))[0]
             (out / f"problems_{seed}.json").write_text(json.dumps(problems.tolist()))
         for method in a.methods:
             results += round_of(method, r, seed, a, out, heldout, reference, shared)
