@@ -485,7 +485,7 @@ PRESETS = {
     # the verifiable task (data/arithmetic, made by data/build.py): the nano model taught the worked solutions of a
     # teacher that slips, until it answers about a third of held-out problems right at temperature 0.7, for
     # train_rloo.py's and train_policy.py's arithmetic presets. 320 updates (~2.6 epochs): at 240 the seeds landed 7
-    # points apart (validation pass@1 0.21-0.29) and GRPO from the weakest gained half as much (docs/verifiable.md)
+    # points apart (validation pass@1 0.20-0.26 at GRPO's update 0) and GRPO from the weakest gained half as much
     "arithmetic": dict(
         exp_name="sft_arithmetic", task="problems", base_model="data/nano", output_dir="runs/arithmetic/sft_model",
         dataset="data/arithmetic/train.jsonl.gz", verifier="arithmetic", query_length=6, response_length=32,
