@@ -212,8 +212,8 @@ def model_inputs(tokens: torch.Tensor, pad_token_id: int) -> dict:
 def sampling_logits(logits: torch.Tensor, temperature: float, pad_token_id: int) -> torch.Tensor:
     """Logits divided by the temperature, in sampling and in every later log-prob, and the pad token made
     impossible (OAI slices its special tokens off the logits). {OAI}/lm_human_preferences/policy.py#L58-L59"""
-    logits = logits.float() / temperature
-    return logits.index_fill(-1, torch.tensor([pad_token_id], device=logits.device), -1e9)
+    logits = logits.float() / temperature  # a new tensor, so the pad's column is filled in place (no (b, R, V) copy)
+    return logits.index_fill_(-1, torch.tensor([pad_token_id], device=logits.device), -1e9)
 
 
 # Copied from train_policy.py

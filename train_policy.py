@@ -261,8 +261,8 @@ def model_inputs(tokens: torch.Tensor, pad_token_id: int) -> dict:
 def sampling_logits(logits: torch.Tensor, temperature: float, pad_token_id: int) -> torch.Tensor:
     """Logits divided by the temperature, in sampling and in every later log-prob, and the pad token made
     impossible (OAI slices its special tokens off the logits). {OAI}/lm_human_preferences/policy.py#L58-L59"""
-    logits = logits.float() / temperature
-    return logits.index_fill(-1, torch.tensor([pad_token_id], device=logits.device), -1e9)
+    logits = logits.float() / temperature  # a new tensor, so the pad's column is filled in place (no (b, R, V) copy)
+    return logits.index_fill_(-1, torch.tensor([pad_token_id], device=logits.device), -1e9)
 
 
 def sample_token(probs: torch.Tensor) -> torch.Tensor:
@@ -334,12 +334,18 @@ def response_logits(lm, tokens: torch.Tensor, pad_token_id: int, response_length
     return lm(**model_inputs(tokens, pad_token_id), logits_to_keep=response_length + 1).logits[:, :-1]
 
 
-def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float, pad_token_id: int) -> tuple:
-    """(log-probs (b, R) of the response tokens, entropies (b, R)) from the (b, R, V) logits that predict them.
+def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float, pad_token_id: int,
+                      entropy: bool = True) -> tuple:
+    """(log-probs (b, R) of the response tokens, entropies (b, R) or None) from the (b, R, V) logits that predict them.
+    The entropy is a statistic, not part of any loss: it is computed outside the autograd graph, and not at all with
+    entropy=False (the reference's log-probs), which saves two passes over the (b, R, V) log-probs.
     {OAI}/lm_human_preferences/policy.py#L114-L126"""
     logp = torch.log_softmax(sampling_logits(logits, temperature, pad_token_id), -1)  # (b, R, V)
-    entropy = -(logp.exp() * logp).sum(-1)
-    return logp.gather(-1, responses.unsqueeze(-1)).squeeze(-1), entropy
+    logprobs = logp.gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+    if not entropy:
+        return logprobs, None
+    with torch.no_grad():
+        return logprobs, -(logp.exp() * logp).sum(-1)
 
 
 class FrozenReference:
@@ -654,7 +660,7 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
 
             def reference_logprobs(query_responses: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:  # (b, R)
                 return response_logprobs(reference(query_responses, pad, args.response_length), responses,
-                                         args.temperature, pad)[0]
+                                         args.temperature, pad, entropy=False)[0]
 
             ref_logprobs = in_chunks(reference_logprobs, chunk, query_responses, responses)
 
@@ -695,7 +701,7 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
             old_logprobs, tis_weights = logprobs, None
             if args.tis_cap is not None:
                 old_logprobs = in_chunks(lambda qr, r: response_logprobs(policy(qr, pad, args.response_length)[0], r,
-                                                                         args.temperature, pad)[0],
+                                                                         args.temperature, pad, False)[0],
                                          chunk, query_responses, responses).masked_fill(~valid, INVALID_LOGPROB)
                 tis_weights = (old_logprobs - logprobs).exp().clamp(max=args.tis_cap)  # (b, R)
         t_score = now(device)

@@ -142,6 +142,19 @@ def test_logprobs_divide_the_logits_by_the_temperature():
     torch.testing.assert_close(entropy, -(manual.exp() * manual).sum(-1))
 
 
+def test_the_entropy_is_a_statistic_outside_the_graph_and_the_logits_stay_as_they_were():
+    logits = torch.randn(2, 3, 10, requires_grad=True)
+    kept = logits.detach().clone()
+    responses = torch.randint(2, 10, (2, 3))
+    logp, entropy = tp.response_logprobs(logits, responses, 0.7, pad_token_id=0)
+    assert logp.requires_grad and not entropy.requires_grad
+    torch.testing.assert_close(logits.detach(), kept)  # the pad's column is filled in a copy, not in the model's logits
+    without, none = tp.response_logprobs(logits, responses, 0.7, pad_token_id=0, entropy=False)
+    assert none is None and torch.equal(without, logp)
+    logp.sum().backward()  # the pad, never sampled, gets no gradient
+    assert (logits.grad[..., 0] == 0).all() and (logits.grad[..., 1:] != 0).any()
+
+
 # 4. truncation and the -1 penalty -------------------------------------------------------------------------
 
 
