@@ -118,6 +118,9 @@ class Args:
     """Adam epsilon"""
     optimizer: Literal["adam_tf", "adam_pytorch", "adamw"] = "adam_tf"
     """adam_tf: TF1's Adam (epsilon-hat, as OAI ran); adam_pytorch: torch.optim.Adam; adamw: torch.optim.AdamW"""
+    max_grad_norm: float = float("inf")
+    """clip each optimizer step's global gradient norm to this; inf: no clipping, as OAI's code (TRL's trainers clip at
+    1.0 by default). The norm before clipping is logged either way (policy/grad_norm)"""
 
     # ---- KL penalty ----
     beta: float = 0.05
@@ -550,7 +553,7 @@ def train(args: Args) -> Path:
     local_batch_size = args.batch_size // world
     local_minibatch_size = local_batch_size // args.nminibatches
     grad_accum = local_minibatch_size // args.local_micro_batch_size
-    accelerator = make_accelerator(args, args.local_micro_batch_size, grad_accum)
+    accelerator = make_accelerator(args, args.local_micro_batch_size, grad_accum, args.max_grad_norm)
     rank, device = accelerator.process_index, accelerator.device
     if not resume_has_work(args.resume, world, zero_stage(accelerator)):
         return Path(args.resume)
@@ -695,6 +698,11 @@ def train(args: Args) -> Path:
                     micro_stats["policy/entropy"] = masked_mean(entropy.detach(), valid[episodes])
                     for name, value in micro_stats.items():
                         stats[name] = stats.get(name, 0) + value / grad_accum
+                # the gradient's global norm, clipped at max_grad_norm (DeepSpeed's engine clipped and stepped in the
+                # last backward, and reports the norm)
+                grad_norm = accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                if grad_norm is not None:
+                    stats["policy/grad_norm"] = torch.as_tensor(float(grad_norm), device=device)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 minibatch_stats.append(stats)

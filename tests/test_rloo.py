@@ -144,6 +144,26 @@ def test_tiny_run_per_estimator(advantage, tmp_path, tiny_reward_model, main):
     assert json.loads((run_dir / "summary.json").read_text())["updates"] == 2
 
 
+@pytest.mark.slow
+def test_max_grad_norm_clips_each_step_and_the_norm_before_it_is_logged(tmp_path, tiny_reward_model, main):
+    """Clipped to 1e-9, each gradient is so small against Adam's epsilon (1e-5) that the policy stays within 1e-7 of
+    where it started; unclipped, the same run moves it. The norm before clipping is logged either way: at the first
+    update (one optimizer step, from the same policy) the same."""
+    from safetensors.torch import load_file
+
+    start = load_file("data/nano/model.safetensors")
+    moved, norms = {}, {}
+    for clip in ("inf", "1e-9"):
+        r = main(tr, *TINY_RLOO, "--nminibatches", "1", "--noptepochs", "1", "--max_grad_norm", clip,
+                 "--reward_model", tiny_reward_model, "--run_root", tmp_path / clip)
+        assert r.returncode == 0, r.stderr[-3000:]
+        norms[clip] = read_metrics(tmp_path / clip)[0]["policy/grad_norm"]
+        end = load_file(only_run(tmp_path / clip) / "policy" / "model.safetensors")
+        moved[clip] = max((end[name] - start[name]).abs().max().item() for name in start)
+    assert norms["inf"] > 0 and norms["1e-9"] == pytest.approx(norms["inf"], rel=1e-4)
+    assert moved["1e-9"] < 1e-7 < 1e-5 < moved["inf"], moved  # Adam moves a weight by about lr (5e-5) a step
+
+
 def test_rloo_needs_two_samples_per_prompt_and_whole_prompts_per_process(tmp_path, tiny_reward_model, main):
     r = main(tr, "--k", "1", "--reward_model", tiny_reward_model, "--run_root", tmp_path)
     assert r.returncode == 2 and "--k 1" in r.stderr
