@@ -701,7 +701,7 @@ def train(args: Args, run_dir: Optional[Path] = None, resume_command: Optional[s
             old_logprobs, tis_weights = logprobs, None
             if args.tis_cap is not None:
                 old_logprobs = in_chunks(lambda qr, r: response_logprobs(policy(qr, pad, args.response_length)[0], r,
-                                                                         args.temperature, pad, False)[0],
+                                                                         args.temperature, pad, entropy=False)[0],
                                          chunk, query_responses, responses).masked_fill(~valid, INVALID_LOGPROB)
                 tis_weights = (old_logprobs - logprobs).exp().clamp(max=args.tis_cap)  # (b, R)
         t_score = now(device)
