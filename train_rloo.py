@@ -695,7 +695,7 @@ def train(args: Args) -> Path:
                                                         kl_in, args.loss_aggregation, token_count,
                                                         None if tis_weights is None else tis_weights[episodes])
                         accelerator.backward(loss)
-                    micro_stats["policy/entropy"] = masked_mean(entropy.detach(), valid[episodes])
+                    micro_stats["policy/entropy"] = masked_mean(entropy, valid[episodes])  # outside the graph already
                     for name, value in micro_stats.items():
                         stats[name] = stats.get(name, 0) + value / grad_accum
                 # the gradient's global norm, clipped at max_grad_norm (DeepSpeed's engine clipped and stepped in the
