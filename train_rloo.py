@@ -386,31 +386,58 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
     return delta.exp() - delta - 1
 
 
-def shared_prompt_logits(lm, prompts: torch.Tensor, responses: torch.Tensor, pad_token_id: int) -> torch.Tensor:
-    """(b, R, V) logits that predict the R tokens of b = n k responses, k to each of the n (n, Q) left-padded prompts in
-    order (the rows of prompts.repeat_interleave(k, 0)): response_logits of the concatenated rows, with each prompt run
-    through the model once instead of k times. Its keys and values (a DynamicCache of attention layers, gradients
-    flowing back through it) are repeated k times and the responses attend to them, at the positions and under the mask
-    model_inputs gives the whole row: the same logits and gradients (without dropout, which would draw one mask per
-    prompt). At Q 32, R 24, k 4 the layers see 16 x 32 + 64 x 23 tokens instead of 64 x 56, 45% fewer, in the update and
-    the reference's pass. (TRL's trainers run every row whole; vLLM's prefix cache shares a prompt in sampling only.)"""
+@contextmanager
+def output_rows(lm, keep: torch.Tensor):
+    """Within it the model's output layer (d x V) sees only the positions where keep (b, T) is True: the model's logits
+    come back (N, V), N = keep.sum(), in the order of x[keep], for (b, T) inputs. A position that no loss reads (after a
+    response's EOS under SFD's mask) then costs no output projection and no pass over V, which with a small model and a
+    4096-token vocabulary is a fifth of a training step."""
+    head = getattr(lm, "module", lm).get_output_embeddings()  # under DDP or a DeepSpeed engine, the model inside
+    handle = head.register_forward_pre_hook(lambda module, inputs: (inputs[0][keep], *inputs[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def shared_prompt_logprobs(lm, prompts: torch.Tensor, responses: torch.Tensor, pad_token_id: int, temperature: float,
+                           keep: Optional[torch.Tensor] = None, entropy: bool = True) -> tuple:
+    """(log-probs (b, R), entropies (b, R) or None) of b = n k responses, k to each of the n (n, Q) left-padded prompts
+    in order (the rows of prompts.repeat_interleave(k, 0)): response_logprobs of response_logits of the concatenated
+    rows, with each prompt run through the model once instead of k times. Its keys and values (a DynamicCache of
+    attention layers, gradients flowing back through it) are repeated k times and the responses attend to them, at the
+    positions and under the mask model_inputs gives the whole row: the same log-probs and gradients (without dropout,
+    which would draw one mask per prompt). At Q 32, R 24, k 4 the layers see 16 x 32 + 64 x 23 tokens instead of
+    64 x 56, 45% fewer, in the update and the reference's pass. (TRL's trainers run every row whole; vLLM's prefix cache
+    shares a prompt in sampling only.) With keep (b, R), only the kept positions (the tokens the loss reads: `valid`)
+    go through the output layer and the softmax (output_rows); the others get 0."""
     n, k = len(prompts), len(responses) // len(prompts)
     if n * k != len(responses):
         raise ValueError(f"{len(responses)} responses are not k per prompt for {n} prompts")
+    keep = torch.ones_like(responses, dtype=torch.bool) if keep is None else keep
+
+    def at_kept(logits: torch.Tensor, tokens: torch.Tensor, kept: torch.Tensor) -> tuple:
+        """(N, V) logits of the kept positions of (b, c) tokens -> (b, c) log-probs and entropies, 0 elsewhere."""
+        values = response_logprobs(logits, tokens[kept], temperature, pad_token_id, entropy)  # (N,), (N,) or None
+        return tuple(v if v is None else v.new_zeros(kept.shape).masked_scatter(kept, v) for v in values)
+
     inputs = model_inputs(prompts, pad_token_id)
     head = lm(**inputs, use_cache=True, logits_to_keep=1)  # logits (n, 1, V) predict each response's first token
-    first = head.logits.repeat_interleave(k, 0)  # (b, 1, V)
-    if responses.shape[1] == 1:
-        return first
-    cache = head.past_key_values
-    cache.batch_repeat_interleave(k)  # (n, heads, Q, d) keys and values -> (b, heads, Q, d)
-    real = (responses != pad_token_id).long()  # (b, R)
-    mask = torch.cat([inputs["attention_mask"].repeat_interleave(k, 0), real], 1)  # (b, Q + R)
-    # (b, R): each response token's position, counted on from the prompt's last
-    positions = inputs["position_ids"][:, -1:].repeat_interleave(k, 0) + real.cumsum(1)
-    rest = lm(input_ids=responses[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-              past_key_values=cache).logits  # (b, R - 1, V): the response's own tokens predict the ones after them
-    return torch.cat([first, rest], 1)  # (b, R, V)
+    first = head.logits[:, -1].repeat_interleave(k, 0)  # (b, V)
+    outputs = [at_kept(first[keep[:, 0]], responses[:, :1], keep[:, :1])]
+    if responses.shape[1] > 1:
+        cache = head.past_key_values
+        cache.batch_repeat_interleave(k)  # (n, heads, Q, d) keys and values -> (b, heads, Q, d)
+        real = (responses != pad_token_id).long()  # (b, R)
+        mask = torch.cat([inputs["attention_mask"].repeat_interleave(k, 0), real], 1)  # (b, Q + R)
+        # (b, R): each response token's position, counted on from the prompt's last
+        positions = inputs["position_ids"][:, -1:].repeat_interleave(k, 0) + real.cumsum(1)
+        with output_rows(lm, keep[:, 1:]):  # the response's own tokens predict the ones after them: (N, V)
+            rest = lm(input_ids=responses[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                      past_key_values=cache).logits
+        outputs.append(at_kept(rest, responses[:, 1:], keep[:, 1:]))
+    logprobs, entropies = zip(*outputs)
+    return torch.cat(logprobs, 1), None if not entropy else torch.cat(entropies, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -606,8 +633,9 @@ def train(args: Args) -> Path:
             group["lr"] = args.lr * (1 - update / num_updates)
 
         # 3. Rollouts: k samples of each of this process's prompts, with their log-probs from the sampling pass; the
-        #    reference's log-probs, each prompt run once for its k samples (shared_prompt_logits), in chunks of
-        #    local_rollout_forward_batch_size episodes. Under ZeRO-3 the policy's weights are gathered (full_weights).
+        #    truncated responses and the tokens the loss reads (valid: with SFD's mask, none after the truncate token);
+        #    the reference's log-probs of those, each prompt run once for its k samples (shared_prompt_logprobs), in
+        #    chunks of local_rollout_forward_batch_size episodes. Under ZeRO-3 the policy's weights are gathered.
         queries, references = next(batches)
         prompts = queries[rank * local_prompts : (rank + 1) * local_prompts].to(device)  # (b / k, Q)
         queries = prompts.repeat_interleave(args.k, 0)  # (b, Q): each prompt k times in a row
@@ -618,26 +646,27 @@ def train(args: Args) -> Path:
         chunk = args.local_rollout_forward_batch_size
         with torch.no_grad(), accelerator.autocast(), full_weights(policy, accelerator):
             responses, logprobs, entropies, _ = sampler(queries, args.response_length)  # (b, R) each
+            truncated = responses
+            if truncate_token is not None:
+                truncated = truncate_responses(responses, truncate_token, args.truncate_after, pad)
+            valid = response_masks(truncated, pad, args.mask_after_truncate)[0]  # (b, R)
+            logprobs = logprobs * valid  # 0 where no loss reads, as every log-prob below
 
-            def sample_logprobs(model_logits) -> torch.Tensor:
-                """(b, R) log-probs of this process's samples under model_logits((c, Q) prompts, (c k, R) responses),
-                in chunks of whole prompts."""
-                def one_chunk(prompt_chunk: torch.Tensor, response_chunk: torch.Tensor) -> torch.Tensor:
-                    response_chunk = response_chunk.flatten(0, 1)  # (c, k, R) -> (c k, R)
-                    return response_logprobs(model_logits(prompt_chunk, response_chunk), response_chunk,
-                                             args.temperature, pad, entropy=False)[0]
+            def sample_logprobs(model) -> torch.Tensor:
+                """(b, R) log-probs of this process's valid sampled tokens under `model`, in chunks of whole prompts."""
+                def one_chunk(prompt_chunk, response_chunk, valid_chunk) -> torch.Tensor:  # (c, Q), (c, k, R) x 2
+                    response_chunk, valid_chunk = response_chunk.flatten(0, 1), valid_chunk.flatten(0, 1)  # (c k, R)
+                    return model(prompt_chunk, response_chunk, pad, args.temperature, valid_chunk, False)[0]
 
-                return in_chunks(one_chunk, chunk // args.k, prompts, responses.view(local_prompts, args.k, -1))
+                return in_chunks(one_chunk, chunk // args.k, prompts, responses.view(local_prompts, args.k, -1),
+                                 valid.view(local_prompts, args.k, -1))
 
-            ref_logprobs = sample_logprobs(lambda p, r: reference(p, r, pad, logits_fn=shared_prompt_logits))
+            ref_logprobs = sample_logprobs(lambda *inputs: reference(*inputs, logits_fn=shared_prompt_logprobs))
             t_gen = now(device)
 
             # 4. Scores of the truncated responses by the reward model (less the reference summary's with trlX's
             #    baseline) or by --verifier's program, the penalty for no truncate token, the gold labeler's score, as
-            #    train_policy.py's step 4; with SFD's mask, what follows the truncate token leaves the loss and the KL.
-            truncated = responses
-            if truncate_token is not None:
-                truncated = truncate_responses(responses, truncate_token, args.truncate_after, pad)
+            #    train_policy.py's step 4.
             if args.verifier is None:
                 scores = in_chunks(lambda qr: reward_model(qr, pad), chunk, torch.cat([queries, truncated], 1))  # (b,)
             else:  # 1 for a right answer, plus format_reward for a well-formed one: (b,) each
@@ -649,7 +678,6 @@ def train(args: Args) -> Path:
             if truncate_token is not None:
                 scores = penalize(scores, truncated, truncate_token, args.truncate_after, args.penalty_reward_value)
             response_texts, gold = gold_scores(gold_fn, queries, truncated, tokenizer, references is not None)
-            valid = response_masks(truncated, pad, args.mask_after_truncate)[0]  # (b, R)
 
             # 5. Rewards and advantages within each prompt's k samples: the estimator's only work.
             rewards = sequence_rewards(scores, logprobs, ref_logprobs, valid, kl_estimator, kl_in, args.beta)  # (b,)
@@ -660,13 +688,13 @@ def train(args: Args) -> Path:
             # cap) weights each loss. Off, the sampler's log-probs are the old ones.
             old_logprobs, tis_weights = logprobs, None
             if args.tis_cap is not None:  # the training forward of step 6
-                old_logprobs = sample_logprobs(lambda p, r: shared_prompt_logits(policy, p, r, pad))  # (b, R)
+                old_logprobs = sample_logprobs(functools.partial(shared_prompt_logprobs, policy))  # (b, R)
                 tis_weights = importance_weights(old_logprobs, logprobs, valid, args.tis_cap,
                                                  args.advantage in ("grpo", "dr_grpo"))  # (b, R) or (b,)
         t_score = now(device)
 
         # 6. noptepochs passes over the batch in nminibatches minibatches, reshuffled each time by whole prompts (so
-        #    that a micro-batch runs each of its prompts once for its k samples: shared_prompt_logits); micro-batches
+        #    that a micro-batch runs each of its prompts once for its k samples: shared_prompt_logprobs); micro-batches
         #    accumulate gradients (accelerator.accumulate divides each loss by grad_accum; DDP averages, DeepSpeed
         #    steps, at the last).
         policy.train()
@@ -684,9 +712,8 @@ def train(args: Args) -> Path:
                     prompt_ids = minibatch.view(grad_accum, -1)[micro]  # this micro-batch's prompts
                     episodes = minibatch_rows.view(grad_accum, -1)[micro]  # and their k samples each
                     with accelerator.accumulate(policy):
-                        new_logits = shared_prompt_logits(policy, prompts[prompt_ids], responses[episodes], pad)
-                        new_logprobs, entropy = response_logprobs(new_logits, responses[episodes],
-                                                                  args.temperature, pad)
+                        new_logprobs, entropy = shared_prompt_logprobs(policy, prompts[prompt_ids], responses[episodes],
+                                                                       pad, args.temperature, valid[episodes])
                         if not minibatch_stats:  # no step yet: the policy is the sampler's
                             first_step.append((new_logprobs.detach(), logprobs[episodes], valid[episodes]))
                         loss, micro_stats = policy_loss(new_logprobs, old_logprobs[episodes],

@@ -40,11 +40,11 @@ Same for ours and TRL:
     over data/arithmetic/train), and train_rloo.py's arithmetic preset for both: k 8, 256 episodes per update (32
     problems) as 4 minibatches of 64, 1 epoch, 16,384 episodes (64 updates), query 6 tokens, response at most 32
     tokens, stopped at EOS (the tokens after it masked), temperature 0.7, lr 2e-4 annealed linearly to 0, Adam epsilon
-    1e-5, no clipping of gradients, beta 0.01 with the k3 KL per token in the loss, clip 0.2, the GRPO advantage
-    and loss as for grpo above, fp32, the pad token impossible in sampling and in every log-prob (TRL: a -1e9 bias on
-    its logit, benchmark/trl_critic_free.py's forbid_token). Each final policy's pass@1: 8 answers to each of the 512
-    validation problems at temperature 0.7 (the same draws for every policy), the share right; the initial model's
-    too, once.
+    1e-5, no clipping of gradients (both clip with --max_grad_norm), beta 0.01 with the k3 KL per token in the loss,
+    clip 0.2, the GRPO advantage and loss as for grpo above, fp32, the pad token impossible in sampling and in every
+    log-prob (TRL: a -1e9 bias on its logit, benchmark/trl_critic_free.py's forbid_token). Each final policy's pass@1:
+    8 answers to each of the 512 validation problems at temperature 0.7 (the same draws for every policy), the share
+    right; the initial model's too, once.
 
 What differs (TRL 1.16 cannot be set to ours):
   * rloo, grpo: TRL computes every training log-prob (old, new, reference) without position ids, so a left-padded
@@ -113,6 +113,9 @@ class Args:
     """rloo and grpo: episodes per run (train_rloo.py's default), k per prompt, a multiple of 64"""
     verifiable_episodes: int = 16384
     """verifiable: episodes per run (train_rloo.py arithmetic's 16,384), a multiple of its 256 per update"""
+    max_grad_norm: float = 0.0
+    """verifiable: both sides clip the gradient's global norm at this value (TRL's own default is 1.0; ours is no
+    clipping); 0, neither clips"""
     k: int = 4
     """rloo and grpo: samples per prompt (TRL: num_generations)"""
     labels: int = 2048
@@ -263,8 +266,9 @@ def round_of(method: str, r: int, seed: int, a: Args, out: Path, heldout: torch.
     elif method == "verifiable":
         n = a.verifiable_episodes
         model = str(Path(a.arithmetic_model).resolve())
+        clip = ["--max_grad_norm", str(a.max_grad_norm)] if a.max_grad_norm > 0 else []  # ours: inf is none
         res = run([sys.executable, "train_rloo.py", "arithmetic", "--base_model", model, "--total_episodes", str(n),
-                   "--seed", str(seed), "--run_root", str(ours_dir), "--save_every", "0"],
+                   "--seed", str(seed), "--run_root", str(ours_dir), "--save_every", "0", *clip],
                   out / f"verifiable_ours_{r}.log")
         run_dir = run_dir_of(ours_dir)
         m = [x for x in metrics_of(run_dir) if "timing/generation_s" in x]
@@ -276,7 +280,7 @@ def round_of(method: str, r: int, seed: int, a: Args, out: Path, heldout: torch.
         res = run([a.trl_python, "benchmark/trl_critic_free.py", "--trainer", "grpo", "--verifier",
                    ARITHMETIC["verifier"], "--base_model", model, "--queries", str(out / f"problems_{seed}.json"),
                    "--output_dir", str(trl_dir), "--total_episodes", str(n), "--seed", str(seed),
-                   *settings], out / f"verifiable_trl_{r}.log")
+                   "--max_grad_norm", str(a.max_grad_norm), *settings], out / f"verifiable_trl_{r}.log")
         trl = json.loads((trl_dir / "result.json").read_text())
         rows[1].update(unit="episodes/s", throughput=trl["episodes_per_s"], train_s=trl["train_s"], **res,
                        pass_at_1=pass_at_1(str(trl_dir / "policy"), shared["problems"]))

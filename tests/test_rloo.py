@@ -88,36 +88,48 @@ def test_rloo_clips_the_sequence_ratio():
     assert loss.item() == pytest.approx(-1.2) and stats["policy/clipfrac"] == 1.0
 
 
-def test_shared_prompt_logits_equal_the_whole_rows_and_so_do_their_gradients():
-    """Each prompt run once for its k responses gives response_logits of the concatenated rows, under left padding of
-    different lengths and pads inside the responses (truncated ones), and the same gradients. Different batch shapes
-    run different matmul blocks, so equal within 1e-5, not bitwise."""
+def test_shared_prompt_logprobs_equal_the_whole_rows_and_so_do_their_gradients():
+    """Each prompt run once for its k responses gives the log-probs of response_logits of the concatenated rows, under
+    left padding of different lengths and pads inside the responses (truncated ones), and the same gradients. With
+    keep, the output layer sees the kept positions only, which keep their log-probs and gradients; the others are 0.
+    Different batch shapes run different matmul blocks, so equal within 1e-5, not bitwise."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     lm = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=2, pad_token_id=1,
                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))  # no dropout: deterministic
-    pad, k, R = 1, 3, 5
+    pad, k, R, T = 1, 3, 5, 0.7
     prompts = torch.randint(2, 64, (2, 6))
     prompts[0, :2] = pad  # left padding of two lengths
     prompts[1, :4] = pad
     responses = torch.randint(2, 64, (2 * k, R))
     responses[1, 3:] = pad  # truncated: pads after the truncation token
-    whole = tr.response_logits(lm, torch.cat([prompts.repeat_interleave(k, 0), responses], 1), pad, R)
-    whole[responses != pad].sum().backward()
-    expected = [p.grad.clone() for p in lm.parameters()]
-    lm.zero_grad()
-    shared = tr.shared_prompt_logits(lm, prompts, responses, pad)
-    assert shared.shape == whole.shape == (2 * k, R, 64)
-    real = responses != pad  # a pad's own logits predict nothing that is scored
-    assert torch.allclose(shared[real], whole[real], atol=1e-5)
-    shared[real].sum().backward()
-    for p, e in zip(lm.parameters(), expected):
-        assert torch.allclose(p.grad, e, atol=1e-5)
-    one = torch.cat([prompts.repeat_interleave(k, 0), responses[:, :1]],
-                    1)  # one-token responses: the prompt's pass alone
-    assert torch.allclose(tr.shared_prompt_logits(lm, prompts, responses[:, :1], pad),
-                          tr.response_logits(lm, one, pad, 1), atol=1e-5)
+    real = responses != pad  # a pad's own log-prob is never scored
+    keep = real.clone()
+    keep[0, 2:] = keep[4, 0] = False  # positions no loss reads, the first one included
+    whole_rows = torch.cat([prompts.repeat_interleave(k, 0), responses], 1)
+    rows_seen = []
+    lm.get_output_embeddings().register_forward_hook(lambda module, inputs, out: rows_seen.append(out.shape[:-1]))
+    for kept in (real, keep):
+        whole, whole_entropy = tr.response_logprobs(tr.response_logits(lm, whole_rows, pad, R), responses, T, pad)
+        whole[kept].sum().backward()
+        expected = [p.grad.clone() for p in lm.parameters()]
+        lm.zero_grad()
+        rows_seen.clear()
+        shared, entropy = tr.shared_prompt_logprobs(lm, prompts, responses, pad, T, kept)
+        assert shared.shape == entropy.shape == (2 * k, R)
+        assert rows_seen == [(2, 1), (int(kept[:, 1:].sum()),)]  # the prompts' last positions, then the kept others
+        assert torch.allclose(shared[kept], whole[kept], atol=1e-5)
+        assert torch.allclose(entropy[kept], whole_entropy[kept], atol=1e-5)
+        assert (shared[~kept] == 0).all() and (entropy[~kept] == 0).all()
+        shared.sum().backward()
+        for p, e in zip(lm.parameters(), expected):
+            assert torch.allclose(p.grad, e, atol=1e-5)
+        lm.zero_grad()
+    with torch.no_grad():  # one-token responses: the prompt's pass alone; no keep is all kept; no entropy asked
+        one = tr.response_logprobs(tr.response_logits(lm, whole_rows[:, :7], pad, 1), responses[:, :1], T, pad)[0]
+        shared, entropy = tr.shared_prompt_logprobs(lm, prompts, responses[:, :1], pad, T, entropy=False)
+    assert torch.allclose(shared, one, atol=1e-5) and entropy is None
 
 
 def test_micro_batches_hold_whole_prompts(tmp_path, tiny_reward_model, main):
