@@ -387,11 +387,14 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
 
 
 @contextmanager
-def output_rows(lm, keep: torch.Tensor):
+def output_rows(lm, keep: Optional[torch.Tensor]):
     """Within it the model's output layer (d x V) sees only the positions where keep (b, T) is True: the model's logits
-    come back (N, V), N = keep.sum(), in the order of x[keep], for (b, T) inputs. A position that no loss reads (after a
-    response's EOS under SFD's mask) then costs no output projection and no pass over V, which with a small model and a
-    4096-token vocabulary is a fifth of a training step."""
+    come back (N, V), N = keep.sum(), in the order of x[keep], for (b, T) inputs (keep None: all, (b, T, V)). A position
+    that no loss reads (after a response's EOS under SFD's mask) then costs no output projection and no pass over V,
+    which with a small model and a 4096-token vocabulary is a fifth of a training step."""
+    if keep is None:
+        yield
+        return
     head = getattr(lm, "module", lm).get_output_embeddings()  # under DDP or a DeepSpeed engine, the model inside
     handle = head.register_forward_pre_hook(lambda module, inputs: (inputs[0][keep], *inputs[1:]))
     try:
@@ -414,17 +417,20 @@ def shared_prompt_logprobs(lm, prompts: torch.Tensor, responses: torch.Tensor, p
     n, k = len(prompts), len(responses) // len(prompts)
     if n * k != len(responses):
         raise ValueError(f"{len(responses)} responses are not k per prompt for {n} prompts")
-    keep = torch.ones_like(responses, dtype=torch.bool) if keep is None else keep
 
-    def at_kept(logits: torch.Tensor, tokens: torch.Tensor, kept: torch.Tensor) -> tuple:
-        """(N, V) logits of the kept positions of (b, c) tokens -> (b, c) log-probs and entropies, 0 elsewhere."""
+    def at_kept(logits: torch.Tensor, tokens: torch.Tensor, kept: Optional[torch.Tensor]) -> tuple:
+        """(b, c) log-probs and entropies of (b, c) tokens from the logits of the kept positions ((N, V); kept None:
+        all, (b, c, V)), 0 where not kept."""
+        if kept is None:
+            return response_logprobs(logits, tokens, temperature, pad_token_id, entropy)
         values = response_logprobs(logits, tokens[kept], temperature, pad_token_id, entropy)  # (N,), (N,) or None
         return tuple(v if v is None else v.new_zeros(kept.shape).masked_scatter(kept, v) for v in values)
 
     inputs = model_inputs(prompts, pad_token_id)
     head = lm(**inputs, use_cache=True, logits_to_keep=1)  # logits (n, 1, V) predict each response's first token
-    first = head.logits[:, -1].repeat_interleave(k, 0)  # (b, V)
-    outputs = [at_kept(first[keep[:, 0]], responses[:, :1], keep[:, :1])]
+    first = head.logits.repeat_interleave(k, 0)  # (b, 1, V)
+    outputs = [at_kept(first, responses[:, :1], None) if keep is None else
+               at_kept(first[:, 0][keep[:, 0]], responses[:, :1], keep[:, :1])]
     if responses.shape[1] > 1:
         cache = head.past_key_values
         cache.batch_repeat_interleave(k)  # (n, heads, Q, d) keys and values -> (b, heads, Q, d)
@@ -432,10 +438,11 @@ def shared_prompt_logprobs(lm, prompts: torch.Tensor, responses: torch.Tensor, p
         mask = torch.cat([inputs["attention_mask"].repeat_interleave(k, 0), real], 1)  # (b, Q + R)
         # (b, R): each response token's position, counted on from the prompt's last
         positions = inputs["position_ids"][:, -1:].repeat_interleave(k, 0) + real.cumsum(1)
-        with output_rows(lm, keep[:, 1:]):  # the response's own tokens predict the ones after them: (N, V)
+        rest_kept = None if keep is None else keep[:, 1:]
+        with output_rows(lm, rest_kept):  # the response's own tokens predict the ones after them
             rest = lm(input_ids=responses[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                      past_key_values=cache).logits
-        outputs.append(at_kept(rest, responses[:, 1:], keep[:, 1:]))
+                      past_key_values=cache).logits  # (b, R - 1, V), or (N, V) of the kept positions
+        outputs.append(at_kept(rest, responses[:, 1:], rest_kept))
     logprobs, entropies = zip(*outputs)
     return torch.cat(logprobs, 1), None if not entropy else torch.cat(entropies, 1)
 
@@ -651,12 +658,14 @@ def train(args: Args) -> Path:
                 truncated = truncate_responses(responses, truncate_token, args.truncate_after, pad)
             valid = response_masks(truncated, pad, args.mask_after_truncate)[0]  # (b, R)
             logprobs = logprobs * valid  # 0 where no loss reads, as every log-prob below
+            keep = valid if args.mask_after_truncate else None  # OAI reads every token: no rows to leave out
 
             def sample_logprobs(model) -> torch.Tensor:
                 """(b, R) log-probs of this process's valid sampled tokens under `model`, in chunks of whole prompts."""
                 def one_chunk(prompt_chunk, response_chunk, valid_chunk) -> torch.Tensor:  # (c, Q), (c, k, R) x 2
                     response_chunk, valid_chunk = response_chunk.flatten(0, 1), valid_chunk.flatten(0, 1)  # (c k, R)
-                    return model(prompt_chunk, response_chunk, pad, args.temperature, valid_chunk, False)[0]
+                    kept = valid_chunk if keep is not None else None
+                    return model(prompt_chunk, response_chunk, pad, args.temperature, kept, False)[0]
 
                 return in_chunks(one_chunk, chunk // args.k, prompts, responses.view(local_prompts, args.k, -1),
                                  valid.view(local_prompts, args.k, -1))
@@ -713,7 +722,8 @@ def train(args: Args) -> Path:
                     episodes = minibatch_rows.view(grad_accum, -1)[micro]  # and their k samples each
                     with accelerator.accumulate(policy):
                         new_logprobs, entropy = shared_prompt_logprobs(policy, prompts[prompt_ids], responses[episodes],
-                                                                       pad, args.temperature, valid[episodes])
+                                                                       pad, args.temperature,
+                                                                       None if keep is None else keep[episodes])
                         if not minibatch_stats:  # no step yet: the policy is the sampler's
                             first_step.append((new_logprobs.detach(), logprobs[episodes], valid[episodes]))
                         loss, micro_stats = policy_loss(new_logprobs, old_logprobs[episodes],
