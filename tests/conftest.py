@@ -228,8 +228,10 @@ def long_rloo(tiny_models: Path) -> list:
 
 def zero_runs(tiny_models: Path, small_corpus: Path) -> dict:
     """name -> [script, flags]: each script's tiny run that test_distributed.py compares across ZeRO stages. The 1-layer
-    model is the base model of the reward model, PPO, RLOO and DPO runs (and its reward model theirs); DPO comes last
-    (see test_distributed.py)."""
+    model is the base model of the reward model, PPO, RLOO and DPO runs (and its reward model theirs); RLOO runs under
+    SFD's mask, so its output layer's hook (output_rows) runs inside the DDP and DeepSpeed forwards (the random model
+    rarely samples the '.', so the mask keeps about every token: test_rloo.py checks a ragged one); DPO comes last
+    (test_distributed.py)."""
     tiny = ["--base_model", str(tiny_models / "base")]
     rm = ["--reward_model", str(tiny_models / "reward_model")]
     return {
@@ -242,7 +244,8 @@ def zero_runs(tiny_models: Path, small_corpus: Path) -> dict:
                                        *tiny]],
         "rloo": ["train_rloo.py", ["--total_episodes", "32", "--batch_size", "16", "--k", "4", "--nminibatches", "2",
                                    "--local_micro_batch_size", "4", "--advantage", "grpo", "--print_sample_every",
-                                   "100", *tiny, *rm]],
+                                   "100", "--truncate_token", ".", "--truncate_after", "2", "--mask_after_truncate",
+                                   *tiny, *rm]],
         "sft": ["train_sft.py", [*TINY, "--total_steps", "3", "--batch_size", "8", "--local_micro_batch_size", "2",
                                  "--max_grad_norm", "0.5", "--dataset", str(small_corpus)]],
         "dpo": ["train_dpo.py",
